@@ -1,0 +1,123 @@
+"""Teacher configuration: which open_clip model to serve and how to size the Serve pool.
+
+One flat dataclass so the same object can come from a YAML file, a Serve config's `args`, or the
+`kd` CLI, and travel to replicas as a plain dict (`to_dict` / `from_dict`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclass
+class TeacherConfig:
+    """Model choice (`model`, `pretrained`, `overrides`, `precision`) plus Serve sizing.
+
+    `max_batch_size` counts samples (images or texts), not requests: the Serve batch is sized by
+    `batch_size_fn`, so a batch of 256 samples made of 32-sample requests holds 8 requests.
+    `expected_request_samples` is the typical request size (a student's per-rank batch); it is only
+    used to check that `max_ongoing_requests` lets a replica hold enough requests to fill a batch.
+    `seed` makes random initialisation (pretrained=None) identical in every replica and process.
+    """
+
+    model: str = "ViT-B-32"
+    pretrained: str | None = None
+    overrides: dict = field(default_factory=dict)
+    precision: str = "fp32"
+    device: str = "auto"
+    app_name: str = "kd-teacher"
+    num_replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_batch_size: int = 256
+    batch_wait_timeout_s: float = 0.005
+    max_ongoing_requests: int = 32
+    max_request_samples: int = 1024
+    torch_threads: int | None = None
+    expected_request_samples: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.pretrained in ("", "none", "None"):
+            self.pretrained = None
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model: expected a non-empty open_clip model name, got {self.model!r}")
+        if not isinstance(self.overrides, dict):
+            raise ValueError(f"overrides: expected a dict of create_model kwargs, got {type(self.overrides).__name__}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        _require(self.num_replicas >= 1, "num_replicas", self.num_replicas, ">= 1")
+        _require(self.num_cpus >= 0, "num_cpus", self.num_cpus, ">= 0")
+        _require(self.num_gpus >= 0, "num_gpus", self.num_gpus, ">= 0")
+        _require(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, ">= 1")
+        _require(self.batch_wait_timeout_s >= 0, "batch_wait_timeout_s", self.batch_wait_timeout_s, ">= 0")
+        _require(self.max_request_samples >= 1, "max_request_samples", self.max_request_samples, ">= 1")
+        _require(self.expected_request_samples >= 1, "expected_request_samples",
+                 self.expected_request_samples, ">= 1")
+        if self.torch_threads is not None:
+            _require(self.torch_threads >= 1, "torch_threads", self.torch_threads, ">= 1 or None")
+        needed = self.requests_to_fill_batch()
+        if self.max_ongoing_requests < needed:
+            raise ValueError(
+                f"max_ongoing_requests={self.max_ongoing_requests} is too small: a batch of "
+                f"max_batch_size={self.max_batch_size} samples needs {needed} requests of "
+                f"expected_request_samples={self.expected_request_samples} in flight on one replica, "
+                f"and Serve never lets more than max_ongoing_requests reach a replica, so batches "
+                f"would never fill. Raise max_ongoing_requests to >= {needed} (2x that keeps the next "
+                f"batch filling while one runs) or lower max_batch_size."
+            )
+
+    def requests_to_fill_batch(self) -> int:
+        """Requests of `expected_request_samples` samples that make one full batch."""
+        return math.ceil(self.max_batch_size / min(self.expected_request_samples, self.max_batch_size))
+
+    def to_dict(self) -> dict:
+        """Plain, deep-copied dict (YAML/pickle friendly) that `from_dict` accepts."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TeacherConfig:
+        """Build from a mapping; unknown keys are an error so typos never pass silently."""
+        if not isinstance(d, dict):
+            raise ValueError(f"teacher config: expected a mapping, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"teacher config: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> TeacherConfig:
+        """Load a YAML mapping of TeacherConfig fields."""
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+
+    def to_yaml(self, path: str | os.PathLike) -> None:
+        """Write atomically (tmp file + os.replace)."""
+        path = os.fspath(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+        os.replace(tmp, path)
+
+
+def _require(ok: bool, name: str, value: Any, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
