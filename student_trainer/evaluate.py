@@ -1,0 +1,126 @@
+"""Zero-shot top-1/top-5 and image↔text retrieval R@1/5/10 for any open_clip CLIP model.
+
+Retrieval on template captions is many-to-many: the same caption string (one template × one
+class) belongs to many images. So a text counts as correct for an image when its caption string
+equals the image's own caption. Image→text ranks the unique captions (exactly one is correct per
+image); text→image queries each unique caption against all images and is correct at k when any
+of the top-k images carries that caption. Ranks are pessimistic on ties (a tie with the correct
+item counts against it), so a degenerate model that scores everything equally gets no credit.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from student_trainer.data import Batch
+from teacher_service.preprocess import preprocess_spec, to_model_input
+
+RECALL_KS = (1, 5, 10)
+
+
+def _pessimistic_rank(scores: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
+    """0-based rank of the best correct entry per row, counting ties against it.
+
+    ``scores`` [N, M], ``correct`` bool [N, M] with at least one True per row.
+    """
+    best_correct = scores.masked_fill(~correct, float("-inf")).max(dim=1, keepdim=True).values
+    better_or_tied_wrong = ((scores >= best_correct) & ~correct).sum(dim=1)
+    return better_or_tied_wrong
+
+
+def _recall(ranks: torch.Tensor, k: int, candidates: int) -> float:
+    return float((ranks < min(k, candidates)).float().mean().item())
+
+
+@torch.no_grad()
+def _image_features(model, images: np.ndarray, *, batch_size: int, device: str) -> torch.Tensor:
+    spec = preprocess_spec(model)
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        pixels = to_model_input(images[start : start + batch_size], spec, device=device)
+        chunks.append(model.encode_image(pixels, normalize=True).float())
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def _text_features(model, texts: list[str], *, tokenizer, batch_size: int, device: str) -> torch.Tensor:
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenizer(texts[start : start + batch_size])
+        tokens = (tokens if torch.is_tensor(tokens) else torch.as_tensor(np.asarray(tokens))).to(device)
+        chunks.append(model.encode_text(tokens, normalize=True).float())
+    return torch.cat(chunks)
+
+
+def class_embeddings(model, class_names: list[str], templates: list[str], *, tokenizer, batch_size: int, device: str) -> torch.Tensor:
+    """[C, D]: per class, the normalised mean of the normalised template text features."""
+    prompts = [template.format(name) for name in class_names for template in templates]
+    features = _text_features(model, prompts, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    features = features.view(len(class_names), len(templates), -1).mean(dim=1)
+    return torch.nn.functional.normalize(features, dim=-1)
+
+
+def zero_shot_metrics(image_features: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """top1/top5 over labelled images (label >= 0); NaN when no image is labelled."""
+    labelled = labels >= 0
+    if not bool(labelled.any()):
+        return {"zero_shot_top1": math.nan, "zero_shot_top5": math.nan}
+    if int(labels.max()) >= classes.shape[0]:
+        raise ValueError(f"label {int(labels.max())} has no class name (only {classes.shape[0]} classes)")
+    scores = image_features[labelled] @ classes.T
+    correct = torch.nn.functional.one_hot(labels[labelled], classes.shape[0]).bool()
+    ranks = _pessimistic_rank(scores, correct)
+    return {
+        "zero_shot_top1": _recall(ranks, 1, classes.shape[0]),
+        "zero_shot_top5": _recall(ranks, 5, classes.shape[0]),
+    }
+
+
+def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, caption_ids: torch.Tensor) -> dict[str, float]:
+    """R@k both ways; ``text_features`` are the unique captions, ``caption_ids[i]`` image i's caption."""
+    scores = image_features @ text_features.T  # [N images, U captions]
+    matches = torch.nn.functional.one_hot(caption_ids, text_features.shape[0]).bool()
+    i2t = _pessimistic_rank(scores, matches)
+    t2i = _pessimistic_rank(scores.T, matches.T)
+    metrics = {}
+    for k in RECALL_KS:
+        metrics[f"i2t_r{k}"] = _recall(i2t, k, scores.shape[1])
+        metrics[f"t2i_r{k}"] = _recall(t2i, k, scores.shape[0])
+    return metrics
+
+
+def evaluate_model(
+    model,
+    data: Batch,
+    *,
+    class_names: list[str],
+    templates: list[str],
+    tokenizer,
+    batch_size: int = 256,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """Zero-shot top-1/top-5 and retrieval R@1/5/10 (fractions in [0, 1]) of ``model`` on ``data``.
+
+    The model is put in eval mode for the measurement and returned to its previous mode.
+    """
+    if len(data.keys) == 0:
+        raise ValueError("evaluate_model got an empty Batch")
+    if not class_names or not templates:
+        raise ValueError(f"evaluate_model needs class names and templates, got {len(class_names)} and {len(templates)}")
+    was_training = model.training
+    model.eval()
+    try:
+        images = _image_features(model, data.images, batch_size=batch_size, device=device)
+        classes = class_embeddings(model, class_names, templates, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        unique = list(dict.fromkeys(data.captions))
+        index = {caption: i for i, caption in enumerate(unique)}
+        texts = _text_features(model, unique, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    finally:
+        model.train(was_training)
+    labels = torch.as_tensor(np.asarray(data.labels, dtype=np.int64), device=images.device)
+    caption_ids = torch.as_tensor([index[c] for c in data.captions], device=images.device)
+    metrics = zero_shot_metrics(images, classes, labels)
+    metrics.update(retrieval_metrics(images, texts, caption_ids))
+    return metrics
