@@ -1,0 +1,200 @@
+"""The end-to-end demo: digits shards → teacher → Serve pool → distilled student vs no-teacher student.
+
+Everything runs on one embedded local Ray cluster (or `--address`). The teacher is trained once
+and reused from `<workdir>/teacher` on later runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from student_trainer.config import DataConfig, ModelConfig, TeacherSourceConfig, TrainConfig
+from student_trainer.factory import count_parameters, resolve_model
+
+STUDENT = "digits-student"
+TEACHER = "digits-teacher"
+
+
+@dataclass
+class DemoConfig:
+    workdir: str = "kd-demo"
+    quick: bool = False  # tiny budget: a smoke test of the whole path
+    teacher_epochs: Optional[int] = None
+    student_epochs: Optional[int] = None
+    address: Optional[str] = None
+    seed: int = 0
+    workers: int = 2
+    batch_size: int = 64
+    app_name: str = "kd-demo-teacher"
+    distill_losses: dict = field(default_factory=lambda: {"clip": 1.0, "kl": 1.0, "fd": 2000.0})
+
+    def epochs(self) -> tuple[int, int]:
+        teacher = self.teacher_epochs or (1 if self.quick else 30)
+        student = self.student_epochs or (1 if self.quick else 12)
+        return teacher, student
+
+
+def _say(msg: str) -> None:
+    print(f"[kd demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _run_cfg(cfg: DemoConfig, name: str, model: str, epochs: int, teacher: TeacherSourceConfig,
+             losses: dict) -> TrainConfig:
+    data_dir = Path(cfg.workdir) / "data"
+    return TrainConfig(
+        run_name=name, storage_path=str(Path(cfg.workdir) / "runs"),
+        model=ModelConfig(name=model),
+        data=DataConfig(train_shards=str(data_dir / "train-*.tar"), val_shards=str(data_dir / "val-*.tar"),
+                        image_size=32, batch_size=cfg.batch_size),
+        teacher=teacher, losses=losses, epochs=epochs, num_workers=cfg.workers, seed=cfg.seed,
+        max_steps_per_epoch=2 if cfg.quick else None, log_every_steps=0 if cfg.quick else 10,
+    ).validate()
+
+
+def _train(train_cfg: TrainConfig, out_dir: Path) -> dict:
+    """Train, copy the final student checkpoint to `out_dir`, return its last metrics + wall time."""
+    from student_trainer.train import run_training
+
+    start = time.perf_counter()
+    result = run_training(train_cfg)
+    wall = time.perf_counter() - start
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with result.checkpoint.as_directory() as d:
+        shutil.copytree(d, tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    metrics = dict(result.metrics or {})
+    metrics["wall_time_s"] = round(wall, 1)
+    (out_dir / "run_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    return metrics
+
+
+def _ensure_data(cfg: DemoConfig) -> Path:
+    from student_trainer.datasets import write_digits_shards
+
+    data_dir = Path(cfg.workdir) / "data"
+    if (data_dir / "dataset.json").exists():
+        _say(f"reusing digit shards in {data_dir}")
+    else:
+        summaries = write_digits_shards(data_dir, seed=cfg.seed, image_size=32)
+        _say("wrote digit shards: " + ", ".join(f"{k} {v.samples}" for k, v in summaries.items()))
+    return data_dir
+
+
+def _ensure_teacher(cfg: DemoConfig, stamp: str, epochs: int) -> tuple[Path, dict]:
+    teacher_dir = Path(cfg.workdir) / "teacher"
+    metrics_file = teacher_dir / "run_metrics.json"
+    if (teacher_dir / "model.pt").exists() and metrics_file.exists():
+        _say(f"reusing the teacher in {teacher_dir}")
+        return teacher_dir, json.loads(metrics_file.read_text())
+    _say(f"no teacher given: training a {TEACHER} CLIP for {epochs} epochs on the train split")
+    run = _run_cfg(cfg, f"demo-teacher-{stamp}", TEACHER, epochs, TeacherSourceConfig(mode="none"),
+                   {"clip": 1.0})
+    return teacher_dir, _train(run, teacher_dir)
+
+
+def _teacher_config(cfg: DemoConfig, teacher_dir: Path):
+    from teacher_service.config import TeacherConfig
+
+    arch, overrides = resolve_model(ModelConfig(name=TEACHER))
+    return TeacherConfig(model=arch, overrides=overrides, pretrained=str(teacher_dir / "model.pt"),
+                         app_name=cfg.app_name, num_cpus=1.0, max_batch_size=256,
+                         torch_threads=1)
+
+
+def _row(name: str, metrics: dict, evaluation: dict, params: int) -> dict:
+    return {
+        "model": name, "zero_shot_top1": evaluation["zero_shot_top1"],
+        "zero_shot_top5": evaluation["zero_shot_top5"], "i2t_r1": evaluation["i2t_r1"],
+        "t2i_r1": evaluation["t2i_r1"], "params": params,
+        "train_samples_per_s": metrics.get("run_samples_per_s"),
+        "wall_time_s": metrics.get("wall_time_s"),
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["model", "zero_shot_top1", "zero_shot_top5", "i2t_r1", "t2i_r1", "params",
+            "train_samples_per_s", "wall_time_s"]
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) and v <= 1.0 else (f"{v:.1f}" if isinstance(v, float) else str(v))
+    body = [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run the whole demo; returns the report (also written to `<workdir>/report.json`)."""
+    from ray import serve
+
+    from student_trainer.data import resolve_shards
+    from student_trainer.evaluate import evaluate_checkpoint, evaluate_teacher
+    from teacher_service.deployment import deploy
+
+    from .local import init_ray
+
+    demo_start = time.perf_counter()
+    workdir = Path(cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    teacher_epochs, student_epochs = cfg.epochs()
+    _say(init_ray(cfg.address, quiet=False))
+
+    data_dir = _ensure_data(cfg)
+    val = str(data_dir / "val-*.tar")
+    resolve_shards(val)
+    teacher_dir, teacher_metrics = _ensure_teacher(cfg, stamp, teacher_epochs)
+
+    teacher_cfg = _teacher_config(cfg, teacher_dir)
+    _say(f"deploying the teacher as Serve app {cfg.app_name!r}")
+    handle = deploy(teacher_cfg)
+    info = handle.info.remote().result(timeout_s=300)
+    _say(f"teacher fingerprint {info['fingerprint']}, embed_dim {info['embed_dim']}")
+
+    try:
+        _say(f"distilling {STUDENT} from the served teacher ({cfg.workers} DDP workers, "
+             f"{student_epochs} epochs, losses {cfg.distill_losses})")
+        distill_cfg = _run_cfg(cfg, f"demo-distill-{stamp}", STUDENT, student_epochs,
+                               TeacherSourceConfig(mode="remote", app_name=cfg.app_name),
+                               dict(cfg.distill_losses))
+        distill_metrics = _train(distill_cfg, workdir / "student_distilled")
+    finally:
+        serve.delete(cfg.app_name)
+
+    _say(f"training the same {STUDENT} without a teacher, same budget")
+    base_cfg = _run_cfg(cfg, f"demo-baseline-{stamp}", STUDENT, student_epochs,
+                        TeacherSourceConfig(mode="none"), {"clip": 1.0})
+    base_metrics = _train(base_cfg, workdir / "student_baseline")
+
+    _say("evaluating teacher, distilled student and baseline on the val split")
+    rows = []
+    teacher_eval = evaluate_teacher(teacher_cfg, val)
+    rows.append(_row("teacher", teacher_metrics, teacher_eval, teacher_eval.pop("params")))
+    for name, metrics in [("student_distilled", distill_metrics), ("student_baseline", base_metrics)]:
+        evaluation = evaluate_checkpoint(workdir / name, val)
+        rows.append(_row(name, metrics, evaluation, evaluation.pop("params")))
+
+    report = {
+        "models": {r["model"]: {k: v for k, v in r.items() if k != "model"} for r in rows},
+        "teacher_fingerprint": info["fingerprint"],
+        "distill_losses": cfg.distill_losses,
+        "epochs": {"teacher": teacher_epochs, "student": student_epochs},
+        "workers": cfg.workers, "batch_size_per_worker": cfg.batch_size,
+        "demo_wall_time_s": round(time.perf_counter() - demo_start, 1),
+    }
+    tmp = workdir / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, workdir / "report.json")
+    print("\n" + format_table(rows) + "\n", flush=True)
+    d, b = report["models"]["student_distilled"], report["models"]["student_baseline"]
+    _say(f"distilled vs baseline zero-shot top-1: {d['zero_shot_top1']:.4f} vs {b['zero_shot_top1']:.4f}; "
+         f"report written to {workdir / 'report.json'} ({report['demo_wall_time_s']:.0f}s)")
+    return report

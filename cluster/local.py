@@ -1,0 +1,51 @@
+"""Connecting to Ray: an existing cluster (address / RAY_ADDRESS) or an embedded local one."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+
+def default_local_cpus() -> int:
+    """Logical CPUs for an embedded cluster.
+
+    A teacher replica and each student worker reserve a CPU; on a 2-core laptop that would leave
+    nothing for Ray Data or the driver, so the embedded cluster oversubscribes (workers run with
+    one torch thread each, so the cores are shared, not fought over).
+    """
+    return max(4, 2 * (os.cpu_count() or 1))
+
+
+def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
+             object_store_mb: Optional[int] = None, quiet: bool = False) -> str:
+    """Connect to `address` (or $RAY_ADDRESS), else start an embedded local cluster.
+
+    Returns a short description for the user. Safe to call twice.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return "already connected"
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=not quiet)
+        return f"connected to Ray cluster at {address}"
+    cpus = num_cpus or default_local_cpus()
+    ray.init(
+        num_cpus=cpus,
+        include_dashboard=False,
+        object_store_memory=(object_store_mb or 1024) * 2**20,
+        runtime_env=runtime_env,
+        log_to_driver=not quiet,
+    )
+    return f"started an embedded local Ray cluster ({cpus} logical CPUs on {os.cpu_count()} cores)"
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

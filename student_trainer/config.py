@@ -1,0 +1,165 @@
+"""Run configuration as data: nested dataclasses that round-trip through YAML/JSON dicts."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from teacher_service.config import TeacherConfig
+
+TEACHER_MODES = ("none", "inline", "remote")
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass
+class ModelConfig:
+    """An open_clip architecture; `overrides` are passed to `open_clip.create_model` as kwargs."""
+
+    name: str = "ViT-B-32"
+    pretrained: Optional[str] = None
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """WebDataset shards and the student's view of them."""
+
+    train_shards: str = ""
+    val_shards: Optional[str] = None
+    image_size: int = 32  # side of the augmented uint8 view the student trains on (and sends)
+    batch_size: int = 64  # per worker
+    shuffle_buffer: int = 500
+
+
+@dataclass
+class TeacherSourceConfig:
+    """Where teacher embeddings come from: `none`, `inline` (in the worker) or `remote` (Serve pool)."""
+
+    mode: str = "none"
+    app_name: str = "kd-teacher"
+    teacher: Optional[TeacherConfig] = None  # required for `inline`
+    prefetch: int = 2  # batches requested ahead of the one being trained
+    timeout_s: float = 60.0  # per teacher call
+    retries: int = 3  # re-sends after a failed/timed-out call before the run stops
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay (CLIP-KD's recipe)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 20
+    grad_clip_norm: Optional[float] = None
+
+
+@dataclass
+class TrainConfig:
+    """One student run. Reusing `run_name` with the same `storage_path` resumes it."""
+
+    run_name: str = "student"
+    storage_path: str = "./runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherSourceConfig = field(default_factory=TeacherSourceConfig)
+    losses: dict = field(default_factory=lambda: {"clip": 1.0})
+    loss_options: dict = field(default_factory=dict)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: int = 1
+    max_steps_per_epoch: Optional[int] = None
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    torch_threads: Optional[int] = 1
+    seed: int = 0
+    log_every_steps: int = 10
+
+    def validate(self) -> "TrainConfig":
+        """Fail early, with the offending field named, instead of deep inside a Ray worker."""
+        if not _RUN_NAME.match(self.run_name):
+            raise ValueError(f"run_name {self.run_name!r}: use letters, digits, '_', '.', '-' (max 128)")
+        if self.teacher.mode not in TEACHER_MODES:
+            raise ValueError(f"teacher.mode {self.teacher.mode!r}: expected one of {TEACHER_MODES}")
+        if self.teacher.mode == "inline" and self.teacher.teacher is None:
+            raise ValueError("teacher.mode 'inline' needs teacher.teacher (a TeacherConfig)")
+        if not self.data.train_shards:
+            raise ValueError("data.train_shards is empty: give a shard directory, glob or brace pattern")
+        for name, value in [("epochs", self.epochs), ("num_workers", self.num_workers),
+                            ("data.batch_size", self.data.batch_size), ("data.image_size", self.data.image_size)]:
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.teacher.prefetch < 0 or self.teacher.retries < 0:
+            raise ValueError("teacher.prefetch and teacher.retries must be >= 0")
+        if not any(w for w in self.losses.values()):
+            raise ValueError(f"losses {self.losses!r}: at least one loss needs a nonzero weight")
+        return self
+
+    def to_dict(self) -> dict:
+        return to_plain(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        return from_plain(cls, data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        return cls.from_dict(data)
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses → dicts, tuples → lists, recursively (JSON/YAML friendly)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def from_plain(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from a plain dict, refusing unknown keys by their dotted name."""
+    if data is None or dataclasses.is_dataclass(data):
+        return data
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ValueError(f"unknown config keys: {', '.join(prefix + k for k in unknown)}")
+    kwargs = {}
+    for key, value in data.items():
+        target = _dataclass_in(hints[key])
+        path = f"{where}.{key}" if where else key
+        if target is not None and isinstance(value, dict):
+            kwargs[key] = from_plain(target, value, path)
+        elif key == "betas" and isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _dataclass_in(hint: Any) -> Optional[type]:
+    if dataclasses.is_dataclass(hint):
+        return hint
+    for arg in typing.get_args(hint):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None

@@ -1,0 +1,72 @@
+"""Creating students: any open_clip architecture, plus small presets sized for 32 px digits on a CPU."""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import open_clip
+import torch
+
+from .config import ModelConfig
+
+_TEXT_VOCAB = 49408
+
+# Small CLIPs for the digits demo and tests. Real runs name an open_clip architecture directly.
+PRESETS: dict[str, dict] = {
+    "digits-student": {
+        "base": "ViT-B-32",
+        "overrides": {
+            "embed_dim": 64,
+            "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+            "text_cfg": {"context_length": 16, "vocab_size": _TEXT_VOCAB, "width": 64, "heads": 2, "layers": 2},
+        },
+    },
+    "digits-teacher": {
+        "base": "ViT-B-32",
+        "overrides": {
+            "embed_dim": 128,
+            "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 192, "layers": 4, "head_width": 32},
+            "text_cfg": {"context_length": 16, "vocab_size": _TEXT_VOCAB, "width": 128, "heads": 4, "layers": 3},
+        },
+    },
+}
+
+
+def resolve_model(cfg: ModelConfig) -> tuple[str, dict]:
+    """(open_clip architecture name, create_model kwargs) for a preset or a plain architecture."""
+    if cfg.name in PRESETS:
+        preset = PRESETS[cfg.name]
+        overrides = copy.deepcopy(preset["overrides"])
+        overrides.update(copy.deepcopy(cfg.overrides))
+        return preset["base"], overrides
+    if cfg.name not in open_clip.list_models():
+        raise ValueError(
+            f"unknown model {cfg.name!r}: not an open_clip architecture nor a preset "
+            f"({', '.join(sorted(PRESETS))})"
+        )
+    return cfg.name, copy.deepcopy(cfg.overrides)
+
+
+def create_student(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A trainable open_clip model returning feature dicts (output_dict=True)."""
+    arch, overrides = resolve_model(cfg)
+    model = open_clip.create_model(
+        arch, pretrained=cfg.pretrained, device=device, output_dict=True, **overrides
+    )
+    return model
+
+
+def create_tokenizer(model: torch.nn.Module, cfg: ModelConfig) -> Callable:
+    """open_clip's tokenizer for the architecture, at the model's own context length."""
+    arch, _ = resolve_model(cfg)
+    return open_clip.get_tokenizer(arch, context_length=int(model.context_length))
+
+
+def embed_dim(model: torch.nn.Module) -> int:
+    """Width of the joint embedding space."""
+    return int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None \
+        else int(model.visual.output_dim)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,88 @@
+"""Run configuration round trips and the `kd` command line surface."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cluster.cli import build_parser, main
+from student_trainer.config import TrainConfig
+from student_trainer.scheduler import warmup_cosine
+
+
+def test_train_config_yaml_round_trip(tmp_path):
+    cfg = TrainConfig(run_name="r1", losses={"clip": 1.0, "kl": 0.5})
+    cfg.data.train_shards = "data/train-*.tar"
+    cfg.teacher.mode = "remote"
+    cfg.optim.betas = (0.9, 0.95)
+    path = tmp_path / "run.yaml"
+    cfg.to_yaml(path)
+    again = TrainConfig.from_yaml(path)
+    assert again == cfg
+    assert again.optim.betas == (0.9, 0.95)
+
+
+def test_unknown_keys_are_named():
+    with pytest.raises(ValueError, match="data.batchsize"):
+        TrainConfig.from_dict({"data": {"batchsize": 3}})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"run_name": "bad name/.."}, "run_name"),
+    ({"teacher": {"mode": "sometimes"}}, "teacher.mode"),
+    ({"teacher": {"mode": "inline"}}, "teacher.teacher"),
+    ({"epochs": 0}, "epochs"),
+    ({"losses": {"clip": 0.0}}, "losses"),
+])
+def test_validate_names_the_bad_field(change, message):
+    data = {"data": {"train_shards": "x/*.tar"}, **change}
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict(data).validate()
+
+
+def test_warmup_cosine_shape():
+    lrs = [warmup_cosine(s, base_lr=1.0, warmup_steps=10, total_steps=110) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] < 1e-3
+
+
+SUBCOMMANDS = [["data", "digits"], ["data", "folder"], ["teacher", "serve"], ["teacher", "status"],
+               ["teacher", "stop"], ["train"], ["eval"], ["demo"]]
+
+
+@pytest.mark.parametrize("words", [[]] + SUBCOMMANDS, ids=lambda w: " ".join(w) or "kd")
+def test_every_command_has_help(words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(words + ["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: kd" in out
+    assert len(out.splitlines()) > 3
+
+
+def test_console_script_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    for word in ("data", "teacher", "train", "eval", "demo"):
+        assert word in proc.stdout
+
+
+def test_bad_loss_flag_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--loss", "kl=abc"])
+    assert "NAME=WEIGHT" in capsys.readouterr().err
+
+
+def test_data_folder_error_is_reported_not_raised(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "caps.csv").write_text("image,caption\n")
+    code = main(["data", "folder", "--images", str(tmp_path / "imgs"), "--captions",
+                 str(tmp_path / "caps.csv"), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "kd: error:" in capsys.readouterr().err
