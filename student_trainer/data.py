@@ -106,6 +106,11 @@ def load_dataset_info(shards_or_dir) -> dict:
     return info
 
 
+def _shard_list(shards) -> list[str]:
+    """A list of shard paths as given, or a spec string resolved with :func:`resolve_shards`."""
+    return resolve_shards(shards) if isinstance(shards, (str, os.PathLike)) else list(shards)
+
+
 def _recorded_counts(directory: str) -> dict[str, int]:
     """Shard name → sample count from ``dataset.json`` in ``directory`` ({} when absent)."""
     path = os.path.join(directory, DATASET_INFO)
@@ -162,14 +167,14 @@ def samples_per_rank(shards: list[str], world_size: int) -> int:
     """Samples each rank sees per epoch: the floor of an equal share of all samples."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    return sum(shard_sample_counts(list(shards))) // world_size
+    return sum(shard_sample_counts(_shard_list(shards))) // world_size
 
 
 def steps_per_epoch(shards, *, world_size: int, batch_size: int) -> int:
     """Full batches per rank per epoch (the last partial batch is dropped)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    per_rank = samples_per_rank(list(shards), world_size)
+    per_rank = samples_per_rank(_shard_list(shards), world_size)
     steps = per_rank // batch_size
     if steps == 0:
         raise ValueError(
@@ -215,6 +220,25 @@ def _sample_filter(rank: int, world_size: int) -> Callable[[Iterable[dict]], Ite
     return keep_every_nth
 
 
+def _closing_open(sources: Iterable) -> Iterator[dict]:
+    """Open local shards one at a time and close each when the next is requested (or on abandon).
+
+    webdataset 1.0.2's ``StreamingOpen`` never closes its files (they wait for the garbage
+    collector and raise ResourceWarnings); this drop-in replacement closes them deterministically.
+    """
+    for source in sources:
+        url = source["url"] if isinstance(source, dict) else source
+        with open(url, "rb") as stream:
+            yield dict(url=url, stream=stream, local_path=url)
+
+
+def _webdataset(shards: list[str], **kwargs) -> wds.WebDataset:
+    """``wds.WebDataset`` for local tars, with rank/worker splitting only as passed in."""
+    dataset = wds.WebDataset(shards, workersplitter=None, empty_check=False, **kwargs)
+    dataset.pipeline = [_closing_open if isinstance(s, wds.cache.StreamingOpen) else s for s in dataset.pipeline]
+    return dataset
+
+
 def _rank_pass(shards: list[str], *, mode: str, rank: int, world_size: int, seed: int, shuffle_buffer: int):
     """One pass over this rank's part of the data as a webdataset pipeline (decoded samples)."""
     if mode == "shard":
@@ -229,10 +253,7 @@ def _rank_pass(shards: list[str], *, mode: str, rank: int, world_size: int, seed
             yield from src
 
         shardshuffle = False
-    dataset = wds.WebDataset(
-        shards, nodesplitter=nodesplitter, workersplitter=None, shardshuffle=shardshuffle,
-        seed=seed, empty_check=False,
-    )
+    dataset = _webdataset(shards, nodesplitter=nodesplitter, shardshuffle=shardshuffle, seed=seed)
     if mode == "sample":
         dataset = dataset.compose(_sample_filter(rank, world_size))
     if shuffle_buffer > 1:
@@ -295,7 +316,7 @@ def train_batches(
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    shards = list(shards)
+    shards = _shard_list(shards)
     steps = steps_per_epoch(shards, world_size=world_size, batch_size=batch_size)
     stream = _endless(shards, rank=rank, world_size=world_size, epoch=epoch, seed=seed, shuffle_buffer=shuffle_buffer)
     for _ in range(steps):
@@ -306,9 +327,8 @@ def train_batches(
 
 def eval_set(shards: list[str], *, image_size: int, tokenizer, limit: int | None = None) -> Batch:
     """Every sample (or the first ``limit``) in shard order, as one Batch of plain resized views."""
-    dataset = wds.WebDataset(
-        list(shards), nodesplitter=None, workersplitter=None, shardshuffle=False, empty_check=False
-    ).decode("rgb8")
+    shards = _shard_list(shards)
+    dataset = _webdataset(shards, nodesplitter=None, shardshuffle=False).decode("rgb8")
     samples = list(itertools.islice(dataset, limit)) if limit is not None else list(dataset)
     if not samples:
         raise ValueError(f"no samples in eval shards {shards}")

@@ -107,6 +107,7 @@ def test_counts_from_dataset_json_and_by_scanning(shard_dir, tmp_path):
     for world in (1, 2, 3):
         assert samples_per_rank(copies, world) == samples_per_rank(train, world) == 1437 // world
     assert steps_per_epoch(train, world_size=3, batch_size=50) == 9
+    assert steps_per_epoch(f"{shard_dir}/train", world_size=3, batch_size=50) == 9  # a spec string
 
 
 def test_steps_per_epoch_rejects_impossible_batches(shard_dir):
@@ -215,6 +216,7 @@ def test_eval_set_is_deterministic_plain_views(shard_dir, tokenizer):
             if info.name.endswith(".json"):
                 meta[info.name[:-5]] = json.load(tar.extractfile(info))
     assert [meta[k]["label"] for k in full.keys[:300]] == full.labels[:300].tolist()
+    assert eval_set(f"{shard_dir}/val", image_size=8, tokenizer=tokenizer, limit=5).keys == full.keys[:5]  # a spec
     limited = eval_set(val, image_size=16, tokenizer=tokenizer, limit=7)
     assert limited.keys == full.keys[:7] and limited.images.shape == (7, 16, 16, 3)
 
