@@ -1,0 +1,483 @@
+"""Single-process tests of the loss registry: parity with open_clip, slow re-statements of every
+CLIP-KD formula, the fixes over the reference code, masking and exact gradient accumulation."""
+from __future__ import annotations
+
+import math
+
+import open_clip
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from open_clip import loss as oc_loss
+
+from student_trainer.losses import (
+    DEFAULT_WEIGHTS,
+    LOSSES,
+    AFDLoss,
+    EmbedKDLoss,
+    GDLoss,
+    ICLLoss,
+    LossSet,
+    accumulated_backward,
+    build_losses,
+    compute_class_centroids,
+    contrastive_grads,
+)
+from student_trainer.masking import PatchMask, encode_image_masked
+
+pytestmark = pytest.mark.timeout(120)
+
+B, DS, DT = 6, 8, 12
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Tight tolerances for the slow re-statements; restored so other test modules are unaffected."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def _unit(*shape: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+def make_inputs(batch: int = B, ds: int = DS, dt: int = DT, seed: int = 0, grad: bool = True):
+    """Student (leaf tensors with grad) and teacher dicts."""
+    student = {
+        "image_features": _unit(batch, ds, seed=seed).requires_grad_(grad),
+        "text_features": _unit(batch, ds, seed=seed + 1).requires_grad_(grad),
+        "masked_image_features": _unit(batch, ds, seed=seed + 2).requires_grad_(grad),
+        "logit_scale": torch.tensor(12.0).requires_grad_(grad),
+        "logit_bias": torch.tensor(-4.0).requires_grad_(grad),
+        "labels": torch.arange(batch) % 3,
+    }
+    teacher = {
+        "image_features": _unit(batch, dt, seed=seed + 3),
+        "text_features": _unit(batch, dt, seed=seed + 4),
+        "logit_scale": torch.tensor(60.0),
+        "class_centroids": torch.randn(3, dt, generator=torch.Generator().manual_seed(seed + 5)),
+    }
+    return student, teacher
+
+
+def grads_of(value: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(value, tensors, allow_unused=True))
+
+
+def assert_close_all(a, b, **kw):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        if x is None or y is None:
+            assert x is None and y is None
+        else:
+            torch.testing.assert_close(x, y, **kw)
+
+
+# ------------------------------------------------------------------ slow re-statements
+def slow_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    terms = []
+    for i in range(logits.shape[0]):
+        row = logits[i]
+        terms.append(-(row[labels[i]] - torch.log(torch.exp(row - row.max()).sum()) - row.max()))
+    return torch.stack(terms).mean()
+
+
+def slow_softmax(row: torch.Tensor) -> torch.Tensor:
+    e = torch.exp(row - row.max())
+    return e / e.sum()
+
+
+def slow_clip(img, txt, s):
+    y = torch.arange(img.shape[0])
+    return (slow_ce(s * img @ txt.T, y) + slow_ce(s * txt @ img.T, y)) / 2
+
+
+def slow_kl_pair(t_logits, s_logits):
+    rows = [-(slow_softmax(t) * torch.log(slow_softmax(s))).sum() for t, s in zip(t_logits, s_logits)]
+    return torch.stack(rows).mean()
+
+
+def slow_kl_div_pair(t_logits, s_logits):
+    rows = []
+    for t, s in zip(t_logits, s_logits):
+        p, q = slow_softmax(t), slow_softmax(s)
+        rows.append((p * (torch.log(p) - torch.log(q))).sum())
+    return torch.stack(rows).mean()
+
+
+def proj(x, linear):
+    return F.normalize(x if linear is None else x @ linear.weight.T + linear.bias, dim=-1)
+
+
+def _linear(module):
+    return None if isinstance(module, torch.nn.Identity) else module
+
+
+# ------------------------------------------------------------------ registry / LossSet
+def test_registry_and_default_weights():
+    assert set(LOSSES) == {"clip", "siglip", "kl", "crd", "fd", "mfd", "icl", "gd", "afd", "embed_kd"}
+    assert set(DEFAULT_WEIGHTS) == set(LOSSES)
+    assert DEFAULT_WEIGHTS["fd"] == DEFAULT_WEIGHTS["mfd"] == 2000.0
+    assert DEFAULT_WEIGHTS["kl"] == DEFAULT_WEIGHTS["crd"] == DEFAULT_WEIGHTS["icl"] == 1.0
+    assert not dist.is_initialized()
+
+
+def test_build_losses_weights_flags_and_shared_heads():
+    ls = build_losses({"clip": 1.0, "kl": 0.5, "fd": 2000.0, "icl": 1.0, "gd": 0.0},
+                      student_dim=DS, teacher_dim=DT)
+    assert isinstance(ls, LossSet)
+    assert list(ls.losses) == ["clip", "kl", "fd", "icl"]  # registry order, zero weight dropped
+    assert ls.needs_teacher and ls.mask_ratio is None
+    assert ls.losses["fd"].projection is ls.losses["icl"].projection  # shared like CLIP-KD
+    names = {n for n, _ in ls.named_parameters()}
+    assert "losses.icl.log_scale" in names and any("projection.image.weight" in n for n in names)
+    student, teacher = make_inputs()
+    out = ls(student, teacher)
+    assert set(out) == {"clip_loss", "kl_loss", "fd_loss", "icl_loss"}
+    raw = ls.losses["kl"](student, teacher)["kl_loss"]
+    torch.testing.assert_close(out["kl_loss"], 0.5 * raw)
+    raw_fd = ls.losses["fd"](student, teacher)["fd_loss"]
+    torch.testing.assert_close(out["fd_loss"], 2000.0 * raw_fd)
+
+
+def test_build_losses_task_only_and_mfd_flags():
+    assert build_losses({"clip": 1.0}, student_dim=4, teacher_dim=4).needs_teacher is False
+    assert build_losses({"siglip": 1.0, "clip": 1.0}, student_dim=4, teacher_dim=4).needs_teacher is False
+    ls = build_losses({"mfd": 2000.0}, student_dim=4, teacher_dim=4, options={"mask_ratio": 0.5})
+    assert ls.mask_ratio == 0.5 and ls.needs_teacher
+    assert build_losses({"mfd": 1.0}, student_dim=4, teacher_dim=4).mask_ratio == 0.75
+    with pytest.raises(ValueError, match="need teacher"):
+        ls({"image_features": torch.zeros(2, 4)}, {})
+
+
+@pytest.mark.parametrize("weights, options, match", [
+    ({"clip": 1.0, "distill": 1.0}, None, "unknown loss names"),
+    ({"clip": -1.0}, None, "'clip'"),
+    ({"clip": float("nan")}, None, "'clip'"),
+    ({"clip": 0.0}, None, "no loss has a nonzero weight"),
+    ({"clip": 1.0}, {"mask_ration": 0.5}, "unknown loss options"),
+    ({"embed_kd": 1.0}, None, "num_classes"),
+    ({"mfd": 1.0}, {"mask_ratio": 1.0}, "mask_ratio"),
+])
+def test_build_losses_rejects_bad_input(weights, options, match):
+    with pytest.raises(ValueError, match=match):
+        build_losses(weights, student_dim=4, teacher_dim=4, options=options)
+
+
+def test_build_losses_rejects_bad_dims():
+    with pytest.raises(ValueError, match="teacher_dim"):
+        build_losses({"clip": 1.0}, student_dim=4, teacher_dim=0)
+
+
+def test_missing_inputs_are_named():
+    student, teacher = make_inputs()
+    del teacher["text_features"]
+    with pytest.raises(KeyError, match=r"'kl'.*teacher\['text_features'\]"):
+        LOSSES["kl"]()(student, teacher)
+    del student["masked_image_features"]
+    with pytest.raises(KeyError, match="masked_image_features"):
+        LOSSES["mfd"](DS, DT)(student, teacher)
+    with pytest.raises(KeyError, match="logit_bias"):
+        LOSSES["siglip"]()({**student, "logit_bias": None}, {})
+
+
+# ------------------------------------------------------------------ open_clip parity
+def test_clip_matches_open_clip_values_and_grads():
+    student, _ = make_inputs()
+    leaves = [student["image_features"], student["text_features"], student["logit_scale"]]
+    ours = LOSSES["clip"]()(student, {})["clip_loss"]
+    ref = oc_loss.ClipLoss()(*leaves)
+    torch.testing.assert_close(ours, ref)
+    assert_close_all(grads_of(ours, leaves), grads_of(ref, leaves))
+    torch.testing.assert_close(ours, slow_clip(*leaves))
+
+
+def test_siglip_matches_open_clip_values_and_grads():
+    student, _ = make_inputs()
+    leaves = [student["image_features"], student["text_features"], student["logit_scale"], student["logit_bias"]]
+    ours = LOSSES["siglip"]()(student, {})["siglip_loss"]
+    ref = oc_loss.SigLipLoss()(*leaves)
+    torch.testing.assert_close(ours, ref)
+    assert_close_all(grads_of(ours, leaves), grads_of(ref, leaves))
+
+
+def test_kl_matches_open_clip_distill_loss():
+    student, teacher = make_inputs()
+    leaves = [student["image_features"], student["text_features"], student["logit_scale"]]
+    ours = LOSSES["kl"]()(student, teacher)["kl_loss"]
+    ref = oc_loss.DistillClipLoss()(*leaves, teacher["image_features"], teacher["text_features"],
+                                    teacher["logit_scale"], output_dict=True)["distill_loss"]
+    torch.testing.assert_close(ours, ref)
+    assert_close_all(grads_of(ours, leaves), grads_of(ref, leaves))
+
+
+def test_kl_accepts_siglip_teacher_with_bias():
+    student, teacher = make_inputs()
+    teacher["logit_bias"] = torch.tensor(-10.0)
+    ours = LOSSES["kl"]()(student, teacher)["kl_loss"]
+    s, t = student, teacher
+    st, tt = t["logit_scale"], t["logit_bias"]
+    t_img = st * t["image_features"] @ t["text_features"].T + tt
+    t_txt = st * t["text_features"] @ t["image_features"].T + tt
+    s_img = s["logit_scale"] * s["image_features"] @ s["text_features"].T
+    s_txt = s["logit_scale"] * s["text_features"] @ s["image_features"].T
+    ref = (slow_kl_pair(t_img, s_img) + slow_kl_pair(t_txt, s_txt)) / 2
+    torch.testing.assert_close(ours, ref)
+
+
+def test_teacher_fp16_and_float_scale_are_accepted():
+    student, teacher = make_inputs()
+    fp16 = {**teacher, "image_features": teacher["image_features"].half(),
+            "text_features": teacher["text_features"].half(), "logit_scale": 60.0}
+    a = LOSSES["kl"]()(student, fp16)["kl_loss"]
+    b = LOSSES["kl"]()(student, teacher)["kl_loss"]
+    assert a.dtype == torch.float64
+    torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+# ------------------------------------------------------------------ CLIP-KD formulas
+def test_crd_matches_formula():
+    student, teacher = make_inputs()
+    s, t = student, teacher
+    ours = LOSSES["crd"]()(s, t)["crd_loss"]
+    t_img = t["logit_scale"] * t["image_features"] @ t["text_features"].T
+    s_img = s["logit_scale"] * s["image_features"] @ s["text_features"].T
+    ref = (slow_kl_div_pair(t_img, s_img) + slow_kl_div_pair(t_img.T, s_img.T)) / 2
+    torch.testing.assert_close(ours, ref)
+    # KL and the soft cross entropy differ by the teacher entropy only: same gradient
+    leaves = [s["image_features"], s["text_features"]]
+    kl = LOSSES["kl"]()(s, t)["kl_loss"]
+    assert_close_all(grads_of(ours, leaves), grads_of(kl, leaves))
+    assert not torch.allclose(ours, kl)
+
+
+@pytest.mark.parametrize("ds", [DS, DT])
+def test_fd_matches_formula(ds):
+    student, teacher = make_inputs(ds=ds)
+    module = LOSSES["fd"](ds, DT)
+    ours = module(student, teacher)["fd_loss"]
+    p_img = proj(student["image_features"], _linear(module.projection.image))
+    p_txt = proj(student["text_features"], _linear(module.projection.text))
+    n = p_img.numel()
+    ref = ((p_img - teacher["image_features"]) ** 2).sum() / n + ((p_txt - teacher["text_features"]) ** 2).sum() / n
+    torch.testing.assert_close(ours, ref)
+    assert (ds == DT) == isinstance(module.projection.image, torch.nn.Identity)
+
+
+def test_mfd_uses_the_masked_features():
+    student, teacher = make_inputs()
+    fd = LOSSES["fd"](DS, DT)
+    mfd = LOSSES["mfd"](DS, DT, fd.projection, mask_ratio=0.75)
+    masked = mfd(student, teacher)["mfd_loss"]
+    unmasked_as_masked = mfd({**student, "masked_image_features": student["image_features"]}, teacher)
+    torch.testing.assert_close(unmasked_as_masked["mfd_loss"], fd(student, teacher)["fd_loss"])
+    assert not torch.allclose(masked, fd(student, teacher)["fd_loss"])
+    g = grads_of(masked, [student["masked_image_features"], student["image_features"]])
+    assert g[0] is not None and g[0].abs().sum() > 0 and g[1] is None
+
+
+def test_icl_matches_formula_and_scale_is_exp_clamped():
+    student, teacher = make_inputs()
+    module = ICLLoss(DS, DT)
+    torch.testing.assert_close(module.log_scale.exp(), torch.tensor(1 / 0.07))
+    p_img = proj(student["image_features"], module.projection.image)
+    p_txt = proj(student["text_features"], module.projection.text)
+
+    def ref(kappa):
+        y = torch.arange(B)
+        return (slow_ce(kappa * p_img @ teacher["text_features"].T, y)
+                + slow_ce(kappa * p_txt @ teacher["image_features"].T, y)) / 2
+
+    torch.testing.assert_close(module(student, teacher)["icl_loss"], ref(1 / 0.07))
+    with torch.no_grad():
+        module.log_scale.fill_(math.log(1000.0))
+    value = module(student, teacher)["icl_loss"]
+    torch.testing.assert_close(value, ref(100.0))
+    assert torch.autograd.grad(value, module.log_scale)[0] == 0  # clamped: no push beyond 100
+
+
+def test_contrastive_grads_equal_autograd():
+    q = _unit(7, 5, seed=3).requires_grad_(True)
+    k = _unit(7, 5, seed=4).requires_grad_(True)
+    scale = 23.0
+    loss = F.cross_entropy(scale * q @ k.T, torch.arange(7))
+    auto_q, auto_k = torch.autograd.grad(loss, [q, k])
+    closed_q, closed_k = contrastive_grads(q, k, scale)
+    torch.testing.assert_close(closed_q, auto_q)
+    torch.testing.assert_close(closed_k, auto_k)
+
+
+def test_gd_matches_autograd_restatement():
+    """GD == MSE of autograd gradients of the contrastive CE (create_graph for the student)."""
+    student, teacher = make_inputs()
+    module = GDLoss(DS, DT)
+    ours = module(student, teacher)["gd_loss"]
+
+    def autograd_grads(img, txt, scale, create_graph):
+        img = img if img.requires_grad else img.detach().requires_grad_(True)
+        txt = txt if txt.requires_grad else txt.detach().requires_grad_(True)
+        y = torch.arange(img.shape[0])
+        gi_q, gt_k = torch.autograd.grad(F.cross_entropy(scale * img @ txt.T, y), [img, txt],
+                                         create_graph=create_graph)
+        gt_q, gi_k = torch.autograd.grad(F.cross_entropy(scale * txt @ img.T, y), [txt, img],
+                                         create_graph=create_graph)
+        return [gi_q, gt_k, gt_q, gi_k]
+
+    p_img = proj(student["image_features"], module.projection.image)
+    p_txt = proj(student["text_features"], module.projection.text)
+    s_g = autograd_grads(p_img, p_txt, student["logit_scale"], True)
+    t_g = autograd_grads(teacher["image_features"], teacher["text_features"], teacher["logit_scale"], False)
+    ref = sum(((a - b) ** 2).mean() for a, b in zip(s_g, t_g))
+    torch.testing.assert_close(ours, ref)
+    leaves = [student["image_features"], student["text_features"], student["logit_scale"],
+              module.projection.image.weight]
+    assert_close_all(grads_of(ours, leaves), grads_of(ref, leaves))
+
+
+def test_afd_with_different_widths_matches_formula():
+    student, teacher = make_inputs()
+    module = AFDLoss(DS, DT)
+    ours = module(student, teacher)["afd_loss"]
+    p_img = proj(student["image_features"], module.projection.image)
+    p_txt = proj(student["text_features"], module.projection.text)
+    w_i, w_t = module.fuse_image, module.fuse_text
+    f_img = F.normalize(torch.cat([p_img, teacher["image_features"]], 1) @ w_i.weight.T + w_i.bias, dim=-1)
+    f_txt = F.normalize(torch.cat([p_txt, teacher["text_features"]], 1) @ w_t.weight.T + w_t.bias, dim=-1)
+    torch.testing.assert_close(ours, slow_clip(f_img, f_txt, torch.tensor(1 / 0.07)))
+    assert w_i.in_features == 2 * DT and w_i.out_features == DT
+    assert grads_of(ours, [student["image_features"]])[0].abs().sum() > 0
+
+
+def test_embed_kd_matches_formula_softmax_once():
+    student, teacher = make_inputs()
+    module = EmbedKDLoss(DS, DT, num_classes=3, alpha1=0.3, alpha2=0.7)
+    ours = module(student, teacher)["embed_kd_loss"]
+    z, y, s = student["image_features"], student["labels"], student["logit_scale"]
+    cls_logits = z @ module.classifier.weight.T + module.classifier.bias
+    mu = teacher["class_centroids"] @ module.centroid_projection.weight.T + module.centroid_projection.bias
+    emb_logits = s * F.normalize(z, dim=-1) @ F.normalize(mu, dim=-1).T
+    ref = 0.3 * slow_ce(cls_logits, y) + 0.7 * slow_ce(emb_logits, y)
+    torch.testing.assert_close(ours, ref)
+    twice = 0.3 * slow_ce(cls_logits.softmax(1), y) + 0.7 * slow_ce(emb_logits, y)  # the reference's bug
+    assert not torch.allclose(ours, twice)
+
+
+def test_embed_kd_with_centroids_option_needs_no_teacher():
+    student, teacher = make_inputs()
+    feats = torch.randn(30, DT)
+    labels = torch.arange(30) % 3
+    cents = compute_class_centroids(feats, labels, num_classes=3, per_class=4)
+    torch.testing.assert_close(cents[1], feats[labels == 1][:4].mean(0))
+    ls = build_losses({"embed_kd": 1.0}, student_dim=DS, teacher_dim=DT,
+                      options={"class_centroids": cents, "embed_scale": 10.0})
+    assert ls.needs_teacher is False and ls.losses["embed_kd"].num_classes == 3
+    value = ls(student)["embed_kd_loss"]
+    same = ls.losses["embed_kd"](student, {"class_centroids": cents})["embed_kd_loss"]
+    torch.testing.assert_close(value, same)
+    with pytest.raises(ValueError, match="classes without samples"):
+        compute_class_centroids(feats, labels, num_classes=4)
+
+
+def test_every_loss_backprops_into_student_and_heads():
+    student, teacher = make_inputs()
+    weights = {name: 1.0 for name in LOSSES}
+    ls = build_losses(weights, student_dim=DS, teacher_dim=DT, options={"num_classes": 3})
+    out = ls(student, teacher)
+    assert set(out) == {f"{name}_loss" for name in LOSSES}
+    assert all(torch.isfinite(v) for v in out.values())
+    sum(out.values()).backward()
+    for name, param in ls.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert student["image_features"].grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ masking
+def _tiny_clip():
+    torch.manual_seed(0)
+    return open_clip.create_model(
+        "ViT-B-32", pretrained=None, embed_dim=16,
+        vision_cfg={"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+        text_cfg={"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    ).double()
+
+
+def test_patch_mask_keeps_cls_and_a_subset():
+    tokens = torch.randn(3, 17, 4)
+    out = PatchMask(0.75, torch.Generator().manual_seed(1))(tokens)
+    assert out.shape == (3, 1 + 4, 4)
+    torch.testing.assert_close(out[:, 0], tokens[:, 0])
+    for b in range(3):
+        rows = {tuple(r.tolist()) for r in tokens[b, 1:]}
+        assert all(tuple(r.tolist()) in rows for r in out[b, 1:])
+        assert len({tuple(r.tolist()) for r in out[b, 1:]}) == 4  # no duplicates
+
+
+def test_encode_image_masked_really_masks():
+    model = _tiny_clip().eval()
+    images = torch.randn(2, 3, 32, 32)
+    full = model.encode_image(images, normalize=True)
+    masked = encode_image_masked(model, images, 0.75, torch.Generator().manual_seed(0))
+    again = encode_image_masked(model, images, 0.75, torch.Generator().manual_seed(0))
+    other = encode_image_masked(model, images, 0.75, torch.Generator().manual_seed(1))
+    assert masked.shape == full.shape
+    torch.testing.assert_close(masked.norm(dim=-1), torch.ones(2))
+    assert not torch.allclose(masked, full, atol=1e-4)
+    assert not torch.allclose(masked, other, atol=1e-4)
+    torch.testing.assert_close(masked, again)
+    torch.testing.assert_close(encode_image_masked(model, images, 0.0), full)
+    torch.testing.assert_close(encode_image_masked(model.visual, images, 0.0), full)
+    assert isinstance(model.visual.patch_dropout, torch.nn.Identity)  # restored
+    with pytest.raises(ValueError, match="mask_ratio"):
+        encode_image_masked(model, images, 1.0)
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        encode_image_masked(torch.nn.Linear(2, 2), images, 0.5)
+
+
+# ------------------------------------------------------------------ gradient accumulation
+class _TinyStudent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.image = torch.nn.Linear(10, DS)
+        self.text = torch.nn.Linear(9, DS)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, x, t):
+        return {"image_features": F.normalize(self.image(x), dim=-1),
+                "text_features": F.normalize(self.text(t), dim=-1),
+                "logit_scale": self.logit_scale.exp()}
+
+
+def test_accumulated_backward_is_exact_for_clip_kl_fd():
+    k, b = 3, 4
+    torch.manual_seed(0)
+    student_model = _TinyStudent()
+    losses = build_losses({"clip": 1.0, "kl": 1.0, "fd": 2000.0}, student_dim=DS, teacher_dim=DT)
+    params = list(student_model.parameters()) + list(losses.parameters())
+    x, t = torch.randn(k * b, 10), torch.randn(k * b, 9)
+    _, teacher = make_inputs(batch=k * b)
+
+    out = losses(student_model(x, t), teacher)
+    sum(out.values()).backward()
+    full = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+
+    values = accumulated_backward(
+        losses, lambda j: student_model(x[j * b:(j + 1) * b], t[j * b:(j + 1) * b]), k, teacher)
+    accum = [p.grad.clone() for p in params]
+    assert_close_all(accum, full)
+    torch.testing.assert_close(values["loss"], sum(out.values()).detach())
+    for p in params:
+        p.grad = None
+
+    # naive accumulation (sum of per-micro-batch losses) is not the big-batch gradient
+    for j in range(k):
+        sl = slice(j * b, (j + 1) * b)
+        part = losses(student_model(x[sl], t[sl]), {**teacher, "image_features": teacher["image_features"][sl],
+                                                   "text_features": teacher["text_features"][sl]})
+        (sum(part.values()) / k).backward()
+    assert not torch.allclose(student_model.image.weight.grad, full[0], atol=1e-6)
