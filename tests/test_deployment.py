@@ -1,0 +1,115 @@
+"""The Serve deployment on the real local Ray cluster, and the shipped Serve config file."""
+from __future__ import annotations
+
+import importlib
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from teacher_service import EmbedRequest, EmbedResponse, RequestError, TeacherConfig, TeacherEngine, load_teacher
+
+SERVE_YAML = Path(__file__).resolve().parents[1] / "cluster" / "configs" / "serve_teacher.yaml"
+APP = "kd-teacher-test"
+ATOL = 2e-3
+
+
+def yaml_args() -> dict:
+    return yaml.safe_load(SERVE_YAML.read_text())["applications"][0]["args"]
+
+
+def test_serve_config_validates_and_builds():
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load(SERVE_YAML.read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    (app,) = schema.applications
+    assert app.name == "kd-teacher" and app.route_prefix is None
+    assert app.import_path == "teacher_service.deployment:app_builder"
+    module, attr = app.import_path.split(":")
+    builder = getattr(importlib.import_module(module), attr)
+    cfg = TeacherConfig.from_dict(app.args)  # every arg is a TeacherConfig field
+    assert cfg.pretrained is None and cfg.app_name == "kd-teacher" and cfg.num_cpus <= 1
+    assert builder(app.args) is not None
+    with pytest.raises(ValueError, match="unknown keys"):
+        builder({**app.args, "max_batch": 3})
+
+
+def request(n, seed, h=32, w=32) -> EmbedRequest:
+    rng = np.random.default_rng(seed)
+    tok = np.zeros((n, 10), np.int64)
+    tok[:, 0] = 49406
+    tok[:, 1:3] = rng.integers(1, 49000, (n, 2))
+    tok[:, 3] = 49407
+    return EmbedRequest(keys=[f"{seed}-{i}" for i in range(n)],
+                        images=rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8), tokens=tok, run=f"r{seed % 3}")
+
+
+def assert_same(got: EmbedResponse, want: EmbedResponse) -> None:
+    assert got.keys == want.keys and got.fingerprint == want.fingerprint
+    for field in ("image_features", "text_features"):
+        g, w = getattr(got, field), getattr(want, field)
+        assert g.dtype == np.float16
+        np.testing.assert_allclose(g.astype(np.float32), w.astype(np.float32), atol=ATOL)
+
+
+@pytest.mark.ray
+def test_teacher_deployment_batches_and_isolates_errors(ray_cluster):
+    from ray import serve
+
+    from teacher_service.deployment import TeacherUnavailableError, deploy, get_teacher_handle
+
+    cfg = TeacherConfig.from_dict({**yaml_args(), "app_name": APP, "num_cpus": 0.5, "max_batch_size": 64,
+                                   "batch_wait_timeout_s": 0.25})
+    handle = deploy(cfg)
+    try:
+        local = load_teacher(cfg)
+        info = handle.info.remote().result(timeout_s=60)
+        assert info["fingerprint"] == local.fingerprint  # seeded init: same weights in the replica
+        assert info["embed_dim"] == 64 and info["max_batch_size"] == 64
+
+        # several callers, each with several requests in flight (4 samples each, mixed sizes)
+        reqs = [request(4, seed, 32 + 8 * (seed % 2), 32) for seed in range(12)]
+        results: dict[int, EmbedResponse] = {}
+
+        def caller(idx: list[int]) -> None:
+            responses = [(i, handle.embed.remote(reqs[i])) for i in idx]
+            for i, r in responses:
+                results[i] = r.result(timeout_s=60)
+
+        threads = [threading.Thread(target=caller, args=(list(range(c, 12, 4)),)) for c in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert sorted(results) == list(range(12))
+        want = TeacherEngine(local).embed_many(reqs)
+        for i in range(12):
+            assert_same(results[i], want[i])
+        stats = handle.stats.remote().result(timeout_s=30)
+        assert stats["requests"] == 12 and stats["samples"] == 48
+        assert stats["batches"] < stats["requests"] and stats["max_batch_samples"] > 4  # batching happened
+
+        # a bad request fails alone, concurrently with good ones; the replica keeps answering
+        bad = EmbedRequest(keys=["a", "b"], images=np.zeros((2, 32, 32), np.uint8))
+        good_refs = [handle.embed.remote(reqs[0]), handle.embed.remote(reqs[1])]
+        with pytest.raises(RequestError, match="grayscale"):
+            handle.embed.remote(bad).result(timeout_s=60)
+        for ref, w in zip(good_refs, want[:2]):
+            assert_same(ref.result(timeout_s=60), w)
+
+        # a request larger than max_batch_size bypasses the batch queue instead of failing
+        big = request(70, seed=99)
+        assert_same(handle.embed.remote(big).result(timeout_s=60), TeacherEngine(local).embed(big))
+        stats = handle.stats.remote().result(timeout_s=30)
+        assert stats["errors"] == 1 and stats["requests"] == 15
+
+        # later jobs attach by name (the app is detached); absent names are explained
+        assert get_teacher_handle(APP, timeout_s=5).info.remote().result(timeout_s=30)["fingerprint"] == local.fingerprint
+        with pytest.raises(TeacherUnavailableError, match=rf"no running teacher app 'nope'.*{APP}"):
+            get_teacher_handle("nope", timeout_s=0)
+    finally:
+        serve.delete(APP)
+    assert APP not in serve.status().applications
