@@ -124,3 +124,43 @@ def evaluate_model(
     metrics = zero_shot_metrics(images, classes, labels)
     metrics.update(retrieval_metrics(images, texts, caption_ids))
     return metrics
+
+
+def evaluate_on_shards(model, shards, *, tokenizer, limit: int | None = None,
+                       device: str = "cpu") -> dict[str, float]:
+    """`evaluate_model` on val shards, with class names and templates from their dataset.json."""
+    from student_trainer.data import eval_set, load_dataset_info, resolve_shards
+
+    shard_list = resolve_shards(shards)
+    info = load_dataset_info(shard_list)
+    size = preprocess_spec(model).image_size
+    data = eval_set(shard_list, image_size=max(size), tokenizer=tokenizer, limit=limit)
+    metrics = evaluate_model(model, data, class_names=info["class_names"], templates=info["templates"],
+                             tokenizer=tokenizer, device=device)
+    metrics["params"] = sum(p.numel() for p in model.parameters())
+    metrics["samples"] = len(data.keys)
+    return metrics
+
+
+def evaluate_checkpoint(directory, shards, *, limit: int | None = None, device: str = "cpu") -> dict:
+    """Metrics for a student checkpoint directory (model.pt + model_config.json)."""
+    from student_trainer.checkpoint import load_student
+    from student_trainer.factory import create_tokenizer
+
+    model, model_cfg = load_student(directory, device)
+    return evaluate_on_shards(model, shards, tokenizer=create_tokenizer(model, model_cfg),
+                              limit=limit, device=device)
+
+
+def evaluate_teacher(cfg, shards, *, limit: int | None = None) -> dict:
+    """Metrics for a teacher described by a TeacherConfig (loaded exactly as the Serve replica does)."""
+    import open_clip
+
+    from teacher_service.model import load_teacher
+
+    teacher = load_teacher(cfg)
+    tokenizer = open_clip.get_tokenizer(cfg.model, context_length=teacher.context_length)
+    metrics = evaluate_on_shards(teacher.model, shards, tokenizer=tokenizer, limit=limit,
+                                 device=str(teacher.device))
+    metrics["fingerprint"] = teacher.fingerprint
+    return metrics

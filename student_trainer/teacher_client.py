@@ -11,8 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
-import numpy as np
-
+from teacher_service.deployment import TeacherUnavailableError
 from teacher_service.protocol import EmbedRequest, EmbedResponse, RequestError
 
 from .config import TeacherSourceConfig
@@ -21,10 +20,6 @@ from .data import Batch
 log = logging.getLogger(__name__)
 
 TeacherOutputs = dict  # image_features / text_features (fp16 numpy), logit_scale, logit_bias, fingerprint
-
-
-class TeacherUnavailableError(RuntimeError):
-    """The teacher pool did not answer within the configured timeout and retries."""
 
 
 @dataclass
@@ -183,7 +178,3 @@ def make_teacher_source(cfg: TeacherSourceConfig, run: str, device: Optional[str
     if cfg.mode == "remote":
         return RemoteTeacher(cfg, run)
     raise ValueError(f"teacher mode {cfg.mode!r}: expected none, inline or remote")
-
-
-def as_numpy_f32(x: Optional[np.ndarray]) -> Optional[np.ndarray]:
-    return None if x is None else np.asarray(x, dtype=np.float32)

@@ -6,7 +6,6 @@ the student. Checkpoints go through `ray.train.report`; rerunning the same run n
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import tempfile
@@ -18,7 +17,8 @@ import torch
 
 from teacher_service.preprocess import PreprocessSpec, preprocess_spec, to_model_input
 
-from .config import ModelConfig, TrainConfig, from_plain, to_plain
+from .checkpoint import MODEL_FILE, save_student
+from .config import TrainConfig
 from .data import Batch, resolve_shards, steps_per_epoch, train_batches
 from .factory import create_student, create_tokenizer, embed_dim
 from .losses import LossSet, build_losses
@@ -26,10 +26,6 @@ from .masking import encode_image_masked
 from .scheduler import set_lr, warmup_cosine
 from .teacher_client import make_teacher_source
 
-log = logging.getLogger(__name__)
-
-MODEL_FILE = "model.pt"
-MODEL_CONFIG_FILE = "model_config.json"
 TRAIN_STATE_FILE = "train_state.pt"
 _MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -84,25 +80,6 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
             or "embedding" in name or "token" in name
         (no_decay if exclude else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def save_student(model: torch.nn.Module, model_cfg: ModelConfig, directory: str | Path) -> None:
-    """Student weights + the config to rebuild it: enough for `kd eval` or to serve it as a teacher."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), directory / MODEL_FILE)
-    (directory / MODEL_CONFIG_FILE).write_text(json.dumps(to_plain(model_cfg), indent=2))
-
-
-def load_student(directory: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, ModelConfig]:
-    directory = Path(directory)
-    cfg_path = directory / MODEL_CONFIG_FILE
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{directory}: not a student checkpoint (no {MODEL_CONFIG_FILE})")
-    model_cfg = from_plain(ModelConfig, json.loads(cfg_path.read_text()))
-    model = create_student(ModelConfig(name=model_cfg.name, overrides=model_cfg.overrides), device)
-    model.load_state_dict(torch.load(directory / MODEL_FILE, map_location=device, weights_only=True))
-    return model.eval(), model_cfg
 
 
 def _restore(module: DistillModule, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
@@ -211,7 +188,6 @@ def train_loop_per_worker(config: dict) -> None:
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             if rank == 0 and cfg.log_every_steps and step % cfg.log_every_steps == 0:
-                log.info("epoch %d step %d/%d loss %.4f", epoch, i + 1, steps, float(loss))
                 print(f"[{cfg.run_name}] epoch {epoch + 1}/{cfg.epochs} step {i + 1}/{steps} "
                       f"loss {float(loss):.4f}", flush=True)
         epoch_time = time.perf_counter() - epoch_start
