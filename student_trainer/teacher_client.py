@@ -102,7 +102,7 @@ class RemoteTeacher:
         self.handle = get_teacher_handle(cfg.app_name, timeout_s=cfg.timeout_s)
         self.info = self._call(lambda: self.handle.info.remote(), "info")
         self.embed_dim = int(self.info["embed_dim"])
-        self.stats = TeacherStats()
+        self.stats = TeacherStats(fingerprints={self.info["fingerprint"]})  # answers must match info
 
     def _call(self, submit, what: str):
         """Submit and wait, re-submitting on failure; RequestError (our bug, not theirs) is not retried."""
