@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -82,7 +83,11 @@ def cmd_teacher_serve(args: argparse.Namespace) -> int:
     info = handle.info.remote().result(timeout_s=600)
     print(f"teacher app {cfg.app_name!r} is serving {info.get('model')} "
           f"(embed_dim {info.get('embed_dim')}, fingerprint {info.get('fingerprint')})")
-    if args.block:
+    embedded = not (args.address or os.environ.get("RAY_ADDRESS"))
+    if args.block or embedded:
+        if embedded:
+            print("the embedded cluster lives only as long as this command: keeping it up. "
+                  "To deploy and return, start a cluster (`ray start --head`) and pass --address auto")
         print("serving; Ctrl-C stops this command and the app with it")
         try:
             import time
@@ -241,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="teacher precision")
     p.add_argument("--address", help=RAY_ADDRESS_HELP)
     p.add_argument("--block", action="store_true",
-                   help="keep this command running (needed with an embedded cluster)")
+                   help="keep this command running (always so with an embedded cluster)")
     p.set_defaults(func=cmd_teacher_serve)
     for name, func, text in [("status", cmd_teacher_status, "print the teacher's info and counters"),
                              ("stop", cmd_teacher_stop, "delete the teacher app")]:

@@ -35,7 +35,7 @@ class DemoConfig:
 
     def epochs(self) -> tuple[int, int]:
         teacher = self.teacher_epochs or (1 if self.quick else 30)
-        student = self.student_epochs or (1 if self.quick else 12)
+        student = self.student_epochs or (1 if self.quick else 10)
         return teacher, student
 
 

@@ -25,7 +25,7 @@ PRESETS: dict[str, dict] = {
         "base": "ViT-B-32",
         "overrides": {
             "embed_dim": 128,
-            "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 192, "layers": 4, "head_width": 32},
+            "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 192, "layers": 4, "head_width": 32},
             "text_cfg": {"context_length": 16, "vocab_size": _TEXT_VOCAB, "width": 128, "heads": 4, "layers": 3},
         },
     },

@@ -86,3 +86,32 @@ def test_data_folder_error_is_reported_not_raised(tmp_path, capsys):
                  str(tmp_path / "caps.csv"), "--out", str(tmp_path / "out")])
     assert code == 2
     assert "kd: error:" in capsys.readouterr().err
+
+
+def test_kd_data_digits_then_eval_a_checkpoint(tmp_path, capsys):
+    import json
+
+    from student_trainer.checkpoint import save_student
+    from student_trainer.config import ModelConfig
+    from student_trainer.factory import create_student
+
+    data = tmp_path / "data"
+    assert main(["data", "digits", "--out", str(data), "--samples-per-shard", "500"]) == 0
+    assert sorted(p.name for p in data.glob("val-*.tar")) == ["val-000000.tar"]
+    assert len(list(data.glob("train-*.tar"))) == 3  # 1437 train samples / 500
+    capsys.readouterr()
+
+    cfg = ModelConfig(name="digits-student")
+    save_student(create_student(cfg), cfg, tmp_path / "ckpt")
+    assert main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--shards",
+                 str(data / "val-*.tar"), "--limit", "40"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["samples"] == 40
+    for key in ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "t2i_r1"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["zero_shot_top5"] >= metrics["zero_shot_top1"]
+
+
+def test_kd_eval_needs_exactly_one_model(tmp_path):
+    with pytest.raises(SystemExit, match="exactly one"):
+        main(["eval", "--shards", str(tmp_path)])
