@@ -1,0 +1,187 @@
+"""The student training path end to end on the shared local Ray cluster.
+
+One tiny teacher app (embed_dim 48, so the FD projection to the student's 64 is exercised) serves
+every remote run of this module; digits shards are written once. Tests run in file order: the
+resume test continues the first run, the evaluation test reads the resumed checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from student_trainer.config import DataConfig, ModelConfig, OptimConfig, TeacherSourceConfig, TrainConfig
+from teacher_service.config import TeacherConfig
+
+pytestmark = pytest.mark.ray
+
+APP = "kd-teacher-train-integration"
+BATCH = 16
+STEPS = 3
+TINY_TEACHER = {
+    "embed_dim": 48,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+TEACHER_CFG = TeacherConfig(model="ViT-B-32", overrides=TINY_TEACHER, app_name=APP, num_cpus=0.5, torch_threads=1,
+                            max_batch_size=64, expected_request_samples=BATCH)
+CHECKPOINT_FILES = ("model.pt", "model_config.json", "train_state.pt")
+FD_PROJECTION = "losses.fd.projection.image.weight"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from student_trainer.datasets import write_digits_shards
+
+    out = tmp_path_factory.mktemp("digits")
+    write_digits_shards(out, image_size=32, samples_per_shard=100)
+    return out
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def teacher_app(ray_cluster):
+    """Deploy the tiny teacher once; yields its info dict; deletes the app afterwards."""
+    from ray import serve
+
+    from teacher_service.deployment import deploy
+
+    handle = deploy(TEACHER_CFG)
+    try:
+        yield handle.info.remote().result(timeout_s=120)
+    finally:
+        serve.delete(APP)
+    assert APP not in serve.status().applications
+
+
+def train_cfg(shards: Path, storage: Path, run_name: str, *, mode: str = "remote", epochs: int = 1,
+              workers: int = 2, steps: int = STEPS, losses: dict | None = None, **teacher) -> TrainConfig:
+    return TrainConfig(
+        run_name=run_name,
+        storage_path=str(storage),
+        model=ModelConfig(name="digits-student"),
+        data=DataConfig(train_shards=str(shards / "train"), val_shards=str(shards / "val"), image_size=32,
+                        batch_size=BATCH, shuffle_buffer=50),
+        teacher=TeacherSourceConfig(mode=mode, app_name=teacher.pop("app_name", APP),
+                                    teacher=TEACHER_CFG if mode == "inline" else None,
+                                    **{"timeout_s": 60.0, "retries": 1, "prefetch": 2, **teacher}),
+        losses=losses or {"clip": 1.0, "kl": 1.0, "fd": 100.0},
+        optim=OptimConfig(lr=1e-3, warmup_steps=1),
+        epochs=epochs,
+        max_steps_per_epoch=steps,
+        num_workers=workers,
+        cpus_per_worker=1,
+        torch_threads=1,
+        log_every_steps=0,
+    )
+
+
+def checkpoint_state(result) -> tuple[dict[str, torch.Tensor], dict]:
+    """(student state dict, train state) of the result's checkpoint, checking every file is there."""
+    with result.checkpoint.as_directory() as d:
+        for name in CHECKPOINT_FILES:
+            assert (Path(d) / name).is_file(), f"checkpoint lacks {name}: {sorted(p.name for p in Path(d).iterdir())}"
+        return (torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=True),
+                torch.load(Path(d) / "train_state.pt", map_location="cpu", weights_only=False))
+
+
+@pytest.fixture(scope="module")
+def first_run(shards, storage, teacher_app):
+    from student_trainer.train import run_training
+
+    cfg = train_cfg(shards, storage, "remote-kd")
+    start = time.perf_counter()
+    result = run_training(cfg)
+    return cfg, result, checkpoint_state(result), time.perf_counter() - start
+
+
+def test_remote_distillation_run(first_run, teacher_app):
+    from ray import serve
+
+    cfg, result, (state, train_state), seconds = first_run
+    m = result.metrics
+    assert m["epoch"] == 1 and m["step"] == STEPS and m["world_size"] == 2
+    assert m["teacher_mode"] == "remote" and m["teacher_requests"] == STEPS and m["teacher_samples"] == STEPS * BATCH
+    assert m["teacher_fingerprint"] == teacher_app["fingerprint"]
+    for name in ("loss", "clip_loss", "kl_loss", "fd_loss"):
+        assert math.isfinite(m[name]) and m[name] > 0, (name, m[name])
+    assert m["loss"] == pytest.approx(m["clip_loss"] + m["kl_loss"] + m["fd_loss"], rel=1e-4)
+    assert teacher_app["embed_dim"] == 48 and state["text_projection"].shape[1] == 64
+    assert train_state["losses"][FD_PROJECTION].shape == (48, 64)  # FD projects 64 -> 48, checkpointed
+    assert train_state["epoch"] == 0 and train_state["step"] == STEPS
+    stats = serve.get_app_handle(APP).stats.remote().result(timeout_s=30)
+    assert stats["requests"] >= 2 * STEPS and stats["samples"] == BATCH * stats["requests"]  # both ranks asked
+    assert stats["errors"] == 0
+    print(f"first remote run: {seconds:.1f}s")
+
+
+@pytest.fixture(scope="module")
+def resumed_run(first_run, shards, storage):
+    from student_trainer.train import run_training
+
+    cfg = train_cfg(shards, storage, first_run[0].run_name, epochs=2)
+    result = run_training(cfg)
+    return result, checkpoint_state(result)
+
+
+def test_rerun_with_same_name_resumes(first_run, resumed_run, teacher_app):
+    _, _, (first_state, first_train_state), _ = first_run
+    result, (state, train_state) = resumed_run
+    m = result.metrics
+    assert m["epoch"] == 2 and m["step"] == 2 * STEPS  # continued from the checkpoint, not restarted
+    # teacher stats count from process start: a restart from scratch would have asked 2 * STEPS times
+    assert m["teacher_requests"] == STEPS
+    assert m["teacher_fingerprint"] == teacher_app["fingerprint"]
+    assert state.keys() == first_state.keys()
+    changed = [k for k in state if not torch.equal(state[k], first_state[k])]
+    assert "text_projection" in changed and len(changed) > len(state) // 2
+    assert train_state["epoch"] == 1 and train_state["step"] == 2 * STEPS
+    assert not torch.equal(train_state["losses"][FD_PROJECTION], first_train_state["losses"][FD_PROJECTION])
+
+
+def test_checkpoint_loads_and_evaluates(resumed_run, shards):
+    from student_trainer.checkpoint import load_student
+    from student_trainer.evaluate import evaluate_checkpoint
+
+    result, (state, _) = resumed_run
+    with result.checkpoint.as_directory() as d:
+        model, model_cfg = load_student(d)
+        assert model_cfg.name == "digits-student" and not model.training
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, state[k]), k
+        metrics = evaluate_checkpoint(d, str(shards / "val"), limit=100)
+    assert metrics["samples"] == 100
+    for name in ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "t2i_r10"):
+        assert 0.0 <= metrics[name] <= 1.0, (name, metrics[name])
+    assert metrics["zero_shot_top1"] <= metrics["zero_shot_top5"]
+
+
+def test_missing_teacher_app_fails_fast(shards, storage, ray_cluster):
+    from student_trainer.train import run_training
+
+    missing = "kd-teacher-does-not-exist"
+    cfg = train_cfg(shards, storage, "remote-missing", workers=1, app_name=missing, timeout_s=3.0, retries=0)
+    start = time.perf_counter()
+    with pytest.raises(Exception, match=missing):
+        run_training(cfg)
+    assert time.perf_counter() - start < 90
+
+
+def test_inline_teacher_run(shards, storage, ray_cluster):
+    from student_trainer.train import run_training
+
+    cfg = train_cfg(shards, storage, "inline-kd", mode="inline", workers=1, steps=2)
+    result = run_training(cfg)
+    m = result.metrics
+    assert m["teacher_mode"] == "inline" and m["teacher_requests"] == 2 and m["teacher_samples"] == 2 * BATCH
+    assert m["step"] == 2 and math.isfinite(m["loss"])
+    from teacher_service.model import load_teacher
+
+    assert m["teacher_fingerprint"] == load_teacher(TEACHER_CFG).fingerprint
