@@ -24,7 +24,7 @@ TeacherOutputs = dict  # image_features / text_features (fp16 numpy), logit_scal
 
 @dataclass
 class TeacherStats:
-    """Per-worker counters, reported with the training metrics."""
+    """Per-worker counters since this worker process started (after a resume: since the resume)."""
 
     requests: int = 0
     samples: int = 0
@@ -108,13 +108,16 @@ class RemoteTeacher:
         """Submit and wait, re-submitting on failure; RequestError (our bug, not theirs) is not retried."""
         last: Optional[BaseException] = None
         for attempt in range(self.cfg.retries + 1):
+            pending = None
             try:
-                return submit().result(timeout_s=self.cfg.timeout_s)
+                pending = submit()
+                return pending.result(timeout_s=self.cfg.timeout_s)
             except RequestError:
                 raise
             except Exception as exc:  # timeouts, dead replicas, app redeploys
                 if _is_request_error(exc):
                     raise
+                _cancel(pending)  # so a slow replica does not compute the re-sent batch twice
                 last = exc
                 if attempt < self.cfg.retries:
                     if hasattr(self, "stats"):
@@ -123,7 +126,7 @@ class RemoteTeacher:
                                 self.cfg.retries)
                     time.sleep(min(2.0 ** attempt, 10.0))
         raise TeacherUnavailableError(
-            f"teacher app {self.cfg.app_name!r} did not answer a {what} call after "
+            f"teacher app {self.cfg.app_name!r} did not answer its {what} call after "
             f"{self.cfg.retries + 1} attempts of {self.cfg.timeout_s:.0f}s each: {last!r}. "
             f"Is it deployed? (`kd teacher serve` / `kd teacher status`)"
         ) from last
@@ -142,16 +145,18 @@ class RemoteTeacher:
             self.stats.samples += len(batch.keys)
             return True
 
-        while len(window) <= self.cfg.prefetch and submit_next():
-            pass
-        while window:
+        while True:
+            # While batch t trains, the requests for t+1 .. t+prefetch are in flight.
+            while len(window) <= self.cfg.prefetch and submit_next():
+                pass
+            if not window:
+                return
             batch, request, pending = window.popleft()
             start = time.perf_counter()
             first = [pending]
             resp = self._call(lambda: first.pop() if first else self.handle.embed.remote(request), "embed")
             self.stats.wait_s += time.perf_counter() - start
             self._check(resp, batch)
-            submit_next()
             yield batch, response_to_outputs(resp)
 
     def _check(self, resp: EmbedResponse, batch: Batch) -> None:
@@ -163,6 +168,14 @@ class RemoteTeacher:
                 f"teacher fingerprint changed during the run: {sorted(self.stats.fingerprints)}; "
                 "the teacher app was redeployed with other weights"
             )
+
+
+def _cancel(pending) -> None:
+    try:
+        if pending is not None:
+            pending.cancel()
+    except Exception:  # cancelling is best effort: the replica may already be gone
+        pass
 
 
 def _is_request_error(exc: BaseException) -> bool:

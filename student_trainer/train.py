@@ -82,8 +82,12 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def _restore(module: DistillModule, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
-    """Load the latest Ray Train checkpoint, if any: (next epoch, global step)."""
+def _restore(module: DistillModule, optimizer: torch.optim.Optimizer,
+             fingerprint: str) -> tuple[int, int]:
+    """Load the latest Ray Train checkpoint, if any: (next epoch, global step).
+
+    A run resumed against another teacher would silently mix two teachers' targets: refused.
+    """
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -93,6 +97,11 @@ def _restore(module: DistillModule, optimizer: torch.optim.Optimizer) -> tuple[i
         module.student.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu",
                                                   weights_only=True))
         state = torch.load(Path(d) / TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
+    saved = state.get("teacher_fingerprint", "")
+    if saved != fingerprint:
+        raise ValueError(
+            f"cannot resume: the checkpoint was trained with teacher fingerprint {saved or 'none'!r}, "
+            f"the current teacher is {fingerprint or 'none'!r}. Use a new run name or the same teacher.")
     module.losses.load_state_dict(state["losses"])
     optimizer.load_state_dict(state["optimizer"])
     return int(state["epoch"]) + 1, int(state["step"])
@@ -108,7 +117,8 @@ def _report(metrics: dict, module: DistillModule, optimizer, cfg: TrainConfig, e
     with tempfile.TemporaryDirectory() as d:
         save_student(module.student, cfg.model, d)
         torch.save({"losses": module.losses.state_dict(), "optimizer": optimizer.state_dict(),
-                    "epoch": epoch, "step": step}, Path(d) / TRAIN_STATE_FILE)
+                    "epoch": epoch, "step": step,
+                    "teacher_fingerprint": metrics["teacher_fingerprint"]}, Path(d) / TRAIN_STATE_FILE)
         (Path(d) / "metrics.json").write_text(json.dumps(metrics, indent=2))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
@@ -142,7 +152,7 @@ def train_loop_per_worker(config: dict) -> None:
     module = DistillModule(student, losses, preprocess_spec(student)).to(device)
     optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    start_epoch, step = _restore(module, optimizer)
+    start_epoch, step = _restore(module, optimizer, source.info.get("fingerprint", ""))
     ddp = ray.train.torch.prepare_model(module)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)

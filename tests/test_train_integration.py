@@ -163,6 +163,15 @@ def test_checkpoint_loads_and_evaluates(resumed_run, shards):
     assert metrics["zero_shot_top1"] <= metrics["zero_shot_top5"]
 
 
+def test_resume_with_another_teacher_is_refused(first_run, resumed_run, shards, storage):
+    from student_trainer.train import run_training
+
+    cfg = train_cfg(shards, storage, first_run[0].run_name, mode="none", epochs=3, workers=1,
+                    losses={"clip": 1.0})
+    with pytest.raises(Exception, match="cannot resume: the checkpoint was trained with teacher fingerprint"):
+        run_training(cfg)
+
+
 def test_missing_teacher_app_fails_fast(shards, storage, ray_cluster):
     from student_trainer.train import run_training
 
