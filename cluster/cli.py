@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-shards", help="shard dir, glob or brace pattern")
     p.add_argument("--val-shards", help="shard dir, glob or brace pattern")
     p.add_argument("--student", help="open_clip architecture or preset (digits-student)")
-    p.add_argument("--teacher-mode", choices=["none", "inline", "remote"], help="teacher source")
+    p.add_argument("--teacher-mode", choices=["none", "inline", "remote", "cache", "hybrid"],
+                   help="teacher source")
     p.add_argument("--app-name", help="teacher Serve app for remote mode")
     p.add_argument("--loss", type=_weight_arg, action="append",
                    help="NAME[=WEIGHT], repeatable, e.g. --loss clip --loss kl=1 --loss fd=2000")

@@ -12,7 +12,7 @@ import yaml
 
 from teacher_service.config import TeacherConfig
 
-TEACHER_MODES = ("none", "inline", "remote")
+TEACHER_MODES = ("none", "inline", "remote", "cache", "hybrid")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -38,9 +38,15 @@ class DataConfig:
 
 @dataclass
 class TeacherSourceConfig:
-    """Where teacher embeddings come from: `none`, `inline` (in the worker) or `remote` (Serve pool)."""
+    """Where teacher embeddings come from.
+
+    `none`; `inline` (teacher in the worker); `remote` (the Serve pool); `cache` (read a
+    precomputed embedding cache only, no teacher running); `hybrid` (cache hits, misses from the
+    pool and appended to the cache).
+    """
 
     mode: str = "none"
+    cache_path: Optional[str] = None  # embedding cache directory for `cache` / `hybrid`
     app_name: str = "kd-teacher"
     teacher: Optional[TeacherConfig] = None  # required for `inline`
     prefetch: int = 2  # batches requested ahead of the one being trained
@@ -74,6 +80,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     epochs: int = 1
     max_steps_per_epoch: Optional[int] = None
+    accum_steps: int = 1  # micro-batches per optimizer step (exact for contrastive/distill losses)
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -89,6 +96,10 @@ class TrainConfig:
             raise ValueError(f"teacher.mode {self.teacher.mode!r}: expected one of {TEACHER_MODES}")
         if self.teacher.mode == "inline" and self.teacher.teacher is None:
             raise ValueError("teacher.mode 'inline' needs teacher.teacher (a TeacherConfig)")
+        if self.teacher.mode in ("cache", "hybrid") and not self.teacher.cache_path:
+            raise ValueError(f"teacher.mode {self.teacher.mode!r} needs teacher.cache_path")
+        if self.accum_steps < 1:
+            raise ValueError(f"accum_steps must be >= 1, got {self.accum_steps}")
         if not self.data.train_shards:
             raise ValueError("data.train_shards is empty: give a shard directory, glob or brace pattern")
         for name, value in [("epochs", self.epochs), ("num_workers", self.num_workers),
