@@ -298,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny budget (smoke test)")
     p.add_argument("--address", help=RAY_ADDRESS_HELP)
     p.set_defaults(func=cmd_demo)
+
+    from .sweep import add_sweep_command
+
+    add_sweep_command(sub, fmt)
     return parser
 
 

@@ -52,7 +52,7 @@ def test_warmup_cosine_shape():
 
 
 SUBCOMMANDS = [["data", "digits"], ["data", "folder"], ["teacher", "serve"], ["teacher", "status"],
-               ["teacher", "stop"], ["train"], ["eval"], ["demo"]]
+               ["teacher", "stop"], ["train"], ["eval"], ["demo"], ["sweep"]]
 
 
 @pytest.mark.parametrize("words", [[]] + SUBCOMMANDS, ids=lambda w: " ".join(w) or "kd")
@@ -115,3 +115,26 @@ def test_kd_data_digits_then_eval_a_checkpoint(tmp_path, capsys):
 def test_kd_eval_needs_exactly_one_model(tmp_path):
     with pytest.raises(SystemExit, match="exactly one"):
         main(["eval", "--shards", str(tmp_path)])
+
+
+def test_sweep_refuses_duplicate_run_names(tmp_path):
+    from cluster.sweep import load_sweep_configs
+
+    paths = []
+    for i in range(2):
+        cfg = TrainConfig(run_name="same-name")
+        cfg.data.train_shards = "data/train-*.tar"
+        paths.append(str(tmp_path / f"run{i}.yaml"))
+        cfg.to_yaml(paths[-1])
+    with pytest.raises(ValueError, match="same-name"):
+        load_sweep_configs(paths)
+
+
+def test_sweep_reads_the_train_summary():
+    from cluster.sweep import _last_json
+
+    lines = ["(RayTrainWorker) {'a': 1}\n", "{\n", '  "run_name": "a",\n',
+             '  "metrics": {"epoch": 2}\n', "}\n"]
+    assert _last_json(lines) == {"run_name": "a", "metrics": {"epoch": 2}}
+    assert _last_json(lines[:-1]) is None  # a run killed mid-summary has no metrics
+    assert _last_json(["no summary at all\n"]) is None

@@ -1,0 +1,113 @@
+"""`kd sweep`: several student runs at once, each its own Ray job-like process, one teacher pool.
+
+Each run is a separate `kd train` process connected to the same cluster, exactly as separate
+`ray job submit` runs would be: they share nothing but the named teacher app.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from student_trainer.config import TrainConfig
+
+
+@dataclass
+class RunOutcome:
+    run_name: str
+    returncode: int
+    wall_time_s: float
+    metrics: Optional[dict]
+
+
+def load_sweep_configs(paths: list[str]) -> list[TrainConfig]:
+    """Load and validate every config; run names must be unique (a reused name would resume)."""
+    configs = [TrainConfig.from_yaml(p).validate() for p in paths]
+    seen: dict[str, str] = {}
+    for path, cfg in zip(paths, configs):
+        if cfg.run_name in seen:
+            raise ValueError(f"run_name {cfg.run_name!r} appears in both {seen[cfg.run_name]} and {path}: "
+                             "every run in a sweep needs its own name")
+        seen[cfg.run_name] = path
+    return configs
+
+
+def _pump(stream, prefix: str, sink: list[str]) -> None:
+    for line in iter(stream.readline, ""):
+        sink.append(line)
+        print(f"[{prefix}] {line}", end="", flush=True)
+
+
+def _last_json(lines: list[str]) -> Optional[dict]:
+    """The summary `kd train` prints last: a JSON object spanning the final lines."""
+    text = "".join(lines)
+    start = text.rfind('\n{\n  "run_name"')
+    if start < 0:
+        return None
+    try:
+        return json.loads(text[start:])
+    except json.JSONDecodeError:
+        return None
+
+
+def run_sweep(paths: list[str], address: str, extra_args: Optional[list[str]] = None) -> list[RunOutcome]:
+    """Start one `kd train` process per config against `address`; wait for all; never orphan them."""
+    configs = load_sweep_configs(paths)
+    procs, outputs, pumps, starts = [], [], [], []
+    try:
+        for path, cfg in zip(paths, configs):
+            cmd = [sys.executable, "-m", "cluster.cli", "train", "--config", path, "--address", address]
+            proc = subprocess.Popen(cmd + list(extra_args or []), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
+            lines: list[str] = []
+            pump = threading.Thread(target=_pump, args=(proc.stdout, cfg.run_name, lines), daemon=True)
+            pump.start()
+            procs.append(proc), outputs.append(lines), pumps.append(pump), starts.append(time.perf_counter())
+        outcomes = []
+        for cfg, proc, lines, pump, start in zip(configs, procs, outputs, pumps, starts):
+            code = proc.wait()
+            pump.join(timeout=10)
+            summary = _last_json(lines) if code == 0 else None
+            outcomes.append(RunOutcome(cfg.run_name, code, round(time.perf_counter() - start, 1),
+                                       (summary or {}).get("metrics")))
+        return outcomes
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import ray
+
+    from .local import init_ray
+
+    for path in args.configs:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"sweep config {path!r} does not exist")
+    print(init_ray(args.address))
+    address = ray.get_runtime_context().gcs_address
+    outcomes = run_sweep(args.configs, address)
+    print(f"\n{'run':32} {'exit':>4} {'wall s':>7} {'samples/s':>10} {'teacher samples':>16}")
+    for o in outcomes:
+        m = o.metrics or {}
+        print(f"{o.run_name:32} {o.returncode:4d} {o.wall_time_s:7.1f} "
+              f"{m.get('run_samples_per_s', float('nan')):10.1f} {m.get('teacher_samples', 0):16}")
+    return 0 if all(o.returncode == 0 for o in outcomes) else 1
+
+
+def add_sweep_command(sub, fmt) -> None:
+    p = sub.add_parser("sweep", formatter_class=fmt, help="several student runs at once on one teacher",
+                       description="Run several student configs concurrently, each as its own "
+                                   "`kd train` process on the same Ray cluster, all attached to the "
+                                   "teacher app their configs name. Run names must be unique.")
+    p.add_argument("configs", nargs="+", metavar="CONFIG", help="TrainConfig YAML files")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded "
+                                     "local cluster that lives as long as this command)")
+    p.set_defaults(func=cmd_sweep)
