@@ -61,6 +61,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "alpha2": 0.5,  # embed_kd: weight of the centroid cross entropy
     "embed_scale": None,  # embed_kd: fixed centroid-logit scale; None uses student logit_scale
     "class_centroids": None,  # embed_kd: [C, D_t] centroids held as a buffer (no teacher in loop)
+    "centroid_samples": 100,  # embed_kd: N, train samples per class averaged into a centroid (the loop)
 }
 
 

@@ -2,29 +2,42 @@
 
 Student and loss heads live in one `DistillModule` so DDP synchronises the projection heads with
 the student. Checkpoints go through `ray.train.report`; rerunning the same run name resumes.
+
+An optimizer step (`train_step`) consumes `accum_steps` per-worker batches and their teacher
+outputs. With more than one, it uses `losses.accumulated_backward` (features cached per
+micro-batch, one loss on the whole step batch, per-micro-batch recompute), so the update is the
+one a single batch of `accum_steps * batch_size` would give, for the batch-coupled contrastive
+and distillation losses too. Steps and the LR schedule count optimizer steps.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import itertools
 import json
 import math
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 
+from teacher_service.centroids import class_centroids
 from teacher_service.preprocess import PreprocessSpec, preprocess_spec, to_model_input
+from teacher_service.protocol import EmbedRequest
 
 from .checkpoint import MODEL_FILE, save_student
 from .config import TrainConfig
-from .data import Batch, resolve_shards, steps_per_epoch, train_batches
+from .data import Batch, eval_set, load_dataset_info, resolve_shards, steps_per_epoch, train_batches
+from .distributed import average_gradients
 from .factory import create_student, create_tokenizer, embed_dim
-from .losses import LossSet, build_losses
-from .masking import encode_image_masked
+from .losses import OPTION_DEFAULTS, LossSet, accumulated_backward, build_losses
+from .masking import encode_image_masked, patch_noise
 from .scheduler import set_lr, warmup_cosine
-from .teacher_client import make_teacher_source
+from .teacher_client import NoTeacher, make_teacher_source
 
 TRAIN_STATE_FILE = "train_state.pt"
 _MAX_LOGIT_SCALE = math.log(100.0)
@@ -39,9 +52,15 @@ class DistillModule(torch.nn.Module):
         self.losses = losses
         self.spec = spec
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
-                teacher: Optional[dict]) -> dict:
-        pixels = to_model_input(images, self.spec, device=images.device)
+    def features(self, images: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
+                 mask_noise: Optional[torch.Tensor] = None) -> dict:
+        """The student dict the losses read (MFD's masked view included when MFD is on).
+
+        `mask_noise` [B, patches] fixes MFD's mask (see `masking.patch_noise`); without it the
+        mask is drawn from the global RNG, which accumulation cannot replay.
+        """
+        dtype = self.student.logit_scale.dtype
+        pixels = to_model_input(images, self.spec, device=images.device, dtype=dtype)
         student = {
             "image_features": self.student.encode_image(pixels, normalize=True),
             "text_features": self.student.encode_text(tokens, normalize=True),
@@ -52,8 +71,12 @@ class DistillModule(torch.nn.Module):
             student["logit_bias"] = self.student.logit_bias
         if self.losses.mask_ratio:
             student["masked_image_features"] = encode_image_masked(
-                self.student, pixels, self.losses.mask_ratio)
-        return self.losses(student, teacher or {})
+                self.student, pixels, self.losses.mask_ratio, noise=mask_noise)
+        return student
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
+                teacher: Optional[dict], mask_noise: Optional[torch.Tensor] = None) -> dict:
+        return self.losses(self.features(images, tokens, labels, mask_noise), teacher or {})
 
 
 def teacher_tensors(outputs: Optional[dict], device: torch.device) -> Optional[dict]:
@@ -68,6 +91,109 @@ def teacher_tensors(outputs: Optional[dict], device: torch.device) -> Optional[d
     if outputs.get("logit_bias") is not None:
         result["logit_bias"] = torch.tensor(float(outputs["logit_bias"]), device=device)
     return result
+
+
+def merge_teacher_outputs(outputs: Sequence[Optional[dict]]) -> Optional[dict]:
+    """The teacher outputs of an optimizer step's micro-batches as one dict (rows in order)."""
+    if not outputs or all(o is None for o in outputs):
+        return None
+    if any(o is None for o in outputs):
+        raise ValueError("some micro-batches of a step have teacher outputs and some do not")
+    if len(outputs) == 1:
+        return outputs[0]
+    merged = dict(outputs[0])
+    for key in ("image_features", "text_features"):
+        if outputs[0].get(key) is not None:
+            merged[key] = np.concatenate([o[key] for o in outputs])
+    return merged
+
+
+def mask_seed(seed: int, step: int, rank: int) -> int:
+    """MFD mask seed of one optimizer step on one rank: a pure function, so a resumed or
+    re-run step draws the same masks, and ranks draw different ones."""
+    digest = hashlib.sha256(f"mfd\x00{seed}\x00{step}\x00{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+MicroBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images uint8, tokens, labels
+
+
+def train_step(
+    module: DistillModule,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Sequence[MicroBatch],
+    teacher: Optional[dict],
+    *,
+    seed: int = 0,
+    ddp: Optional[torch.nn.Module] = None,
+    scaler: Optional[torch.amp.GradScaler] = None,
+    grad_clip_norm: Optional[float] = None,
+    use_amp: bool = False,
+    where: str = "",
+) -> dict[str, torch.Tensor]:
+    """One optimizer step on `micro_batches` (k ≥ 1 of b rows each); detached loss parts + "loss".
+
+    `teacher` holds the outputs for all k·b rows (as tensors, see `teacher_tensors`). k = 1 is
+    the plain DDP step; k > 1 accumulates exactly (`losses.accumulated_backward`) inside
+    `ddp.no_sync()` and averages the gradients across ranks itself. MFD's mask noise for the
+    k·b rows comes from `seed`, sliced per micro-batch, so the masks do not depend on k.
+    Raises FloatingPointError, before the weights change, on a non-finite loss.
+    """
+    if not micro_batches:
+        raise ValueError("train_step needs at least one micro-batch")
+    device = micro_batches[0][0].device
+    sizes = [int(mb[0].shape[0]) for mb in micro_batches]
+    noise = patch_noise(module.student, sum(sizes), seed, device) if module.losses.mask_ratio else None
+    scaler = scaler if scaler is not None else torch.amp.GradScaler("cuda", enabled=False)
+    optimizer.zero_grad(set_to_none=True)
+    if len(micro_batches) == 1:
+        with torch.autocast(device.type, enabled=use_amp):
+            parts = (ddp or module)(*micro_batches[0], teacher, noise)
+            loss = sum(v for k, v in parts.items() if k.endswith("_loss"))
+        _check_finite(loss, parts, where)
+        scaler.scale(loss).backward()
+        parts = {k: v.detach() for k, v in parts.items()}
+        parts["loss"] = loss.detach()
+    else:
+        parts = _accumulated(module, micro_batches, sizes, noise, teacher, ddp, scaler, use_amp)
+        _check_finite(parts["loss"], parts, where)
+    if grad_clip_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    with torch.no_grad():
+        module.student.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
+    return parts
+
+
+def _accumulated(module: DistillModule, micro_batches: Sequence[MicroBatch], sizes: list[int],
+                 noise: Optional[torch.Tensor], teacher: Optional[dict], ddp, scaler,
+                 use_amp: bool) -> dict[str, torch.Tensor]:
+    device = micro_batches[0][0].device
+    offsets = [0, *itertools.accumulate(sizes)]
+    factor = scaler.get_scale() if scaler.is_enabled() else 1.0  # fp16 AMP: scale like scaler.scale(loss)
+
+    def forward_micro(j: int) -> dict:
+        rows = None if noise is None else noise[offsets[j]:offsets[j + 1]]
+        with torch.autocast(device.type, enabled=use_amp):
+            return module.features(*micro_batches[j], rows)
+
+    def scaled_losses(student: dict, teacher_: Optional[dict]) -> dict:
+        with torch.autocast(device.type, enabled=use_amp):
+            return {k: v * factor for k, v in module.losses(student, teacher_ or {}).items()}
+
+    no_sync = ddp.no_sync() if hasattr(ddp, "no_sync") else contextlib.nullcontext()
+    with no_sync:
+        values = accumulated_backward(scaled_losses, forward_micro, len(micro_batches), teacher)
+    average_gradients(p for p in module.parameters() if p.requires_grad)
+    return {k: v / factor for k, v in values.items()}
+
+
+def _check_finite(loss: torch.Tensor, parts: dict, where: str) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss{' at ' + where if where else ''}: "
+                                 f"{ {k: float(v) for k, v in parts.items()} }")
 
 
 def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -123,10 +249,114 @@ def _report(metrics: dict, module: DistillModule, optimizer, cfg: TrainConfig, e
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def _as_tensors(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _as_tensors(batch: Batch, device: torch.device) -> MicroBatch:
     return (torch.from_numpy(batch.images).to(device),
             torch.from_numpy(batch.tokens).to(device),
             torch.from_numpy(batch.labels).to(device))
+
+
+# --------------------------------------------------------------------------- Embed-KD centroids
+def teacher_image_embedder(source, run: str) -> Callable[[np.ndarray], np.ndarray]:
+    """`images uint8 [n, H, W, 3] -> image embeddings [n, D]` through the run's teacher source.
+
+    Inline sources embed with their engine, remote ones over their Serve handle (one request per
+    call, the source's timeout). Keys are content hashes of the images, so a keyed cache can never
+    confuse them with training samples.
+    """
+    def request(images: np.ndarray) -> EmbedRequest:
+        keys = ["centroid-" + hashlib.sha1(img.tobytes()).hexdigest()[:20] for img in images]
+        return EmbedRequest(keys=keys, images=np.ascontiguousarray(images), run=run)
+
+    if getattr(source, "engine", None) is not None:
+        return lambda images: source.engine.embed(request(images)).image_features
+    if getattr(source, "handle", None) is not None:
+        timeout = float(getattr(getattr(source, "cfg", None), "timeout_s", 60.0))
+        return lambda images: source.handle.embed.remote(request(images)).result(
+            timeout_s=timeout).image_features
+    raise ValueError(f"embed_kd class centroids need an inline or remote teacher to compute them, "
+                     f"got a {type(source).__name__} source; or give loss_options.class_centroids")
+
+
+def first_per_class(shards: list[str], *, image_size: int, tokenizer, num_classes: int,
+                    per_class: int) -> Batch:
+    """Center views of the first samples in shard order, read until every class has `per_class`
+    (or the shards end). Deterministic, so every rank would pick the same samples."""
+    limit = max(1024, 2 * num_classes * per_class)
+    while True:
+        data = eval_set(shards, image_size=image_size, tokenizer=tokenizer, limit=limit)
+        counts = np.bincount(data.labels[(data.labels >= 0) & (data.labels < num_classes)],
+                             minlength=num_classes)
+        if len(data.keys) < limit or counts.min() >= per_class:
+            return data
+        limit *= 4
+
+
+def _num_classes(options: dict, shards: list[str]) -> int:
+    if options.get("num_classes"):
+        return int(options["num_classes"])
+    try:
+        names = load_dataset_info(shards)["class_names"]
+    except FileNotFoundError:
+        names = []
+    if not names:
+        raise ValueError("embed_kd needs loss_options.num_classes (no class_names in the shards' dataset.json)")
+    return len(names)
+
+
+def embed_kd_centroids(cfg: TrainConfig, source, tokenizer, shards: list[str]) -> tuple[int, np.ndarray]:
+    """(num_classes, float32 [C, D_t] centroids) from the teacher over the train shards' first
+    `centroid_samples` center views per class. Computed on rank 0 and broadcast, so every rank
+    holds the identical buffer and the teacher embeds each sample once."""
+    import torch.distributed as dist
+
+    options = {**OPTION_DEFAULTS, **cfg.loss_options}
+    num_classes = _num_classes(options, shards)
+    per_class = int(options["centroid_samples"])
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    payload: list = [None]
+    if not distributed or dist.get_rank() == 0:
+        data = first_per_class(shards, image_size=cfg.data.image_size, tokenizer=tokenizer,
+                               num_classes=num_classes, per_class=per_class)
+        limit = int(getattr(source, "info", {}).get("max_request_samples", 256) or 256)
+        payload[0] = class_centroids(teacher_image_embedder(source, cfg.run_name), data.images, data.labels,
+                                     num_classes, per_class, batch_size=min(256, limit))
+    if distributed:
+        dist.broadcast_object_list(payload, src=0)
+    return num_classes, payload[0]
+
+
+def _loss_options(cfg: TrainConfig, source, tokenizer, shards: list[str]) -> dict:
+    """cfg.loss_options, plus teacher-computed Embed-KD centroids when embed_kd has none given."""
+    options = {k: v for k, v in cfg.loss_options.items()}
+    if not cfg.losses.get("embed_kd") or options.get("class_centroids") is not None:
+        return options
+    if cfg.teacher.mode == "none":
+        raise ValueError("loss embed_kd needs class centroids: give loss_options.class_centroids, or a "
+                         "teacher (teacher.mode inline or remote) to compute them from the train shards")
+    num_classes, centroids = embed_kd_centroids(cfg, source, tokenizer, shards)
+    options["num_classes"] = num_classes
+    options["class_centroids"] = torch.from_numpy(centroids)
+    return options
+
+
+# --------------------------------------------------------------------------- the loop
+def _grouped(stream: Iterable, size: int) -> Iterator[list]:
+    """Consecutive groups of `size` items (the micro-batches of one optimizer step)."""
+    iterator = iter(stream)
+    while group := list(itertools.islice(iterator, size)):
+        if len(group) < size:
+            raise RuntimeError(f"the batch stream ended inside an optimizer step ({len(group)} of {size})")
+        yield group
+
+
+def optimizer_steps_per_epoch(cfg: TrainConfig, shards: list[str], world: int) -> int:
+    """Optimizer steps per epoch: per-rank batches // accum_steps, capped by max_steps_per_epoch."""
+    batches = steps_per_epoch(shards, world_size=world, batch_size=cfg.data.batch_size)
+    steps = batches // cfg.accum_steps
+    if steps == 0:
+        raise ValueError(f"accum_steps={cfg.accum_steps} needs that many batches per rank, but an epoch has "
+                         f"{batches} batches of {cfg.data.batch_size} per rank (world size {world})")
+    return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -145,8 +375,11 @@ def train_loop_per_worker(config: dict) -> None:
     student = create_student(cfg.model, device)
     tokenizer = create_tokenizer(student, cfg.model)
     source = make_teacher_source(cfg.teacher, run=cfg.run_name, device=str(device))
-    losses = build_losses(cfg.losses, student_dim=embed_dim(student),
-                          teacher_dim=source.embed_dim or embed_dim(student), options=cfg.loss_options)
+    shards = resolve_shards(cfg.data.train_shards)
+    options = _loss_options(cfg, source, tokenizer, shards)
+    centroids = options.get("class_centroids")
+    teacher_dim = source.embed_dim or (int(centroids.shape[1]) if centroids is not None else embed_dim(student))
+    losses = build_losses(cfg.losses, student_dim=embed_dim(student), teacher_dim=teacher_dim, options=options)
     if losses.needs_teacher and cfg.teacher.mode == "none":
         raise ValueError(f"losses {sorted(cfg.losses)} need a teacher but teacher.mode is 'none'")
     module = DistillModule(student, losses, preprocess_spec(student)).to(device)
@@ -156,11 +389,11 @@ def train_loop_per_worker(config: dict) -> None:
     ddp = ray.train.torch.prepare_model(module)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    # losses that need no per-batch teacher output (clip, siglip, embed_kd with its centroids)
+    # do not ask the teacher for every batch
+    stream_source = source if losses.needs_teacher else NoTeacher()
 
-    shards = resolve_shards(cfg.data.train_shards)
-    steps = steps_per_epoch(shards, world_size=world, batch_size=cfg.data.batch_size)
-    if cfg.max_steps_per_epoch:
-        steps = min(steps, cfg.max_steps_per_epoch)
+    steps = optimizer_steps_per_epoch(cfg, shards, world)
     total_steps = steps * cfg.epochs
     run_start = time.perf_counter()
     samples_done = 0
@@ -169,43 +402,33 @@ def train_loop_per_worker(config: dict) -> None:
         batches = train_batches(shards, rank=rank, world_size=world, batch_size=cfg.data.batch_size,
                                 image_size=cfg.data.image_size, epoch=epoch, seed=cfg.seed,
                                 tokenizer=tokenizer, shuffle_buffer=cfg.data.shuffle_buffer)
-        batches = (b for i, b in zip(range(steps), batches))
+        batches = itertools.islice(batches, steps * cfg.accum_steps)
         sums: dict[str, float] = {}
         epoch_start = time.perf_counter()
         ddp.train()
-        for i, (batch, teacher_out) in enumerate(source.stream(batches)):
+        for i, group in enumerate(_grouped(stream_source.stream(batches), cfg.accum_steps)):
             set_lr(optimizer, warmup_cosine(step, base_lr=cfg.optim.lr,
                                             warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps))
-            images, tokens, labels = _as_tensors(batch, device)
-            with torch.autocast(device.type, enabled=use_amp):
-                parts = ddp(images, tokens, labels, teacher_tensors(teacher_out, device))
-                loss = sum(v for k, v in parts.items() if k.endswith("_loss"))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch} step {i}: "
-                                         f"{ {k: float(v) for k, v in parts.items()} }")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.optim.grad_clip_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(ddp.parameters(), cfg.optim.grad_clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            with torch.no_grad():
-                module.student.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
+            teacher = teacher_tensors(merge_teacher_outputs([t for _, t in group]), device)
+            parts = train_step(module, optimizer, [_as_tensors(b, device) for b, _ in group], teacher,
+                               seed=mask_seed(cfg.seed, step, rank), ddp=ddp, scaler=scaler,
+                               grad_clip_norm=cfg.optim.grad_clip_norm, use_amp=use_amp,
+                               where=f"epoch {epoch} step {i}")
             step += 1
-            samples_done += len(batch.keys) * world
+            samples_done += sum(len(b.keys) for b, _ in group) * world
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                sums[k] = sums.get(k, 0.0) + float(v)
             if rank == 0 and cfg.log_every_steps and step % cfg.log_every_steps == 0:
                 print(f"[{cfg.run_name}] epoch {epoch + 1}/{cfg.epochs} step {i + 1}/{steps} "
-                      f"loss {float(loss):.4f}", flush=True)
+                      f"loss {float(parts['loss']):.4f}", flush=True)
         epoch_time = time.perf_counter() - epoch_start
         metrics = {k: v / max(1, steps) for k, v in sums.items()}
         metrics.update(source.stats.as_metrics())
         metrics.update({
             "epoch": epoch + 1, "step": step, "epoch_time_s": round(epoch_time, 3),
-            "train_samples_per_s": round(steps * cfg.data.batch_size * world / max(epoch_time, 1e-9), 3),
+            "accum_steps": cfg.accum_steps,
+            "train_samples_per_s": round(steps * cfg.accum_steps * cfg.data.batch_size * world
+                                         / max(epoch_time, 1e-9), 3),
             "run_samples_per_s": round(samples_done / max(time.perf_counter() - run_start, 1e-9), 3),
             "world_size": world, "teacher_mode": cfg.teacher.mode,
             "teacher_fingerprint": source.info.get("fingerprint", ""),
