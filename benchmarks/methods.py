@@ -1,0 +1,312 @@
+"""Distillation methods compared under one budget: the same student, data, epochs, batch and seed.
+
+Trains the `digits-student` preset on the digits train split with: no teacher (CLIP loss only),
+each method alone added to the CLIP task loss (kl, crd, fd, mfd, icl, gd, afd, embed_kd; their
+authors' weights, `student_trainer.losses.DEFAULT_WEIGHTS`), CLIP-KD's combination
+(clip + crd + icl + fd at 1/1/2000), and optionally SigLIP as the task loss with no teacher.
+Each student is evaluated on the val split (zero-shot top-1, retrieval R@1 both ways); the table
+goes to `benchmarks/results/methods.md` and `methods.json` (rewritten atomically after each run).
+
+The teacher is a trained student-format checkpoint (model.pt + model_config.json, e.g. the
+demo's `<workdir>/teacher`), deployed once as a Serve app that every run shares (`--teacher-mode
+remote`, default) or loaded inside each worker (`inline`). Data defaults to the shards beside it.
+
+    python benchmarks/methods.py --teacher-dir /tmp/demo-full/teacher --epochs 10 --seeds 0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from student_trainer.checkpoint import load_model_config
+from student_trainer.config import DataConfig, ModelConfig, TeacherSourceConfig, TrainConfig
+from student_trainer.factory import resolve_model
+from student_trainer.losses import DEFAULT_WEIGHTS
+from teacher_service.config import TeacherConfig
+
+STUDENT = "digits-student"
+APP = "kd-methods-bench-teacher"
+SINGLE = ("kl", "crd", "fd", "mfd", "icl", "gd", "afd", "embed_kd")
+CLIP_KD_PUBLISHED = ("fd", "mfd", "icl", "crd", "gd", "afd")  # ViT-B/16 → ViT-T/16, zero-shot IN top-1
+SIGLIP_INIT = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}  # open_clip's SigLIP init
+
+
+def methods_to_run(with_siglip: bool, only: Optional[list[str]] = None) -> dict[str, dict]:
+    """Row name → {"losses": weights, "teacher": bool, "overrides": model overrides}."""
+    rows = {"no teacher (clip)": {"losses": {"clip": 1.0}, "teacher": False, "overrides": {}}}
+    if with_siglip:
+        rows["no teacher (siglip)"] = {"losses": {"siglip": 1.0}, "teacher": False, "overrides": SIGLIP_INIT}
+    for name in SINGLE:
+        rows[f"clip + {name}"] = {"losses": {"clip": 1.0, name: DEFAULT_WEIGHTS[name]}, "teacher": True,
+                                  "overrides": {}}
+    rows["CLIP-KD (clip+crd+icl+fd)"] = {
+        "losses": {"clip": 1.0, "crd": DEFAULT_WEIGHTS["crd"], "icl": DEFAULT_WEIGHTS["icl"],
+                   "fd": DEFAULT_WEIGHTS["fd"]}, "teacher": True, "overrides": {}}
+    if only:
+        unknown = sorted(set(only) - set(rows))
+        if unknown:
+            raise SystemExit(f"unknown --only rows {unknown}; known: {list(rows)}")
+        rows = {k: v for k, v in rows.items() if k in only}
+    return rows
+
+
+def teacher_config(teacher_dir: Path) -> TeacherConfig:
+    """As `cluster/demo.py::_teacher_config`: the checkpoint's architecture, weights from model.pt."""
+    if not (teacher_dir / "model.pt").is_file():
+        raise SystemExit(f"--teacher-dir {teacher_dir}: no model.pt (a student checkpoint dir is expected)")
+    arch, overrides = resolve_model(load_model_config(teacher_dir))
+    return TeacherConfig(model=arch, overrides=overrides, pretrained=str(teacher_dir / "model.pt"),
+                         app_name=APP, num_cpus=1.0, max_batch_size=256, torch_threads=1)
+
+
+def find_data(args: argparse.Namespace) -> Path:
+    if args.data_dir:
+        return Path(args.data_dir)
+    beside = Path(args.teacher_dir).resolve().parent / "data"
+    if (beside / "dataset.json").is_file():
+        return beside
+    from student_trainer.datasets import write_digits_shards
+
+    data = Path(args.workdir) / "data"
+    if not (data / "dataset.json").is_file():
+        write_digits_shards(data, seed=0, image_size=32)
+    return data
+
+
+def train_cfg(args, data: Path, name: str, spec: dict, seed: int, tcfg: TeacherConfig) -> TrainConfig:
+    mode = args.teacher_mode if spec["teacher"] else "none"
+    return TrainConfig(
+        run_name=f"methods-{_slug(name)}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}",
+        storage_path=str(Path(args.workdir) / "runs"),
+        model=ModelConfig(name=STUDENT, overrides=dict(spec["overrides"])),
+        data=DataConfig(train_shards=str(data / "train-*.tar"), val_shards=str(data / "val-*.tar"),
+                        image_size=32, batch_size=args.batch_size),
+        teacher=TeacherSourceConfig(mode=mode, app_name=APP, teacher=tcfg if mode == "inline" else None),
+        losses=dict(spec["losses"]), epochs=args.epochs, num_workers=args.workers, seed=seed,
+        log_every_steps=0, torch_threads=1,
+    ).validate()
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
+
+
+def run_one(args, data: Path, name: str, spec: dict, seed: int, tcfg: TeacherConfig) -> dict:
+    from student_trainer.evaluate import evaluate_checkpoint
+    from student_trainer.train import run_training
+
+    cfg = train_cfg(args, data, name, spec, seed, tcfg)
+    start = time.perf_counter()
+    result = run_training(cfg)
+    wall = time.perf_counter() - start
+    with result.checkpoint.as_directory() as d:
+        ev = evaluate_checkpoint(d, str(data / "val-*.tar"))
+    m = result.metrics
+    return {
+        "seed": seed, "zero_shot_top1": ev["zero_shot_top1"], "zero_shot_top5": ev["zero_shot_top5"],
+        "i2t_r1": ev["i2t_r1"], "t2i_r1": ev["t2i_r1"], "val_samples": ev["samples"],
+        "samples_per_s": m.get("run_samples_per_s"), "peak_rss_mb": m.get("peak_rss_mb"),
+        "peak_gpu_mem_mb": m.get("peak_gpu_mem_mb"), "wall_time_s": round(wall, 1),
+        "teacher_requests": m.get("teacher_requests"),
+        "final_losses": {k: v for k, v in m.items() if k.endswith("_loss")},
+    }
+
+
+# --------------------------------------------------------------------------- report
+METRICS = ("zero_shot_top1", "i2t_r1", "t2i_r1", "samples_per_s", "peak_rss_mb")
+
+
+def summarise(runs: list[dict]) -> dict:
+    ok = [r for r in runs if "error" not in r]
+    out = {"runs": len(ok), "errors": [r["error"] for r in runs if "error" in r]}
+    for key in METRICS:
+        values = [r[key] for r in ok if r.get(key) is not None]
+        if values:
+            out[key] = statistics.median(values)
+            out[f"{key}_min"], out[f"{key}_max"] = min(values), max(values)
+    return out
+
+
+def _pct(v: Optional[float]) -> str:
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
+def _cell(s: dict, key: str, pct: bool) -> str:
+    if key not in s:
+        return "—"
+    fmt = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.0f}")
+    if s["runs"] > 1 and s[f"{key}_min"] != s[f"{key}_max"]:
+        return f"{fmt(s[key])} ({fmt(s[key + '_min'])}–{fmt(s[key + '_max'])})"
+    return fmt(s[key])
+
+
+def ranking_note(summary: dict[str, dict], base: Optional[float]) -> list[str]:
+    """Where our order of the six CLIP-KD methods differs from the published one."""
+    ours = [(m, summary.get(f"clip + {m}", {}).get("zero_shot_top1")) for m in CLIP_KD_PUBLISHED]
+    ours = [(m, v) for m, v in ours if v is not None]
+    if len(ours) < 2:
+        return []
+    order = [m for m, _ in sorted(ours, key=lambda mv: -mv[1])]
+    published = [m for m in CLIP_KD_PUBLISHED if m in order]
+    lines = ["## Ranking vs CLIP-KD's published one", "",
+             f"- CLIP-KD (ViT-B/16 → ViT-T/16, ImageNet zero-shot): {' > '.join(m.upper() for m in published)}",
+             f"- here (digits val zero-shot top-1): "
+             + " > ".join(f"{m.upper()} {100 * v:.1f}" for m, v in sorted(ours, key=lambda mv: -mv[1]))]
+    moved = [f"{m.upper()} {published.index(m) + 1}→{order.index(m) + 1}" for m in published
+             if published.index(m) != order.index(m)]
+    lines.append(f"- positions that differ (published→here): {', '.join(moved) if moved else 'none'}")
+    if base is not None:
+        beat = [f"{m.upper()} {100 * (v - base):+.1f}" for m, v in ours]
+        lines.append(f"- vs the no-teacher baseline ({100 * base:.1f}), points: {', '.join(beat)}")
+    return lines + [""]
+
+
+def render(report: dict) -> str:
+    summary, meta = report["summary"], report["meta"]
+    base = summary.get("no teacher (clip)", {}).get("zero_shot_top1")
+    seeds = meta["seeds"]
+    lines = [
+        "# Distillation methods on the digits task, one budget",
+        "",
+        f"Generated by `benchmarks/methods.py` on {meta['date']}; command:",
+        "",
+        f"    {meta['command']}",
+        "",
+        f"Machine: {meta['machine']}. Student `{STUDENT}` ({meta['student_params']:,} parameters) trained "
+        f"{meta['epochs']} epochs, batch {meta['batch_size']} × {meta['workers']} DDP workers "
+        f"({meta['global_batch']} global), AdamW lr 1e-3 warmup 20 + cosine, seed(s) {seeds}; "
+        f"teacher `{meta['teacher_model']}` from `{meta['teacher_dir']}` ({meta['teacher_mode']} mode, "
+        f"fingerprint {meta.get('teacher_fingerprint', '?')}). Evaluation on the val split "
+        f"({meta.get('val_samples', '?')} images, never trained on).",
+        "",
+        f"Teacher on the same val split: zero-shot top-1 {_pct(meta.get('teacher_eval', {}).get('zero_shot_top1'))}, "
+        f"i2t R@1 {_pct(meta.get('teacher_eval', {}).get('i2t_r1'))}, "
+        f"t2i R@1 {_pct(meta.get('teacher_eval', {}).get('t2i_r1'))}.",
+        "",
+        "| run | losses (weights) | zero-shot top-1 % | Δ vs no teacher | i2t R@1 % | t2i R@1 % | samples/s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        losses = ", ".join(f"{k} {v:g}" for k, v in report["methods"][name]["losses"].items())
+        if s["runs"] == 0:
+            status = f"failed: {s['errors'][0][:80]}" if s["errors"] else "not run yet"
+            lines.append(f"| {name} | {losses} | {status} | | | | | |")
+            continue
+        delta = "" if base is None or name == "no teacher (clip)" else f"{100 * (s['zero_shot_top1'] - base):+.1f}"
+        lines.append(f"| {name} | {losses} | {_cell(s, 'zero_shot_top1', True)} | {delta} | "
+                     f"{_cell(s, 'i2t_r1', True)} | {_cell(s, 't2i_r1', True)} | "
+                     f"{_cell(s, 'samples_per_s', False)} | {_cell(s, 'peak_rss_mb', False)} |")
+    n = meta.get("val_samples") or 0
+    se = 100 * math.sqrt(base * (1 - base) / n) if base is not None and n else None
+    lines += ["", "## How much to trust this", ""]
+    if len(seeds) == 1:
+        lines.append(f"- One seed per run: the seed-to-seed spread is not measured here, so the table "
+                     f"gives single values, not medians.")
+    else:
+        lines.append(f"- Median over seeds {seeds}, (min–max) in brackets.")
+    if se is not None:
+        lines.append(f"- Evaluation noise alone: with {n} val images the standard error of a top-1 near "
+                     f"{100 * base:.0f} % is about {se:.1f} points, so differences under ~{2 * se:.0f} points "
+                     f"are not distinguishable, before counting seed-to-seed training variance.")
+    lines.append("- samples/s is the whole run's training throughput (all workers) on a shared 2-core "
+                 "machine: other jobs ran at the same time, so it is indicative only. Peak RSS is the "
+                 "rank-0 student worker's; with the remote teacher it excludes the teacher replica.")
+    lines.append("- `clip + embed_kd` asks the teacher only once, for its class centroids "
+                 "(100 center views per class), not per batch.")
+    lines += ["", *ranking_note(summary, base)]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save(report: dict, out: Path) -> None:
+    report["summary"] = {name: summarise(runs) for name, runs in report["runs"].items()}
+    write_atomic(out.with_suffix(".json"), json.dumps(report, indent=2, default=str))
+    write_atomic(out, render(report))
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher-dir", required=True, help="student-format teacher checkpoint dir")
+    parser.add_argument("--data-dir", help="digits shards (default: <teacher-dir>/../data, else written)")
+    parser.add_argument("--workdir", default="/tmp/kd-methods-bench", help="run storage")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=64, help="per worker")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--teacher-mode", choices=("remote", "inline"), default="remote")
+    parser.add_argument("--with-siglip", action="store_true", help="add SigLIP (no teacher) as a task-loss row")
+    parser.add_argument("--only", nargs="+", help="run only these rows (by their table name)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "methods.md"))
+    parser.add_argument("--address", help="Ray cluster address (default: an embedded local cluster)")
+    args = parser.parse_args(argv)
+
+    from ray import serve
+
+    from cluster.local import init_ray
+    from student_trainer.evaluate import evaluate_teacher
+    from student_trainer.factory import count_parameters, create_student
+    from teacher_service.deployment import deploy
+
+    print(init_ray(args.address, quiet=True), flush=True)
+    teacher_dir = Path(args.teacher_dir).resolve()
+    tcfg = teacher_config(teacher_dir)
+    data = find_data(args)
+    methods = methods_to_run(args.with_siglip, args.only)
+    out = Path(args.out)
+    teacher_eval = evaluate_teacher(tcfg, str(data / "val-*.tar"))
+    report = {
+        "meta": {
+            "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python " + shlex.join([sys.argv[0], *(argv or sys.argv[1:])]),
+            "machine": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU, "
+                       f"torch 1 thread per worker",
+            "epochs": args.epochs, "batch_size": args.batch_size, "workers": args.workers,
+            "global_batch": args.batch_size * args.workers, "seeds": args.seeds,
+            "teacher_dir": str(teacher_dir), "teacher_model": load_model_config(teacher_dir).name,
+            "teacher_mode": args.teacher_mode, "teacher_fingerprint": teacher_eval.get("fingerprint"),
+            "teacher_eval": {k: v for k, v in teacher_eval.items() if k != "fingerprint"},
+            "student_params": count_parameters(create_student(ModelConfig(name=STUDENT))),
+            "data_dir": str(data),
+        },
+        "methods": methods, "runs": {name: [] for name in methods},
+    }
+    bench_start = time.perf_counter()
+    if args.teacher_mode == "remote":
+        deploy(tcfg).info.remote().result(timeout_s=300)
+    try:
+        for seed in args.seeds:
+            for name, spec in methods.items():
+                print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed} ...", flush=True)
+                try:
+                    row = run_one(args, data, name, spec, seed, tcfg)
+                except Exception as exc:  # one failed method must not lose the others' results
+                    row = {"seed": seed, "error": f"{type(exc).__name__}: {exc}"}
+                report["runs"][name].append(row)
+                report["meta"]["val_samples"] = row.get("val_samples", report["meta"].get("val_samples"))
+                report["meta"]["wall_time_s"] = round(time.perf_counter() - bench_start, 1)
+                save(report, out)
+                print(f"    {json.dumps({k: v for k, v in row.items() if k != 'final_losses'})}", flush=True)
+    finally:
+        if args.teacher_mode == "remote":
+            serve.delete(APP)
+    print(render(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
