@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import itertools
 import json
 import math
@@ -267,13 +268,14 @@ def teacher_image_embedder(source, run: str) -> Callable[[np.ndarray], np.ndarra
         keys = ["centroid-" + hashlib.sha1(img.tobytes()).hexdigest()[:20] for img in images]
         return EmbedRequest(keys=keys, images=np.ascontiguousarray(images), run=run)
 
+    source = getattr(source, "remote", None) or source  # hybrid: cache misses go to its remote pool
     if getattr(source, "engine", None) is not None:
         return lambda images: source.engine.embed(request(images)).image_features
     if getattr(source, "handle", None) is not None:
         timeout = float(getattr(getattr(source, "cfg", None), "timeout_s", 60.0))
         return lambda images: source.handle.embed.remote(request(images)).result(
             timeout_s=timeout).image_features
-    raise ValueError(f"embed_kd class centroids need an inline or remote teacher to compute them, "
+    raise ValueError(f"embed_kd class centroids need an inline, remote or hybrid teacher to compute them, "
                      f"got a {type(source).__name__} source; or give loss_options.class_centroids")
 
 
@@ -330,9 +332,10 @@ def _loss_options(cfg: TrainConfig, source, tokenizer, shards: list[str]) -> dic
     options = {k: v for k, v in cfg.loss_options.items()}
     if not cfg.losses.get("embed_kd") or options.get("class_centroids") is not None:
         return options
-    if cfg.teacher.mode == "none":
-        raise ValueError("loss embed_kd needs class centroids: give loss_options.class_centroids, or a "
-                         "teacher (teacher.mode inline or remote) to compute them from the train shards")
+    if cfg.teacher.mode in ("none", "cache"):
+        raise ValueError(f"loss embed_kd needs class centroids: give loss_options.class_centroids, or a "
+                         f"running teacher (teacher.mode inline, remote or hybrid, not {cfg.teacher.mode!r}) "
+                         f"to compute them from the train shards")
     num_classes, centroids = embed_kd_centroids(cfg, source, tokenizer, shards)
     options["num_classes"] = num_classes
     options["class_centroids"] = torch.from_numpy(centroids)
@@ -347,6 +350,14 @@ def _grouped(stream: Iterable, size: int) -> Iterator[list]:
         if len(group) < size:
             raise RuntimeError(f"the batch stream ended inside an optimizer step ({len(group)} of {size})")
         yield group
+
+
+def _stream(source, batches: Iterable[Batch], epoch: int) -> Iterator[tuple]:
+    """`source.stream(batches, view=epoch)` where the source takes the view id (cache sources key
+    rows by it); older sources without the parameter get the batches alone."""
+    if "view" in inspect.signature(source.stream).parameters:
+        return source.stream(batches, view=epoch)
+    return source.stream(batches)
 
 
 def optimizer_steps_per_epoch(cfg: TrainConfig, shards: list[str], world: int) -> int:
@@ -406,7 +417,7 @@ def train_loop_per_worker(config: dict) -> None:
         sums: dict[str, float] = {}
         epoch_start = time.perf_counter()
         ddp.train()
-        for i, group in enumerate(_grouped(stream_source.stream(batches), cfg.accum_steps)):
+        for i, group in enumerate(_grouped(_stream(stream_source, batches, epoch), cfg.accum_steps)):
             set_lr(optimizer, warmup_cosine(step, base_lr=cfg.optim.lr,
                                             warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps))
             teacher = teacher_tensors(merge_teacher_outputs([t for _, t in group]), device)

@@ -287,7 +287,7 @@ def test_teacher_image_embedder_inline_and_remote():
     np.testing.assert_array_equal(via_inline, np.asarray(direct))
     np.testing.assert_array_equal(via_remote, via_inline)
     assert remote.timeouts == [7.0]
-    with pytest.raises(ValueError, match="inline or remote teacher"):
+    with pytest.raises(ValueError, match="inline, remote or hybrid teacher"):
         teacher_image_embedder(NoTeacher(), "t")
 
 
