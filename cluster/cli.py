@@ -99,15 +99,16 @@ def cmd_teacher_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_teacher_status(args: argparse.Namespace) -> int:
-    from teacher_service.deployment import get_teacher_handle
+    from teacher_service.deployment import collect_stats, format_stats, get_teacher_handle
 
     from .local import init_ray
 
     init_ray(args.address or "auto", quiet=True)
     handle = get_teacher_handle(args.app_name, timeout_s=30)
-    report = {"info": handle.info.remote().result(timeout_s=30),
-              "stats": handle.stats.remote().result(timeout_s=30)}
-    print(json.dumps(report, indent=2, default=str))
+    info = handle.info.remote().result(timeout_s=args.timeout)
+    stats = collect_stats(handle, timeout_s=args.timeout)  # every replica, merged
+    print(json.dumps({"info": info, "stats": stats}, indent=2, default=str) if args.json
+          else format_stats(info, stats))
     return 0
 
 
@@ -253,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = t_sub.add_parser(name, formatter_class=fmt, help=text, description=text)
         p.add_argument("--app-name", default="kd-teacher", help="Serve application name")
         p.add_argument("--address", help="Ray cluster address (default: auto)")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="print the merged counters as JSON")
+            p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the replicas")
         p.set_defaults(func=func)
 
     p = sub.add_parser("train", formatter_class=fmt, help="train a student with Ray Train",

@@ -2,11 +2,23 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Serve fixes its proxy options when it first starts on a cluster, so the session starts it once,
+# with the teacher's gRPC service, on ports free at session start (no clash with other sessions).
+GRPC_PORT = _free_port()
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +33,9 @@ def ray_cluster():
             object_store_memory=512 * 1024 * 1024,
             log_to_driver=False,
         )
+        from teacher_service.grpc_ingress import start_serve
+
+        start_serve(GRPC_PORT, http_port=_free_port())
     yield ray
     if ray.is_initialized():
         from ray import serve
@@ -29,3 +44,9 @@ def ray_cluster():
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def grpc_port(ray_cluster) -> int:
+    """Port of Serve's gRPC proxy (teacher service registered) on 127.0.0.1."""
+    return GRPC_PORT
