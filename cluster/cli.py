@@ -306,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .sweep import add_sweep_command
 
     add_sweep_command(sub, fmt)
+
+    from .cli_cache import add_cache_commands
+
+    add_cache_commands(sub, fmt)
     return parser
 
 

@@ -1,0 +1,230 @@
+"""`kd precompute` and `kd cache audit` on the shared local Ray cluster with a tiny teacher.
+
+Precompute writes one Parquet file per shard whose rows are the live teacher's embeddings of
+exactly the pixels and tokens the student's data pipeline produces for (key, epoch); a rerun
+skips finished shards and redoes only a deleted or corrupt one; another teacher is refused; an
+audit recomputes rows and agrees to cosine >= 0.999; centroids are per-class means.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from teacher_service.cache import CacheMismatchError, EmbeddingCache, column_matrix, read_centroids, read_meta
+from teacher_service.config import TeacherConfig
+
+pytestmark = pytest.mark.ray
+
+TINY_TEACHER = {
+    "embed_dim": 48,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+TEACHER = TeacherConfig(model="ViT-B-32", overrides=TINY_TEACHER, num_cpus=0.5, torch_threads=1,
+                        app_name="kd-teacher-precompute-test", max_batch_size=64, expected_request_samples=16)
+VIEWS = 2
+SEED = 3
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    from student_trainer.datasets import write_digits_shards
+
+    out = tmp_path_factory.mktemp("digits")
+    summary = write_digits_shards(out, image_size=32, samples_per_shard=100)
+    return summary["train"].shards[:2]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from teacher_service.engine import TeacherEngine
+    from teacher_service.model import load_teacher
+
+    return TeacherEngine(load_teacher(TEACHER))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(ray_cluster, shards, tmp_path_factory) -> Path:
+    from teacher_service.precompute import precompute
+
+    out = tmp_path_factory.mktemp("cache")
+    summary = precompute(shards, str(out), views=VIEWS, teacher=TEACHER, seed=SEED, image_size=32,
+                         num_cpus=0.5, concurrency=1, batch_size=50, progress=False)
+    assert summary.computed == shards and summary.skipped == [] and summary.rows == 2 * 100 * VIEWS
+    assert summary.teacher_s > 0
+    return out
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_one_file_per_shard_with_teacher_metadata(cache_dir, shards, engine):
+    assert sorted(os.listdir(cache_dir)) == ["train-000000.parquet", "train-000001.parquet"]
+    table = pq.read_table(cache_dir / "train-000001.parquet")
+    assert table.num_rows == 100 * VIEWS
+    assert sorted(set(table.column("view").to_pylist())) == list(range(VIEWS))
+    meta = read_meta(str(cache_dir / "train-000001.parquet"))
+    info = engine.teacher.info()
+    assert meta["fingerprint"] == info["fingerprint"] and meta["teacher"]["preprocess"] == info["preprocess"]
+    assert meta["recipe"] == {"function": "teacher_service.views.augment_view", "version": "1", "image_size": 32,
+                              "seed": SEED, "train": True, "tokenizer": "ViT-B-32", "context_length": 16}
+    assert meta["source"] == shards[1] and meta["views"] == VIEWS and meta["dtype"] == "float16"
+    assert meta["teacher_config"] == TEACHER.to_dict()
+
+
+@pytest.mark.parametrize("epoch", range(VIEWS))
+def test_cached_rows_are_the_teacher_on_the_student_pixels(cache_dir, shards, engine, epoch):
+    """Rows match the live teacher on the exact batches student_trainer.data yields for that epoch."""
+    from student_trainer.config import ModelConfig
+    from student_trainer.data import train_batches
+    from student_trainer.factory import create_student, create_tokenizer
+    from teacher_service.protocol import EmbedRequest
+    from teacher_service.views import image_digests, token_digests
+
+    student_cfg = ModelConfig(name="digits-student")
+    tokenizer = create_tokenizer(create_student(student_cfg), student_cfg)
+    batch = next(iter(train_batches(shards, rank=0, world_size=1, batch_size=24, image_size=32, epoch=epoch,
+                                    seed=SEED, tokenizer=tokenizer, shuffle_buffer=50)))
+    cache = EmbeddingCache.open(str(cache_dir))
+    locs = cache.locate(batch.keys, epoch)
+    assert None not in locs
+    rows = cache.fetch(locs)
+    np.testing.assert_array_equal(rows["image_digest"], image_digests(batch.images))  # same pixels
+    np.testing.assert_array_equal(rows["text_digest"], token_digests(batch.tokens, 16))  # same tokens
+    live = engine.embed(EmbedRequest(keys=batch.keys, images=batch.images, tokens=batch.tokens))
+    assert _cosine(rows["image_emb"], live.image_features).min() >= 0.999
+    assert _cosine(rows["text_emb"], live.text_features).min() >= 0.999
+    other = cache.fetch(cache.locate(batch.keys, 1 - epoch))  # the other view: other pixels
+    assert (other["image_digest"] != rows["image_digest"]).all()
+    assert _cosine(other["image_emb"], live.image_features).mean() < 0.999
+    np.testing.assert_array_equal(other["text_emb"], rows["text_emb"])  # captions do not change
+
+
+def test_audit_agrees_with_live_teacher(cache_dir):
+    from teacher_service.precompute import audit_cache
+
+    report = audit_cache(str(cache_dir), samples=40, seed=1)  # teacher: the config the cache recorded
+    assert report.rows == 40 and report.unlocatable == 0 and report.digest_mismatches == 0
+    assert report.worst_image_cosine >= 0.999 and report.worst_text_cosine >= 0.999 and report.ok
+    assert {"key", "view", "shard"} <= set(report.worst_row)
+
+
+def test_audit_detects_a_tampered_row(cache_dir, tmp_path):
+    """The audit can fail: a cache whose embeddings were swapped between rows is caught."""
+    import shutil
+
+    from teacher_service.cache import rows_table, write_table_atomic
+    from teacher_service.precompute import audit_cache
+
+    bad = tmp_path / "tampered"
+    shutil.copytree(cache_dir, bad)
+    path = str(bad / "train-000000.parquet")
+    table = pq.read_table(path)
+    meta = read_meta(path)
+    image = column_matrix(table, "image_emb")[::-1]  # every row now holds another row's embedding
+    write_table_atomic(rows_table(meta, table.column("key").to_pylist(), table.column("view").to_numpy(), image,
+                                  column_matrix(table, "text_emb"), table.column("image_digest").to_numpy(),
+                                  table.column("text_digest").to_numpy()), path)
+    report = audit_cache(str(bad), samples=60, seed=2)
+    assert not report.ok and report.worst_image_cosine < 0.99 and report.worst_row["shard"].endswith("000000.tar")
+
+
+def test_audit_refuses_another_teacher(cache_dir):
+    from teacher_service.precompute import audit_cache
+
+    other = TeacherConfig.from_dict({**TEACHER.to_dict(), "seed": 1})
+    with pytest.raises(CacheMismatchError, match="fingerprint"):
+        audit_cache(str(cache_dir), teacher=other, samples=4)
+
+
+def test_resume_recomputes_only_missing_and_corrupt_shards(cache_dir, shards, tmp_path):
+    import shutil
+
+    from teacher_service.precompute import precompute
+
+    work = tmp_path / "resume"
+    shutil.copytree(cache_dir, work)
+    kept = work / "train-000000.parquet"
+    before = (kept.stat().st_ino, kept.stat().st_mtime_ns)
+    original = pq.read_table(work / "train-000001.parquet")
+    os.unlink(work / "train-000001.parquet")
+    summary = precompute(shards, str(work), views=VIEWS, teacher=TEACHER, seed=SEED, num_cpus=0.5,
+                         batch_size=50, progress=False)
+    assert summary.computed == [shards[1]] and summary.skipped == [shards[0]] and summary.rows == 100 * VIEWS
+    assert (kept.stat().st_ino, kept.stat().st_mtime_ns) == before  # untouched
+    redone = pq.read_table(work / "train-000001.parquet")
+    assert redone.column("key").to_pylist() == original.column("key").to_pylist()
+    assert _cosine(column_matrix(redone, "image_emb"), column_matrix(original, "image_emb")).min() >= 0.999
+    # a truncated file is reported and recomputed; everything else is skipped
+    kept.write_bytes(kept.read_bytes()[:1000])
+    summary = precompute(shards, str(work), views=VIEWS, teacher=TEACHER, seed=SEED, num_cpus=0.5,
+                         batch_size=50, progress=False)
+    assert summary.recomputed == [shards[0]] and summary.computed == [shards[0]] and summary.skipped == [shards[1]]
+    assert len(EmbeddingCache.open(str(work))) == 2 * 100 * VIEWS
+    assert not [n for n in os.listdir(work) if ".tmp-" in n]
+    # other teacher or another seed: refused naming both fingerprints / the recipe field
+    other = TeacherConfig.from_dict({**TEACHER.to_dict(), "seed": 1})
+    with pytest.raises(CacheMismatchError, match=f"{summary.fingerprint}.*fingerprint"):
+        precompute(shards, str(work), views=VIEWS, teacher=other, seed=SEED, num_cpus=0.5, progress=False)
+    with pytest.raises(CacheMismatchError, match="seed 3 vs 4"):
+        precompute(shards, str(work), views=VIEWS, teacher=TEACHER, seed=SEED + 1, num_cpus=0.5, progress=False)
+
+
+def test_class_centroids_are_per_class_means(shards, engine, tmp_path):
+    from teacher_service.precompute import _tar_samples, precompute_centroids
+    from teacher_service.protocol import EmbedRequest
+    from teacher_service.views import augment_view, decode_image
+
+    path = precompute_centroids(shards, str(tmp_path), 3, teacher=TEACHER, image_size=32)
+    centroids, meta = read_centroids(path, fingerprint=engine.teacher.fingerprint)
+    assert centroids.shape == (10, 48) and meta["writer"]["per_class"] == 3
+    assert pq.read_table(path).column("name").to_pylist()[:2] == ["zero", "one"]
+    # class 7 by hand: the first 3 samples labelled 7, in shard order, at their plain resized view
+    picked = [s for shard in shards for s in _tar_samples(shard) if int(s["cls"]) == 7][:3]
+    images = np.stack([augment_view(decode_image(s["png"], "png"), s["__key__"], 0, 0, 32, train=False)
+                       for s in picked])
+    live = engine.embed(EmbedRequest(keys=["a", "b", "c"], images=images)).image_features.astype(np.float32)
+    np.testing.assert_allclose(centroids[7], live.mean(0), atol=2e-3)
+    assert not np.allclose(centroids[7], centroids[1], atol=1e-2)
+
+
+def test_cli_precompute_through_a_running_app_then_audit(ray_cluster, shards, engine, tmp_path, capsys):
+    """`kd precompute --app-name` (teacher actors call the Serve app) and `kd cache info/audit/compact`."""
+    from ray import serve
+
+    from cluster.cli import main
+    from teacher_service.deployment import deploy
+
+    deploy(TEACHER).info.remote().result(timeout_s=120)
+    try:
+        out = tmp_path / "via-app"
+        rc = main(["precompute", "--app-name", TEACHER.app_name, "--shards", shards[0], "--out", str(out),
+                   "--views", "1", "--seed", str(SEED), "--batch-size", "50", "--json"])
+        assert rc == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["computed"] == [shards[0]] and summary["fingerprint"] == engine.teacher.fingerprint
+        meta = read_meta(str(out / "train-000000.parquet"))
+        assert meta["app_name"] == TEACHER.app_name and meta["teacher_config"] is None
+        rc = main(["cache", "audit", str(out), "--samples", "10", "--app-name", TEACHER.app_name, "--json"])
+        report = json.loads(capsys.readouterr().out)
+        assert rc == 0 and report["ok"] and report["worst_image_cosine"] >= 0.999
+    finally:
+        serve.delete(TEACHER.app_name)
+    # the app is gone and the cache recorded no config: the audit says what to pass instead
+    assert main(["cache", "audit", str(out), "--samples", "4"]) == 2
+    assert "--app-name" in capsys.readouterr().err
+    yaml_path = tmp_path / "teacher.yaml"
+    TEACHER.to_yaml(yaml_path)
+    assert main(["cache", "audit", str(out), "--samples", "4", "--teacher-config", str(yaml_path)]) == 0
+    capsys.readouterr()
+    assert main(["cache", "info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["rows"] == 100 and info["views"] == [0] and info["embed_dim"] == 48
+    assert 4 * 48 <= info["bytes_per_row"] <= 4 * 48 + 200
