@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+BATCHERS = ("fill", "serve")
 
 
 @dataclass
@@ -43,6 +44,7 @@ class TeacherConfig:
     torch_threads: int | None = None
     expected_request_samples: int = 8
     seed: int = 0
+    batcher: str = "fill"  # "fill": SampleBatcher (default); "serve": Serve's @serve.batch
 
     def __post_init__(self) -> None:
         if self.pretrained in ("", "none", "None"):
@@ -55,6 +57,8 @@ class TeacherConfig:
             raise ValueError(f"model: expected a non-empty open_clip model name, got {self.model!r}")
         if not isinstance(self.overrides, dict):
             raise ValueError(f"overrides: expected a dict of create_model kwargs, got {type(self.overrides).__name__}")
+        if self.batcher not in BATCHERS:
+            raise ValueError(f"batcher: expected one of {BATCHERS}, got {self.batcher!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):

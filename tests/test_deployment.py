@@ -56,13 +56,14 @@ def assert_same(got: EmbedResponse, want: EmbedResponse) -> None:
 
 
 @pytest.mark.ray
-def test_teacher_deployment_batches_and_isolates_errors(ray_cluster):
+@pytest.mark.parametrize("batcher", ["fill", "serve"])
+def test_teacher_deployment_batches_and_isolates_errors(ray_cluster, batcher):
     from ray import serve
 
     from teacher_service.deployment import TeacherUnavailableError, deploy, get_teacher_handle
 
     cfg = TeacherConfig.from_dict({**yaml_args(), "app_name": APP, "num_cpus": 0.5, "max_batch_size": 64,
-                                   "batch_wait_timeout_s": 0.25})
+                                   "batch_wait_timeout_s": 0.25, "batcher": batcher})
     handle = deploy(cfg)
     try:
         local = load_teacher(cfg)

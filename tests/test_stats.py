@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from teacher_service import EmbedRequest, RequestError, TeacherConfig, TeacherEngine, load_teacher
-from teacher_service.deployment import (MAX_RUNS, SampleBatcher, TeacherCounters, TeacherDeployment, merge_stats,
-                                        percentile)
+from teacher_service.batching import SampleBatcher
+from teacher_service.deployment import TeacherDeployment
+from teacher_service.stats import MAX_RUNS, TeacherCounters, merge_stats, percentile
 
 TINY = {"model": "ViT-B-32", "pretrained": None, "precision": "fp32", "device": "cpu", "seed": 0,
         "torch_threads": 1,

@@ -1,0 +1,371 @@
+"""Per-replica teacher counters, their Ray metrics export, merging across replicas and the report.
+
+Requests, samples requested / computed / coalesced / from cache, errors by kind, batch fill,
+queue-wait and forward percentiles over a bounded reservoir, and per-run throughput over a
+sliding window; `kd teacher status` prints `format_stats(merge_stats(...))`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+log = logging.getLogger(__name__)
+
+ERROR_KINDS = ("invalid", "too_large", "internal")
+SUM_KEYS = ("requests_received", "requests", "requests_cancelled", "errors", "errors_invalid",
+            "errors_too_large", "errors_internal", "samples_requested", "samples_computed",
+            "samples_coalesced", "samples_from_cache", "samples", "batches", "batch_requests",
+            "batch_fill_sum", "forward_s", "in_flight", "samples_per_s")
+RUN_SUM_KEYS = ("requests_received", "requests", "errors", "samples_requested", "samples_computed", "samples",
+                "samples_per_s")
+MAX_RUNS = 256
+RESERVOIR = 4096
+
+
+class MetricsSink(Protocol):
+    """Where counter updates are mirrored (Ray metrics in a replica; nothing in unit tests)."""
+
+    def request(self, run: str, samples: int) -> None: ...
+    def error(self, run: str, kind: str) -> None: ...
+    def answered(self, run: str, samples: int, samples_per_s: float) -> None: ...
+    def batch(self, per_run: dict[str, int], fill: float, forward_s: float, waits: list[float]) -> None: ...
+    def in_flight(self, n: int) -> None: ...
+
+
+@dataclass
+class _Run:
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("requests_received", "requests", "errors", "samples_requested", "samples_computed", "samples"), 0))
+    first_seen: float = 0.0
+    window: deque = field(default_factory=deque)  # [second, samples answered] buckets
+
+
+def run_label(run: Any) -> str:
+    """Bounded, printable name for accounting: '' → 'anonymous', non-str → 'invalid'."""
+    if not isinstance(run, str):
+        return "invalid"
+    return run[:64] if run else "anonymous"
+
+
+class TeacherCounters:
+    """One replica's counters, safe to update from the event loop and the forward thread.
+
+    A request is `requests_received` on arrival; then refused (`errors_invalid` / `errors_too_large`),
+    or accepted (`samples_requested`), and finally answered (`requests`, `samples`), failed
+    (`errors_internal`) or cancelled by its caller. Each forward adds `batches`, `samples_computed`
+    and its fill (samples / max_batch_size, capped at 1). `samples_coalesced` and
+    `samples_from_cache` stay 0 until request coalescing and the cache exist. Queue wait (arrival →
+    forward start) and forward time percentiles are over the last RESERVOIR values; per-run
+    `samples_per_s` is answered samples over the last `window_s` seconds.
+    """
+
+    def __init__(self, max_batch_size: int, app_name: str = "", replica: str = "local", window_s: float = 60.0,
+                 reservoir: int = RESERVOIR, clock: Callable[[], float] = time.monotonic,
+                 sink: MetricsSink | None = None):
+        self.max_batch_size = max_batch_size
+        self.app_name = app_name
+        self.replica = replica
+        self.window_s = window_s
+        self.clock = clock
+        self.sink = sink
+        self._lock = threading.Lock()
+        self._c: dict[str, float] = dict.fromkeys(SUM_KEYS, 0)
+        self._c["max_batch_samples"] = 0
+        self._runs: dict[str, _Run] = {}
+        self._waits: deque[float] = deque(maxlen=reservoir)
+        self._forwards: deque[float] = deque(maxlen=reservoir)
+
+    # ---- request lifecycle
+    def received(self, run: Any) -> str:
+        """Count an arrival; returns the run label to pass to the later calls."""
+        with self._lock:
+            label = self._admit(run_label(run))
+            self._c["requests_received"] += 1
+            self._runs[label].counts["requests_received"] += 1
+        return label
+
+    def refused(self, label: str, kind: str) -> None:
+        self._error(label, kind, in_flight=False)
+
+    def accepted(self, label: str, samples: int) -> None:
+        with self._lock:
+            self._c["samples_requested"] += samples
+            self._c["in_flight"] += 1
+            self._run(label).counts["samples_requested"] += samples
+            n = self._c["in_flight"]
+        if self.sink:
+            self.sink.request(label, samples)
+            self.sink.in_flight(int(n))
+
+    def answered(self, label: str, samples: int) -> None:
+        now = self.clock()
+        with self._lock:
+            self._c["requests"] += 1
+            self._c["samples"] += samples
+            self._c["in_flight"] -= 1
+            r = self._run(label)
+            r.counts["requests"] += 1
+            r.counts["samples"] += samples
+            second = math.floor(now)
+            if r.window and r.window[-1][0] == second:
+                r.window[-1][1] += samples
+            else:
+                r.window.append([second, samples])
+            rate = self._rate(r, now)
+            n = self._c["in_flight"]
+        if self.sink:
+            self.sink.answered(label, samples, rate)
+            self.sink.in_flight(int(n))
+
+    def failed(self, label: str) -> None:
+        self._error(label, "internal", in_flight=True)
+
+    def cancelled(self, label: str) -> None:
+        with self._lock:
+            self._c["requests_cancelled"] += 1
+            self._c["in_flight"] -= 1
+            n = self._c["in_flight"]
+        if self.sink:
+            self.sink.in_flight(int(n))
+
+    def batch_done(self, items: list[tuple[str, int, float]], computed: list[bool], started: float,
+                   ended: float) -> None:
+        """One forward: `items` are (run label, samples, arrival time), `computed[i]` if item i was answered."""
+        per_run: dict[str, int] = {}
+        for (label, samples, _), ok in zip(items, computed):
+            if ok:
+                per_run[label] = per_run.get(label, 0) + samples
+        n = sum(per_run.values())
+        fill = min(1.0, n / self.max_batch_size)
+        waits = [max(0.0, started - arrived) for _, _, arrived in items]
+        forward_s = ended - started
+        with self._lock:
+            c = self._c
+            c["batches"] += 1
+            c["batch_requests"] += sum(computed)
+            c["samples_computed"] += n
+            c["batch_fill_sum"] += fill
+            c["forward_s"] += forward_s
+            c["max_batch_samples"] = max(c["max_batch_samples"], n)
+            for label, samples in per_run.items():
+                self._run(label).counts["samples_computed"] += samples
+            self._waits.extend(waits)
+            self._forwards.append(forward_s)
+        if self.sink:
+            self.sink.batch(per_run, fill, forward_s, waits)
+
+    # ---- reading
+    def snapshot(self, include_samples: bool = False) -> dict[str, Any]:
+        """Counters plus derived ratios and percentiles; `include_samples` adds the raw reservoirs
+        (queue_wait_samples, forward_samples) so `merge_stats` can compute exact merged percentiles."""
+        now = self.clock()
+        with self._lock:
+            out: dict[str, Any] = {**self._c, "replica": self.replica, "app_name": self.app_name,
+                                   "max_batch_size": self.max_batch_size, "window_s": self.window_s}
+            runs = {}
+            for label, r in self._runs.items():
+                runs[label] = {**r.counts, "samples_per_s": self._rate(r, now)}
+            waits, forwards = list(self._waits), list(self._forwards)
+        out["runs"] = runs
+        out["samples_per_s"] = sum(r["samples_per_s"] for r in runs.values())
+        out.update(summarize(out, waits, forwards))
+        if include_samples:
+            out["queue_wait_samples"], out["forward_samples"] = waits, forwards
+        return out
+
+    # ---- internals (called with the lock held unless noted)
+    def _admit(self, label: str) -> str:
+        """The label a new request is accounted under: its run, or 'other' past MAX_RUNS runs
+        (bounds memory and metric tag cardinality)."""
+        if label not in self._runs and len(self._runs) >= MAX_RUNS:
+            label = "other"
+        if label not in self._runs:
+            self._runs[label] = _Run(first_seen=self.clock())
+        return label
+
+    def _run(self, label: str) -> _Run:
+        return self._runs[label] if label in self._runs else self._runs[self._admit(label)]
+
+    def _rate(self, r: _Run, now: float) -> float:
+        horizon = math.floor(now - self.window_s)
+        while r.window and r.window[0][0] <= horizon:
+            r.window.popleft()
+        span = min(self.window_s, max(now - r.first_seen, 1.0))
+        return sum(s for _, s in r.window) / span
+
+    def _error(self, label: str, kind: str, in_flight: bool) -> None:
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"error kind: expected one of {ERROR_KINDS}, got {kind!r}")
+        with self._lock:
+            self._c["errors"] += 1
+            self._c[f"errors_{kind}"] += 1
+            self._run(label).counts["errors"] += 1
+            if in_flight:
+                self._c["in_flight"] -= 1
+            n = self._c["in_flight"]
+        if self.sink:
+            self.sink.error(label, kind)
+            if in_flight:
+                self.sink.in_flight(int(n))
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in [0, 100]); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def summarize(c: dict[str, Any], waits: list[float], forwards: list[float]) -> dict[str, Any]:
+    """Derived entries from summed counters and raw reservoirs (shared by snapshot and merge)."""
+    batches = c["batches"]
+    return {
+        "batch_fill_mean": c["batch_fill_sum"] / batches if batches else None,
+        "requests_per_batch": c["batch_requests"] / batches if batches else None,
+        "forward_mean_s": c["forward_s"] / batches if batches else None,
+        "forward_p50_s": percentile(forwards, 50), "forward_p99_s": percentile(forwards, 99),
+        "queue_wait_p50_s": percentile(waits, 50), "queue_wait_p99_s": percentile(waits, 99),
+        "queue_wait_max_s": max(waits) if waits else None, "queue_wait_count": len(waits),
+    }
+
+
+def merge_stats(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum replica snapshots (taken with include_samples=True for exact percentiles) into one.
+
+    The result has the shape of one snapshot, plus `replicas` ({replica: short summary}) and
+    `replicas_answered`; percentiles are recomputed from the pooled reservoirs.
+    """
+    if not snapshots:
+        raise ValueError("merge_stats: no replica snapshots to merge")
+    out: dict[str, Any] = {k: sum(s.get(k, 0) for s in snapshots) for k in SUM_KEYS}
+    out["max_batch_samples"] = max(s.get("max_batch_samples", 0) for s in snapshots)
+    first = snapshots[0]
+    for key in ("app_name", "max_batch_size", "window_s", "fingerprint", "model"):
+        if key in first:
+            out[key] = first[key]
+    out["uptime_s"] = max(s.get("uptime_s", 0.0) for s in snapshots)
+    runs: dict[str, dict[str, float]] = {}
+    for s in snapshots:
+        for label, r in s.get("runs", {}).items():
+            merged = runs.setdefault(label, dict.fromkeys(RUN_SUM_KEYS, 0))
+            for k in RUN_SUM_KEYS:
+                merged[k] += r.get(k, 0)
+    out["runs"] = runs
+    waits = [w for s in snapshots for w in s.get("queue_wait_samples", [])]
+    forwards = [f for s in snapshots for f in s.get("forward_samples", [])]
+    out.update(summarize(out, waits, forwards))
+    out["replicas"] = {s.get("replica", f"#{i}"): {k: s.get(k) for k in (
+        "requests", "samples", "batches", "batch_fill_mean", "in_flight", "queue_wait_p50_s", "uptime_s")}
+        for i, s in enumerate(snapshots)}
+    out["replicas_answered"] = len(snapshots)
+    return out
+
+
+class RayMetricsSink:
+    """Mirrors the counters into Ray metrics (Prometheus names get Ray's `ray_` prefix).
+
+    Tags: `app` and `run` where the value is per run; gauges also carry `replica` so replicas do
+    not overwrite each other. Run gauges keep their last value after a run stops sending.
+    """
+
+    WAIT_BOUNDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+    FILL_BOUNDS = [0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.999]
+
+    def __init__(self, app_name: str, replica: str):
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        self._app = {"app": app_name}
+        self._replica = {"app": app_name, "replica": replica}
+        run_tags = ("app", "run")
+        self.requests = Counter("kd_teacher_requests", "requests accepted", tag_keys=run_tags)
+        self.samples_requested = Counter("kd_teacher_samples_requested", "samples in accepted requests",
+                                         tag_keys=run_tags)
+        self.samples_computed = Counter("kd_teacher_samples_computed", "samples run through the teacher",
+                                        tag_keys=run_tags)
+        self.samples_answered = Counter("kd_teacher_samples_answered", "samples answered", tag_keys=run_tags)
+        self.errors = Counter("kd_teacher_errors", "requests refused or failed", tag_keys=("app", "run", "kind"))
+        self.batches = Counter("kd_teacher_batches", "teacher forward passes", tag_keys=("app",))
+        self.fill = Histogram("kd_teacher_batch_fill_ratio", "samples per forward / max_batch_size",
+                              boundaries=self.FILL_BOUNDS, tag_keys=("app",))
+        self.wait = Histogram("kd_teacher_queue_wait_s", "request arrival to its forward start",
+                              boundaries=self.WAIT_BOUNDS, tag_keys=("app",))
+        self.forward = Histogram("kd_teacher_forward_s", "forward pass time (preprocess + encode)",
+                                 boundaries=self.WAIT_BOUNDS, tag_keys=("app",))
+        self.rate = Gauge("kd_teacher_run_samples_per_s", "answered samples/s over the sliding window",
+                          tag_keys=("app", "run", "replica"))
+        self.pending = Gauge("kd_teacher_in_flight", "accepted requests not answered yet",
+                             tag_keys=("app", "replica"))
+
+    def request(self, run: str, samples: int) -> None:
+        tags = {**self._app, "run": run}
+        self.requests.inc(1, tags)
+        if samples:
+            self.samples_requested.inc(samples, tags)
+
+    def error(self, run: str, kind: str) -> None:
+        self.errors.inc(1, {**self._app, "run": run, "kind": kind})
+
+    def answered(self, run: str, samples: int, samples_per_s: float) -> None:
+        if samples:
+            self.samples_answered.inc(samples, {**self._app, "run": run})
+        self.rate.set(samples_per_s, {**self._replica, "run": run})
+
+    def batch(self, per_run: dict[str, int], fill: float, forward_s: float, waits: list[float]) -> None:
+        self.batches.inc(1, self._app)
+        for run, samples in per_run.items():
+            if samples:
+                self.samples_computed.inc(samples, {**self._app, "run": run})
+        self.fill.observe(fill, self._app)
+        self.forward.observe(forward_s, self._app)
+        for w in waits:
+            self.wait.observe(w, self._app)
+
+    def in_flight(self, n: int) -> None:
+        self.pending.set(n, self._replica)
+
+
+def format_stats(info: dict[str, Any], stats: dict[str, Any]) -> str:
+    """Human-readable `kd teacher status` report of `collect_stats` output."""
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{1000 * v:.1f} ms"
+
+    def num(v: float | None, fmt: str = ".2f") -> str:
+        return "-" if v is None else format(v, fmt)
+
+    s = stats
+    lines = [
+        f"teacher app {info.get('app_name')!r}: {info.get('model')} (embed_dim {info.get('embed_dim')}, "
+        f"{info.get('precision')}, {info.get('device')}), fingerprint {info.get('fingerprint')}",
+        f"replicas   {s['replicas_answered']} answered" + (f", {s['replicas_failed']} failed" if s.get("replicas_failed")
+                                                          else "") + f", up {s.get('uptime_s', 0):.0f} s",
+        f"requests   {s['requests_received']:.0f} received, {s['requests']:.0f} answered, {s['in_flight']:.0f} in flight, "
+        f"{s['requests_cancelled']:.0f} cancelled",
+        f"errors     {s['errors']:.0f} (invalid {s['errors_invalid']:.0f}, too large {s['errors_too_large']:.0f}, "
+        f"internal {s['errors_internal']:.0f})",
+        f"samples    requested {s['samples_requested']:.0f}, computed {s['samples_computed']:.0f}, coalesced "
+        f"{s['samples_coalesced']:.0f}, from cache {s['samples_from_cache']:.0f}, answered {s['samples']:.0f}",
+        f"batches    {s['batches']:.0f}, fill {num(s['batch_fill_mean'])} of max_batch_size {s.get('max_batch_size')} "
+        f"(largest {s['max_batch_samples']:.0f} samples), {num(s['requests_per_batch'], '.1f')} requests/batch",
+        f"queue wait p50 {ms(s['queue_wait_p50_s'])}, p99 {ms(s['queue_wait_p99_s'])}, max {ms(s['queue_wait_max_s'])} "
+        f"(last {s['queue_wait_count']} requests)",
+        f"forward    mean {ms(s['forward_mean_s'])}, p50 {ms(s['forward_p50_s'])}, p99 {ms(s['forward_p99_s'])}, "
+        f"total {s['forward_s']:.1f} s",
+        f"throughput {s['samples_per_s']:.1f} samples/s over the last {s.get('window_s', 0):.0f} s",
+    ]
+    if s["runs"]:
+        lines.append(f"{'run':<24} {'requests':>9} {'samples':>9} {'computed':>9} {'errors':>7} {'samples/s':>10}")
+        for run, r in sorted(s["runs"].items()):
+            lines.append(f"{run:<24} {r['requests']:>9.0f} {r['samples']:>9.0f} {r['samples_computed']:>9.0f} "
+                         f"{r['errors']:>7.0f} {r['samples_per_s']:>10.1f}")
+    if len(s.get("replicas", {})) > 1:
+        lines.append(f"{'replica':<24} {'requests':>9} {'batches':>9} {'fill':>6} {'in flight':>9}")
+        for rep, r in sorted(s["replicas"].items()):
+            lines.append(f"{rep:<24} {r['requests']:>9.0f} {r['batches']:>9.0f} {num(r['batch_fill_mean']):>6} "
+                         f"{r['in_flight']:>9.0f}")
+    return "\n".join(lines)
