@@ -99,7 +99,8 @@ def cmd_teacher_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_teacher_status(args: argparse.Namespace) -> int:
-    from teacher_service.deployment import collect_stats, format_stats, get_teacher_handle
+    from teacher_service.deployment import collect_stats, get_teacher_handle
+    from teacher_service.stats import format_stats
 
     from .local import init_ray
 
