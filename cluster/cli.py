@@ -79,7 +79,12 @@ def cmd_teacher_serve(args: argparse.Namespace) -> int:
 
     cfg = teacher_config_from_args(args)
     print(init_ray(args.address))
-    handle = deploy(cfg)
+    if args.grpc_port is not None:
+        from teacher_service.grpc_ingress import start_serve
+
+        port = start_serve(grpc_port=args.grpc_port)
+        print(f"gRPC: TeacherService on port {port}, metadata ('application', {cfg.app_name!r})")
+    handle = deploy(cfg, grpc=args.grpc_port is not None)
     info = handle.info.remote().result(timeout_s=600)
     print(f"teacher app {cfg.app_name!r} is serving {info.get('model')} "
           f"(embed_dim {info.get('embed_dim')}, fingerprint {info.get('fingerprint')})")
@@ -246,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=float, help="GPUs per replica")
     p.add_argument("--max-batch-size", type=int, help="samples per teacher forward")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="teacher precision")
+    p.add_argument("--grpc-port", type=int,
+                   help="also serve gRPC (Embed/Stats/Health) for clients outside Ray on this port; "
+                        "Serve must not already run without gRPC")
     p.add_argument("--address", help=RAY_ADDRESS_HELP)
     p.add_argument("--block", action="store_true",
                    help="keep this command running (always so with an embedded cluster)")
