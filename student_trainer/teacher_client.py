@@ -1,15 +1,22 @@
-"""Teacher sources for a student worker: none, inline (OpenCLIP-style) or the remote Serve pool.
+"""Teacher sources for a student worker: none, inline (OpenCLIP-style), the remote Serve pool, a
+precomputed embedding cache (`cache`), or cache hits plus pool misses appended to it (`hybrid`).
 
 Every source turns a stream of `Batch`es into a stream of `(Batch, teacher_outputs)`; the remote
 source keeps `prefetch` requests in flight so the teacher computes batch t+k while t trains.
+`stream(batches, view=...)` takes the batches' view id (the epoch): the cache sources look rows up
+by `(key, view)` and check each hit's digests against the batch's pixels and tokens, so a cache
+never serves embeddings of other pixels than the ones being trained on.
 """
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
+
+import numpy as np
 
 from teacher_service.deployment import TeacherUnavailableError
 from teacher_service.protocol import EmbedRequest, EmbedResponse, RequestError
@@ -23,18 +30,39 @@ TeacherOutputs = dict  # image_features / text_features (fp16 numpy), logit_scal
 
 
 @dataclass
+class CacheStats:
+    """Embedding cache counters (samples): served from the cache, sent to the pool, appended."""
+
+    hits: int = 0
+    misses: int = 0
+    appends: int = 0
+    read_s: float = 0.0  # time spent looking up, reading and checking cached rows
+
+    def as_metrics(self) -> dict:
+        return {"teacher_cache_hits": self.hits, "teacher_cache_misses": self.misses,
+                "teacher_cache_appends": self.appends, "teacher_cache_read_s": round(self.read_s, 4)}
+
+
+@dataclass
 class TeacherStats:
-    """Per-worker counters since this worker process started (after a resume: since the resume)."""
+    """Per-worker counters since this worker process started (after a resume: since the resume).
+
+    `requests` / `samples` count real teacher calls only; cache sources add `cache` counters.
+    """
 
     requests: int = 0
     samples: int = 0
     retries: int = 0
     wait_s: float = 0.0  # time the training loop spent blocked on teacher results
     fingerprints: set = field(default_factory=set)
+    cache: Optional[CacheStats] = None
 
     def as_metrics(self) -> dict:
-        return {"teacher_requests": self.requests, "teacher_samples": self.samples,
-                "teacher_retries": self.retries, "teacher_wait_s": round(self.wait_s, 4)}
+        metrics = {"teacher_requests": self.requests, "teacher_samples": self.samples,
+                   "teacher_retries": self.retries, "teacher_wait_s": round(self.wait_s, 4)}
+        if self.cache is not None:
+            metrics.update(self.cache.as_metrics())
+        return metrics
 
 
 def make_request(batch: Batch, run: str) -> EmbedRequest:
@@ -60,7 +88,8 @@ class NoTeacher:
     def __init__(self) -> None:
         self.stats = TeacherStats()
 
-    def stream(self, batches: Iterable[Batch]) -> Iterator[tuple[Batch, Optional[TeacherOutputs]]]:
+    def stream(self, batches: Iterable[Batch], view: Optional[int] = None
+               ) -> Iterator[tuple[Batch, Optional[TeacherOutputs]]]:
         for batch in batches:
             yield batch, None
 
@@ -81,7 +110,8 @@ class InlineTeacher:
         self.run = run
         self.stats = TeacherStats()
 
-    def stream(self, batches: Iterable[Batch]) -> Iterator[tuple[Batch, TeacherOutputs]]:
+    def stream(self, batches: Iterable[Batch], view: Optional[int] = None
+               ) -> Iterator[tuple[Batch, TeacherOutputs]]:
         for batch in batches:
             start = time.perf_counter()
             resp = self.engine.embed(make_request(batch, self.run))
@@ -131,33 +161,51 @@ class RemoteTeacher:
             f"Is it deployed? (`kd teacher serve` / `kd teacher status`)"
         ) from last
 
-    def stream(self, batches: Iterable[Batch]) -> Iterator[tuple[Batch, TeacherOutputs]]:
+    def stream(self, batches: Iterable[Batch], view: Optional[int] = None
+               ) -> Iterator[tuple[Batch, TeacherOutputs]]:
+        for batch, outputs in self.stream_parts((batch, batch) for batch in batches):
+            yield batch, outputs
+
+    def stream_parts(self, items: Iterable[tuple[Any, Optional[Batch]]]
+                     ) -> Iterator[tuple[Any, Optional[TeacherOutputs]]]:
+        """`(tag, batch)` items → `(tag, outputs)` in order; a None (or empty) batch asks nothing.
+
+        The prefetch window spans items, so while item t trains the requests of items
+        t+1 .. t+prefetch are in flight. The hybrid source sends only its cache misses this way.
+        """
         window: collections.deque = collections.deque()
-        iterator = iter(batches)
+        iterator = iter(items)
 
         def submit_next() -> bool:
-            batch = next(iterator, None)
-            if batch is None:
+            item = next(iterator, None)
+            if item is None:
                 return False
+            tag, batch = item
+            if batch is None or len(batch) == 0:
+                window.append((tag, None, None, None))
+                return True
             request = make_request(batch, self.run)
-            window.append((batch, request, self.handle.embed.remote(request)))
+            window.append((tag, batch, request, self.handle.embed.remote(request)))
             self.stats.requests += 1
             self.stats.samples += len(batch.keys)
             return True
 
         while True:
-            # While batch t trains, the requests for t+1 .. t+prefetch are in flight.
+            # While item t trains, the requests for t+1 .. t+prefetch are in flight.
             while len(window) <= self.cfg.prefetch and submit_next():
                 pass
             if not window:
                 return
-            batch, request, pending = window.popleft()
+            tag, batch, request, pending = window.popleft()
+            if batch is None:
+                yield tag, None
+                continue
             start = time.perf_counter()
             first = [pending]
             resp = self._call(lambda: first.pop() if first else self.handle.embed.remote(request), "embed")
             self.stats.wait_s += time.perf_counter() - start
             self._check(resp, batch)
-            yield batch, response_to_outputs(resp)
+            yield tag, response_to_outputs(resp)
 
     def _check(self, resp: EmbedResponse, batch: Batch) -> None:
         if list(resp.keys) != list(batch.keys):
@@ -183,11 +231,216 @@ def _is_request_error(exc: BaseException) -> bool:
     return isinstance(cause, RequestError) or "RequestError" in type(exc).__name__
 
 
-def make_teacher_source(cfg: TeacherSourceConfig, run: str, device: Optional[str] = None):
+# ---------------------------------------------------------------------------------------------
+# embedding cache sources
+
+
+def _take(batch: Batch, rows: np.ndarray) -> Batch:
+    return Batch(keys=[batch.keys[i] for i in rows], images=batch.images[rows], tokens=batch.tokens[rows],
+                 labels=batch.labels[rows], captions=[batch.captions[i] for i in rows])
+
+
+@dataclass
+class _Plan:
+    """One batch split into cache hits (already read and checked) and misses (for the pool)."""
+
+    batch: Batch
+    view: int
+    hit_rows: np.ndarray
+    miss_rows: np.ndarray
+    hits: dict  # cached rows for hit_rows (image_emb, text_emb, digests)
+    image_digest: np.ndarray
+    text_digest: np.ndarray
+
+    @property
+    def miss_batch(self) -> Optional[Batch]:
+        return _take(self.batch, self.miss_rows) if self.miss_rows.size else None
+
+
+class _CacheSource:
+    """What the cache and hybrid sources share: view ids, lookups with digest checks, assembly."""
+
+    cache: Any
+    stats: TeacherStats
+
+    def _init_views(self) -> None:
+        self._streams = 0
+        self._warned = False
+
+    def _view(self, view: Optional[int]) -> int:
+        """The batches' view id; without one, the number of earlier stream() calls (the epoch of a fresh run)."""
+        if view is None:
+            view = self._streams
+            if not self._warned:
+                log.warning("teacher source %s: stream() got no view id; assuming view %d (the epoch of a "
+                            "run that started at epoch 0). Pass view=epoch.", type(self).__name__, view)
+                self._warned = True
+        self._streams += 1
+        return int(view)
+
+    def _plan(self, batch: Batch, view: int) -> _Plan:
+        from teacher_service.views import image_digests, token_digests
+
+        start = time.perf_counter()
+        cache = self.cache
+        idig = image_digests(batch.images)
+        tdig = token_digests(batch.tokens, int(cache.meta["teacher"]["context_length"]))
+        locs = cache.locate(list(batch.keys), view)
+        hit_rows = np.asarray([i for i, loc in enumerate(locs) if loc is not None], dtype=np.int64)
+        miss_rows = np.asarray([i for i, loc in enumerate(locs) if loc is None], dtype=np.int64)
+        hits = cache.fetch([locs[i] for i in hit_rows]) if hit_rows.size else {}
+        if hit_rows.size:
+            self._check_digests(batch, view, hit_rows, hits, idig, tdig)
+        self.stats.cache.hits += int(hit_rows.size)
+        self.stats.cache.misses += int(miss_rows.size)
+        self.stats.cache.read_s += time.perf_counter() - start
+        return _Plan(batch, view, hit_rows, miss_rows, hits, idig, tdig)
+
+    def _check_digests(self, batch: Batch, view: int, rows: np.ndarray, hits: dict, idig: np.ndarray,
+                       tdig: np.ndarray) -> None:
+        from teacher_service.cache import CacheMismatchError
+
+        bad_image = np.flatnonzero(hits["image_digest"] != idig[rows])
+        if bad_image.size:
+            key = batch.keys[rows[bad_image[0]]]
+            raise CacheMismatchError(
+                f"embedding cache {self.cache.path}: the cached view {view} of sample {key!r} "
+                f"({bad_image.size} of {rows.size} hits in this batch) was embedded from other pixels than "
+                f"this run trains on. The cache's view recipe is {self.cache.recipe}; check the run's "
+                f"data.image_size and seed, and that stream() gets view=epoch (a resumed run must pass it)")
+        bad_text = np.flatnonzero(hits["text_digest"] != tdig[rows])
+        if bad_text.size:
+            key = batch.keys[rows[bad_text[0]]]
+            raise CacheMismatchError(
+                f"embedding cache {self.cache.path}: the cached text embedding of sample {key!r} "
+                f"({bad_text.size} of {rows.size} hits) was computed from other tokens than this run sends "
+                f"(cache tokenizer {self.cache.recipe.get('tokenizer')!r}, context length "
+                f"{self.cache.recipe.get('context_length')!r}): a caption longer than the student's context?")
+
+    def _outputs(self, plan: _Plan, missed: Optional[TeacherOutputs] = None) -> TeacherOutputs:
+        n, dim = len(plan.batch), self.cache.embed_dim
+        image = np.empty((n, dim), np.float16)
+        text = np.empty((n, dim), np.float16)
+        if plan.hit_rows.size:
+            image[plan.hit_rows] = plan.hits["image_emb"]
+            text[plan.hit_rows] = plan.hits["text_emb"]
+        if plan.miss_rows.size:
+            image[plan.miss_rows] = missed["image_features"]
+            text[plan.miss_rows] = missed["text_features"]
+        teacher = self.cache.meta["teacher"]
+        return {"image_features": image, "text_features": text, "logit_scale": teacher["logit_scale"],
+                "logit_bias": teacher["logit_bias"], "fingerprint": self.cache.fingerprint}
+
+
+class CachedTeacher(_CacheSource):
+    """`cache` mode: every teacher output from a precomputed cache; no teacher runs, none is loaded.
+
+    A missing `(key, view)` stops the run (CacheMissError naming the sample, the view and the
+    cache) rather than training without targets.
+    """
+
+    def __init__(self, cfg: TeacherSourceConfig, run: str, recipe: Optional[dict] = None) -> None:
+        from teacher_service.cache import EmbeddingCache
+
+        if not cfg.cache_path:
+            raise ValueError("teacher.mode 'cache' needs teacher.cache_path")
+        self.cache = EmbeddingCache.open(cfg.cache_path, recipe=recipe)
+        self.info = self.cache.teacher_info
+        self.embed_dim = self.cache.embed_dim
+        self.run = run
+        self.stats = TeacherStats(fingerprints={self.cache.fingerprint}, cache=CacheStats())
+        self._init_views()
+
+    def stream(self, batches: Iterable[Batch], view: Optional[int] = None
+               ) -> Iterator[tuple[Batch, TeacherOutputs]]:
+        from teacher_service.cache import CacheMissError
+
+        view = self._view(view)
+        for batch in batches:
+            plan = self._plan(batch, view)
+            if plan.miss_rows.size:
+                key = batch.keys[plan.miss_rows[0]]
+                raise CacheMissError(
+                    f"embedding cache {self.cache.path} has no view {view} of sample {key!r} "
+                    f"({plan.miss_rows.size} of {len(batch)} samples of this batch missing; views cached for "
+                    f"it: {self.cache.views_of(key)}). Precompute more views (`kd precompute --views "
+                    f"{view + 1}`) over these shards, or train with teacher.mode 'hybrid'")
+            yield batch, self._outputs(plan)
+
+
+class HybridTeacher(_CacheSource):
+    """`hybrid` mode: hits from the cache, misses from the Serve pool, misses appended to the cache.
+
+    Misses go through `RemoteTeacher` (same prefetch window, retries and fingerprint checks);
+    their results join the in-memory index at once (so later batches, epochs with the same view,
+    or a rerun find them) and are written as a new `append-<run>-<rank>-<uuid>.parquet` every
+    `flush_every` batches and at the end of each stream (epoch). A cache of another teacher is
+    refused when the source starts.
+    """
+
+    def __init__(self, cfg: TeacherSourceConfig, run: str, recipe: Optional[dict] = None,
+                 flush_every: int = 50) -> None:
+        from teacher_service.cache import CacheAppender, EmbeddingCache
+
+        if not cfg.cache_path:
+            raise ValueError("teacher.mode 'hybrid' needs teacher.cache_path")
+        self.remote = RemoteTeacher(cfg, run)
+        self.info = self.remote.info
+        self.embed_dim = self.remote.embed_dim
+        self.cache = EmbeddingCache.open(cfg.cache_path, teacher_info=self.info, recipe=recipe, create=True)
+        self.appender = CacheAppender(self.cache.path, self.cache.meta, run=run,
+                                      rank=int(os.environ.get("RANK", "0") or 0))
+        self.stats = self.remote.stats
+        self.stats.cache = CacheStats()
+        self.flush_every = max(1, int(flush_every))
+        self._init_views()
+
+    def stream(self, batches: Iterable[Batch], view: Optional[int] = None
+               ) -> Iterator[tuple[Batch, TeacherOutputs]]:
+        view = self._view(view)
+        self.cache.refresh()  # rows other runs appended since we opened the cache
+
+        def plans():
+            for batch in batches:
+                plan = self._plan(batch, view)
+                yield plan, plan.miss_batch
+
+        try:
+            for i, (plan, missed) in enumerate(self.remote.stream_parts(plans())):
+                if missed is not None:
+                    self._record(plan, missed)
+                yield plan.batch, self._outputs(plan, missed)
+                if (i + 1) % self.flush_every == 0:
+                    self.flush()
+        finally:
+            self.flush()
+
+    def _record(self, plan: _Plan, missed: TeacherOutputs) -> None:
+        rows = plan.miss_rows
+        keys = [plan.batch.keys[i] for i in rows]
+        args = (missed["image_features"], missed["text_features"], plan.image_digest[rows], plan.text_digest[rows])
+        fresh = np.asarray(self.cache.add(keys, plan.view, *args), dtype=bool)
+        if fresh.any():  # a key already answered earlier in the prefetch window is not appended twice
+            self.appender.add([k for k, f in zip(keys, fresh) if f], plan.view, *(a[fresh] for a in args))
+            self.stats.cache.appends += int(fresh.sum())
+
+    def flush(self) -> Optional[str]:
+        """Write the buffered misses to a new append file now (also done every flush_every batches)."""
+        return self.appender.flush()
+
+
+def make_teacher_source(cfg: TeacherSourceConfig, run: str, device: Optional[str] = None,
+                        recipe: Optional[dict] = None):
+    """The teacher source for `cfg.mode`. `recipe` (`teacher_service.views.view_recipe(image_size,
+    seed)`) lets the cache modes refuse a cache built for other views before the first batch."""
     if cfg.mode == "none":
         return NoTeacher()
     if cfg.mode == "inline":
         return InlineTeacher(cfg, run, device)
     if cfg.mode == "remote":
         return RemoteTeacher(cfg, run)
-    raise ValueError(f"teacher mode {cfg.mode!r}: expected none, inline or remote")
+    if cfg.mode == "cache":
+        return CachedTeacher(cfg, run, recipe)
+    if cfg.mode == "hybrid":
+        return HybridTeacher(cfg, run, recipe)
+    raise ValueError(f"teacher mode {cfg.mode!r}: expected none, inline, remote, cache or hybrid")
