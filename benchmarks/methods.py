@@ -28,7 +28,12 @@ from pathlib import Path
 from typing import Optional
 
 from student_trainer.checkpoint import load_model_config
-from student_trainer.config import DataConfig, ModelConfig, TeacherSourceConfig, TrainConfig
+from student_trainer.config import (
+    DataConfig,
+    ModelConfig,
+    TeacherSourceConfig,
+    TrainConfig,
+)
 from student_trainer.factory import resolve_model
 from student_trainer.losses import DEFAULT_WEIGHTS
 from teacher_service.config import TeacherConfig
@@ -66,6 +71,16 @@ def teacher_config(teacher_dir: Path) -> TeacherConfig:
     arch, overrides = resolve_model(load_model_config(teacher_dir))
     return TeacherConfig(model=arch, overrides=overrides, pretrained=str(teacher_dir / "model.pt"),
                          app_name=APP, num_cpus=1.0, max_batch_size=256, torch_threads=1)
+
+
+def model_facts(teacher_dir: Path) -> dict:
+    """Widths and patch counts the notes under the table refer to."""
+    from student_trainer.factory import create_student
+    from student_trainer.masking import num_patches
+
+    _, overrides = resolve_model(load_model_config(teacher_dir))
+    return {"teacher_embed_dim": overrides.get("embed_dim"),
+            "student_patches": num_patches(create_student(ModelConfig(name=STUDENT)))}
 
 
 def find_data(args: argparse.Namespace) -> Path:
@@ -110,15 +125,27 @@ def run_one(args, data: Path, name: str, spec: dict, seed: int, tcfg: TeacherCon
     wall = time.perf_counter() - start
     with result.checkpoint.as_directory() as d:
         ev = evaluate_checkpoint(d, str(data / "val-*.tar"))
+        scales = final_scales(Path(d))
     m = result.metrics
     return {
         "seed": seed, "zero_shot_top1": ev["zero_shot_top1"], "zero_shot_top5": ev["zero_shot_top5"],
         "i2t_r1": ev["i2t_r1"], "t2i_r1": ev["t2i_r1"], "val_samples": ev["samples"],
         "samples_per_s": m.get("run_samples_per_s"), "peak_rss_mb": m.get("peak_rss_mb"),
         "peak_gpu_mem_mb": m.get("peak_gpu_mem_mb"), "wall_time_s": round(wall, 1),
-        "teacher_requests": m.get("teacher_requests"),
+        "teacher_requests": m.get("teacher_requests"), **scales,
         "final_losses": {k: v for k, v in m.items() if k.endswith("_loss")},
     }
+
+
+def final_scales(checkpoint_dir: Path) -> dict:
+    """The trained student's exponentiated logit scale (and SigLIP bias), for the notes."""
+    import torch
+
+    state = torch.load(checkpoint_dir / "model.pt", map_location="cpu", weights_only=True)
+    out = {"logit_scale": round(float(state["logit_scale"].exp()), 4)}
+    if state.get("logit_bias") is not None:
+        out["logit_bias"] = round(float(state["logit_bias"]), 4)
+    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -149,6 +176,11 @@ def _cell(s: dict, key: str, pct: bool) -> str:
     return fmt(s[key])
 
 
+def _load(runs: list[dict]) -> str:
+    loads = [r["load_avg_1m"] for r in runs if r.get("load_avg_1m") is not None]
+    return f"{statistics.median(loads):.1f}" if loads else "—"
+
+
 def ranking_note(summary: dict[str, dict], base: Optional[float]) -> list[str]:
     """Where our order of the six CLIP-KD methods differs from the published one."""
     ours = [(m, summary.get(f"clip + {m}", {}).get("zero_shot_top1")) for m in CLIP_KD_PUBLISHED]
@@ -159,7 +191,7 @@ def ranking_note(summary: dict[str, dict], base: Optional[float]) -> list[str]:
     published = [m for m in CLIP_KD_PUBLISHED if m in order]
     lines = ["## Ranking vs CLIP-KD's published one", "",
              f"- CLIP-KD (ViT-B/16 → ViT-T/16, ImageNet zero-shot): {' > '.join(m.upper() for m in published)}",
-             f"- here (digits val zero-shot top-1): "
+             "- here (digits val zero-shot top-1): "
              + " > ".join(f"{m.upper()} {100 * v:.1f}" for m, v in sorted(ours, key=lambda mv: -mv[1]))]
     moved = [f"{m.upper()} {published.index(m) + 1}→{order.index(m) + 1}" for m in published
              if published.index(m) != order.index(m)]
@@ -168,6 +200,68 @@ def ranking_note(summary: dict[str, dict], base: Optional[float]) -> list[str]:
         beat = [f"{m.upper()} {100 * (v - base):+.1f}" for m, v in ours]
         lines.append(f"- vs the no-teacher baseline ({100 * base:.1f}), points: {', '.join(beat)}")
     return lines + [""]
+
+
+def _final(report: dict, name: str, key: str) -> Optional[float]:
+    values = [r["final_losses"].get(key) for r in report["runs"].get(name, []) if "final_losses" in r]
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _row_median(report: dict, name: str, key: str) -> Optional[float]:
+    values = [r[key] for r in report["runs"].get(name, []) if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def reading_notes(report: dict, base: Optional[float]) -> list[str]:
+    """Mechanical facts that explain parts of the table; each is only stated when the data shows it."""
+    summary, meta, notes = report["summary"], report["meta"], []
+    kl, crd = summary.get("clip + kl", {}), summary.get("clip + crd", {})
+    if kl.get("runs") and all(kl.get(k) == crd.get(k) for k in ("zero_shot_top1", "i2t_r1", "t2i_r1")):
+        notes.append("- KL and CRD train the same student: CRD = KL(σ_t‖σ_s) = CE(σ_t, σ_s) − H(σ_t), and the "
+                     "teacher's entropy H(σ_t) is a constant for the student, so at temperature 1 the two "
+                     "have identical gradients (their loss values differ by H(σ_t)).")
+    gd, gd_clip = _final(report, "clip + gd", "gd_loss"), _final(report, "clip + gd", "clip_loss")
+    scale = _row_median(report, "clip + gd", "logit_scale")
+    if gd is not None and gd_clip and gd < 1e-2 * gd_clip:
+        at = (f"; this student ends at s = {scale:.1f} (init 1/0.07 = 14.3), where 1e8 corresponds to a "
+              f"weight of about {1e8 / scale ** 4:.0f}" if scale else "")
+        notes.append(f"- GD at weight 1 hardly acts: its weighted loss ends at {gd:.1e} against the CLIP "
+                     f"loss's {gd_clip:.2f}. Weight 1 stands for CLIP-KD's 1e8 only at logit scale s = 100 "
+                     f"(their gradients are s² too small, their MSE s⁴: 1e8/s⁴, see "
+                     f"`losses.DEFAULT_WEIGHTS`){at}.")
+    fd, fd_clip = _final(report, "clip + fd", "fd_loss"), _final(report, "clip + fd", "clip_loss")
+    fd_top1 = summary.get("clip + fd", {}).get("zero_shot_top1")
+    dt = meta.get("teacher_embed_dim")
+    if fd is not None and fd_clip and base is not None and fd_top1 is not None and fd_top1 < base:
+        width = (f" MSE is a mean over the D_t = {dt} teacher dimensions, so at a fixed weight the pull per "
+                 f"unit of cosine distance is {512 / dt:g}× the paper's (ViT-B/16 teacher, D_t = 512)."
+                 if dt else "")
+        notes.append(f"- FD at CLIP-KD's weight 2000 dominates the objective here: the weighted FD term ends at "
+                     f"{fd:.1f}, {fd / fd_clip:.1f}× the CLIP term.{width}")
+    mfd_top1 = summary.get("clip + mfd", {}).get("zero_shot_top1")
+    patches = meta.get("student_patches")
+    if mfd_top1 is not None and fd_top1 is not None and mfd_top1 < fd_top1 and patches:
+        kept = max(1, round(patches * 0.25))
+        notes.append(f"- MFD drops 75 % of the student's patches: {kept} of {patches} patches of a 32 px digit "
+                     f"at patch size 8 remain (CLIP-KD's ViT-T/16 at 224 px keeps 49 of 196), and the "
+                     f"masked view carries the same 2000 weight as FD.")
+    sig = summary.get("no teacher (siglip)", {}).get("zero_shot_top1")
+    sig_loss = _final(report, "no teacher (siglip)", "siglip_loss")
+    n = meta["global_batch"]
+    trivial = math.log(n) + (n - 1) * math.log(n / (n - 1))  # every pair at the same logit −log(n−1)
+    if sig is not None and base is not None and sig < 0.5 * base and sig_loss is not None:
+        collapsed = abs(sig_loss - trivial) < 0.01
+        notes.append(
+            f"- SigLIP as the task loss (open_clip's SigLIP init: scale 10, bias −10; no teacher) reached "
+            f"{100 * sig:.1f} % zero-shot top-1, chance level for 10 classes. "
+            + (f"Its loss ends at {sig_loss:.3f}, the value of the trivial solution that gives every "
+               f"image–text pair the same logit −log({n}−1) (log N + (N−1)·log(N/(N−1)) = {trivial:.3f} for "
+               f"N = {n} columns), where the bias gradient vanishes: the embeddings collapsed. On digits a "
+               f"128 batch repeats each class about 13 times and each caption about twice, all counted as "
+               f"negatives by the sigmoid loss." if collapsed else "")
+            + " It is a task-loss variant, not a distillation method, and is left out of the ranking.")
+    return notes
 
 
 def render(report: dict) -> str:
@@ -192,36 +286,47 @@ def render(report: dict) -> str:
         f"i2t R@1 {_pct(meta.get('teacher_eval', {}).get('i2t_r1'))}, "
         f"t2i R@1 {_pct(meta.get('teacher_eval', {}).get('t2i_r1'))}.",
         "",
-        "| run | losses (weights) | zero-shot top-1 % | Δ vs no teacher | i2t R@1 % | t2i R@1 % | samples/s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | losses (weights) | zero-shot top-1 % | Δ vs no teacher | i2t R@1 % | t2i R@1 % | samples/s | peak RSS MB | load |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
         losses = ", ".join(f"{k} {v:g}" for k, v in report["methods"][name]["losses"].items())
         if s["runs"] == 0:
             status = f"failed: {s['errors'][0][:80]}" if s["errors"] else "not run yet"
-            lines.append(f"| {name} | {losses} | {status} | | | | | |")
+            lines.append(f"| {name} | {losses} | {status} | | | | | | |")
             continue
         delta = "" if base is None or name == "no teacher (clip)" else f"{100 * (s['zero_shot_top1'] - base):+.1f}"
         lines.append(f"| {name} | {losses} | {_cell(s, 'zero_shot_top1', True)} | {delta} | "
                      f"{_cell(s, 'i2t_r1', True)} | {_cell(s, 't2i_r1', True)} | "
-                     f"{_cell(s, 'samples_per_s', False)} | {_cell(s, 'peak_rss_mb', False)} |")
+                     f"{_cell(s, 'samples_per_s', False)} | {_cell(s, 'peak_rss_mb', False)} | "
+                     f"{_load(report['runs'][name])} |")
     n = meta.get("val_samples") or 0
     se = 100 * math.sqrt(base * (1 - base) / n) if base is not None and n else None
     lines += ["", "## How much to trust this", ""]
     if len(seeds) == 1:
-        lines.append(f"- One seed per run: the seed-to-seed spread is not measured here, so the table "
-                     f"gives single values, not medians.")
+        lines.append("- One seed per run: the seed-to-seed spread is not measured here, so the table "
+                     "gives single values, not medians.")
     else:
         lines.append(f"- Median over seeds {seeds}, (min–max) in brackets.")
     if se is not None:
         lines.append(f"- Evaluation noise alone: with {n} val images the standard error of a top-1 near "
                      f"{100 * base:.0f} % is about {se:.1f} points, so differences under ~{2 * se:.0f} points "
                      f"are not distinguishable, before counting seed-to-seed training variance.")
-    lines.append("- samples/s is the whole run's training throughput (all workers) on a shared 2-core "
-                 "machine: other jobs ran at the same time, so it is indicative only. Peak RSS is the "
-                 "rank-0 student worker's; with the remote teacher it excludes the teacher replica.")
+    loads = meta.get("load_avg_1m_runs") or []
+    load_text = (f" (the `load` column: 1-minute load average when the run ended, "
+                 f"{min(loads):.1f}–{max(loads):.1f})" if loads else "")
+    lines.append(f"- samples/s is the whole run's training throughput (all workers) on a shared "
+                 f"{meta['machine'].split(' ')[0]} machine: other jobs ran at the same time{load_text}, so "
+                 f"it is indicative only. Peak RSS is the rank-0 student worker's (mostly the Ray/torch "
+                 f"process baseline); with the remote teacher it excludes the teacher replica. "
+                 f"Total benchmark wall time: {meta.get('wall_time_s', 0) / 60:.1f} min.")
+    if meta.get("postscript"):
+        lines.append(f"- {meta['postscript']}")
     lines.append("- `clip + embed_kd` asks the teacher only once, for its class centroids "
                  "(100 center views per class), not per batch.")
+    notes = reading_notes(report, base)
+    if notes:
+        lines += ["", "## Reading the numbers", "", *notes]
     lines += ["", *ranking_note(summary, base)]
     return "\n".join(lines) + "\n"
 
@@ -239,10 +344,27 @@ def save(report: dict, out: Path) -> None:
     write_atomic(out, render(report))
 
 
+def rerender(out: Path) -> dict:
+    """Re-render the table and notes from `<out>.json`, filling meta fields older runs lacked."""
+    report = json.loads(out.with_suffix(".json").read_text())
+    meta = report["meta"]
+    if "teacher_embed_dim" not in meta:
+        meta.update(model_facts(Path(meta["teacher_dir"])))
+    rows = [r for seed in meta["seeds"] for name in report["methods"]
+            for r in report["runs"][name] if r.get("seed") == seed]
+    loads = meta.get("load_avg_1m_runs") or []
+    if len(loads) == len(rows):  # recorded in run order before rows carried their own
+        for row, load in zip(rows, loads):
+            row.setdefault("load_avg_1m", load)
+    save(report, out)
+    print(out.read_text())
+    return report
+
+
 # --------------------------------------------------------------------------- main
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher-dir", required=True, help="student-format teacher checkpoint dir")
+    parser.add_argument("--teacher-dir", help="student-format teacher checkpoint dir (required to train)")
     parser.add_argument("--data-dir", help="digits shards (default: <teacher-dir>/../data, else written)")
     parser.add_argument("--workdir", default="/tmp/kd-methods-bench", help="run storage")
     parser.add_argument("--epochs", type=int, default=10)
@@ -254,7 +376,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--only", nargs="+", help="run only these rows (by their table name)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "methods.md"))
     parser.add_argument("--address", help="Ray cluster address (default: an embedded local cluster)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the .md from the existing .json (no training)")
     args = parser.parse_args(argv)
+    if args.render_only:
+        return rerender(Path(args.out))
+    if not args.teacher_dir:
+        parser.error("--teacher-dir is required (a trained teacher, e.g. the demo's <workdir>/teacher)")
 
     from ray import serve
 
@@ -282,6 +410,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             "teacher_eval": {k: v for k, v in teacher_eval.items() if k != "fingerprint"},
             "student_params": count_parameters(create_student(ModelConfig(name=STUDENT))),
             "data_dir": str(data),
+            "load_avg_1m_start": round(os.getloadavg()[0], 2),
+            **model_facts(teacher_dir),
         },
         "methods": methods, "runs": {name: [] for name in methods},
     }
@@ -296,9 +426,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     row = run_one(args, data, name, spec, seed, tcfg)
                 except Exception as exc:  # one failed method must not lose the others' results
                     row = {"seed": seed, "error": f"{type(exc).__name__}: {exc}"}
+                row["load_avg_1m"] = round(os.getloadavg()[0], 2)
                 report["runs"][name].append(row)
                 report["meta"]["val_samples"] = row.get("val_samples", report["meta"].get("val_samples"))
                 report["meta"]["wall_time_s"] = round(time.perf_counter() - bench_start, 1)
+                report["meta"]["load_avg_1m_runs"] = report["meta"].get("load_avg_1m_runs", []) + [
+                    round(os.getloadavg()[0], 2)]
                 save(report, out)
                 print(f"    {json.dumps({k: v for k, v in row.items() if k != 'final_losses'})}", flush=True)
     finally:

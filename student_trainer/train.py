@@ -32,7 +32,14 @@ from teacher_service.protocol import EmbedRequest
 
 from .checkpoint import MODEL_FILE, save_student
 from .config import TrainConfig
-from .data import Batch, eval_set, load_dataset_info, resolve_shards, steps_per_epoch, train_batches
+from .data import (
+    Batch,
+    eval_set,
+    load_dataset_info,
+    resolve_shards,
+    steps_per_epoch,
+    train_batches,
+)
 from .distributed import average_gradients
 from .factory import create_student, create_tokenizer, embed_dim
 from .losses import OPTION_DEFAULTS, LossSet, accumulated_backward, build_losses

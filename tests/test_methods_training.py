@@ -22,7 +22,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from student_trainer.config import DataConfig, ModelConfig, OptimConfig, TeacherSourceConfig, TrainConfig
+from student_trainer.config import (
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    TeacherSourceConfig,
+    TrainConfig,
+)
 from student_trainer.factory import create_student, create_tokenizer
 from student_trainer.losses import DEFAULT_WEIGHTS, build_losses
 from student_trainer.train import (
