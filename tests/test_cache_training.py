@@ -120,6 +120,14 @@ def test_cache_source_serves_exact_rows_and_refuses_misses(shards, precomputed):
     assert str(precomputed) in str(err.value)
     with pytest.raises(CacheMismatchError, match="seed 0 vs 5"):
         make_teacher_source(cfg, run="unit", recipe=view_recipe(32, 5))
+    # by default a sample of each batch's hits is verified; verify_rows=None checks every row
+    strict = CachedTeacher(cfg, run="unit", verify_rows=None)
+    seg, row = strict.cache.index[(batches[0].keys[5], 1)]
+    segment = strict.cache.segments[seg]
+    segment.image_digest = segment.image_digest.copy()
+    segment.image_digest[row] ^= np.uint64(1)  # one row of 16 now claims other pixels
+    with pytest.raises(CacheMismatchError, match=f"view 1 of sample '{batches[0].keys[5]}' \\(1 of 16"):
+        next(strict.stream(batches, view=1))
 
 
 # ---------------------------------------------------------------------------------------------
