@@ -5,7 +5,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 RAY_ADDRESS_HELP = ("Ray cluster address (e.g. 'auto' or ray://host:10001). Default: $RAY_ADDRESS, "
@@ -153,6 +152,10 @@ def train_config_from_args(args: argparse.Namespace):
         cfg.teacher.mode = args.teacher_mode
     if args.app_name:
         cfg.teacher.app_name = args.app_name
+    if args.cache_path:
+        cfg.teacher.cache_path = args.cache_path
+    if args.num_views:
+        cfg.data.num_views = args.num_views
     if args.loss:
         cfg.losses = dict(args.loss)
     return cfg.validate()
@@ -279,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", help="open_clip architecture or preset (digits-student)")
     p.add_argument("--teacher-mode", choices=["none", "inline", "remote", "cache", "hybrid"],
                    help="teacher source")
-    p.add_argument("--app-name", help="teacher Serve app for remote mode")
+    p.add_argument("--app-name", help="teacher Serve app for remote/hybrid mode")
+    p.add_argument("--cache-path", help="embedding cache directory for cache/hybrid mode")
+    p.add_argument("--num-views", type=int,
+                   help="views per sample: epoch e trains on view e %% N (reuse precomputed views)")
     p.add_argument("--loss", type=_weight_arg, action="append",
                    help="NAME[=WEIGHT], repeatable, e.g. --loss clip --loss kl=1 --loss fd=2000")
     p.add_argument("--epochs", type=int, help="epochs")

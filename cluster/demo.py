@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from student_trainer.config import DataConfig, ModelConfig, TeacherSourceConfig, TrainConfig
-from student_trainer.factory import count_parameters, resolve_model
+from student_trainer.factory import resolve_model
 
 STUDENT = "digits-student"
 TEACHER = "digits-teacher"

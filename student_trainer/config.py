@@ -34,6 +34,13 @@ class DataConfig:
     image_size: int = 32  # side of the augmented uint8 view the student trains on (and sends)
     batch_size: int = 64  # per worker
     shuffle_buffer: int = 500
+    # Augmented views per sample: epoch e trains on view e % num_views, so K precomputed (or
+    # hybrid-appended) views serve every epoch (MobileCLIP-style). None: a new view every epoch.
+    num_views: Optional[int] = None
+
+    def view_of(self, epoch: int) -> int:
+        """The view id an epoch trains on (the cache key alongside the sample key)."""
+        return epoch % self.num_views if self.num_views else epoch
 
 
 @dataclass
@@ -98,6 +105,8 @@ class TrainConfig:
             raise ValueError("teacher.mode 'inline' needs teacher.teacher (a TeacherConfig)")
         if self.teacher.mode in ("cache", "hybrid") and not self.teacher.cache_path:
             raise ValueError(f"teacher.mode {self.teacher.mode!r} needs teacher.cache_path")
+        if self.data.num_views is not None and self.data.num_views < 1:
+            raise ValueError(f"data.num_views must be >= 1 or None, got {self.data.num_views}")
         if self.accum_steps < 1:
             raise ValueError(f"accum_steps must be >= 1, got {self.accum_steps}")
         if not self.data.train_shards:

@@ -308,12 +308,14 @@ def train_batches(
     seed: int,
     tokenizer,
     shuffle_buffer: int = 500,
+    view: int | None = None,
 ) -> Iterator[Batch]:
     """Exactly :func:`steps_per_epoch` batches of exactly ``batch_size`` for ``rank`` in ``epoch``.
 
-    Views are ``augment_view(image, key, view=epoch, seed)``; order is shuffled from
-    ``(seed, epoch, rank)``, so a rerun of an epoch yields the same batches.
+    Views are ``augment_view(image, key, view, seed)`` with ``view`` defaulting to ``epoch``; order
+    is shuffled from ``(seed, epoch, rank)``, so a rerun of an epoch yields the same batches.
     """
+    view = epoch if view is None else view
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     shards = _shard_list(shards)
@@ -321,7 +323,7 @@ def train_batches(
     stream = _endless(shards, rank=rank, world_size=world_size, epoch=epoch, seed=seed, shuffle_buffer=shuffle_buffer)
     for _ in range(steps):
         samples = list(itertools.islice(stream, batch_size))
-        yield _make_batch(samples, image_size=image_size, view=epoch, seed=seed, train=True, tokenizer=tokenizer)
+        yield _make_batch(samples, image_size=image_size, view=view, seed=seed, train=True, tokenizer=tokenizer)
     stream.close()
 
 

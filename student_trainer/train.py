@@ -29,6 +29,7 @@ import torch
 from teacher_service.centroids import class_centroids
 from teacher_service.preprocess import PreprocessSpec, preprocess_spec, to_model_input
 from teacher_service.protocol import EmbedRequest
+from teacher_service.views import view_recipe
 
 from .checkpoint import MODEL_FILE, save_student
 from .config import TrainConfig
@@ -359,11 +360,11 @@ def _grouped(stream: Iterable, size: int) -> Iterator[list]:
         yield group
 
 
-def _stream(source, batches: Iterable[Batch], epoch: int) -> Iterator[tuple]:
-    """`source.stream(batches, view=epoch)` where the source takes the view id (cache sources key
+def _stream(source, batches: Iterable[Batch], view: int) -> Iterator[tuple]:
+    """`source.stream(batches, view=view)` where the source takes the view id (cache sources key
     rows by it); older sources without the parameter get the batches alone."""
     if "view" in inspect.signature(source.stream).parameters:
-        return source.stream(batches, view=epoch)
+        return source.stream(batches, view=view)
     return source.stream(batches)
 
 
@@ -392,7 +393,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     student = create_student(cfg.model, device)
     tokenizer = create_tokenizer(student, cfg.model)
-    source = make_teacher_source(cfg.teacher, run=cfg.run_name, device=str(device))
+    source = make_teacher_source(cfg.teacher, run=cfg.run_name, device=str(device),
+                                 recipe=view_recipe(cfg.data.image_size, cfg.seed))
     shards = resolve_shards(cfg.data.train_shards)
     options = _loss_options(cfg, source, tokenizer, shards)
     centroids = options.get("class_centroids")
@@ -419,12 +421,14 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start_epoch, cfg.epochs):
         batches = train_batches(shards, rank=rank, world_size=world, batch_size=cfg.data.batch_size,
                                 image_size=cfg.data.image_size, epoch=epoch, seed=cfg.seed,
-                                tokenizer=tokenizer, shuffle_buffer=cfg.data.shuffle_buffer)
+                                tokenizer=tokenizer, shuffle_buffer=cfg.data.shuffle_buffer,
+                                view=cfg.data.view_of(epoch))
         batches = itertools.islice(batches, steps * cfg.accum_steps)
         sums: dict[str, float] = {}
         epoch_start = time.perf_counter()
         ddp.train()
-        for i, group in enumerate(_grouped(_stream(stream_source, batches, epoch), cfg.accum_steps)):
+        for i, group in enumerate(_grouped(_stream(stream_source, batches, cfg.data.view_of(epoch)),
+                                           cfg.accum_steps)):
             set_lr(optimizer, warmup_cosine(step, base_lr=cfg.optim.lr,
                                             warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps))
             teacher = teacher_tensors(merge_teacher_outputs([t for _, t in group]), device)

@@ -259,3 +259,22 @@ def test_hybrid_training_serves_hits_and_appends_misses(shards, teacher_app, hyb
     after = EmbeddingCache.open(str(hybrid_cache))
     assert all(pair in after for pair in wanted) and len(after) == len(before) + misses
     assert np.isfinite(m["loss"]) and m["teacher_fingerprint"] == after.fingerprint
+
+
+def test_hybrid_epoch_two_is_served_entirely_from_what_epoch_one_appended(shards, teacher_app, tmp_path):
+    """With one view per sample (data.num_views=1) every epoch trains on view 0: epoch 1 misses and
+    appends everything, epoch 2 is all hits and the pool computes nothing more."""
+    from student_trainer.train import run_training
+
+    cfg = train_cfg(shards, tmp_path, "hybrid-one-view", "hybrid", tmp_path / "cache", epochs=2)
+    cfg.data.num_views = 1
+    # whole epochs (200 samples = 10 batches of 20), so both epochs meet exactly the same samples
+    cfg.data.batch_size, cfg.max_steps_per_epoch = 20, None
+    start = app_samples(teacher_app)
+    m = run_training(cfg).metrics  # counters are cumulative over both epochs
+    per_epoch = 200
+    assert m["epoch"] == 2
+    assert m["teacher_cache_misses"] == per_epoch and m["teacher_cache_appends"] == per_epoch  # epoch 1
+    assert m["teacher_cache_hits"] == per_epoch  # epoch 2: every sample from the cache
+    assert m["teacher_samples"] == per_epoch and app_samples(teacher_app) - start == per_epoch
+    assert len(EmbeddingCache.open(str(tmp_path / "cache"))) == per_epoch  # view 0 only, no duplicates
