@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -121,6 +122,17 @@ class TrainConfig:
             raise ValueError(f"losses {self.losses!r}: at least one loss needs a nonzero weight")
         return self
 
+    def with_absolute_paths(self) -> "TrainConfig":
+        """A copy whose local paths are absolute: Ray workers do not run in the driver's directory."""
+        cfg = from_plain(TrainConfig, self.to_dict())
+        cfg.storage_path = _absolute(cfg.storage_path)
+        cfg.data.train_shards = _absolute(cfg.data.train_shards)
+        cfg.data.val_shards = _absolute(cfg.data.val_shards)
+        cfg.teacher.cache_path = _absolute(cfg.teacher.cache_path)
+        if cfg.teacher.teacher is not None:
+            cfg.teacher.teacher.pretrained = _absolute_if_exists(cfg.teacher.teacher.pretrained)
+        return cfg
+
     def to_dict(self) -> dict:
         return to_plain(self)
 
@@ -138,6 +150,18 @@ class TrainConfig:
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _absolute(path: Optional[str]) -> Optional[str]:
+    """Absolute form of a local path or shard pattern; URLs (s3://, gs://, ...) stay as they are."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _absolute_if_exists(path: Optional[str]) -> Optional[str]:
+    """A pretrained value is a local checkpoint only when that file exists; else it is a tag."""
+    return _absolute(path) if path and os.path.exists(os.path.expanduser(path)) else path
 
 
 def to_plain(obj: Any) -> Any:

@@ -472,8 +472,8 @@ def build_trainer(cfg: TrainConfig):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cfg.validate()
-    storage = os.path.abspath(cfg.storage_path)
+    cfg = cfg.validate().with_absolute_paths()
+    storage = cfg.storage_path
     Path(storage).mkdir(parents=True, exist_ok=True)
     return TorchTrainer(
         train_loop_per_worker,

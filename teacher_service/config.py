@@ -49,6 +49,9 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         if self.pretrained in ("", "none", "None"):
             self.pretrained = None
+        elif isinstance(self.pretrained, str) and os.path.exists(os.path.expanduser(self.pretrained)):
+            # a local checkpoint: replicas do not run in the deploying process's directory
+            self.pretrained = os.path.abspath(os.path.expanduser(self.pretrained))
         self.validate()
 
     def validate(self) -> None:

@@ -138,3 +138,24 @@ def test_sweep_reads_the_train_summary():
     assert _last_json(lines) == {"run_name": "a", "metrics": {"epoch": 2}}
     assert _last_json(lines[:-1]) is None  # a run killed mid-summary has no metrics
     assert _last_json(["no summary at all\n"]) is None
+
+
+def test_local_paths_become_absolute_for_ray_workers(tmp_path, monkeypatch):
+    """Ray Train workers and Serve replicas do not run in the driver's directory."""
+    from teacher_service.config import TeacherConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teacher.pt").write_bytes(b"")
+    cfg = TrainConfig(storage_path="runs")
+    cfg.data.train_shards = "data/train-{000000..000003}.tar"
+    cfg.data.val_shards = "s3://bucket/val-*.tar"
+    cfg.teacher.cache_path = "cache"
+    cfg.teacher.teacher = TeacherConfig(pretrained="openai")
+    absolute = cfg.with_absolute_paths()
+    assert absolute.storage_path == str(tmp_path / "runs")
+    assert absolute.data.train_shards == str(tmp_path / "data/train-{000000..000003}.tar")
+    assert absolute.data.val_shards == "s3://bucket/val-*.tar"  # URLs untouched
+    assert absolute.teacher.cache_path == str(tmp_path / "cache")
+    assert absolute.teacher.teacher.pretrained == "openai"  # a tag, not a file
+    assert cfg.storage_path == "runs"  # the original is not modified
+    assert TeacherConfig(pretrained="teacher.pt").pretrained == str(tmp_path / "teacher.pt")
