@@ -20,17 +20,14 @@ from student_trainer.config import DataConfig, ModelConfig, OptimConfig, Teacher
 from teacher_service.cache import APPEND_PREFIX, CacheMismatchError, CacheMissError, EmbeddingCache, compact
 from teacher_service.config import TeacherConfig
 from teacher_service.views import view_recipe
+from tiny_models import tiny_teacher_overrides
 
 pytestmark = pytest.mark.ray
 
 APP = "kd-teacher-cache-training"
 BATCH = 16
 STEPS = 3
-TINY_TEACHER = {
-    "embed_dim": 48,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
+TINY_TEACHER = tiny_teacher_overrides()
 TEACHER = TeacherConfig(model="ViT-B-32", overrides=TINY_TEACHER, app_name=APP, num_cpus=0.5, torch_threads=1,
                         max_batch_size=64, expected_request_samples=BATCH)
 

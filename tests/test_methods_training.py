@@ -42,16 +42,13 @@ from student_trainer.train import (
 from teacher_service.centroids import class_centroids
 from teacher_service.config import TeacherConfig
 from teacher_service.preprocess import preprocess_spec, to_model_input
+from tiny_models import tiny_teacher_overrides
 
 pytestmark = pytest.mark.timeout(240)
 
 DT, CLASSES, B, K = 48, 3, 4, 2
 CLIP_TASK_METHODS = ("clip", "kl", "crd", "fd", "mfd", "icl", "gd", "afd", "embed_kd")
-TINY_TEACHER = {
-    "embed_dim": DT,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
+TINY_TEACHER = tiny_teacher_overrides(DT)
 TEACHER_CFG = TeacherConfig(model="ViT-B-32", overrides=TINY_TEACHER, app_name="kd-methods-test", num_cpus=0.5,
                             torch_threads=1, max_batch_size=64)
 

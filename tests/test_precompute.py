@@ -17,14 +17,11 @@ import pytest
 
 from teacher_service.cache import CacheMismatchError, EmbeddingCache, column_matrix, read_centroids, read_meta
 from teacher_service.config import TeacherConfig
+from tiny_models import tiny_teacher_overrides
 
 pytestmark = pytest.mark.ray
 
-TINY_TEACHER = {
-    "embed_dim": 48,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
+TINY_TEACHER = tiny_teacher_overrides()
 TEACHER = TeacherConfig(model="ViT-B-32", overrides=TINY_TEACHER, num_cpus=0.5, torch_threads=1,
                         app_name="kd-teacher-precompute-test", max_batch_size=64, expected_request_samples=16)
 VIEWS = 2

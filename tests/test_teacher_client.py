@@ -24,6 +24,7 @@ from teacher_service.deployment import TeacherUnavailableError
 from teacher_service.engine import TeacherEngine
 from teacher_service.model import load_teacher
 from teacher_service.protocol import EmbedRequest, EmbedResponse, RequestError
+from tiny_models import tiny_teacher_overrides
 
 APP = "fake-teacher-app"
 DIM = 6
@@ -323,11 +324,7 @@ def test_stats_metrics_names():
 # ---------------------------------------------------------------------------------------------
 # NoTeacher, InlineTeacher, dispatch
 
-TINY_TEACHER = {
-    "embed_dim": 48,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
+TINY_TEACHER = tiny_teacher_overrides()
 
 
 def real_batches(n: int, seed: int = 0):

@@ -15,17 +15,14 @@ import torch
 
 from student_trainer.config import DataConfig, ModelConfig, OptimConfig, TeacherSourceConfig, TrainConfig
 from teacher_service.config import TeacherConfig
+from tiny_models import tiny_teacher_overrides
 
 pytestmark = pytest.mark.ray
 
 APP = "kd-teacher-train-integration"
 BATCH = 16
 STEPS = 3
-TINY_TEACHER = {
-    "embed_dim": 48,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
+TINY_TEACHER = tiny_teacher_overrides()
 TEACHER_CFG = TeacherConfig(model="ViT-B-32", overrides=TINY_TEACHER, app_name=APP, num_cpus=0.5, torch_threads=1,
                             max_batch_size=64, expected_request_samples=BATCH)
 CHECKPOINT_FILES = ("model.pt", "model_config.json", "train_state.pt")
