@@ -133,29 +133,21 @@ def train_config_from_args(args: argparse.Namespace):
     from student_trainer.config import TrainConfig
 
     cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
-    for attr, value in [("run_name", args.run_name), ("storage_path", args.storage_path),
-                        ("epochs", args.epochs), ("num_workers", args.workers),
-                        ("max_steps_per_epoch", args.max_steps), ("seed", args.seed)]:
+    overrides = {
+        "run_name": args.run_name, "storage_path": args.storage_path, "epochs": args.epochs,
+        "num_workers": args.workers, "max_steps_per_epoch": args.max_steps, "seed": args.seed,
+        "use_gpu": args.use_gpu or None, "data.train_shards": args.train_shards,
+        "data.val_shards": args.val_shards, "data.batch_size": args.batch_size,
+        "data.num_views": args.num_views, "model.name": args.student, "teacher.mode": args.teacher_mode,
+        "teacher.app_name": args.app_name, "teacher.cache_path": args.cache_path,
+    }
+    for path, value in overrides.items():
         if value is not None:
-            setattr(cfg, attr, value)
-    if args.use_gpu:
-        cfg.use_gpu = True
-    if args.train_shards:
-        cfg.data.train_shards = args.train_shards
-    if args.val_shards:
-        cfg.data.val_shards = args.val_shards
-    if args.batch_size:
-        cfg.data.batch_size = args.batch_size
-    if args.student:
-        cfg.model.name = args.student
-    if args.teacher_mode:
-        cfg.teacher.mode = args.teacher_mode
-    if args.app_name:
-        cfg.teacher.app_name = args.app_name
-    if args.cache_path:
-        cfg.teacher.cache_path = args.cache_path
-    if args.num_views:
-        cfg.data.num_views = args.num_views
+            *parents, attr = path.split(".")
+            target = cfg
+            for parent in parents:
+                target = getattr(target, parent)
+            setattr(target, attr, value)
     if args.loss:
         cfg.losses = dict(args.loss)
     return cfg.validate()

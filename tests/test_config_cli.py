@@ -159,3 +159,25 @@ def test_local_paths_become_absolute_for_ray_workers(tmp_path, monkeypatch):
     assert absolute.teacher.teacher.pretrained == "openai"  # a tag, not a file
     assert cfg.storage_path == "runs"  # the original is not modified
     assert TeacherConfig(pretrained="teacher.pt").pretrained == str(tmp_path / "teacher.pt")
+
+
+def test_train_flags_override_the_yaml(tmp_path):
+    from cluster.cli import train_config_from_args
+
+    base = TrainConfig(run_name="from-yaml", epochs=3, losses={"clip": 1.0})
+    base.data.train_shards = "yaml/train-*.tar"
+    base.data.batch_size = 32
+    path = tmp_path / "run.yaml"
+    base.to_yaml(path)
+    args = build_parser().parse_args([
+        "train", "--config", str(path), "--run-name", "from-flags", "--train-shards", "flags/*.tar",
+        "--teacher-mode", "hybrid", "--cache-path", "cache", "--num-views", "2", "--workers", "3",
+        "--student", "digits-student", "--loss", "clip", "--loss", "kl=0.5", "--use-gpu"])
+    cfg = train_config_from_args(args)
+    assert (cfg.run_name, cfg.num_workers, cfg.use_gpu) == ("from-flags", 3, True)
+    assert (cfg.data.train_shards, cfg.data.num_views) == ("flags/*.tar", 2)
+    assert (cfg.teacher.mode, cfg.teacher.cache_path, cfg.model.name) == ("hybrid", "cache", "digits-student")
+    assert cfg.losses == {"clip": 1.0, "kl": 0.5}
+    # flags not given keep the YAML's values
+    assert (cfg.epochs, cfg.data.batch_size, cfg.teacher.app_name) == (3, 32, "kd-teacher")
+    assert not train_config_from_args(build_parser().parse_args(["train", "--config", str(path)])).use_gpu
