@@ -332,13 +332,10 @@ class MFDLoss(FDLoss):
         return cls(student_dim, teacher_dim, projection, mask_ratio=options["mask_ratio"])
 
 
-class ICLLoss(DistillLoss):
-    """Interactive contrastive learning: ½[CE(κ·P(I_s)·T_tᵀ, y) + CE(κ·P(T_s)·I_tᵀ, y)].
+class _ScaledProjectionLoss(DistillLoss):
+    """ICL and AFD: the shared student→teacher projection plus their own learnable, clamped scale."""
 
-    κ = exp(learnable log-scale) clamped to max_scale; teacher columns gathered from all ranks.
-    """
-
-    name, uses_projection = "icl", True
+    uses_projection = True
 
     def __init__(self, student_dim: int, teacher_dim: int, projection: FeatureProjection | None = None,
                  init_scale: float = INIT_LOGIT_SCALE, max_scale: float = MAX_LOGIT_SCALE):
@@ -350,6 +347,15 @@ class ICLLoss(DistillLoss):
     @classmethod
     def from_options(cls, student_dim, teacher_dim, projection, options):
         return cls(student_dim, teacher_dim, projection, options["init_scale"], options["max_scale"])
+
+
+class ICLLoss(_ScaledProjectionLoss):
+    """Interactive contrastive learning: ½[CE(κ·P(I_s)·T_tᵀ, y) + CE(κ·P(T_s)·I_tᵀ, y)].
+
+    κ = exp(learnable log-scale) clamped to max_scale; teacher columns gathered from all ranks.
+    """
+
+    name = "icl"
 
     def forward(self, student: dict, teacher: dict) -> dict[str, torch.Tensor]:
         image = self.projection(_get(student, "image_features", "student", self.name), "image")
@@ -400,25 +406,18 @@ class GDLoss(DistillLoss):
         return {"gd_loss": loss}
 
 
-class AFDLoss(DistillLoss):
+class AFDLoss(_ScaledProjectionLoss):
     """Augmented feature distillation: contrastive loss on fused embeddings
     normalize(W_i[P(I_s); I_t]) and normalize(W_t[P(T_s); T_t]), W: Linear(2·D_t → D_t),
     with its own learnable clamped scale. Sized on D_t, so D_s != D_t works."""
 
-    name, uses_projection = "afd", True
+    name = "afd"
 
     def __init__(self, student_dim: int, teacher_dim: int, projection: FeatureProjection | None = None,
                  init_scale: float = INIT_LOGIT_SCALE, max_scale: float = MAX_LOGIT_SCALE):
-        super().__init__()
-        self.projection = projection if projection is not None else FeatureProjection(student_dim, teacher_dim)
+        super().__init__(student_dim, teacher_dim, projection, init_scale, max_scale)
         self.fuse_image = nn.Linear(2 * teacher_dim, teacher_dim)
         self.fuse_text = nn.Linear(2 * teacher_dim, teacher_dim)
-        self.log_scale = _learnable_log_scale(init_scale)
-        self.max_scale = float(max_scale)
-
-    @classmethod
-    def from_options(cls, student_dim, teacher_dim, projection, options):
-        return cls(student_dim, teacher_dim, projection, options["init_scale"], options["max_scale"])
 
     def forward(self, student: dict, teacher: dict) -> dict[str, torch.Tensor]:
         image = self.projection(_get(student, "image_features", "student", self.name), "image")
