@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 RAY_ADDRESS_HELP = ("Ray cluster address (e.g. 'auto' or ray://host:10001). Default: $RAY_ADDRESS, "
                     "else an embedded local cluster that lives as long as this command")
@@ -64,8 +64,10 @@ def teacher_config_from_args(args: argparse.Namespace):
         "model": args.model, "pretrained": args.pretrained, "overrides": args.overrides,
         "app_name": args.app_name, "num_replicas": args.replicas, "num_cpus": args.num_cpus,
         "num_gpus": args.num_gpus, "max_batch_size": args.max_batch_size,
-        "precision": args.precision,
+        "precision": args.precision, "autoscaling": getattr(args, "autoscale", None),
     }.items() if v is not None}
+    if args.replicas is not None and getattr(args, "autoscale", None) is None:
+        updates["autoscaling"] = None  # --replicas asks for a fixed pool, also over a config that autoscales
     return TeacherConfig.from_dict({**cfg.to_dict(), **updates})
 
 
@@ -241,7 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", help="open_clip pretrained tag or local checkpoint path")
     p.add_argument("--overrides", type=_json_arg, help="JSON of open_clip create_model overrides")
     p.add_argument("--app-name", help="Serve application name (default kd-teacher)")
-    p.add_argument("--replicas", type=int, help="number of replicas")
+    p.add_argument("--replicas", type=int, help="number of replicas (a fixed pool)")
+    p.add_argument("--autoscale", type=_json_arg, metavar="JSON",
+                   help='autoscale the pool instead: Serve autoscaling_config as JSON, max_replicas required, '
+                        'e.g. \'{"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}\'')
     p.add_argument("--num-cpus", type=float, help="CPUs per replica")
     p.add_argument("--num-gpus", type=float, help="GPUs per replica")
     p.add_argument("--max-batch-size", type=int, help="samples per teacher forward")
@@ -320,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -13,7 +13,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from student_trainer.config import TrainConfig
 
@@ -23,7 +22,7 @@ class RunOutcome:
     run_name: str
     returncode: int
     wall_time_s: float
-    metrics: Optional[dict]
+    metrics: dict | None
 
 
 def load_sweep_configs(paths: list[str]) -> list[TrainConfig]:
@@ -44,19 +43,21 @@ def _pump(stream, prefix: str, sink: list[str]) -> None:
         print(f"[{prefix}] {line}", end="", flush=True)
 
 
-def _last_json(lines: list[str]) -> Optional[dict]:
-    """The summary `kd train` prints last: a JSON object spanning the final lines."""
+def _last_json(lines: list[str]) -> dict | None:
+    """The summary JSON object `kd train` prints at its end; Ray's log lines may still follow it
+    (forwarded worker output arrives late), so the object is decoded where it starts."""
     text = "".join(lines)
     start = text.rfind('\n{\n  "run_name"')
     if start < 0:
         return None
     try:
-        return json.loads(text[start:])
+        summary, _ = json.JSONDecoder().raw_decode(text[start + 1:])
+        return summary
     except json.JSONDecodeError:
         return None
 
 
-def run_sweep(paths: list[str], address: str, extra_args: Optional[list[str]] = None) -> list[RunOutcome]:
+def run_sweep(paths: list[str], address: str, extra_args: list[str] | None = None) -> list[RunOutcome]:
     """Start one `kd train` process per config against `address`; wait for all; never orphan them."""
     configs = load_sweep_configs(paths)
     procs, outputs, pumps, starts = [], [], [], []

@@ -7,7 +7,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -22,7 +22,7 @@ class ModelConfig:
     """An open_clip architecture; `overrides` are passed to `open_clip.create_model` as kwargs."""
 
     name: str = "ViT-B-32"
-    pretrained: Optional[str] = None
+    pretrained: str | None = None
     overrides: dict = field(default_factory=dict)
 
 
@@ -31,13 +31,13 @@ class DataConfig:
     """WebDataset shards and the student's view of them."""
 
     train_shards: str = ""
-    val_shards: Optional[str] = None
+    val_shards: str | None = None
     image_size: int = 32  # side of the augmented uint8 view the student trains on (and sends)
     batch_size: int = 64  # per worker
     shuffle_buffer: int = 500
     # Augmented views per sample: epoch e trains on view e % num_views, so K precomputed (or
     # hybrid-appended) views serve every epoch (MobileCLIP-style). None: a new view every epoch.
-    num_views: Optional[int] = None
+    num_views: int | None = None
 
     def view_of(self, epoch: int) -> int:
         """The view id an epoch trains on (the cache key alongside the sample key)."""
@@ -54,12 +54,14 @@ class TeacherSourceConfig:
     """
 
     mode: str = "none"
-    cache_path: Optional[str] = None  # embedding cache directory for `cache` / `hybrid`
+    cache_path: str | None = None  # embedding cache directory for `cache` / `hybrid`
     app_name: str = "kd-teacher"
-    teacher: Optional[TeacherConfig] = None  # required for `inline`
+    teacher: TeacherConfig | None = None  # required for `inline`
     prefetch: int = 2  # batches requested ahead of the one being trained
     timeout_s: float = 60.0  # per teacher call
     retries: int = 3  # re-sends after a failed/timed-out call before the run stops
+    weight: float = 1.0  # this run's share of a contended teacher pool: weight / sum of waiting runs' weights
+    coalesce: bool = True  # send view identities so the pool computes samples other runs share once
 
 
 @dataclass
@@ -71,7 +73,7 @@ class OptimConfig:
     betas: tuple = (0.9, 0.98)
     eps: float = 1e-6
     warmup_steps: int = 20
-    grad_clip_norm: Optional[float] = None
+    grad_clip_norm: float | None = None
 
 
 @dataclass
@@ -87,16 +89,16 @@ class TrainConfig:
     loss_options: dict = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=OptimConfig)
     epochs: int = 1
-    max_steps_per_epoch: Optional[int] = None
+    max_steps_per_epoch: int | None = None
     accum_steps: int = 1  # micro-batches per optimizer step (exact for contrastive/distill losses)
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    torch_threads: Optional[int] = 1
+    torch_threads: int | None = 1
     seed: int = 0
     log_every_steps: int = 10
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Fail early, with the offending field named, instead of deep inside a Ray worker."""
         if not _RUN_NAME.match(self.run_name):
             raise ValueError(f"run_name {self.run_name!r}: use letters, digits, '_', '.', '-' (max 128)")
@@ -118,11 +120,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.teacher.prefetch < 0 or self.teacher.retries < 0:
             raise ValueError("teacher.prefetch and teacher.retries must be >= 0")
+        if not (isinstance(self.teacher.weight, (int, float)) and 0 < self.teacher.weight <= 100):
+            raise ValueError(f"teacher.weight: expected a number in (0, 100], got {self.teacher.weight!r}")
         if not any(w for w in self.losses.values()):
             raise ValueError(f"losses {self.losses!r}: at least one loss needs a nonzero weight")
         return self
 
-    def with_absolute_paths(self) -> "TrainConfig":
+    def with_absolute_paths(self) -> TrainConfig:
         """A copy whose local paths are absolute: Ray workers do not run in the driver's directory."""
         cfg = from_plain(TrainConfig, self.to_dict())
         cfg.storage_path = _absolute(cfg.storage_path)
@@ -137,11 +141,11 @@ class TrainConfig:
         return to_plain(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_dict(cls, data: dict) -> TrainConfig:
         return from_plain(cls, data)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
         text = Path(path).read_text()
         data = yaml.safe_load(text) or {}
         if not isinstance(data, dict):
@@ -152,14 +156,14 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _absolute(path: Optional[str]) -> Optional[str]:
+def _absolute(path: str | None) -> str | None:
     """Absolute form of a local path or shard pattern; URLs (s3://, gs://, ...) stay as they are."""
     if not path or "://" in path:
         return path
     return os.path.abspath(os.path.expanduser(path))
 
 
-def _absolute_if_exists(path: Optional[str]) -> Optional[str]:
+def _absolute_if_exists(path: str | None) -> str | None:
     """A pretrained value is a local checkpoint only when that file exists; else it is a tag."""
     return _absolute(path) if path and os.path.exists(os.path.expanduser(path)) else path
 
@@ -200,7 +204,7 @@ def from_plain(cls: type, data: Any, where: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _dataclass_in(hint: Any) -> Optional[type]:
+def _dataclass_in(hint: Any) -> type | None:
     if dataclasses.is_dataclass(hint):
         return hint
     for arg in typing.get_args(hint):

@@ -13,8 +13,9 @@ import collections
 import logging
 import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ class TeacherStats:
     retries: int = 0
     wait_s: float = 0.0  # time the training loop spent blocked on teacher results
     fingerprints: set = field(default_factory=set)
-    cache: Optional[CacheStats] = None
+    cache: CacheStats | None = None
 
     def as_metrics(self) -> dict:
         metrics = {"teacher_requests": self.requests, "teacher_samples": self.samples,
@@ -65,8 +66,9 @@ class TeacherStats:
         return metrics
 
 
-def make_request(batch: Batch, run: str) -> EmbedRequest:
-    return EmbedRequest(keys=list(batch.keys), images=batch.images, tokens=batch.tokens, run=run)
+def make_request(batch: Batch, run: str, view: str = "", weight: float = 1.0) -> EmbedRequest:
+    return EmbedRequest(keys=list(batch.keys), images=batch.images, tokens=batch.tokens, run=run, view=view,
+                        weight=weight)
 
 
 def response_to_outputs(resp: EmbedResponse) -> TeacherOutputs:
@@ -82,14 +84,14 @@ def response_to_outputs(resp: EmbedResponse) -> TeacherOutputs:
 class NoTeacher:
     """Plain CLIP training: no teacher outputs."""
 
-    embed_dim: Optional[int] = None
+    embed_dim: int | None = None
     info: dict = {}
 
     def __init__(self) -> None:
         self.stats = TeacherStats()
 
-    def stream(self, batches: Iterable[Batch], view: Optional[int] = None
-               ) -> Iterator[tuple[Batch, Optional[TeacherOutputs]]]:
+    def stream(self, batches: Iterable[Batch], view: int | None = None
+               ) -> Iterator[tuple[Batch, TeacherOutputs | None]]:
         for batch in batches:
             yield batch, None
 
@@ -97,7 +99,7 @@ class NoTeacher:
 class InlineTeacher:
     """The teacher loaded inside the student worker, as OpenCLIP does: the baseline to beat."""
 
-    def __init__(self, cfg: TeacherSourceConfig, run: str, device: Optional[str] = None) -> None:
+    def __init__(self, cfg: TeacherSourceConfig, run: str, device: str | None = None) -> None:
         from teacher_service.engine import TeacherEngine
         from teacher_service.model import load_teacher
 
@@ -110,7 +112,7 @@ class InlineTeacher:
         self.run = run
         self.stats = TeacherStats()
 
-    def stream(self, batches: Iterable[Batch], view: Optional[int] = None
+    def stream(self, batches: Iterable[Batch], view: int | None = None
                ) -> Iterator[tuple[Batch, TeacherOutputs]]:
         for batch in batches:
             start = time.perf_counter()
@@ -122,13 +124,20 @@ class InlineTeacher:
 
 
 class RemoteTeacher:
-    """Teacher embeddings from the named Serve app, with a bounded prefetch window and retries."""
+    """Teacher embeddings from the named Serve app, with a bounded prefetch window and retries.
 
-    def __init__(self, cfg: TeacherSourceConfig, run: str) -> None:
+    The window is this run's bound on the pool: at most `prefetch + 1` requests per worker are in
+    flight; a saturated pool makes `result()` wait longer (Serve queues, never drops). With a
+    `view_namespace`, requests carry `view_identity(namespace, view)` so the pool computes a
+    sample that other runs (or this run's retries) also ask for only once.
+    """
+
+    def __init__(self, cfg: TeacherSourceConfig, run: str, view_namespace: str = "") -> None:
         from teacher_service.deployment import get_teacher_handle
 
         self.cfg = cfg
         self.run = run
+        self.view_namespace = view_namespace if cfg.coalesce else ""
         self.handle = get_teacher_handle(cfg.app_name, timeout_s=cfg.timeout_s)
         self.info = self._call(lambda: self.handle.info.remote(), "info")
         self.embed_dim = int(self.info["embed_dim"])
@@ -136,7 +145,7 @@ class RemoteTeacher:
 
     def _call(self, submit, what: str):
         """Submit and wait, re-submitting on failure; RequestError (our bug, not theirs) is not retried."""
-        last: Optional[BaseException] = None
+        last: BaseException | None = None
         for attempt in range(self.cfg.retries + 1):
             pending = None
             try:
@@ -161,13 +170,19 @@ class RemoteTeacher:
             f"Is it deployed? (`kd teacher serve` / `kd teacher status`)"
         ) from last
 
-    def stream(self, batches: Iterable[Batch], view: Optional[int] = None
+    def stream(self, batches: Iterable[Batch], view: int | None = None
                ) -> Iterator[tuple[Batch, TeacherOutputs]]:
-        for batch, outputs in self.stream_parts((batch, batch) for batch in batches):
+        for batch, outputs in self.stream_parts(((batch, batch) for batch in batches), view):
             yield batch, outputs
 
-    def stream_parts(self, items: Iterable[tuple[Any, Optional[Batch]]]
-                     ) -> Iterator[tuple[Any, Optional[TeacherOutputs]]]:
+    def view_id(self, view: int | None) -> str:
+        """The requests' view identity; empty (no coalescing) without a namespace or a view id."""
+        from teacher_service.views import view_identity
+
+        return view_identity(self.view_namespace, view) if self.view_namespace and view is not None else ""
+
+    def stream_parts(self, items: Iterable[tuple[Any, Batch | None]], view: int | None = None
+                     ) -> Iterator[tuple[Any, TeacherOutputs | None]]:
         """`(tag, batch)` items → `(tag, outputs)` in order; a None (or empty) batch asks nothing.
 
         The prefetch window spans items, so while item t trains the requests of items
@@ -175,6 +190,7 @@ class RemoteTeacher:
         """
         window: collections.deque = collections.deque()
         iterator = iter(items)
+        view_id = self.view_id(view)
 
         def submit_next() -> bool:
             item = next(iterator, None)
@@ -184,7 +200,7 @@ class RemoteTeacher:
             if batch is None or len(batch) == 0:
                 window.append((tag, None, None, None))
                 return True
-            request = make_request(batch, self.run)
+            request = make_request(batch, self.run, view_id, self.cfg.weight)
             window.append((tag, batch, request, self.handle.embed.remote(request)))
             self.stats.requests += 1
             self.stats.samples += len(batch.keys)
@@ -253,7 +269,7 @@ class _Plan:
     text_digest: np.ndarray
 
     @property
-    def miss_batch(self) -> Optional[Batch]:
+    def miss_batch(self) -> Batch | None:
         return _take(self.batch, self.miss_rows) if self.miss_rows.size else None
 
 
@@ -263,13 +279,13 @@ class _CacheSource:
     cache: Any
     stats: TeacherStats
 
-    def _init_views(self, verify_rows: Optional[int] = 8) -> None:
+    def _init_views(self, verify_rows: int | None = 8) -> None:
         self._streams = 0
         self._warned = False
         self.verify_rows = verify_rows
         self._verify_rng = np.random.default_rng(0)
 
-    def _view(self, view: Optional[int]) -> int:
+    def _view(self, view: int | None) -> int:
         """The batches' view id; without one, the number of earlier stream() calls (the epoch of a fresh run)."""
         if view is None:
             view = self._streams
@@ -340,7 +356,7 @@ class _CacheSource:
                 f"(cache tokenizer {self.cache.recipe.get('tokenizer')!r}, context length "
                 f"{self.cache.recipe.get('context_length')!r}): a caption longer than the student's context?")
 
-    def _outputs(self, plan: _Plan, missed: Optional[TeacherOutputs] = None) -> TeacherOutputs:
+    def _outputs(self, plan: _Plan, missed: TeacherOutputs | None = None) -> TeacherOutputs:
         n, dim = len(plan.batch), self.cache.embed_dim
         image = np.empty((n, dim), np.float16)
         text = np.empty((n, dim), np.float16)
@@ -362,8 +378,8 @@ class CachedTeacher(_CacheSource):
     cache) rather than training without targets.
     """
 
-    def __init__(self, cfg: TeacherSourceConfig, run: str, recipe: Optional[dict] = None,
-                 verify_rows: Optional[int] = 8) -> None:
+    def __init__(self, cfg: TeacherSourceConfig, run: str, recipe: dict | None = None,
+                 verify_rows: int | None = 8) -> None:
         from teacher_service.cache import EmbeddingCache
 
         if not cfg.cache_path:
@@ -375,7 +391,7 @@ class CachedTeacher(_CacheSource):
         self.stats = TeacherStats(fingerprints={self.cache.fingerprint}, cache=CacheStats())
         self._init_views(verify_rows)
 
-    def stream(self, batches: Iterable[Batch], view: Optional[int] = None
+    def stream(self, batches: Iterable[Batch], view: int | None = None
                ) -> Iterator[tuple[Batch, TeacherOutputs]]:
         from teacher_service.cache import CacheMissError
 
@@ -402,13 +418,13 @@ class HybridTeacher(_CacheSource):
     refused when the source starts.
     """
 
-    def __init__(self, cfg: TeacherSourceConfig, run: str, recipe: Optional[dict] = None,
-                 flush_every: int = 50, verify_rows: Optional[int] = 8) -> None:
+    def __init__(self, cfg: TeacherSourceConfig, run: str, recipe: dict | None = None,
+                 flush_every: int = 50, verify_rows: int | None = 8, view_namespace: str = "") -> None:
         from teacher_service.cache import CacheAppender, EmbeddingCache
 
         if not cfg.cache_path:
             raise ValueError("teacher.mode 'hybrid' needs teacher.cache_path")
-        self.remote = RemoteTeacher(cfg, run)
+        self.remote = RemoteTeacher(cfg, run, view_namespace)
         self.info = self.remote.info
         self.embed_dim = self.remote.embed_dim
         self.cache = EmbeddingCache.open(cfg.cache_path, teacher_info=self.info, recipe=recipe, create=True)
@@ -419,7 +435,7 @@ class HybridTeacher(_CacheSource):
         self.flush_every = max(1, int(flush_every))
         self._init_views(verify_rows)
 
-    def stream(self, batches: Iterable[Batch], view: Optional[int] = None
+    def stream(self, batches: Iterable[Batch], view: int | None = None
                ) -> Iterator[tuple[Batch, TeacherOutputs]]:
         view = self._view(view)
         self.cache.refresh()  # rows other runs appended since we opened the cache
@@ -430,7 +446,7 @@ class HybridTeacher(_CacheSource):
                 yield plan, plan.miss_batch
 
         try:
-            for i, (plan, missed) in enumerate(self.remote.stream_parts(plans())):
+            for i, (plan, missed) in enumerate(self.remote.stream_parts(plans(), view)):
                 if missed is not None:
                     self._record(plan, missed)
                 yield plan.batch, self._outputs(plan, missed)
@@ -448,23 +464,25 @@ class HybridTeacher(_CacheSource):
             self.appender.add([k for k, f in zip(keys, fresh) if f], plan.view, *(a[fresh] for a in args))
             self.stats.cache.appends += int(fresh.sum())
 
-    def flush(self) -> Optional[str]:
+    def flush(self) -> str | None:
         """Write the buffered misses to a new append file now (also done every flush_every batches)."""
         return self.appender.flush()
 
 
-def make_teacher_source(cfg: TeacherSourceConfig, run: str, device: Optional[str] = None,
-                        recipe: Optional[dict] = None):
+def make_teacher_source(cfg: TeacherSourceConfig, run: str, device: str | None = None,
+                        recipe: dict | None = None, view_namespace: str = ""):
     """The teacher source for `cfg.mode`. `recipe` (`teacher_service.views.view_recipe(image_size,
-    seed)`) lets the cache modes refuse a cache built for other views before the first batch."""
+    seed)`) lets the cache modes refuse a cache built for other views before the first batch;
+    `view_namespace` (`teacher_service.views.view_namespace`) lets the pool coalesce the remote
+    and hybrid sources' requests with other runs'."""
     if cfg.mode == "none":
         return NoTeacher()
     if cfg.mode == "inline":
         return InlineTeacher(cfg, run, device)
     if cfg.mode == "remote":
-        return RemoteTeacher(cfg, run)
+        return RemoteTeacher(cfg, run, view_namespace)
     if cfg.mode == "cache":
         return CachedTeacher(cfg, run, recipe)
     if cfg.mode == "hybrid":
-        return HybridTeacher(cfg, run, recipe)
+        return HybridTeacher(cfg, run, recipe, view_namespace=view_namespace)
     raise ValueError(f"teacher mode {cfg.mode!r}: expected none, inline, remote, cache or hybrid")

@@ -17,11 +17,10 @@ import inspect
 import itertools
 import json
 import math
-import os
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ import torch
 from teacher_service.centroids import class_centroids
 from teacher_service.preprocess import PreprocessSpec, preprocess_spec, to_model_input
 from teacher_service.protocol import EmbedRequest
-from teacher_service.views import view_recipe
+from teacher_service.views import view_namespace, view_recipe
 
 from .checkpoint import MODEL_FILE, save_student
 from .config import TrainConfig
@@ -62,7 +61,7 @@ class DistillModule(torch.nn.Module):
         self.spec = spec
 
     def features(self, images: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
-                 mask_noise: Optional[torch.Tensor] = None) -> dict:
+                 mask_noise: torch.Tensor | None = None) -> dict:
         """The student dict the losses read (MFD's masked view included when MFD is on).
 
         `mask_noise` [B, patches] fixes MFD's mask (see `masking.patch_noise`); without it the
@@ -84,11 +83,11 @@ class DistillModule(torch.nn.Module):
         return student
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
-                teacher: Optional[dict], mask_noise: Optional[torch.Tensor] = None) -> dict:
+                teacher: dict | None, mask_noise: torch.Tensor | None = None) -> dict:
         return self.losses(self.features(images, tokens, labels, mask_noise), teacher or {})
 
 
-def teacher_tensors(outputs: Optional[dict], device: torch.device) -> Optional[dict]:
+def teacher_tensors(outputs: dict | None, device: torch.device) -> dict | None:
     """fp16 numpy teacher outputs → float32 tensors (copied: Ray results are read-only)."""
     if outputs is None:
         return None
@@ -102,7 +101,7 @@ def teacher_tensors(outputs: Optional[dict], device: torch.device) -> Optional[d
     return result
 
 
-def merge_teacher_outputs(outputs: Sequence[Optional[dict]]) -> Optional[dict]:
+def merge_teacher_outputs(outputs: Sequence[dict | None]) -> dict | None:
     """The teacher outputs of an optimizer step's micro-batches as one dict (rows in order)."""
     if not outputs or all(o is None for o in outputs):
         return None
@@ -131,12 +130,12 @@ def train_step(
     module: DistillModule,
     optimizer: torch.optim.Optimizer,
     micro_batches: Sequence[MicroBatch],
-    teacher: Optional[dict],
+    teacher: dict | None,
     *,
     seed: int = 0,
-    ddp: Optional[torch.nn.Module] = None,
-    scaler: Optional[torch.amp.GradScaler] = None,
-    grad_clip_norm: Optional[float] = None,
+    ddp: torch.nn.Module | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    grad_clip_norm: float | None = None,
     use_amp: bool = False,
     where: str = "",
 ) -> dict[str, torch.Tensor]:
@@ -177,7 +176,7 @@ def train_step(
 
 
 def _accumulated(module: DistillModule, micro_batches: Sequence[MicroBatch], sizes: list[int],
-                 noise: Optional[torch.Tensor], teacher: Optional[dict], ddp, scaler,
+                 noise: torch.Tensor | None, teacher: dict | None, ddp, scaler,
                  use_amp: bool) -> dict[str, torch.Tensor]:
     device = micro_batches[0][0].device
     offsets = [0, *itertools.accumulate(sizes)]
@@ -188,7 +187,7 @@ def _accumulated(module: DistillModule, micro_batches: Sequence[MicroBatch], siz
         with torch.autocast(device.type, enabled=use_amp):
             return module.features(*micro_batches[j], rows)
 
-    def scaled_losses(student: dict, teacher_: Optional[dict]) -> dict:
+    def scaled_losses(student: dict, teacher_: dict | None) -> dict:
         with torch.autocast(device.type, enabled=use_amp):
             return {k: v * factor for k, v in module.losses(student, teacher_ or {}).items()}
 
@@ -393,9 +392,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     student = create_student(cfg.model, device)
     tokenizer = create_tokenizer(student, cfg.model)
-    source = make_teacher_source(cfg.teacher, run=cfg.run_name, device=str(device),
-                                 recipe=view_recipe(cfg.data.image_size, cfg.seed))
     shards = resolve_shards(cfg.data.train_shards)
+    recipe = view_recipe(cfg.data.image_size, cfg.seed)
+    source = make_teacher_source(cfg.teacher, run=cfg.run_name, device=str(device), recipe=recipe,
+                                 view_namespace=view_namespace(recipe, "\n".join(sorted(shards))))
     options = _loss_options(cfg, source, tokenizer, shards)
     centroids = options.get("class_centroids")
     teacher_dim = source.embed_dim or (int(centroids.shape[1]) if centroids is not None else embed_dim(student))

@@ -15,6 +15,8 @@ import yaml
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 BATCHERS = ("fill", "serve")
+ROUTINGS = ("view_affinity", "power_of_two")
+VIEW_AFFINITY_ROUTER = "teacher_service.routing.ViewAffinityRouter"
 
 
 @dataclass
@@ -26,6 +28,16 @@ class TeacherConfig:
     `expected_request_samples` is the typical request size (a student's per-rank batch); it is only
     used to check that `max_ongoing_requests` lets a replica hold enough requests to fill a batch.
     `seed` makes random initialisation (pretrained=None) identical in every replica and process.
+
+    `autoscaling` (Serve's `autoscaling_config`: `min_replicas`, `max_replicas` — required, so a
+    pool never grows without bound — `target_ongoing_requests`, `upscale_delay_s`,
+    `downscale_delay_s`, ...) makes Serve scale the replica count on the requests queued and
+    running per replica; `num_replicas` is then ignored. `coalesce_memory_rows` bounds each
+    replica's table of recently answered (view, key) rows (`coalesce.Coalescer`; 0 keeps only
+    in-flight coalescing). `max_run_weight` is the largest fair-share weight a caller may claim.
+    `routing`: "view_affinity" (default) sends identical requests from different runs to the same
+    replica so they coalesce across replicas (`routing.ViewAffinityRouter`); "power_of_two" is
+    Serve's default router.
     """
 
     model: str = "ViT-B-32"
@@ -45,6 +57,10 @@ class TeacherConfig:
     expected_request_samples: int = 8
     seed: int = 0
     batcher: str = "fill"  # "fill": SampleBatcher (default); "serve": Serve's @serve.batch
+    autoscaling: dict | None = None  # Serve autoscaling_config; None: a fixed num_replicas
+    coalesce_memory_rows: int = 65536
+    max_run_weight: float = 100.0
+    routing: str = "view_affinity"
 
     def __post_init__(self) -> None:
         if self.pretrained in ("", "none", "None"):
@@ -62,6 +78,8 @@ class TeacherConfig:
             raise ValueError(f"overrides: expected a dict of create_model kwargs, got {type(self.overrides).__name__}")
         if self.batcher not in BATCHERS:
             raise ValueError(f"batcher: expected one of {BATCHERS}, got {self.batcher!r}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing: expected one of {ROUTINGS}, got {self.routing!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
@@ -74,6 +92,10 @@ class TeacherConfig:
         _require(self.max_request_samples >= 1, "max_request_samples", self.max_request_samples, ">= 1")
         _require(self.expected_request_samples >= 1, "expected_request_samples",
                  self.expected_request_samples, ">= 1")
+        _require(self.coalesce_memory_rows >= 0, "coalesce_memory_rows", self.coalesce_memory_rows, ">= 0")
+        _require(self.max_run_weight > 0, "max_run_weight", self.max_run_weight, "> 0")
+        if self.autoscaling is not None:
+            self._validate_autoscaling()
         if self.torch_threads is not None:
             _require(self.torch_threads >= 1, "torch_threads", self.torch_threads, ">= 1 or None")
         needed = self.requests_to_fill_batch()
@@ -86,6 +108,35 @@ class TeacherConfig:
                 f"would never fill. Raise max_ongoing_requests to >= {needed} (2x that keeps the next "
                 f"batch filling while one runs) or lower max_batch_size."
             )
+
+    def _validate_autoscaling(self) -> None:
+        """Serve's own AutoscalingConfig checks the fields; we also require an explicit max_replicas."""
+        from ray.serve.config import AutoscalingConfig
+
+        a = self.autoscaling
+        if not isinstance(a, dict):
+            raise ValueError(f"autoscaling: expected a mapping of Serve autoscaling_config fields, got {a!r}")
+        if "max_replicas" not in a:
+            raise ValueError("autoscaling: set max_replicas explicitly (Serve's default would let the pool grow "
+                             "to 100 replicas)")
+        try:
+            AutoscalingConfig(**a)
+        except Exception as e:  # pydantic's ValidationError names the field
+            raise ValueError(f"autoscaling: {e}") from e
+
+    def serve_options(self) -> dict[str, Any]:
+        """The deployment options Serve takes for this pool (replica count or autoscaling, resources)."""
+        options: dict[str, Any] = {"max_ongoing_requests": self.max_ongoing_requests,
+                                   "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}}
+        if self.autoscaling is not None:
+            options["autoscaling_config"] = dict(self.autoscaling)
+        else:
+            options["num_replicas"] = self.num_replicas
+        if self.routing == "view_affinity":
+            from ray.serve.config import RequestRouterConfig
+
+            options["request_router_config"] = RequestRouterConfig(request_router_class=VIEW_AFFINITY_ROUTER)
+        return options
 
     def requests_to_fill_batch(self) -> int:
         """Requests of `expected_request_samples` samples that make one full batch."""

@@ -27,10 +27,19 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from .batching import Queued, SampleBatcher
+from .coalesce import Coalescer
 from .config import TeacherConfig
 from .engine import TeacherEngine
-from .grpc_ingress import (DEFAULT_MAX_REQUEST_BYTES, RequestTooLargeError, WireLimits, decode_embed_request,
-                           encode_embed_reply, encode_health_reply, encode_stats_reply, refuse)
+from .grpc_ingress import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    RequestTooLargeError,
+    WireLimits,
+    decode_embed_request,
+    encode_embed_reply,
+    encode_health_reply,
+    encode_stats_reply,
+    refuse,
+)
 from .model import load_teacher
 from .proto import teacher_pb2 as pb
 from .protocol import EmbedRequest, EmbedResponse, RequestError, RequestLimits
@@ -51,7 +60,10 @@ class TeacherDeployment:
     def __init__(self, config: dict, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
         self.cfg = TeacherConfig.from_dict(config)
         self.teacher = load_teacher(self.cfg)
-        self.engine = TeacherEngine(self.teacher, RequestLimits(max_samples=self.cfg.max_request_samples))
+        self.engine = TeacherEngine(self.teacher, RequestLimits(max_samples=self.cfg.max_request_samples,
+                                                                max_weight=self.cfg.max_run_weight))
+        self.coalescer = Coalescer(self.cfg.coalesce_memory_rows, self.teacher.logit_scale,
+                                   self.teacher.logit_bias, self.teacher.fingerprint)
         self.wire_limits = WireLimits(max_request_bytes=max_request_bytes)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-forward")
         self._clock = time.monotonic
@@ -79,7 +91,9 @@ class TeacherDeployment:
     async def stats(self, include_samples: bool = False) -> dict[str, Any]:
         """This replica's counters (`TeacherCounters.snapshot`); `collect_stats` merges all replicas."""
         return {**self.counters.snapshot(include_samples), "fingerprint": self.teacher.fingerprint,
-                "model": self.cfg.model, "uptime_s": time.time() - self._started}
+                "model": self.cfg.model, "uptime_s": time.time() - self._started,
+                "coalesce_in_flight_rows": self.coalescer.in_flight_rows(),
+                "coalesce_recent_rows": self.coalescer.recent_rows()}
 
     # ---- the gRPC API (Serve's proxy calls the method named like the rpc)
     async def Embed(self, request: pb.EmbedRequest, grpc_context: Any = None) -> pb.EmbedReply:
@@ -120,23 +134,29 @@ class TeacherDeployment:
             raise
         size = len(request)
         self.counters.accepted(label, size)
+
+        async def compute(part: EmbedRequest) -> EmbedResponse:
+            result = await self._submit((label, part), len(part), arrived, label, float(part.weight))
+            if isinstance(result, Exception):
+                raise result
+            return result
+
         try:
-            result = await self._submit((label, request), size, arrived)  # payload: (run label, request)
+            result, reuse = await self.coalescer.embed(request, compute)
         except asyncio.CancelledError:
             self.counters.cancelled(label)
             raise
         except Exception:
             self.counters.failed(label)
             raise
-        if isinstance(result, Exception):
-            self.counters.failed(label)
-            raise result
+        self.counters.reused(label, reuse.coalesced, reuse.from_cache)
         self.counters.answered(label, size)
         return result
 
-    async def _submit(self, payload: tuple, size: int, arrived: float):
+    async def _submit(self, payload: tuple, size: int, arrived: float, run: str = "", weight: float = 1.0):
+        """payload = (run label, request); `run`/`weight` drive the fill batcher's fair share."""
         if self.cfg.batcher == "fill":
-            return await self.batcher.submit(payload, size, arrived)
+            return await self.batcher.submit(payload, size, arrived, run, weight)
         item = Queued(payload, size, arrived, None)
         if size > self.cfg.max_batch_size:  # Serve's queue refuses an item larger than a batch
             return (await self._run_batch([item]))[0]
@@ -183,11 +203,7 @@ def _ray_sink(app_name: str, replica: str) -> MetricsSink | None:
 def build_app(cfg: TeacherConfig, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
     """The Serve application for `cfg` (not yet running); `max_request_bytes` bounds gRPC requests."""
     WireLimits(max_request_bytes=max_request_bytes)  # fail here, not in the replica
-    return TeacherDeployment.options(
-        num_replicas=cfg.num_replicas,
-        max_ongoing_requests=cfg.max_ongoing_requests,
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
-    ).bind(cfg.to_dict(), max_request_bytes)
+    return TeacherDeployment.options(**cfg.serve_options()).bind(cfg.to_dict(), max_request_bytes)
 
 
 def deploy(cfg: TeacherConfig, *, grpc: bool = False,

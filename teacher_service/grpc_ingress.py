@@ -92,7 +92,8 @@ def tensor_from_proto(tensor: pb.Tensor, field: str, max_dims: int = MAX_DIMS) -
 # ------------------------------------------------------------------------------------------ embed
 def encode_embed_request(request: EmbedRequest) -> pb.EmbedRequest:
     """Client side: protocol EmbedRequest → proto (validation is the server's job)."""
-    msg = pb.EmbedRequest(keys=list(request.keys), run=request.run or "")
+    msg = pb.EmbedRequest(keys=list(request.keys), run=request.run or "", view=request.view or "",
+                          weight=float(request.weight))
     if request.images is not None:
         msg.images.CopyFrom(tensor_to_proto(request.images))
     if request.tokens is not None:
@@ -114,7 +115,8 @@ def decode_embed_request(msg: pb.EmbedRequest, limits: WireLimits = WireLimits()
                                    "split it into smaller requests")
     images = tensor_from_proto(msg.images, "images", limits.max_dims) if msg.HasField("images") else None
     tokens = tensor_from_proto(msg.tokens, "tokens", limits.max_dims) if msg.HasField("tokens") else None
-    return EmbedRequest(keys=list(msg.keys), images=images, tokens=tokens, run=msg.run)
+    return EmbedRequest(keys=list(msg.keys), images=images, tokens=tokens, run=msg.run, view=msg.view,
+                        weight=msg.weight if msg.weight != 0 else 1.0)
 
 
 def encode_embed_reply(response: EmbedResponse) -> pb.EmbedReply:

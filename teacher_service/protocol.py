@@ -27,19 +27,30 @@ class RequestLimits:
     max_image_side: int = 1024
     max_context_length: int = 512
     vocab_size: int | None = None   # token ids must be < vocab_size when set (the engine sets it)
+    max_weight: float = 100.0       # largest fair-share weight a caller may claim
 
 
 @dataclass
 class EmbedRequest:
     """One mini-batch: `keys[i]` names sample i; images uint8 [b, H, W, 3], tokens int [b, L].
 
-    `run` identifies the caller (a student run) for accounting; it does not change the result.
+    `run` identifies the caller (a student run) for accounting and fair share; `weight` is its
+    share of the teacher under contention (w / sum of the waiting runs' weights). Neither changes
+    the result.
+
+    `view` names the view every sample of the request is in: a string that, together with a
+    sample's key, decides its pixels (the client derives it from the data, the view recipe and
+    the view id, see `teacher_service.views.view_identity`). Requests with a view are coalesced
+    by the replica: a (view, key) already being computed, or computed recently, is answered
+    from that computation instead of running again. Empty: the request is never coalesced.
     """
 
     keys: list[str]
     images: np.ndarray | None = None
     tokens: np.ndarray | None = None
     run: str = ""
+    view: str = ""
+    weight: float = 1.0
 
     def __len__(self) -> int:
         """Number of samples; never raises, so Serve's batch_size_fn is safe on any request."""
@@ -73,12 +84,31 @@ def validate_request(req, limits: RequestLimits) -> None:
         raise RequestError(f"keys: request has {b} samples, more than max_samples={limits.max_samples}; split it")
     if not isinstance(req.run, str):
         raise RequestError(f"run: expected str, got {type(req.run).__name__}")
+    _check_view(req.view)
+    _check_weight(req.weight, limits)
     if req.images is None and req.tokens is None:
         raise RequestError("images/tokens: request carries neither images nor tokens")
     if req.images is not None:
         _check_images(req.images, b, limits)
     if req.tokens is not None:
         _check_tokens(req.tokens, b, limits)
+
+
+MAX_VIEW_CHARS = 256
+
+
+def _check_view(view) -> None:
+    if not isinstance(view, str):
+        raise RequestError(f"view: expected str, got {type(view).__name__}")
+    if len(view) > MAX_VIEW_CHARS:
+        raise RequestError(f"view: {len(view)} characters, more than {MAX_VIEW_CHARS}")
+
+
+def _check_weight(weight, limits: RequestLimits) -> None:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise RequestError(f"weight: expected a number, got {type(weight).__name__}")
+    if not (0 < weight <= limits.max_weight):  # also refuses NaN
+        raise RequestError(f"weight: {weight!r} outside (0, max_weight={limits.max_weight}]")
 
 
 def _check_keys(keys) -> int:

@@ -11,8 +11,9 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +21,11 @@ ERROR_KINDS = ("invalid", "too_large", "internal")
 SUM_KEYS = ("requests_received", "requests", "requests_cancelled", "errors", "errors_invalid",
             "errors_too_large", "errors_internal", "samples_requested", "samples_computed",
             "samples_coalesced", "samples_from_cache", "samples", "batches", "batch_requests",
-            "batch_fill_sum", "forward_s", "in_flight", "samples_per_s")
-RUN_SUM_KEYS = ("requests_received", "requests", "errors", "samples_requested", "samples_computed", "samples",
-                "samples_per_s")
+            "batch_fill_sum", "forward_s", "in_flight", "samples_per_s", "coalesce_in_flight_rows",
+            "coalesce_recent_rows")
+RUN_COUNTS = ("requests_received", "requests", "errors", "samples_requested", "samples_computed",
+              "samples_coalesced", "samples_from_cache", "samples")
+RUN_SUM_KEYS = (*RUN_COUNTS, "samples_per_s")
 MAX_RUNS = 256
 RESERVOIR = 4096
 
@@ -35,12 +38,12 @@ class MetricsSink(Protocol):
     def answered(self, run: str, samples: int, samples_per_s: float) -> None: ...
     def batch(self, per_run: dict[str, int], fill: float, forward_s: float, waits: list[float]) -> None: ...
     def in_flight(self, n: int) -> None: ...
+    def reused(self, run: str, coalesced: int, from_cache: int) -> None: ...
 
 
 @dataclass
 class _Run:
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("requests_received", "requests", "errors", "samples_requested", "samples_computed", "samples"), 0))
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RUN_COUNTS, 0))
     first_seen: float = 0.0
     window: deque = field(default_factory=deque)  # [second, samples answered] buckets
 
@@ -58,8 +61,11 @@ class TeacherCounters:
     A request is `requests_received` on arrival; then refused (`errors_invalid` / `errors_too_large`),
     or accepted (`samples_requested`), and finally answered (`requests`, `samples`), failed
     (`errors_internal`) or cancelled by its caller. Each forward adds `batches`, `samples_computed`
-    and its fill (samples / max_batch_size, capped at 1). `samples_coalesced` and
-    `samples_from_cache` stay 0 until request coalescing and the cache exist. Queue wait (arrival →
+    and its fill (samples / max_batch_size, capped at 1). Samples answered without a forward of
+    their own (`coalesce.Coalescer`) add `samples_coalesced` (joined a forward already queued or
+    running) or `samples_from_cache` (the replica's table of recent rows), so
+    samples_requested = samples_computed + samples_coalesced + samples_from_cache once every
+    accepted request is answered. Queue wait (arrival →
     forward start) and forward time percentiles are over the last RESERVOIR values; per-run
     `samples_per_s` is answered samples over the last `window_s` seconds.
     """
@@ -121,6 +127,19 @@ class TeacherCounters:
         if self.sink:
             self.sink.answered(label, samples, rate)
             self.sink.in_flight(int(n))
+
+    def reused(self, label: str, coalesced: int, from_cache: int) -> None:
+        """Samples of an answered request that took no forward of their own."""
+        if not (coalesced or from_cache):
+            return
+        with self._lock:
+            self._c["samples_coalesced"] += coalesced
+            self._c["samples_from_cache"] += from_cache
+            counts = self._run(label).counts
+            counts["samples_coalesced"] += coalesced
+            counts["samples_from_cache"] += from_cache
+        if self.sink:
+            self.sink.reused(label, coalesced, from_cache)
 
     def failed(self, label: str) -> None:
         self._error(label, "internal", in_flight=True)
@@ -289,6 +308,10 @@ class RayMetricsSink:
         self.samples_computed = Counter("kd_teacher_samples_computed", "samples run through the teacher",
                                         tag_keys=run_tags)
         self.samples_answered = Counter("kd_teacher_samples_answered", "samples answered", tag_keys=run_tags)
+        self.samples_coalesced = Counter("kd_teacher_samples_coalesced",
+                                         "samples answered by a forward another request started", tag_keys=run_tags)
+        self.samples_from_cache = Counter("kd_teacher_samples_from_cache",
+                                          "samples answered from the replica's recent rows", tag_keys=run_tags)
         self.errors = Counter("kd_teacher_errors", "requests refused or failed", tag_keys=("app", "run", "kind"))
         self.batches = Counter("kd_teacher_batches", "teacher forward passes", tag_keys=("app",))
         self.fill = Histogram("kd_teacher_batch_fill_ratio", "samples per forward / max_batch_size",
@@ -307,6 +330,13 @@ class RayMetricsSink:
         self.requests.inc(1, tags)
         if samples:
             self.samples_requested.inc(samples, tags)
+
+    def reused(self, run: str, coalesced: int, from_cache: int) -> None:
+        tags = {**self._app, "run": run}
+        if coalesced:
+            self.samples_coalesced.inc(coalesced, tags)
+        if from_cache:
+            self.samples_from_cache.inc(from_cache, tags)
 
     def error(self, run: str, kind: str) -> None:
         self.errors.inc(1, {**self._app, "run": run, "kind": kind})
@@ -359,9 +389,11 @@ def format_stats(info: dict[str, Any], stats: dict[str, Any]) -> str:
         f"throughput {s['samples_per_s']:.1f} samples/s over the last {s.get('window_s', 0):.0f} s",
     ]
     if s["runs"]:
-        lines.append(f"{'run':<24} {'requests':>9} {'samples':>9} {'computed':>9} {'errors':>7} {'samples/s':>10}")
+        lines.append(f"{'run':<24} {'requests':>9} {'samples':>9} {'computed':>9} {'coalesced':>9} "
+                     f"{'cached':>7} {'errors':>7} {'samples/s':>10}")
         for run, r in sorted(s["runs"].items()):
             lines.append(f"{run:<24} {r['requests']:>9.0f} {r['samples']:>9.0f} {r['samples_computed']:>9.0f} "
+                         f"{r.get('samples_coalesced', 0):>9.0f} {r.get('samples_from_cache', 0):>7.0f} "
                          f"{r['errors']:>7.0f} {r['samples_per_s']:>10.1f}")
     if len(s.get("replicas", {})) > 1:
         lines.append(f"{'replica':<24} {'requests':>9} {'batches':>9} {'fill':>6} {'in flight':>9}")

@@ -33,7 +33,7 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp", "tif", "tiff")  
 
 def view_rng(key: str, view: int, seed: int) -> np.random.Generator:
     """A generator that depends only on (key, view, seed), identical in every process."""
-    payload = f"{key}\x00{int(view)}\x00{int(seed)}".encode("utf-8")
+    payload = f"{key}\x00{int(view)}\x00{int(seed)}".encode()
     digest = hashlib.sha256(payload).digest()
     return np.random.default_rng(int.from_bytes(digest[:16], "little"))
 
@@ -157,3 +157,18 @@ def token_digests(tokens: np.ndarray, context_length: int) -> np.ndarray:
     fitted = np.ascontiguousarray(fit_context(np.asarray(tokens, dtype=np.int64), int(context_length)),
                                   dtype=np.int64)
     return np.fromiter((_digest(row.tobytes()) for row in fitted), dtype=np.uint64, count=len(fitted))
+
+
+def view_namespace(recipe: dict, data_id: str) -> str:
+    """A short digest of what, besides (key, view), decides a sample's pixels and caption: the
+    view recipe and the data (e.g. the sorted shard paths). Runs with equal namespaces may share
+    teacher computations of the same (key, view) (`EmbedRequest.view`, `coalesce.Coalescer`)."""
+    import json
+
+    payload = json.dumps({"recipe": recipe, "data": data_id}, sort_keys=True, default=str).encode("utf-8")
+    return hashlib.sha256(payload).hexdigest()[:24]
+
+
+def view_identity(namespace: str, view: int) -> str:
+    """`EmbedRequest.view` for view `view` of the data and recipe that `namespace` names."""
+    return f"{namespace}/{int(view)}"

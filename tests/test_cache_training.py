@@ -15,12 +15,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_models import running_app, tiny_teacher_overrides, train_shards
 
-from student_trainer.config import DataConfig, ModelConfig, OptimConfig, TeacherSourceConfig, TrainConfig
-from teacher_service.cache import APPEND_PREFIX, CacheMismatchError, CacheMissError, EmbeddingCache, compact
+from student_trainer.config import (
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    TeacherSourceConfig,
+    TrainConfig,
+)
+from teacher_service.cache import (
+    APPEND_PREFIX,
+    CacheMismatchError,
+    CacheMissError,
+    EmbeddingCache,
+    compact,
+)
 from teacher_service.config import TeacherConfig
 from teacher_service.views import view_recipe
-from tiny_models import tiny_teacher_overrides
 
 pytestmark = pytest.mark.ray
 
@@ -35,11 +47,7 @@ TEACHER = TeacherConfig(model="ViT-B-32", overrides=TINY_TEACHER, app_name=APP, 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     """Two train shards of 100 digits, as a brace spec (what a user passes to kd train)."""
-    from student_trainer.datasets import write_digits_shards
-
-    out = tmp_path_factory.mktemp("digits")
-    write_digits_shards(out, image_size=32, samples_per_shard=100)
-    return str(out / "train-{000000..000001}.tar")
+    return train_shards(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -133,16 +141,8 @@ def test_cache_source_serves_exact_rows_and_refuses_misses(shards, precomputed):
 
 @pytest.fixture(scope="module")
 def teacher_app(ray_cluster):
-    from ray import serve
-
-    from teacher_service.deployment import deploy
-
-    handle = deploy(TEACHER)
-    handle.info.remote().result(timeout_s=120)
-    try:
+    with running_app(TEACHER) as handle:
         yield handle
-    finally:
-        serve.delete(APP)
 
 
 def app_samples(handle) -> int:

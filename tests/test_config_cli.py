@@ -137,6 +137,8 @@ def test_sweep_reads_the_train_summary():
              '  "metrics": {"epoch": 2}\n', "}\n"]
     assert _last_json(lines) == {"run_name": "a", "metrics": {"epoch": 2}}
     assert _last_json(lines[:-1]) is None  # a run killed mid-summary has no metrics
+    late = lines + ["(PlacementGroupCleaner pid=1) Failed to query Ray Train Controller actor state.\n"]
+    assert _last_json(late) == {"run_name": "a", "metrics": {"epoch": 2}}  # Ray log lines after the summary
     assert _last_json(["no summary at all\n"]) is None
 
 
@@ -181,3 +183,22 @@ def test_train_flags_override_the_yaml(tmp_path):
     # flags not given keep the YAML's values
     assert (cfg.epochs, cfg.data.batch_size, cfg.teacher.app_name) == (3, 32, "kd-teacher")
     assert not train_config_from_args(build_parser().parse_args(["train", "--config", str(path)])).use_gpu
+
+
+def test_teacher_serve_flags_pick_a_fixed_or_an_autoscaled_pool(tmp_path):
+    from cluster.cli import build_parser, teacher_config_from_args
+    from teacher_service.config import TeacherConfig
+
+    path = tmp_path / "teacher.yaml"
+    TeacherConfig(autoscaling={"min_replicas": 1, "max_replicas": 3}).to_yaml(path)
+
+    def cfg(*flags):
+        return teacher_config_from_args(build_parser().parse_args(["teacher", "serve", "--config", str(path), *flags]))
+
+    assert cfg().serve_options()["autoscaling_config"]["max_replicas"] == 3
+    fixed = cfg("--replicas", "2").serve_options()
+    assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
+    scaled = cfg("--autoscale", '{"min_replicas": 2, "max_replicas": 5}').serve_options()
+    assert scaled["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 5}
+    with pytest.raises(ValueError, match="max_replicas explicitly"):
+        cfg("--autoscale", '{"min_replicas": 2}')

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import yaml
 
-from teacher_service import EmbedRequest, EmbedResponse, RequestError, TeacherConfig, TeacherEngine, load_teacher
+from teacher_service import (
+    EmbedRequest,
+    EmbedResponse,
+    RequestError,
+    TeacherConfig,
+    TeacherEngine,
+    load_teacher,
+)
 
 SERVE_YAML = Path(__file__).resolve().parents[1] / "cluster" / "configs" / "serve_teacher.yaml"
 APP = "kd-teacher-test"
@@ -33,6 +40,7 @@ def test_serve_config_validates_and_builds():
     cfg = TeacherConfig.from_dict(app.args)  # every arg is a TeacherConfig field
     assert cfg.pretrained is None and cfg.app_name == "kd-teacher" and cfg.num_cpus <= 1
     assert builder(app.args) is not None
+    assert cfg.autoscaling["max_replicas"] >= cfg.autoscaling["min_replicas"] >= 1
     with pytest.raises(ValueError, match="unknown keys"):
         builder({**app.args, "max_batch": 3})
 
@@ -60,10 +68,15 @@ def assert_same(got: EmbedResponse, want: EmbedResponse) -> None:
 def test_teacher_deployment_batches_and_isolates_errors(ray_cluster, batcher):
     from ray import serve
 
-    from teacher_service.deployment import TeacherUnavailableError, deploy, get_teacher_handle
+    from teacher_service.deployment import (
+        TeacherUnavailableError,
+        deploy,
+        get_teacher_handle,
+    )
 
     cfg = TeacherConfig.from_dict({**yaml_args(), "app_name": APP, "num_cpus": 0.5, "max_batch_size": 64,
-                                   "batch_wait_timeout_s": 0.25, "batcher": batcher})
+                                   "batch_wait_timeout_s": 0.25, "batcher": batcher,
+                                   "autoscaling": None})  # one replica: the batch counts below are its own
     handle = deploy(cfg)
     try:
         local = load_teacher(cfg)

@@ -1,6 +1,8 @@
 """Tiny open_clip architectures shared by the tests (random init, fast on a 2-core CPU)."""
 from __future__ import annotations
 
+import contextlib
+
 
 def tiny_teacher_overrides(embed_dim: int = 48) -> dict:
     """open_clip `create_model` overrides for a ViT-B-32-shaped teacher at 32 px; a fresh dict each call.
@@ -12,3 +14,27 @@ def tiny_teacher_overrides(embed_dim: int = 48) -> dict:
         "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
     }
+
+
+@contextlib.contextmanager
+def running_app(cfg):
+    """Deploy the teacher app `cfg` on the session's cluster, yield its handle once it answers, delete it after."""
+    from ray import serve
+
+    from teacher_service.deployment import deploy
+
+    handle = deploy(cfg)
+    handle.info.remote().result(timeout_s=120)
+    try:
+        yield handle
+    finally:
+        serve.delete(cfg.app_name)
+
+
+def train_shards(tmp_path_factory, samples_per_shard: int = 100, name: str = "digits") -> str:
+    """Two digits train shards of `samples_per_shard` samples, as a brace spec (what `kd train` takes)."""
+    from student_trainer.datasets import write_digits_shards
+
+    out = tmp_path_factory.mktemp(name)
+    write_digits_shards(out, image_size=32, samples_per_shard=samples_per_shard)
+    return str(out / "train-{000000..000001}.tar")
