@@ -15,7 +15,7 @@ samples/s, teacher utilisation (forward seconds / window seconds, one replica) a
 fraction. On a CPU machine every process competes for the same cores, so the figures say how the
 pool shares itself, not what separate GPU machines would reach.
 
-    python benchmarks/multi_student.py --runs 1 2 4 --layouts shared distinct --steps 150
+    python benchmarks/multi_student.py --runs 1 2 4 --layouts shared distinct --epochs 3
 """
 from __future__ import annotations
 
@@ -105,7 +105,9 @@ def measure(polls: list[tuple[float, dict]], runs: list[str]) -> dict:
                                      / max(1, s1["batches"] - s0["batches"]), 3)}
 
 
-def run_configs(args, n: int, layout: str, data: Path, work: Path) -> list[TrainConfig]:
+def run_configs(args, n: int, layout: str, data: Path, work: Path, case: int) -> list[TrainConfig]:
+    """Seeds are new for every case (the replica's recent rows must not carry over between cases):
+    one seed for all runs of a `shared` case, one per run in a `distinct` case."""
     stamp = int(time.time())
     configs = []
     for i in range(n):
@@ -114,14 +116,14 @@ def run_configs(args, n: int, layout: str, data: Path, work: Path) -> list[Train
             model=ModelConfig(name=args.student),
             data=DataConfig(train_shards=str(data / "train-*.tar"), batch_size=args.batch_size, image_size=IMAGE_SIZE),
             teacher=TeacherSourceConfig(mode="remote", app_name=APP, prefetch=args.prefetch, timeout_s=300),
-            losses={"clip": 1.0, "kl": 1.0 + i}, optim=OptimConfig(warmup_steps=5), epochs=1,
+            losses={"clip": 1.0, "kl": 1.0 + i}, optim=OptimConfig(warmup_steps=5), epochs=args.epochs,
             max_steps_per_epoch=args.steps, num_workers=1, cpus_per_worker=1, torch_threads=1, log_every_steps=0,
-            seed=0 if layout == "shared" else 1000 + i))
+            seed=1000 * case + (0 if layout == "shared" else 1 + i)))
     return configs
 
 
-def one_case(args, handle, n: int, layout: str, data: Path, work: Path) -> dict:
-    configs = run_configs(args, n, layout, data, work)
+def one_case(args, handle, n: int, layout: str, data: Path, work: Path, case: int) -> dict:
+    configs = run_configs(args, n, layout, data, work, case)
     paths = []
     for cfg in configs:
         path = work / f"{cfg.run_name}.yaml"
@@ -144,7 +146,8 @@ def one_case(args, handle, n: int, layout: str, data: Path, work: Path) -> dict:
 
 def markdown(results: list[dict], meta: dict) -> str:
     head = (f"Teacher `{meta['teacher']}` (1 replica, 1 torch thread), students `{meta['student']}` "
-            f"(1 worker each, 1 torch thread), batch {meta['batch_size']}, {meta['steps']} steps per run, "
+            f"(1 worker each, 1 torch thread), batch {meta['batch_size']}, {meta['epochs']} epochs of at most "
+            f"{meta['steps']} steps per run, "
             f"prefetch {meta['prefetch']}; {meta['machine']}.")
     columns = ("| layout | runs | per-run samples/s (each) | total samples/s | teacher computed/s | teacher busy "
                "| reused (coalesced + recent) | batch fill | common window s |")
@@ -165,7 +168,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--layouts", nargs="+", default=["shared", "distinct"], choices=["shared", "distinct"])
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=150, help="steps per epoch at most (an epoch of the digits is 44)")
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--teacher", default="digits-teacher")
@@ -182,8 +186,10 @@ def main() -> None:
                          max_batch_size=4 * args.batch_size, expected_request_samples=args.batch_size)
     handle = deploy(tcfg)
     handle.info.remote().result(timeout_s=300)
-    results = [one_case(args, handle, n, layout, data, work) for layout in args.layouts for n in args.runs]
+    cases = [(layout, n) for layout in args.layouts for n in args.runs]
+    results = [one_case(args, handle, n, layout, data, work, case) for case, (layout, n) in enumerate(cases, 1)]
     meta = {"teacher": args.teacher, "student": args.student, "batch_size": args.batch_size, "steps": args.steps,
+            "epochs": args.epochs,
             "prefetch": args.prefetch,
             "machine": f"{os.cpu_count()}-core CPU, no GPU, every process on the same cores"}
     table = markdown(results, meta)

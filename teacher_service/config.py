@@ -34,7 +34,8 @@ class TeacherConfig:
     `downscale_delay_s`, ...) makes Serve scale the replica count on the requests queued and
     running per replica; `num_replicas` is then ignored. `coalesce_memory_rows` bounds each
     replica's table of recently answered (view, key) rows (`coalesce.Coalescer`; 0 keeps only
-    in-flight coalescing). `max_run_weight` is the largest fair-share weight a caller may claim.
+    in-flight coalescing); it costs up to 4 * embed_dim bytes per row (fp16 image + text), e.g.
+    200 MB for 65 536 rows at D = 768. `max_run_weight` is the largest fair-share weight a caller may claim.
     `routing`: "view_affinity" (default) sends identical requests from different runs to the same
     replica so they coalesce across replicas (`routing.ViewAffinityRouter`); "power_of_two" is
     Serve's default router.

@@ -90,10 +90,12 @@ def test_embed_messages_round_trip_and_size_limit():
     req = make_request()
     msg = pb.EmbedRequest.FromString(encode_embed_request(req).SerializeToString())
     back = decode_embed_request(msg)
-    assert back.keys == req.keys and back.run == "r"
+    assert back.keys == req.keys and back.run == "r" and back.view == "" and back.weight == 1.0
     assert np.array_equal(back.images, req.images) and np.array_equal(back.tokens, req.tokens)
-    only_text = decode_embed_request(encode_embed_request(EmbedRequest(keys=["a"], tokens=req.tokens[:1])))
+    only_text = decode_embed_request(encode_embed_request(EmbedRequest(keys=["a"], tokens=req.tokens[:1],
+                                                                       view="ns/3", weight=2.5)))
     assert only_text.images is None and only_text.tokens.shape == (1, 8)
+    assert only_text.view == "ns/3" and only_text.weight == 2.5  # coalescing and fair share work over gRPC too
     with pytest.raises(RequestTooLargeError, match=r"\d+ bytes exceeds max_request_bytes=1000; split it"):
         decode_embed_request(msg, WireLimits(max_request_bytes=1000))
     with pytest.raises(ValueError, match="max_request_bytes"):
