@@ -68,6 +68,10 @@ def teacher_config_from_args(args: argparse.Namespace):
     }.items() if v is not None}
     if args.replicas is not None and getattr(args, "autoscale", None) is None:
         updates["autoscaling"] = None  # --replicas asks for a fixed pool, also over a config that autoscales
+    if getattr(args, "role_placement", False):
+        from .roles import teacher_placement
+
+        updates.update(teacher_placement())
     return TeacherConfig.from_dict({**cfg.to_dict(), **updates})
 
 
@@ -152,6 +156,11 @@ def train_config_from_args(args: argparse.Namespace):
             setattr(target, attr, value)
     if args.loss:
         cfg.losses = dict(args.loss)
+    if getattr(args, "role_placement", False):
+        from .roles import student_placement
+
+        for name, value in student_placement().items():
+            setattr(cfg, name, value)
     return cfg.validate()
 
 
@@ -251,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=float, help="GPUs per replica")
     p.add_argument("--max-batch-size", type=int, help="samples per teacher forward")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="teacher precision")
+    p.add_argument("--role-placement", action="store_true",
+                   help="run replicas only on teacher nodes (label kd-role=teacher, resource kd_teacher)")
     p.add_argument("--grpc-port", type=int,
                    help="also serve gRPC (Embed/Stats/Health) for clients outside Ray on this port; "
                         "Serve must not already run without gRPC")
@@ -291,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="per-worker batch size")
     p.add_argument("--seed", type=int, help="seed")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (nccl, AMP)")
+    p.add_argument("--role-placement", action="store_true",
+                   help="run workers only on student nodes (label kd-role=student, resource kd_student)")
     p.add_argument("--address", help=RAY_ADDRESS_HELP)
     p.set_defaults(func=cmd_train)
 
@@ -322,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_cache import add_cache_commands
 
     add_cache_commands(sub, fmt)
+
+    from .submit import add_submit_commands
+
+    add_submit_commands(sub, fmt)
     return parser
 
 

@@ -31,6 +31,8 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
     address = address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if address:
+        if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a Ray job's driver: the job's runtime env applies
+            runtime_env = None  # (Ray refuses a second one that sets the same fields)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=not quiet)
         return f"connected to Ray cluster at {address}"
     cpus = num_cpus or default_local_cpus()

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from teacher_service.config import TeacherConfig
+from teacher_service.config import TeacherConfig, check_placement
 
 TEACHER_MODES = ("none", "inline", "remote", "cache", "hybrid")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -94,6 +94,8 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    worker_label_selector: dict = field(default_factory=dict)  # node labels workers need, e.g. {"kd-role": "student"}
+    worker_resources: dict = field(default_factory=dict)  # custom resources per worker, e.g. {"kd_student": 1}
     torch_threads: int | None = 1
     seed: int = 0
     log_every_steps: int = 10
@@ -108,6 +110,7 @@ class TrainConfig:
             raise ValueError("teacher.mode 'inline' needs teacher.teacher (a TeacherConfig)")
         if self.teacher.mode in ("cache", "hybrid") and not self.teacher.cache_path:
             raise ValueError(f"teacher.mode {self.teacher.mode!r} needs teacher.cache_path")
+        check_placement(self.worker_label_selector, self.worker_resources, "worker_label_selector", "worker_resources")
         if self.data.num_views is not None and self.data.num_views < 1:
             raise ValueError(f"data.num_views must be >= 1 or None, got {self.data.num_views}")
         if self.accum_steps < 1:
@@ -211,3 +214,4 @@ def _dataclass_in(hint: Any) -> type | None:
         if dataclasses.is_dataclass(arg):
             return arg
     return None
+

@@ -479,11 +479,21 @@ def build_trainer(cfg: TrainConfig):
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker=worker_resources(cfg),
+                                     label_selector=dict(cfg.worker_label_selector) or None),
         run_config=RunConfig(name=cfg.run_name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=0)),
     )
+
+
+def worker_resources(cfg: TrainConfig) -> dict:
+    """Each Ray Train worker's reservation: CPUs, one GPU when use_gpu, and the custom resources
+    that keep workers on student nodes (GPUs alone cannot: teacher nodes have them too)."""
+    resources = {"CPU": cfg.cpus_per_worker, **cfg.worker_resources}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    return resources
 
 
 def run_training(cfg: TrainConfig):

@@ -38,7 +38,8 @@ class TeacherConfig:
     200 MB for 65 536 rows at D = 768. `max_run_weight` is the largest fair-share weight a caller may claim.
     `routing`: "view_affinity" (default) sends identical requests from different runs to the same
     replica so they coalesce across replicas (`routing.ViewAffinityRouter`); "power_of_two" is
-    Serve's default router.
+    Serve's default router. `label_selector` / `resources` keep replicas on teacher nodes (node
+    labels such as kd-role=teacher, or a custom resource only teacher nodes have).
     """
 
     model: str = "ViT-B-32"
@@ -62,6 +63,8 @@ class TeacherConfig:
     coalesce_memory_rows: int = 65536
     max_run_weight: float = 100.0
     routing: str = "view_affinity"
+    label_selector: dict = field(default_factory=dict)  # node labels replicas need, e.g. {"kd-role": "teacher"}
+    resources: dict = field(default_factory=dict)  # custom resources per replica, e.g. {"kd_teacher": 1}
 
     def __post_init__(self) -> None:
         if self.pretrained in ("", "none", "None"):
@@ -79,6 +82,7 @@ class TeacherConfig:
             raise ValueError(f"overrides: expected a dict of create_model kwargs, got {type(self.overrides).__name__}")
         if self.batcher not in BATCHERS:
             raise ValueError(f"batcher: expected one of {BATCHERS}, got {self.batcher!r}")
+        check_placement(self.label_selector, self.resources)
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing: expected one of {ROUTINGS}, got {self.routing!r}")
         if self.precision not in PRECISIONS:
@@ -127,8 +131,12 @@ class TeacherConfig:
 
     def serve_options(self) -> dict[str, Any]:
         """The deployment options Serve takes for this pool (replica count or autoscaling, resources)."""
-        options: dict[str, Any] = {"max_ongoing_requests": self.max_ongoing_requests,
-                                   "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}}
+        actor: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            actor["resources"] = dict(self.resources)
+        if self.label_selector:
+            actor["label_selector"] = dict(self.label_selector)
+        options: dict[str, Any] = {"max_ongoing_requests": self.max_ongoing_requests, "ray_actor_options": actor}
         if self.autoscaling is not None:
             options["autoscaling_config"] = dict(self.autoscaling)
         else:
@@ -160,9 +168,15 @@ class TeacherConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> TeacherConfig:
-        """Load a YAML mapping of TeacherConfig fields."""
+        """Load a YAML mapping of TeacherConfig fields, or a Serve config (`serve deploy` file) with one
+        application built by `teacher_service.deployment:app_builder`, whose `args` are those fields."""
         with open(path) as f:
             data = yaml.safe_load(f) or {}
+        if isinstance(data, dict) and "applications" in data:
+            apps = data["applications"] or []
+            if len(apps) != 1 or not isinstance(apps[0], dict):
+                raise ValueError(f"{path}: a Serve config with {len(apps)} applications; expected exactly one teacher app")
+            data = apps[0].get("args") or {}
         try:
             return cls.from_dict(data)
         except ValueError as e:
@@ -175,6 +189,20 @@ class TeacherConfig:
         with open(tmp, "w") as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
         os.replace(tmp, path)
+
+
+def check_placement(labels: Any, resources: Any, label_field: str = "label_selector",
+                    resource_field: str = "resources") -> None:
+    """Node labels are str → str; custom resources are name → amount > 0 (CPU/GPU have their own fields)."""
+    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise ValueError(f"{label_field}: expected a mapping of node label → value (strings), got {labels!r}")
+    if not isinstance(resources, dict):
+        raise ValueError(f"{resource_field}: expected a mapping of custom resource name → amount, got {resources!r}")
+    for name, amount in resources.items():
+        if name in ("CPU", "GPU", "memory"):
+            raise ValueError(f"{resource_field}: {name!r} has its own field; list custom resources only")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+            raise ValueError(f"{resource_field}: {name} = {amount!r}, expected a number > 0")
 
 
 def _require(ok: bool, name: str, value: Any, what: str) -> None:

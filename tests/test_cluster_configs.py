@@ -1,0 +1,125 @@
+"""Every config under cluster/configs/ is checked: cluster launcher YAMLs by Ray's own schema,
+Serve configs by Serve's schema and TeacherConfig, KubeRay manifests for the fields KubeRay
+requires; and all of them against the Python side (roles, resource names, app name)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from cluster.roles import (ROLE_LABEL, STUDENT_RESOURCE, STUDENT_ROLE, TEACHER_RESOURCE, TEACHER_ROLE,
+                           student_placement, teacher_placement)
+from teacher_service.config import TeacherConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "cluster" / "configs"
+KUBERAY = CONFIGS / "kuberay"
+APP = "kd-teacher"
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_launcher_configs_pass_rays_schema_and_declare_the_roles(name):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = load(CONFIGS / name)
+    validate_config(prepare_config(config))  # what `ray up` does: provider defaults, then ray-schema.json
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}  # nothing scheduled on the head
+    roles = {t["labels"][ROLE_LABEL]: t for t in types.values()}
+    teacher, student = roles[TEACHER_ROLE], roles[STUDENT_ROLE]
+    assert TEACHER_RESOURCE in teacher["resources"] and STUDENT_RESOURCE not in teacher["resources"]
+    assert STUDENT_RESOURCE in student["resources"] and TEACHER_RESOURCE not in student["resources"]
+    assert teacher["min_workers"] >= 1 and student["min_workers"] == 0 < student["max_workers"]
+    assert any("/mnt/kd" in cmd for cmd in config["setup_commands"])  # shared storage on every node
+    assert any("ray[serve,train,data]==" + ray.__version__ in cmd for cmd in config["setup_commands"])
+
+
+def test_cluster_serve_config_passes_serves_schema_and_matches_the_roles():
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = load(CONFIGS / "serve_teacher_cluster.yaml")
+    (app,) = ServeDeploySchema.model_validate(raw).applications
+    assert app.name == APP and app.import_path == "teacher_service.deployment:app_builder"
+    cfg = TeacherConfig.from_yaml(CONFIGS / "serve_teacher_cluster.yaml")
+    assert cfg == TeacherConfig.from_dict(app.args) and cfg.app_name == APP
+    assert {"label_selector": cfg.label_selector, "resources": cfg.resources} == teacher_placement()
+    assert cfg.num_gpus == 1 and cfg.autoscaling["max_replicas"] >= cfg.autoscaling["min_replicas"] >= 1
+    opts = cfg.serve_options()
+    assert opts["autoscaling_config"] == cfg.autoscaling and "num_replicas" not in opts
+
+
+def _start_params(group: dict) -> tuple[dict, dict]:
+    params = group["rayStartParams"]
+    labels = dict(item.split("=", 1) for item in params.get("labels", "").split(",") if item)
+    resources = json.loads(json.loads(params["resources"])) if "resources" in params else {}
+    return labels, resources
+
+
+def test_kuberay_cluster_has_what_kuberay_requires_and_the_roles():
+    rc = load(KUBERAY / "raycluster.yaml")
+    assert rc["apiVersion"] == "ray.io/v1" and rc["kind"] == "RayCluster" and rc["metadata"]["name"]
+    spec = rc["spec"]
+    assert spec["rayVersion"] == ray.__version__ and spec["enableInTreeAutoscaling"] is True
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    for group in [head, *groups.values()]:
+        containers = group["template"]["spec"]["containers"]
+        assert containers and all(c["name"] and c["image"].startswith("rayproject/ray:" + ray.__version__)
+                                  for c in containers)
+        mounts = {m["mountPath"] for c in containers for m in c.get("volumeMounts", [])}
+        assert "/mnt/kd" in mounts
+    for role, resource in ((TEACHER_ROLE, TEACHER_RESOURCE), (STUDENT_ROLE, STUDENT_RESOURCE)):
+        group = groups[role]
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        labels, resources = _start_params(group)
+        assert labels == {ROLE_LABEL: role} and set(resources) == {resource}
+        gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+        assert resources[resource] == gpus  # one role slot per GPU, as the placement asks one per replica/worker
+    assert groups[TEACHER_ROLE]["minReplicas"] >= 1 and groups[STUDENT_ROLE]["minReplicas"] == 0
+
+
+def test_kuberay_jobs_target_the_long_lived_cluster():
+    cluster = load(KUBERAY / "raycluster.yaml")["metadata"]["name"]
+    teacher = load(KUBERAY / "rayjob-teacher.yaml")
+    student = load(KUBERAY / "rayjob-student.yaml")
+    for job in (teacher, student):
+        assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob" and job["spec"]["entrypoint"]
+        assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster}
+        assert "rayClusterSpec" not in job["spec"]  # attach, never create a cluster per job
+        yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert "serve deploy" in teacher["spec"]["entrypoint"]
+    assert teacher["spec"]["entrypoint"].endswith("serve_teacher_cluster.yaml")
+    entry = student["spec"]["entrypoint"]
+    assert f"--app-name {APP}" in entry and "--role-placement" in entry and "--run-name RUN_NAME" in entry
+
+
+def test_role_placement_flags_apply_the_roles():
+    from cluster.cli import build_parser, teacher_config_from_args, train_config_from_args
+
+    t = teacher_config_from_args(build_parser().parse_args(["teacher", "serve", "--role-placement"]))
+    assert {"label_selector": t.label_selector, "resources": t.resources} == teacher_placement()
+    s = train_config_from_args(build_parser().parse_args(["train", "--train-shards", "x", "--role-placement"]))
+    assert {"worker_label_selector": s.worker_label_selector, "worker_resources": s.worker_resources} == \
+        student_placement()
+
+
+def test_submission_keeps_data_out_and_paths_inside_the_working_dir(tmp_path):
+    from cluster.submit import job_path, runtime_env, submission_id
+
+    env = runtime_env(str(tmp_path))
+    assert env["working_dir"] == str(tmp_path.resolve())
+    assert {"data", "runs", "cache", ".venv", "*.tar", "*.parquet", "checkpoint_*"} <= set(env["excludes"])
+    (tmp_path / "run.yaml").write_text("{}")
+    assert job_path(str(tmp_path / "run.yaml"), str(tmp_path)) == "run.yaml"
+    with pytest.raises(SystemExit, match="does not exist"):
+        job_path(str(tmp_path / "missing.yaml"), str(tmp_path))
+    a, b = submission_id("train", "my run/1"), submission_id("train", "my run/1")
+    assert a != b and a.startswith("kd-train-my-run-1-")
