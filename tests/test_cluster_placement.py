@@ -15,17 +15,22 @@ from student_trainer.train import worker_resources
 from teacher_service.config import TeacherConfig
 
 pytestmark = pytest.mark.ray
-SCENARIO = Path(__file__).with_name("multinode_scenario.py")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_scenario(script: str, workdir: Path) -> dict:
+    """Run tests/<script> in its own process (it starts its own cluster); its JSON report."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / script), str(workdir)], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_jobs_submitted_to_a_multi_node_cluster_land_on_their_own_nodes(tmp_path):
     """`kd submit teacher`, then two `kd submit train` jobs attached to it, on head + teacher +
     student nodes: both jobs succeed, replicas ran only on the teacher node, workers only on the
     student node, and the teacher answered both runs."""
-    proc = subprocess.run([sys.executable, str(SCENARIO), str(tmp_path)], capture_output=True, text=True,
-                          timeout=600, cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_scenario("multinode_scenario.py", tmp_path)
     nodes, actors = report["nodes"], report["actors"]
     replicas = [a for a in actors if a["class"].startswith("ServeReplica:kd-teacher-placement")]
     workers = [a for a in actors if a["class"] == "RayTrainWorker"]
@@ -49,3 +54,18 @@ def test_placement_reaches_serve_and_train_options():
         TeacherConfig(resources={"GPU": 1})
     with pytest.raises(ValueError, match="worker_label_selector: expected a mapping"):
         TrainConfig(worker_label_selector={"kd-role": 1}).validate()
+
+
+def test_autoscaler_adds_a_student_node_on_demand_and_removes_it_when_idle(tmp_path):
+    """Ray's fake multi-node provider (tests/autoscale_scenario.py): a student run asking for
+    kd_student, which no node has, makes the autoscaler add a student node; idle, it goes away."""
+    report = run_scenario("autoscale_scenario.py", tmp_path)
+    if "skipped" in report:
+        pytest.skip(report["skipped"])
+    assert "error" not in report, report
+    counts = [n for _, n in report["timeline"]]
+    assert counts[0] == 1 and max(counts) == 2 and counts[-1] == 1, report  # head, + student node, head again
+    up = next(t for t, n in report["timeline"] if n == 2)
+    down = next(t for t, n in report["timeline"] if n == 1 and t > up)
+    assert up < report["train_finished_s"] < down and report["steps"] == 2
+    print(f"autoscaler: student node up at {up} s, run done at {report['train_finished_s']} s, node gone at {down} s")
