@@ -92,9 +92,9 @@ def train_entrypoint(args: argparse.Namespace) -> tuple[str, str]:
 def cmd_submit(args: argparse.Namespace) -> int:
     entrypoint, name = (teacher_entrypoint if args.kind == "teacher" else train_entrypoint)(args)
     client = job_client(args.address)
-    job_id = client.submit_job(entrypoint=entrypoint, submission_id=args.submission_id or
-                               submission_id(args.kind, name), runtime_env=runtime_env(args.working_dir),
-                               metadata={"kd_kind": args.kind, "kd_name": name})
+    job_id = submit_job(client, entrypoint=entrypoint,
+                        submission_id=args.submission_id or submission_id(args.kind, name),
+                        runtime_env=runtime_env(args.working_dir), metadata={"kd_kind": args.kind, "kd_name": name})
     print(f"submitted {job_id}: {entrypoint}")
     if not args.wait:
         print(f"follow it with: kd logs {job_id} --follow   (status: kd jobs)")
@@ -103,6 +103,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(client.get_job_logs(job_id), end="")
     print(f"{job_id}: {status}")
     return 0 if status == "SUCCEEDED" else 1
+
+
+def submit_job(client, patience_s: float = 60.0, **job) -> str:
+    """`client.submit_job(**job)`, retried while the job server answers "No available agent" (a
+    cluster that has just started: its job agents register a few seconds after the dashboard)."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def wait_for_job(client, job_id: str, timeout_s: Optional[float] = None, poll_s: float = 1.0) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from teacher_service.config import TeacherConfig, check_placement
+from teacher_service.private_files import check_under_roots, write_roots
 
 TEACHER_MODES = ("none", "inline", "remote", "cache", "hybrid")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -96,6 +97,7 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     worker_label_selector: dict = field(default_factory=dict)  # node labels workers need, e.g. {"kd-role": "student"}
     worker_resources: dict = field(default_factory=dict)  # custom resources per worker, e.g. {"kd_student": 1}
+    write_roots: list = field(default_factory=list)  # if set (or $KD_WRITE_ROOTS), checkpoints/caches only under these
     torch_threads: int | None = 1
     seed: int = 0
     log_every_steps: int = 10
@@ -111,6 +113,10 @@ class TrainConfig:
         if self.teacher.mode in ("cache", "hybrid") and not self.teacher.cache_path:
             raise ValueError(f"teacher.mode {self.teacher.mode!r} needs teacher.cache_path")
         check_placement(self.worker_label_selector, self.worker_resources, "worker_label_selector", "worker_resources")
+        roots = write_roots(self.write_roots)
+        check_under_roots(self.storage_path, roots, "storage_path")
+        if self.teacher.mode == "hybrid":  # the one mode that writes to the cache
+            check_under_roots(self.teacher.cache_path, roots, "teacher.cache_path")
         if self.data.num_views is not None and self.data.num_views < 1:
             raise ValueError(f"data.num_views must be >= 1 or None, got {self.data.num_views}")
         if self.accum_steps < 1:

@@ -28,6 +28,7 @@ import torch
 from teacher_service.centroids import class_centroids
 from teacher_service.preprocess import PreprocessSpec, preprocess_spec, to_model_input
 from teacher_service.protocol import EmbedRequest
+from teacher_service.private_files import make_private_dir, private_umask
 from teacher_service.views import view_namespace, view_recipe
 
 from .checkpoint import MODEL_FILE, save_student
@@ -383,6 +384,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     cfg = TrainConfig.from_dict(config)
+    private_umask()  # checkpoints this worker writes (and Ray Train copies to storage) are owner-only
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if cfg.torch_threads:
@@ -474,7 +476,8 @@ def build_trainer(cfg: TrainConfig):
 
     cfg = cfg.validate().with_absolute_paths()
     storage = cfg.storage_path
-    Path(storage).mkdir(parents=True, exist_ok=True)
+    if "://" not in storage:  # a local or mounted path (cloud URIs are the bucket's ACLs' business)
+        make_private_dir(storage)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),

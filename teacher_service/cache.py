@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .private_files import make_private, make_private_dir
 from .views import recipe_differences
 
 FORMAT = "kd-embedding-cache"
@@ -187,6 +188,7 @@ def write_table_atomic(table: pa.Table, path: str) -> str:
     try:
         pq.write_table(table, tmp, compression="none", use_dictionary=False, write_page_checksum=True,
                        row_group_size=_ROW_GROUP_ROWS)
+        make_private(tmp)  # embeddings are a run's expensive output: owner-only on a shared machine
         with open(tmp, "rb+") as stream:
             os.fsync(stream.fileno())
         os.replace(tmp, path)
@@ -287,7 +289,7 @@ class EmbeddingCache:
         if not os.path.isdir(path):
             if not create:
                 raise FileNotFoundError(f"embedding cache {path} does not exist: run `kd precompute` first")
-            os.makedirs(path, exist_ok=True)
+            make_private_dir(path)
         files = row_files(path)
         if not files and not create:
             raise FileNotFoundError(f"embedding cache {path} holds no row files: run `kd precompute` first")

@@ -40,6 +40,8 @@ class TeacherConfig:
     replica so they coalesce across replicas (`routing.ViewAffinityRouter`); "power_of_two" is
     Serve's default router. `label_selector` / `resources` keep replicas on teacher nodes (node
     labels such as kd-role=teacher, or a custom resource only teacher nodes have).
+    `grpc_token_file`: a file only its owner can read (chmod 600, on storage every teacher node
+    sees); with it, gRPC calls without that bearer token are refused UNAUTHENTICATED.
     """
 
     model: str = "ViT-B-32"
@@ -63,6 +65,7 @@ class TeacherConfig:
     coalesce_memory_rows: int = 65536
     max_run_weight: float = 100.0
     routing: str = "view_affinity"
+    grpc_token_file: str | None = None  # gRPC callers must send this file's token as "authorization: Bearer ..."
     label_selector: dict = field(default_factory=dict)  # node labels replicas need, e.g. {"kd-role": "teacher"}
     resources: dict = field(default_factory=dict)  # custom resources per replica, e.g. {"kd_teacher": 1}
 
@@ -72,6 +75,8 @@ class TeacherConfig:
         elif isinstance(self.pretrained, str) and os.path.exists(os.path.expanduser(self.pretrained)):
             # a local checkpoint: replicas do not run in the deploying process's directory
             self.pretrained = os.path.abspath(os.path.expanduser(self.pretrained))
+        if self.grpc_token_file:
+            self.grpc_token_file = os.path.abspath(os.path.expanduser(self.grpc_token_file))
         self.validate()
 
     def validate(self) -> None:
@@ -83,6 +88,10 @@ class TeacherConfig:
         if self.batcher not in BATCHERS:
             raise ValueError(f"batcher: expected one of {BATCHERS}, got {self.batcher!r}")
         check_placement(self.label_selector, self.resources)
+        if self.grpc_token_file:
+            from .auth import read_token_file
+
+            read_token_file(self.grpc_token_file)  # missing, empty or readable by others: refuse now
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing: expected one of {ROUTINGS}, got {self.routing!r}")
         if self.precision not in PRECISIONS:

@@ -26,6 +26,7 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from .auth import TokenCheck, UnauthenticatedError
 from .batching import Queued, SampleBatcher
 from .coalesce import Coalescer
 from .config import TeacherConfig
@@ -65,6 +66,7 @@ class TeacherDeployment:
         self.coalescer = Coalescer(self.cfg.coalesce_memory_rows, self.teacher.logit_scale,
                                    self.teacher.logit_bias, self.teacher.fingerprint)
         self.wire_limits = WireLimits(max_request_bytes=max_request_bytes)
+        self.auth = TokenCheck.from_file(self.cfg.grpc_token_file)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-forward")
         self._clock = time.monotonic
         self._started = time.time()
@@ -99,6 +101,8 @@ class TeacherDeployment:
     async def Embed(self, request: pb.EmbedRequest, grpc_context: Any = None) -> pb.EmbedReply:
         """rpc Embed: decode, the same path as `embed`, encode; refusals set the gRPC status."""
         arrived = self._clock()
+        if (refused := self._authenticate(grpc_context, getattr(request, "run", None))) is not None:
+            return refuse(grpc_context, refused, pb.EmbedReply())
         try:
             decoded = decode_embed_request(request, self.wire_limits)
         except RequestError as e:
@@ -113,6 +117,8 @@ class TeacherDeployment:
 
     async def Stats(self, request: pb.StatsRequest, grpc_context: Any = None) -> pb.StatsReply:
         """rpc Stats: this replica's counters, or all replicas' merged when `all_replicas`."""
+        if (refused := self._authenticate(grpc_context, None)) is not None:
+            return refuse(grpc_context, refused, pb.StatsReply())
         if request.all_replicas:
             ctx = serve.get_replica_context()
             handle = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
@@ -122,7 +128,20 @@ class TeacherDeployment:
 
     async def Health(self, request: pb.HealthRequest, grpc_context: Any = None) -> pb.HealthReply:
         """rpc Health: answered by any replica that runs; carries identity and limits."""
+        if (refused := self._authenticate(grpc_context, None)) is not None:
+            return refuse(grpc_context, refused, pb.HealthReply())
         return encode_health_reply(await self.info())
+
+    def _authenticate(self, grpc_context: Any, run: Any) -> UnauthenticatedError | None:
+        """The refusal for a gRPC call without the required bearer token (counted), else None."""
+        if self.auth is None or grpc_context is None:  # no token configured, or a handle call
+            return None
+        try:
+            self.auth.check(grpc_context.invocation_metadata())
+        except UnauthenticatedError as e:
+            self.counters.refused(self.counters.received(run), "unauthenticated")
+            return e
+        return None
 
     # ---- internals
     async def _embed(self, request: EmbedRequest, arrived: float) -> EmbedResponse:

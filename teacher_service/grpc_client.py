@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import grpc
 import numpy as np
 
+from .auth import UnauthenticatedError
 from .grpc_ingress import RequestTooLargeError, decode_embed_reply, encode_embed_request
 from .proto import teacher_pb2 as pb
 from .proto import teacher_pb2_grpc as pb_grpc
@@ -25,10 +26,10 @@ class TeacherGrpcClient:
     """`embed` / `stats` / `health` against one Serve application behind Serve's gRPC proxy.
 
     `app_name` goes out as the ("application", name) metadata Serve routes on. `token`, when set,
-    is sent as "authorization: Bearer <token>" (the slot for an authenticating proxy or a later
-    server-side check; the deployment does not check it yet). Refusals raise RequestError
-    (INVALID_ARGUMENT) or RequestTooLargeError (RESOURCE_EXHAUSTED) with the server's reason, and
-    the gRPC status as `.code`; other failures raise grpc.RpcError.
+    is sent as "authorization: Bearer <token>"; a teacher with `grpc_token_file` refuses calls
+    without it (UnauthenticatedError). Refusals raise RequestError (INVALID_ARGUMENT),
+    RequestTooLargeError (RESOURCE_EXHAUSTED) or UnauthenticatedError (UNAUTHENTICATED) with the
+    server's reason, and the gRPC status as `.code`; other failures raise grpc.RpcError.
     """
 
     def __init__(self, target: str = "127.0.0.1:9000", app_name: str = "kd-teacher", *,
@@ -107,11 +108,12 @@ class TeacherGrpcClient:
             raise refusal from e
 
 
-def _refusal(error: grpc.RpcError) -> RequestError | None:
+def _refusal(error: grpc.RpcError) -> Exception | None:
     """The protocol error for a refused request, carrying the gRPC status as `.code`."""
     code = error.code() if hasattr(error, "code") else None
     cls = {grpc.StatusCode.INVALID_ARGUMENT: RequestError,
-           grpc.StatusCode.RESOURCE_EXHAUSTED: RequestTooLargeError}.get(code)
+           grpc.StatusCode.RESOURCE_EXHAUSTED: RequestTooLargeError,
+           grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError}.get(code)
     if cls is None:
         return None
     refusal = cls(error.details())

@@ -173,7 +173,12 @@ def _is_number(v: Any) -> bool:
 
 # ----------------------------------------------------------------------------------------- status
 def grpc_status_for(error: Exception) -> grpc.StatusCode:
-    """RESOURCE_EXHAUSTED for size refusals, INVALID_ARGUMENT for other refusals, INTERNAL otherwise."""
+    """UNAUTHENTICATED without the token, RESOURCE_EXHAUSTED for size refusals, INVALID_ARGUMENT for
+    other refusals, INTERNAL otherwise."""
+    from .auth import UnauthenticatedError
+
+    if isinstance(error, UnauthenticatedError):
+        return grpc.StatusCode.UNAUTHENTICATED
     if isinstance(error, RequestTooLargeError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(error, RequestError):
@@ -181,7 +186,7 @@ def grpc_status_for(error: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def refuse(grpc_context: Any, error: RequestError, empty_reply: Any) -> Any:
+def refuse(grpc_context: Any, error: Exception, empty_reply: Any) -> Any:
     """Answer a refused gRPC request: status code + the reason as details, and an empty reply.
 
     Without a gRPC context (the method was called through a Serve handle) the error is raised

@@ -36,6 +36,7 @@ from .cache import (
     write_table_atomic,
 )
 from .config import TeacherConfig
+from .private_files import check_under_roots, make_private_dir, write_roots
 from .protocol import EmbedRequest
 from .views import augment_view, decode_image, image_digests, sample_image_member, token_digests, view_recipe
 
@@ -294,8 +295,8 @@ def precompute(shards: list[str], out: str, *, views: int, teacher: Optional[Tea
     shards = [os.path.abspath(s) for s in shards]
     if not shards:
         raise ValueError("precompute: no shards given")
-    out = os.path.abspath(out)
-    os.makedirs(out, exist_ok=True)
+    check_under_roots(out, write_roots(), "precompute output")
+    out = make_private_dir(out)
     outputs = {s: shard_output(out, s) for s in shards}
     clash = _first_clash(outputs)
     if clash:
@@ -449,7 +450,7 @@ def precompute_centroids(shards: list[str], out: str, per_class: int, *, teacher
     meta = make_meta(info, view_recipe(image_size, None, train=False), kind="centroids", source=None,
                      teacher_config=teacher.to_dict() if teacher is not None else None, app_name=app_name,
                      writer={"per_class": per_class, "shards": len(shards)})
-    os.makedirs(out, exist_ok=True)
+    make_private_dir(out)
     names = class_names if len(class_names) == classes else None
     return write_centroids(os.path.join(out, CENTROIDS_FILE), centroids, meta, counts=counts, class_names=names)
 

@@ -17,9 +17,9 @@ from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
-ERROR_KINDS = ("invalid", "too_large", "internal")
+ERROR_KINDS = ("invalid", "too_large", "unauthenticated", "internal")
 SUM_KEYS = ("requests_received", "requests", "requests_cancelled", "errors", "errors_invalid",
-            "errors_too_large", "errors_internal", "samples_requested", "samples_computed",
+            "errors_too_large", "errors_unauthenticated", "errors_internal", "samples_requested", "samples_computed",
             "samples_coalesced", "samples_from_cache", "samples", "batches", "batch_requests",
             "batch_fill_sum", "forward_s", "in_flight", "samples_per_s", "coalesce_in_flight_rows",
             "coalesce_recent_rows")
@@ -377,7 +377,7 @@ def format_stats(info: dict[str, Any], stats: dict[str, Any]) -> str:
         f"requests   {s['requests_received']:.0f} received, {s['requests']:.0f} answered, {s['in_flight']:.0f} in flight, "
         f"{s['requests_cancelled']:.0f} cancelled",
         f"errors     {s['errors']:.0f} (invalid {s['errors_invalid']:.0f}, too large {s['errors_too_large']:.0f}, "
-        f"internal {s['errors_internal']:.0f})",
+        f"unauthenticated {s.get('errors_unauthenticated', 0):.0f}, internal {s['errors_internal']:.0f})",
         f"samples    requested {s['samples_requested']:.0f}, computed {s['samples_computed']:.0f}, coalesced "
         f"{s['samples_coalesced']:.0f}, from cache {s['samples_from_cache']:.0f}, answered {s['samples']:.0f}",
         f"batches    {s['batches']:.0f}, fill {num(s['batch_fill_mean'])} of max_batch_size {s.get('max_batch_size')} "

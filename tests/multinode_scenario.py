@@ -35,6 +35,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def agent_ports() -> dict:
+    """Free ports for a node's agents: the defaults (e.g. 52365 for the dashboard agent, which job
+    submission needs) are taken when another Ray cluster runs on this machine (the test session's)."""
+    return {"dashboard_agent_listen_port": free_port(), "metrics_agent_port": free_port(),
+            "runtime_env_agent_port": free_port()}
+
+
 def write_configs(workdir: Path) -> tuple[Path, list[Path]]:
     from student_trainer.config import DataConfig, ModelConfig, OptimConfig, TeacherSourceConfig, TrainConfig
     from student_trainer.datasets import write_digits_shards
@@ -85,12 +92,12 @@ def main(workdir: str) -> None:
     teacher_yaml, run_yamls = write_configs(work)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 3, "object_store_memory": OBJECT_STORE, "labels": {ROLE_LABEL: "head"},
-        "include_dashboard": True, "dashboard_port": free_port()})
+        "include_dashboard": True, "dashboard_port": free_port(), **agent_ports()})
     nodes = {
         "teacher": cluster.add_node(num_cpus=2, object_store_memory=OBJECT_STORE, labels={ROLE_LABEL: "teacher"},
-                                    resources={TEACHER_RESOURCE: 2}),
+                                    resources={TEACHER_RESOURCE: 2}, **agent_ports()),
         "student": cluster.add_node(num_cpus=3, object_store_memory=OBJECT_STORE, labels={ROLE_LABEL: "student"},
-                                    resources={STUDENT_RESOURCE: 2}),
+                                    resources={STUDENT_RESOURCE: 2}, **agent_ports()),
     }
     address = f"http://{cluster.webui_url}"
     try:

@@ -157,6 +157,14 @@ def test_index_dedupes_and_loads_embeddings_lazily(tmp_path):
     assert cache.teacher_info["logit_scale"] == 14.25 and cache.embed_dim == D
 
 
+def test_cache_directories_and_files_are_owner_only(tmp_path):
+    root = tmp_path / "shared" / "cache"
+    EmbeddingCache.open(str(root), teacher_info=info(), recipe=RECIPE, create=True)
+    write_shard_file(root / "train-000000.parquet", keys_(4), views=(0,))
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o700 and root.stat().st_mode & 0o777 == 0o700
+    assert (root / "train-000000.parquet").stat().st_mode & 0o777 == 0o600
+
+
 def test_other_teacher_is_refused_naming_both_fingerprints(tmp_path):
     write_shard_file(tmp_path / "train-000000.parquet", keys_(4), fingerprint="aaaa1111")
     with pytest.raises(CacheMismatchError, match="aaaa1111.*bbbb2222"):

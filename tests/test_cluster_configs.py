@@ -123,3 +123,26 @@ def test_submission_keeps_data_out_and_paths_inside_the_working_dir(tmp_path):
         job_path(str(tmp_path / "missing.yaml"), str(tmp_path))
     a, b = submission_id("train", "my run/1"), submission_id("train", "my run/1")
     assert a != b and a.startswith("kd-train-my-run-1-")
+
+
+def test_submission_waits_for_a_starting_cluster_s_job_agent():
+    from cluster.submit import submit_job
+
+    class Starting:
+        calls = 0
+
+        def submit_job(self, **job):
+            self.calls += 1
+            if self.calls < 3:
+                raise RuntimeError("Request failed with status code 500: No available agent to submit job")
+            return job["submission_id"]
+
+    client = Starting()
+    assert submit_job(client, submission_id="kd-train-x-1") == "kd-train-x-1" and client.calls == 3
+
+    class Broken:
+        def submit_job(self, **job):
+            raise RuntimeError("Request failed with status code 400: bad runtime env")
+
+    with pytest.raises(RuntimeError, match="bad runtime env"):
+        submit_job(Broken(), submission_id="x")

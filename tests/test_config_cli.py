@@ -202,3 +202,33 @@ def test_teacher_serve_flags_pick_a_fixed_or_an_autoscaled_pool(tmp_path):
     assert scaled["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 5}
     with pytest.raises(ValueError, match="max_replicas explicitly"):
         cfg("--autoscale", '{"min_replicas": 2}')
+
+
+def test_writes_outside_the_configured_roots_are_refused(tmp_path, monkeypatch):
+    from student_trainer.config import TeacherSourceConfig, TrainConfig
+
+    root = tmp_path / "kd"
+    root.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (root / "escape").symlink_to(tmp_path / "elsewhere")
+
+    def cfg(storage, cache=None, roots=(str(root),)):
+        mode = "hybrid" if cache else "none"
+        return TrainConfig(
+            storage_path=str(storage), write_roots=list(roots),
+            teacher=TeacherSourceConfig(mode=mode, cache_path=str(cache) if cache else None))
+
+    def validate(c):
+        c.data.train_shards = "x"
+        return c.validate()
+
+    validate(cfg(root / "runs", root / "cache"))
+    for storage in (tmp_path / "elsewhere", root / ".." / "elsewhere", root / "escape" / "runs"):
+        with pytest.raises(ValueError, match="storage_path .* is outside the write roots"):
+            validate(cfg(storage))
+    with pytest.raises(ValueError, match="teacher.cache_path .* is outside"):
+        validate(cfg(root / "runs", tmp_path / "elsewhere" / "cache"))
+    validate(cfg(tmp_path / "anywhere", roots=()))  # no roots configured: no restriction
+    monkeypatch.setenv("KD_WRITE_ROOTS", str(root))
+    with pytest.raises(ValueError, match="KD_WRITE_ROOTS"):
+        validate(cfg(tmp_path / "anywhere", roots=()))

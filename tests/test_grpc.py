@@ -3,6 +3,7 @@ client against Serve's gRPC proxy gets the handle path's bytes, INVALID_ARGUMENT
 RESOURCE_EXHAUSTED past the byte limit, Health and Stats."""
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
 from google.protobuf import descriptor_pb2
@@ -230,3 +231,62 @@ def test_grpc_refusals_and_stats(grpc_app):
                          "samples_requested": 12, "samples": 12}
     assert merged["replicas_answered"] == 1 and list(merged["replicas"]) == [one["replica"]]
     assert one["runs"]["grpc"]["samples"] >= 12 and one["runs"]["bad"]["errors"] == 1
+
+
+# ------------------------------------------------------------------------------------ bearer token
+def token_file(path, text: str, mode: int = 0o600):
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_token_file_must_be_private_and_nonempty(tmp_path):
+    from teacher_service.auth import TokenCheck, UnauthenticatedError, read_token_file
+
+    path = token_file(tmp_path / "token", "s3cret\n", 0o644)
+    with pytest.raises(ValueError, match="readable by other users .*chmod 600"):
+        read_token_file(str(path))
+    with pytest.raises(ValueError, match="readable by other users"):
+        TeacherConfig.from_dict({**TINY, "grpc_token_file": str(path)})
+    path.chmod(0o600)
+    assert read_token_file(str(path)) == "s3cret"
+    with pytest.raises(ValueError, match="is empty"):
+        read_token_file(str(token_file(tmp_path / "empty", " \n")))
+    with pytest.raises(ValueError, match="No such file"):
+        read_token_file(str(tmp_path / "missing"))
+    check = TokenCheck.from_file(str(path))
+    check.check([("application", "x"), ("authorization", "Bearer s3cret")])
+    for metadata in ([], [("authorization", "Bearer wrong")], [("authorization", "s3cret")], None):
+        with pytest.raises(UnauthenticatedError):
+            check.check(metadata)
+
+
+def test_grpc_refuses_calls_without_the_bearer_token(ray_cluster, grpc_port, tmp_path):
+    from ray import serve
+
+    from teacher_service.auth import UnauthenticatedError
+    from teacher_service.deployment import collect_stats, deploy, get_teacher_handle
+    from teacher_service.grpc_client import TeacherGrpcClient
+
+    token = token_file(tmp_path / "token", "kd-test-token")
+    app = "kd-teacher-grpc-token"
+    cfg = TeacherConfig.from_dict({**TINY, "app_name": app, "num_cpus": 0.25, "max_batch_size": 64,
+                                   "grpc_token_file": str(token)})
+    deploy(cfg, grpc=True)
+    try:
+        handle = get_teacher_handle(app, timeout_s=300)
+        target = f"127.0.0.1:{grpc_port}"
+        with TeacherGrpcClient(target, app, token="kd-test-token") as client:
+            client.wait_ready(timeout_s=60)
+            assert client.embed(tokens=make_request(2).tokens).text_features.shape[0] == 2
+        for token_sent in (None, "wrong"):
+            with TeacherGrpcClient(target, app, token=token_sent) as client:
+                for call in (lambda: client.embed(tokens=make_request(2).tokens), client.stats, client.health):
+                    with pytest.raises(UnauthenticatedError) as refused:
+                        call()
+                    assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert collect_stats(handle)["errors_unauthenticated"] == 6
+        # inside the cluster the handle path needs no token
+        assert handle.embed.remote(make_request(2)).result(timeout_s=60).keys == make_request(2).keys
+    finally:
+        serve.delete(app)

@@ -81,7 +81,11 @@ def train_cfg(shards: Path, storage: Path, run_name: str, *, mode: str = "remote
 
 
 def checkpoint_state(result) -> tuple[dict[str, torch.Tensor], dict]:
-    """(student state dict, train state) of the result's checkpoint, checking every file is there."""
+    """(student state dict, train state) of the result's checkpoint, checking every file is there
+    and readable by its owner only (weights are a run's output on a possibly shared machine)."""
+    stored = Path(result.checkpoint.path)
+    exposed = [p.name for p in stored.rglob("*") if p.is_file() and p.stat().st_mode & 0o077]
+    assert not exposed, f"checkpoint files readable by other users: {exposed}"
     with result.checkpoint.as_directory() as d:
         for name in CHECKPOINT_FILES:
             assert (Path(d) / name).is_file(), f"checkpoint lacks {name}: {sorted(p.name for p in Path(d).iterdir())}"
