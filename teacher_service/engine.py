@@ -17,6 +17,10 @@ from .preprocess import fit_context, to_model_input
 from .protocol import EmbedRequest, EmbedResponse, RequestError, RequestLimits, validate_request
 
 
+class TeacherOutputError(RuntimeError):
+    """The teacher produced NaN/Inf features (broken weights, fp16 overflow): never sent as targets."""
+
+
 class TeacherEngine:
     """Validates requests and answers the valid ones of a batch with a single forward pass.
 
@@ -43,14 +47,16 @@ class TeacherEngine:
             raise
 
     def embed(self, request: EmbedRequest) -> EmbedResponse:
-        """Answer one request; raises RequestError when it is invalid."""
+        """Answer one request; raises RequestError when it is invalid, TeacherOutputError when the
+        teacher's features for it are not finite."""
         result = self.embed_many([request])[0]
-        if isinstance(result, RequestError):
+        if isinstance(result, Exception):
             raise result
         return result
 
-    def embed_many(self, requests: list[EmbedRequest]) -> list[EmbedResponse | RequestError]:
-        """One slot per request: its EmbedResponse, or the RequestError that refused it."""
+    def embed_many(self, requests: list[EmbedRequest]) -> list[EmbedResponse | RequestError | TeacherOutputError]:
+        """One slot per request: its EmbedResponse, the RequestError that refused it, or a
+        TeacherOutputError when its features came out NaN/Inf (the other requests are unaffected)."""
         results: list[EmbedResponse | RequestError | None] = [None] * len(requests)
         valid: list[int] = []
         for i, req in enumerate(requests):
@@ -82,7 +88,7 @@ class TeacherEngine:
                              logit_bias=t.logit_bias, fingerprint=t.fingerprint) for j, r in enumerate(reqs)]
         n = sum(len(r) for r in reqs)
         self._count(requests=len(reqs), samples=n, batches=1, forward_s=time.perf_counter() - t0, batch=n)
-        return out
+        return [_finite_or_error(resp) for resp in out]
 
     def _count(self, requests: int = 0, samples: int = 0, batches: int = 0, errors: int = 0,
                forward_s: float = 0.0, batch: int = 0) -> None:
@@ -94,6 +100,21 @@ class TeacherEngine:
             s["errors"] += errors
             s["forward_s"] += forward_s
             s["max_batch_samples"] = max(s["max_batch_samples"], batch)
+
+
+def _finite_or_error(resp: EmbedResponse) -> EmbedResponse | TeacherOutputError:
+    """The response, or a TeacherOutputError naming the first sample with a NaN/Inf feature."""
+    for name in ("image_features", "text_features"):
+        feats = getattr(resp, name)
+        if feats is None:
+            continue
+        bad = np.flatnonzero(~np.isfinite(feats).all(axis=1))
+        if bad.size:
+            return TeacherOutputError(
+                f"teacher {resp.fingerprint} produced NaN/Inf {name} for {bad.size} of {len(resp)} samples "
+                f"(first: {resp.keys[bad[0]]!r}); not sent as distillation targets. Check the weights and "
+                f"precision (fp16 overflow?)")
+    return resp
 
 
 def _split(features: np.ndarray | None, idx: list[int], reqs: list[EmbedRequest]) -> dict[int, np.ndarray]:

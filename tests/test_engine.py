@@ -98,3 +98,26 @@ def test_limits_are_enforced_and_outputs_are_independent(teacher):
     before = b.image_features.copy()
     a.image_features[:] = 0
     np.testing.assert_array_equal(b.image_features, before)
+
+
+def test_nan_features_fail_only_their_request_and_are_never_answered(teacher, monkeypatch):
+    """A broken teacher (NaN/Inf out): the request holding the bad row gets TeacherOutputError
+    naming the sample; the others in the same forward are answered as usual."""
+    from teacher_service.engine import TeacherOutputError
+
+    engine = TeacherEngine(teacher)
+    real = teacher.encode_tensors
+
+    def broken(pixels=None, tokens=None):
+        out = real(pixels, tokens)
+        out["image_features"][5] = np.nan  # row 5: the second request's third sample
+        return out
+
+    monkeypatch.setattr(teacher, "encode_tensors", broken)
+    good, bad = request(3, prefix="a"), request(4, seed=1, prefix="b")
+    results = engine.embed_many([good, bad])
+    assert isinstance(results[0], EmbedResponse) and np.isfinite(results[0].image_features).all()
+    assert isinstance(results[1], TeacherOutputError)
+    assert "NaN/Inf image_features for 1 of 4 samples (first: 'b1-2')" in str(results[1])
+    with pytest.raises(TeacherOutputError):
+        engine.embed(request(6, prefix="c"))

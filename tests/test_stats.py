@@ -309,3 +309,31 @@ def test_stats_over_two_replicas_and_kd_teacher_status(ray_cluster, capsys):
         assert report["stats"]["samples"] == 30 and report["info"]["fingerprint"] == stats["fingerprint"]
     finally:
         serve.delete(app)
+
+
+def test_replica_answers_a_broken_forward_with_an_error_and_keeps_serving(monkeypatch):
+    """NaN features from the teacher: that caller gets TeacherOutputError, counted as internal;
+    the replica answers the next request normally."""
+    from teacher_service.engine import TeacherOutputError
+
+    replica = TeacherDeployment.func_or_class(TeacherConfig.from_dict(TINY).to_dict())
+    real = replica.teacher.encode_tensors
+    broken = {"on": True}
+
+    def encode(pixels=None, tokens=None):
+        out = real(pixels, tokens)
+        if broken["on"]:
+            out["text_features"][:] = np.inf
+        return out
+
+    monkeypatch.setattr(replica.teacher, "encode_tensors", encode)
+
+    async def scenario():
+        with pytest.raises(TeacherOutputError, match="NaN/Inf text_features"):
+            await replica.embed(request(2, 0, run="r"))
+        broken["on"] = False
+        return await replica.embed(request(2, 1, run="r"))
+
+    assert np.isfinite(asyncio.run(scenario()).text_features).all()
+    s = replica.counters.snapshot()
+    assert s["errors_internal"] == 1 and s["requests"] == 1
