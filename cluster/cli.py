@@ -146,6 +146,8 @@ def train_config_from_args(args: argparse.Namespace):
         "data.val_shards": args.val_shards, "data.batch_size": args.batch_size,
         "data.num_views": args.num_views, "model.name": args.student, "teacher.mode": args.teacher_mode,
         "teacher.app_name": args.app_name, "teacher.cache_path": args.cache_path,
+        "teacher.patience_s": args.teacher_patience, "checkpoint_every_steps": args.checkpoint_every,
+        "max_failures": args.max_failures,
     }
     for path, value in overrides.items():
         if value is not None:
@@ -302,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="per-worker batch size")
     p.add_argument("--seed", type=int, help="seed")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (nccl, AMP)")
+    p.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                   help="also checkpoint every STEPS optimizer steps inside an epoch (default: epoch ends only)")
+    p.add_argument("--max-failures", type=int,
+                   help="worker-group restarts from the last checkpoint after a worker dies (-1: unlimited)")
+    p.add_argument("--teacher-patience", type=float, metavar="SECONDS",
+                   help="how long to wait for a teacher that stopped answering before the run "
+                        "checkpoints and stops (rerun resumes)")
     p.add_argument("--role-placement", action="store_true",
                    help="run workers only on student nodes (label kd-role=student, resource kd_student)")
     p.add_argument("--address", help=RAY_ADDRESS_HELP)

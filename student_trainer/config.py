@@ -61,6 +61,10 @@ class TeacherSourceConfig:
     prefetch: int = 2  # batches requested ahead of the one being trained
     timeout_s: float = 60.0  # per teacher call
     retries: int = 3  # re-sends after a failed/timed-out call before the run stops
+    # How long the run waits for a teacher that stopped answering (app redeployed, pool down),
+    # re-sending with backoff. After both `retries` and `patience_s` are spent the run checkpoints
+    # where it is and stops; rerunning it resumes there. Hybrid cache hits need no teacher.
+    patience_s: float = 120.0
     weight: float = 1.0  # this run's share of a contended teacher pool: weight / sum of waiting runs' weights
     coalesce: bool = True  # send view identities so the pool computes samples other runs share once
 
@@ -101,6 +105,10 @@ class TrainConfig:
     torch_threads: int | None = 1
     seed: int = 0
     log_every_steps: int = 10
+    # Also checkpoint every N optimizer steps inside an epoch (0: only at epoch ends), so a killed
+    # worker or a stop for an absent teacher loses at most N steps; a resume starts at that step.
+    checkpoint_every_steps: int = 0
+    max_failures: int = 2  # Ray Train restarts of the worker group from the last checkpoint (-1: unlimited)
 
     def validate(self) -> TrainConfig:
         """Fail early, with the offending field named, instead of deep inside a Ray worker."""
@@ -129,6 +137,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.teacher.prefetch < 0 or self.teacher.retries < 0:
             raise ValueError("teacher.prefetch and teacher.retries must be >= 0")
+        if not self.teacher.patience_s >= 0:
+            raise ValueError(f"teacher.patience_s must be >= 0 seconds, got {self.teacher.patience_s!r}")
+        if self.checkpoint_every_steps < 0 or self.max_failures < -1:
+            raise ValueError(f"checkpoint_every_steps must be >= 0 and max_failures >= -1, got "
+                             f"{self.checkpoint_every_steps} and {self.max_failures}")
         if not (isinstance(self.teacher.weight, (int, float)) and 0 < self.teacher.weight <= 100):
             raise ValueError(f"teacher.weight: expected a number in (0, 100], got {self.teacher.weight!r}")
         if not any(w for w in self.losses.values()):

@@ -309,19 +309,26 @@ def train_batches(
     tokenizer,
     shuffle_buffer: int = 500,
     view: int | None = None,
+    start_batch: int = 0,
 ) -> Iterator[Batch]:
     """Exactly :func:`steps_per_epoch` batches of exactly ``batch_size`` for ``rank`` in ``epoch``.
 
     Views are ``augment_view(image, key, view, seed)`` with ``view`` defaulting to ``epoch``; order
     is shuffled from ``(seed, epoch, rank)``, so a rerun of an epoch yields the same batches.
+    ``start_batch`` resumes inside the epoch: the samples before it are read past (not augmented
+    or tokenized), and the rest are the same batches an uninterrupted epoch would yield.
     """
     view = epoch if view is None else view
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     shards = _shard_list(shards)
     steps = steps_per_epoch(shards, world_size=world_size, batch_size=batch_size)
+    if not 0 <= start_batch <= steps:
+        raise ValueError(f"start_batch must be in [0, {steps}], got {start_batch}")
     stream = _endless(shards, rank=rank, world_size=world_size, epoch=epoch, seed=seed, shuffle_buffer=shuffle_buffer)
-    for _ in range(steps):
+    for _ in itertools.islice(stream, start_batch * batch_size):
+        pass
+    for _ in range(steps - start_batch):
         samples = list(itertools.islice(stream, batch_size))
         yield _make_batch(samples, image_size=image_size, view=view, seed=seed, train=True, tokenizer=tokenizer)
     stream.close()

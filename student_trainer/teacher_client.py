@@ -10,6 +10,7 @@ never serves embeddings of other pixels than the ones being trained on.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import time
@@ -144,9 +145,15 @@ class RemoteTeacher:
         self.stats = TeacherStats(fingerprints={self.info["fingerprint"]})  # answers must match info
 
     def _call(self, submit, what: str):
-        """Submit and wait, re-submitting on failure; RequestError (our bug, not theirs) is not retried."""
+        """Submit and wait, re-submitting on failure; RequestError (our bug, not theirs) is not retried.
+
+        Gives up only when both budgets are spent: `retries` re-sends and `patience_s` seconds since
+        the first failure, so a pool that is redeployed or rescheduled within the patience is
+        waited for, however many re-sends that takes.
+        """
         last: BaseException | None = None
-        for attempt in range(self.cfg.retries + 1):
+        first_failure: float | None = None
+        for attempt in itertools.count():
             pending = None
             try:
                 pending = submit()
@@ -158,16 +165,19 @@ class RemoteTeacher:
                     raise
                 _cancel(pending)  # so a slow replica does not compute the re-sent batch twice
                 last = exc
-                if attempt < self.cfg.retries:
-                    if hasattr(self, "stats"):
-                        self.stats.retries += 1
-                    log.warning("teacher %s call failed (%s); retry %d/%d", what, exc, attempt + 1,
-                                self.cfg.retries)
-                    time.sleep(min(2.0 ** attempt, 10.0))
+                first_failure = time.monotonic() if first_failure is None else first_failure
+                waited = time.monotonic() - first_failure
+                if attempt >= self.cfg.retries and waited >= self.cfg.patience_s:
+                    break
+                if hasattr(self, "stats"):
+                    self.stats.retries += 1
+                log.warning("teacher %s call failed (%s); retry %d (%.0f s of %.0f s patience)", what, exc,
+                            attempt + 1, waited, self.cfg.patience_s)
+                time.sleep(min(2.0 ** attempt, 10.0))
         raise TeacherUnavailableError(
-            f"teacher app {self.cfg.app_name!r} did not answer its {what} call after "
-            f"{self.cfg.retries + 1} attempts of {self.cfg.timeout_s:.0f}s each: {last!r}. "
-            f"Is it deployed? (`kd teacher serve` / `kd teacher status`)"
+            f"teacher app {self.cfg.app_name!r} did not answer its {what} call in {attempt + 1} attempts "
+            f"(timeout {self.cfg.timeout_s:.0f} s each) over {waited:.0f} s (patience {self.cfg.patience_s:.0f} s): "
+            f"{last!r}. Is it deployed? (`kd teacher serve` / `kd teacher status`)"
         ) from last
 
     def stream(self, batches: Iterable[Batch], view: int | None = None

@@ -20,12 +20,14 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from teacher_service.centroids import class_centroids
+from teacher_service.deployment import TeacherUnavailableError
 from teacher_service.preprocess import PreprocessSpec, preprocess_spec, to_model_input
 from teacher_service.protocol import EmbedRequest
 from teacher_service.private_files import make_private_dir, private_umask
@@ -217,9 +219,18 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def _restore(module: DistillModule, optimizer: torch.optim.Optimizer,
-             fingerprint: str) -> tuple[int, int]:
-    """Load the latest Ray Train checkpoint, if any: (next epoch, global step).
+@dataclass(frozen=True)
+class Position:
+    """Where a run stands: the epoch to train next, the optimizer steps of it already trained, and
+    the global optimizer step. Saved in every checkpoint; a resume starts exactly there."""
+
+    epoch: int = 0
+    epoch_step: int = 0
+    step: int = 0
+
+
+def _restore(module: DistillModule, optimizer: torch.optim.Optimizer, fingerprint: str) -> Position:
+    """Load the latest Ray Train checkpoint, if any, and return its position.
 
     A run resumed against another teacher would silently mix two teachers' targets: refused.
     """
@@ -227,7 +238,7 @@ def _restore(module: DistillModule, optimizer: torch.optim.Optimizer,
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0, 0
+        return Position()
     with checkpoint.as_directory() as d:
         module.student.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu",
                                                   weights_only=True))
@@ -239,11 +250,13 @@ def _restore(module: DistillModule, optimizer: torch.optim.Optimizer,
             f"the current teacher is {fingerprint or 'none'!r}. Use a new run name or the same teacher.")
     module.losses.load_state_dict(state["losses"])
     optimizer.load_state_dict(state["optimizer"])
-    return int(state["epoch"]) + 1, int(state["step"])
+    if "next_epoch" not in state:  # written at epoch ends only, before mid-epoch checkpoints existed
+        return Position(int(state["epoch"]) + 1, 0, int(state["step"]))
+    return Position(int(state["next_epoch"]), int(state["next_epoch_step"]), int(state["step"]))
 
 
-def _report(metrics: dict, module: DistillModule, optimizer, cfg: TrainConfig, epoch: int,
-            step: int) -> None:
+def _report(metrics: dict, module: DistillModule, optimizer, cfg: TrainConfig, position: Position) -> None:
+    """Report `metrics` on every rank; rank 0 adds a checkpoint that resumes at `position`."""
     import ray.train
 
     if ray.train.get_context().get_world_rank() != 0:
@@ -252,10 +265,31 @@ def _report(metrics: dict, module: DistillModule, optimizer, cfg: TrainConfig, e
     with tempfile.TemporaryDirectory() as d:
         save_student(module.student, cfg.model, d)
         torch.save({"losses": module.losses.state_dict(), "optimizer": optimizer.state_dict(),
-                    "epoch": epoch, "step": step,
+                    "next_epoch": position.epoch, "next_epoch_step": position.epoch_step,
+                    "step": position.step,
                     "teacher_fingerprint": metrics["teacher_fingerprint"]}, Path(d) / TRAIN_STATE_FILE)
         (Path(d) / "metrics.json").write_text(json.dumps(metrics, indent=2))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _until_unavailable(groups: Iterable[list]) -> Iterator[tuple[list | None, TeacherUnavailableError | None]]:
+    """`(group, None)` per optimizer step, then `(None, error)` if the teacher is lost for good, so
+    the loop can checkpoint where it stands instead of dying mid-epoch."""
+    try:
+        for group in groups:
+            yield group, None
+    except TeacherUnavailableError as exc:
+        yield None, exc
+
+
+def _every_rank_ok(ok: bool, world: int, device: torch.device) -> bool:
+    """True when `ok` holds on every rank: the ranks stop at the same step or not at all (a rank
+    that stopped alone would leave the others waiting in DDP's all-reduce)."""
+    if world == 1:
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _as_tensors(batch: Batch, device: torch.device) -> MicroBatch:
@@ -407,30 +441,57 @@ def train_loop_per_worker(config: dict) -> None:
     module = DistillModule(student, losses, preprocess_spec(student)).to(device)
     optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    start_epoch, step = _restore(module, optimizer, source.info.get("fingerprint", ""))
+    position = _restore(module, optimizer, source.info.get("fingerprint", ""))
     ddp = ray.train.torch.prepare_model(module)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     # losses that need no per-batch teacher output (clip, siglip, embed_kd with its centroids)
     # do not ask the teacher for every batch
     stream_source = source if losses.needs_teacher else NoTeacher()
+    # the ranks agree every step whether the teacher answered (one tiny all-reduce) only where it can be lost
+    can_lose_teacher = losses.needs_teacher and cfg.teacher.mode in ("remote", "hybrid")
 
     steps = optimizer_steps_per_epoch(cfg, shards, world)
     total_steps = steps * cfg.epochs
     run_start = time.perf_counter()
-    samples_done = 0
+    step, samples_done = position.step, 0
 
-    for epoch in range(start_epoch, cfg.epochs):
+    def metrics_of(sums: dict, epoch: int, done: int, first: int, started: float) -> dict:
+        elapsed = time.perf_counter() - started
+        metrics = {k: v / max(1, done - first) for k, v in sums.items()}
+        metrics.update(source.stats.as_metrics())
+        metrics.update({
+            "epoch": epoch + 1, "epoch_step": done, "step": step, "resumed_from_step": position.step,
+            "epoch_time_s": round(elapsed, 3), "accum_steps": cfg.accum_steps,
+            "train_samples_per_s": round((done - first) * cfg.accum_steps * cfg.data.batch_size * world
+                                         / max(elapsed, 1e-9), 3),
+            "run_samples_per_s": round(samples_done / max(time.perf_counter() - run_start, 1e-9), 3),
+            "world_size": world, "teacher_mode": cfg.teacher.mode,
+            "teacher_fingerprint": source.info.get("fingerprint", ""),
+            "peak_rss_mb": round(_peak_rss_mb(), 1),
+        })
+        if device.type == "cuda":
+            metrics["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        return metrics
+
+    for epoch in range(position.epoch, cfg.epochs):
+        first = position.epoch_step if epoch == position.epoch else 0
         batches = train_batches(shards, rank=rank, world_size=world, batch_size=cfg.data.batch_size,
                                 image_size=cfg.data.image_size, epoch=epoch, seed=cfg.seed,
                                 tokenizer=tokenizer, shuffle_buffer=cfg.data.shuffle_buffer,
-                                view=cfg.data.view_of(epoch))
-        batches = itertools.islice(batches, steps * cfg.accum_steps)
+                                view=cfg.data.view_of(epoch), start_batch=first * cfg.accum_steps)
+        batches = itertools.islice(batches, (steps - first) * cfg.accum_steps)
+        groups = _grouped(_stream(stream_source, batches, cfg.data.view_of(epoch)), cfg.accum_steps)
         sums: dict[str, float] = {}
         epoch_start = time.perf_counter()
         ddp.train()
-        for i, group in enumerate(_grouped(_stream(stream_source, batches, cfg.data.view_of(epoch)),
-                                           cfg.accum_steps)):
+        for i, (group, lost) in enumerate(_until_unavailable(groups), start=first):
+            if lost is not None and not can_lose_teacher:
+                raise lost
+            if can_lose_teacher and not _every_rank_ok(lost is None, world, device):
+                _stop_for_teacher(lost, metrics_of(sums, epoch, i, first, epoch_start), module, optimizer, cfg,
+                                  Position(epoch, i, step))
+                return
             set_lr(optimizer, warmup_cosine(step, base_lr=cfg.optim.lr,
                                             warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps))
             teacher = teacher_tensors(merge_teacher_outputs([t for _, t in group]), device)
@@ -445,22 +506,24 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0 and cfg.log_every_steps and step % cfg.log_every_steps == 0:
                 print(f"[{cfg.run_name}] epoch {epoch + 1}/{cfg.epochs} step {i + 1}/{steps} "
                       f"loss {float(parts['loss']):.4f}", flush=True)
-        epoch_time = time.perf_counter() - epoch_start
-        metrics = {k: v / max(1, steps) for k, v in sums.items()}
-        metrics.update(source.stats.as_metrics())
-        metrics.update({
-            "epoch": epoch + 1, "step": step, "epoch_time_s": round(epoch_time, 3),
-            "accum_steps": cfg.accum_steps,
-            "train_samples_per_s": round(steps * cfg.accum_steps * cfg.data.batch_size * world
-                                         / max(epoch_time, 1e-9), 3),
-            "run_samples_per_s": round(samples_done / max(time.perf_counter() - run_start, 1e-9), 3),
-            "world_size": world, "teacher_mode": cfg.teacher.mode,
-            "teacher_fingerprint": source.info.get("fingerprint", ""),
-            "peak_rss_mb": round(_peak_rss_mb(), 1),
-        })
-        if device.type == "cuda":
-            metrics["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-        _report(metrics, module, optimizer, cfg, epoch, step)
+            if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and i + 1 < steps:
+                _report(metrics_of(sums, epoch, i + 1, first, epoch_start), module, optimizer, cfg,
+                        Position(epoch, i + 1, step))
+        _report(metrics_of(sums, epoch, steps, first, epoch_start), module, optimizer, cfg,
+                Position(epoch + 1, 0, step))
+
+
+def _stop_for_teacher(lost: TeacherUnavailableError | None, metrics: dict, module: DistillModule, optimizer,
+                      cfg: TrainConfig, position: Position) -> None:
+    """Checkpoint at `position` (the first step not trained) and report why the run stops; the
+    driver raises it (`run_training`), and rerunning the same run name resumes at that step."""
+    if lost is None:
+        lost = TeacherUnavailableError(f"teacher app {cfg.teacher.app_name!r} stopped answering another rank.")
+    metrics["stopped"] = (
+        f"{lost} The run saved a checkpoint at epoch {position.epoch + 1} step {position.epoch_step} "
+        f"(global step {position.step}) and stopped; start the teacher and rerun with run name "
+        f"{cfg.run_name!r} to resume there.")
+    _report(metrics, module, optimizer, cfg, position)
 
 
 def _peak_rss_mb() -> float:
@@ -486,7 +549,7 @@ def build_trainer(cfg: TrainConfig):
                                      label_selector=dict(cfg.worker_label_selector) or None),
         run_config=RunConfig(name=cfg.run_name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=0)),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
 
 
@@ -504,4 +567,6 @@ def run_training(cfg: TrainConfig):
     result = build_trainer(cfg).fit()
     if result.error:
         raise result.error
+    if result.metrics and result.metrics.get("stopped"):
+        raise TeacherUnavailableError(result.metrics["stopped"])
     return result

@@ -380,3 +380,53 @@ def test_decode_image_matches_webdataset_training_decode(fmt, mode):
     want = wds.Decoder([wds.imagehandler("rgb8")])({"__key__": "x", ext: buf.getvalue()})[ext]
     assert decoded.dtype == np.uint8 and decoded.shape == (12, 10, 3)
     np.testing.assert_array_equal(decoded, want)
+
+
+_APPENDER = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from teacher_service.cache import CacheAppender, EmbeddingCache
+from test_cache import RECIPE, info, keys_, row_values
+
+cache = EmbeddingCache.open(sys.argv[1], teacher_info=info(), recipe=RECIPE, create=True)
+appender = CacheAppender(cache.path, cache.meta, run="killed", rank=0)
+for batch in range(10**6):
+    keys = keys_(4000, f"b{batch}")
+    r = row_values(keys, 0)
+    appender.add(keys, 0, r["image"], r["text"], r["idig"], r["tdig"])
+    appender.flush()
+    print(batch, flush=True)
+"""
+
+
+def test_appender_killed_mid_write_leaves_only_whole_files(tmp_path):
+    """SIGKILL a process that keeps appending (no chance to clean up): the next reader opens the
+    cache, sees only whole append files, and every row it serves is the row that was written."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-c", _APPENDER, str(root), os.path.dirname(__file__)],
+                            stdout=subprocess.PIPE, text=True)
+    flushed = [proc.stdout.readline() for _ in range(3)]  # three whole files are on disk...
+    assert all(line.strip() for line in flushed), flushed
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(".tmp-" in n for n in os.listdir(root)):
+        pass  # ...kill it as soon as a fourth is being written (or after 10 s, wherever it is)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stdout.close()
+
+    cache = EmbeddingCache.open(str(root), teacher_info=info(), recipe=RECIPE)
+    files = row_files(str(root))
+    assert len(files) >= 3 and all(os.path.basename(f).startswith(APPEND_PREFIX) for f in files)
+    assert len(cache) == 4000 * len(files) and cache.duplicates == 0
+    keys = [k for batch in range(len(files)) for k in keys_(4000, f"b{batch}")]
+    rows = cache.fetch(cache.locate(keys, view=0))
+    expected = row_values(keys, 0)
+    np.testing.assert_array_equal(rows["image_emb"], expected["image"])
+    np.testing.assert_array_equal(rows["text_digest"], expected["tdig"])
+    leftovers = [n for n in os.listdir(root) if ".tmp-" in n]
+    print(f"appender killed after {len(files)} whole files; {len(leftovers)} unfinished tmp file(s) left unread")

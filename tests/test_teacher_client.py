@@ -129,9 +129,11 @@ def make_batches(n: int, log: Optional[list] = None):
 
 @pytest.fixture
 def sleeps(monkeypatch) -> list[float]:
-    """Record RemoteTeacher's back-off sleeps instead of sleeping (module-local, not global time.sleep)."""
+    """Record RemoteTeacher's back-off sleeps instead of sleeping (module-local, not global time.sleep);
+    its monotonic clock advances by exactly the sleeps, so patience is counted in back-off time."""
     recorded: list[float] = []
-    monkeypatch.setattr(teacher_client, "time", SimpleNamespace(perf_counter=time.perf_counter, sleep=recorded.append))
+    monkeypatch.setattr(teacher_client, "time", SimpleNamespace(perf_counter=time.perf_counter, sleep=recorded.append,
+                                                                monotonic=lambda: sum(recorded)))
     return recorded
 
 
@@ -144,7 +146,7 @@ def remote(monkeypatch, handle: FakeHandle, **cfg) -> RemoteTeacher:
         return handle
 
     monkeypatch.setattr(deployment, "get_teacher_handle", fake_get_handle)
-    source_cfg = TeacherSourceConfig(mode="remote", app_name=APP, **{"timeout_s": 7.0, **cfg})
+    source_cfg = TeacherSourceConfig(mode="remote", app_name=APP, **{"timeout_s": 7.0, "patience_s": 0.0, **cfg})
     teacher = RemoteTeacher(source_cfg, run="unit-run")
     assert calls == [(APP, source_cfg.timeout_s)]
     return teacher
@@ -255,6 +257,26 @@ def test_backoff_is_capped(monkeypatch, sleeps):
         next(teacher.stream(make_batches(1)))
     assert sleeps == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
     assert teacher.stats.retries == 6
+
+
+def test_patience_outlasts_the_retry_count_until_the_teacher_is_back(monkeypatch, sleeps):
+    """A pool down for ~40 s (of back-off time) is waited for with patience 60, although that
+    takes more re-sends than `retries`; the batch is then answered and the stream goes on."""
+    down_until = 40.0
+    handle = FakeHandle(script=lambda call_no, req: TimeoutError("down") if sum(sleeps) < down_until else None)
+    teacher = remote(monkeypatch, handle, prefetch=0, retries=1, patience_s=60.0)
+    outs = list(teacher.stream(make_batches(2)))
+    assert [b.keys for b, _ in outs] == [[f"s-{i}" for i in range(B)], [f"s-{B + i}" for i in range(B)]]
+    assert sleeps == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0]  # re-sent until 45 s of back-off passed 40
+    assert teacher.stats.retries == 7
+
+
+def test_patience_spent_gives_up_naming_it(monkeypatch, sleeps):
+    handle = FakeHandle(script=lambda call_no, req: TimeoutError("down"))
+    teacher = remote(monkeypatch, handle, prefetch=0, retries=1, patience_s=20.0)
+    with pytest.raises(TeacherUnavailableError, match=r"6 attempts .* over 25 s \(patience 20 s\)"):
+        next(teacher.stream(make_batches(1)))
+    assert sleeps == [1.0, 2.0, 4.0, 8.0, 10.0]  # the first failure is at t=0; gives up at t=25 >= 20
 
 
 def test_constructor_fails_fast_when_info_never_answers(monkeypatch, sleeps):
