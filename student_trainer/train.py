@@ -562,8 +562,20 @@ def worker_resources(cfg: TrainConfig) -> dict:
     return resources
 
 
+def _check_teacher_app(cfg: TrainConfig) -> None:
+    """A teacher app that is not deployed is a mistake no worker restart fixes: refuse it here,
+    naming the apps that do run, before `max_failures` restarts would each find it missing."""
+    import ray
+
+    if cfg.teacher.mode in ("remote", "hybrid") and ray.is_initialized():
+        from teacher_service.deployment import get_teacher_handle
+
+        get_teacher_handle(cfg.teacher.app_name, timeout_s=cfg.teacher.timeout_s)
+
+
 def run_training(cfg: TrainConfig):
     """Train (or resume) and return the Ray Train `Result` (metrics from the last epoch)."""
+    _check_teacher_app(cfg)
     result = build_trainer(cfg).fit()
     if result.error:
         raise result.error
