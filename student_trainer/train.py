@@ -35,13 +35,14 @@ from .checkpoint import MODEL_FILE, save_student
 from .config import TrainConfig
 from .data import (
     Batch,
+    SkipCounts,
     eval_set,
     load_dataset_info,
     resolve_shards,
     steps_per_epoch,
     train_batches,
 )
-from .distributed import average_gradients
+from .distributed import average_gradients, sum_over_ranks
 from .factory import create_student, create_tokenizer, embed_dim
 from .losses import OPTION_DEFAULTS, LossSet, accumulated_backward, build_losses
 from .masking import encode_image_masked, patch_noise
@@ -421,10 +422,11 @@ def train_loop_per_worker(config: dict) -> None:
     samples_done = 0
 
     for epoch in range(start_epoch, cfg.epochs):
+        skips = SkipCounts()  # bad samples this epoch, by reason (summed over ranks when reported)
         batches = train_batches(shards, rank=rank, world_size=world, batch_size=cfg.data.batch_size,
                                 image_size=cfg.data.image_size, epoch=epoch, seed=cfg.seed,
                                 tokenizer=tokenizer, shuffle_buffer=cfg.data.shuffle_buffer,
-                                view=cfg.data.view_of(epoch))
+                                view=cfg.data.view_of(epoch), skips=skips)
         batches = itertools.islice(batches, steps * cfg.accum_steps)
         sums: dict[str, float] = {}
         epoch_start = time.perf_counter()
@@ -448,6 +450,7 @@ def train_loop_per_worker(config: dict) -> None:
         epoch_time = time.perf_counter() - epoch_start
         metrics = {k: v / max(1, steps) for k, v in sums.items()}
         metrics.update(source.stats.as_metrics())
+        metrics.update(sum_over_ranks(skips.as_metrics(), device))
         metrics.update({
             "epoch": epoch + 1, "step": step, "epoch_time_s": round(epoch_time, 3),
             "accum_steps": cfg.accum_steps,
