@@ -37,13 +37,14 @@ from .checkpoint import MODEL_FILE, save_student
 from .config import TrainConfig
 from .data import (
     Batch,
+    SkipCounts,
     eval_set,
     load_dataset_info,
     resolve_shards,
     steps_per_epoch,
     train_batches,
 )
-from .distributed import average_gradients
+from .distributed import average_gradients, sum_over_ranks
 from .factory import create_student, create_tokenizer, embed_dim
 from .losses import OPTION_DEFAULTS, LossSet, accumulated_backward, build_losses
 from .masking import encode_image_masked, patch_noise
@@ -456,10 +457,11 @@ def train_loop_per_worker(config: dict) -> None:
     run_start = time.perf_counter()
     step, samples_done = position.step, 0
 
-    def metrics_of(sums: dict, epoch: int, done: int, first: int, started: float) -> dict:
+    def metrics_of(sums: dict, skips: SkipCounts, epoch: int, done: int, first: int, started: float) -> dict:
         elapsed = time.perf_counter() - started
         metrics = {k: v / max(1, done - first) for k, v in sums.items()}
         metrics.update(source.stats.as_metrics())
+        metrics.update(sum_over_ranks(skips.as_metrics(), device))  # a collective: every rank reports here
         metrics.update({
             "epoch": epoch + 1, "epoch_step": done, "step": step, "resumed_from_step": position.step,
             "epoch_time_s": round(elapsed, 3), "accum_steps": cfg.accum_steps,
@@ -476,10 +478,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     for epoch in range(position.epoch, cfg.epochs):
         first = position.epoch_step if epoch == position.epoch else 0
+        skips = SkipCounts()  # bad samples this epoch, by reason (summed over ranks when reported)
         batches = train_batches(shards, rank=rank, world_size=world, batch_size=cfg.data.batch_size,
                                 image_size=cfg.data.image_size, epoch=epoch, seed=cfg.seed,
                                 tokenizer=tokenizer, shuffle_buffer=cfg.data.shuffle_buffer,
-                                view=cfg.data.view_of(epoch), start_batch=first * cfg.accum_steps)
+                                view=cfg.data.view_of(epoch), start_batch=first * cfg.accum_steps, skips=skips)
         batches = itertools.islice(batches, (steps - first) * cfg.accum_steps)
         groups = _grouped(_stream(stream_source, batches, cfg.data.view_of(epoch)), cfg.accum_steps)
         sums: dict[str, float] = {}
@@ -489,7 +492,7 @@ def train_loop_per_worker(config: dict) -> None:
             if lost is not None and not can_lose_teacher:
                 raise lost
             if can_lose_teacher and not _every_rank_ok(lost is None, world, device):
-                _stop_for_teacher(lost, metrics_of(sums, epoch, i, first, epoch_start), module, optimizer, cfg,
+                _stop_for_teacher(lost, metrics_of(sums, skips, epoch, i, first, epoch_start), module, optimizer, cfg,
                                   Position(epoch, i, step))
                 return
             set_lr(optimizer, warmup_cosine(step, base_lr=cfg.optim.lr,
@@ -507,9 +510,9 @@ def train_loop_per_worker(config: dict) -> None:
                 print(f"[{cfg.run_name}] epoch {epoch + 1}/{cfg.epochs} step {i + 1}/{steps} "
                       f"loss {float(parts['loss']):.4f}", flush=True)
             if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and i + 1 < steps:
-                _report(metrics_of(sums, epoch, i + 1, first, epoch_start), module, optimizer, cfg,
+                _report(metrics_of(sums, skips, epoch, i + 1, first, epoch_start), module, optimizer, cfg,
                         Position(epoch, i + 1, step))
-        _report(metrics_of(sums, epoch, steps, first, epoch_start), module, optimizer, cfg,
+        _report(metrics_of(sums, skips, epoch, steps, first, epoch_start), module, optimizer, cfg,
                 Position(epoch + 1, 0, step))
 
 

@@ -196,3 +196,28 @@ def test_inline_teacher_run(shards, storage, ray_cluster):
     from teacher_service.model import load_teacher
 
     assert m["teacher_fingerprint"] == load_teacher(TEACHER_CFG).fingerprint
+
+
+def test_bad_samples_are_skipped_and_counted_in_epoch_metrics(tmp_path, storage, ray_cluster):
+    """Two shards of 40 with 4 bad samples each, one cut short: 2 ranks train to the end and the
+    epoch metrics carry the skips by reason, summed over the ranks."""
+    from shard_builders import good_sample, png, write_tar
+
+    from student_trainer.train import run_training
+
+    bad = {"missing_caption": {"png": png(32, 32)}, "undecodable_image": {"png": b"not a png", "txt": b"x"},
+           "truncated_image": {"png": png(32, 32)[:200], "txt": b"x"}, "empty_caption": {"png": png(), "txt": b" "}}
+    for index in range(2):
+        good = [good_sample(i, f"g{index}-") for i in range(36)]
+        write_tar(tmp_path / f"train-{index:06d}.tar", good[:18] + [(f"bad{index}-{r}", m) for r, m in bad.items()]
+                  + good[18:])
+    data = (tmp_path / "train-000001.tar").read_bytes()
+    cut = data.rstrip(b"\0")  # the last member ends here: cut inside it
+    (tmp_path / "train-000001.tar").write_bytes(data[: len(cut) - 5])
+    cfg = train_cfg(tmp_path, storage, "bad-samples", mode="none", losses={"clip": 1.0})
+    m = run_training(cfg).metrics
+    assert m["step"] == 2 and math.isfinite(m["loss"])  # 81 samples counted: 40 per rank, 2 batches of 16
+    assert {k: v for k, v in m.items() if k.startswith("data_skipped_") and v} == {
+        "data_skipped_missing_caption": 2, "data_skipped_undecodable_image": 2, "data_skipped_truncated_image": 2,
+        "data_skipped_empty_caption": 2, "data_skipped_corrupt_tar": 1, "data_skipped_total": 9}
+    assert m["data_caption_truncated"] == 0
