@@ -65,6 +65,8 @@ def teacher_config_from_args(args: argparse.Namespace):
         "app_name": args.app_name, "num_replicas": args.replicas, "num_cpus": args.num_cpus,
         "num_gpus": args.num_gpus, "max_batch_size": args.max_batch_size,
         "precision": args.precision, "autoscaling": getattr(args, "autoscale", None),
+        "grpc_port": getattr(args, "grpc_port", None), "grpc_host": getattr(args, "grpc_host", None),
+        "grpc_token_file": getattr(args, "grpc_token_file", None),
     }.items() if v is not None}
     if args.replicas is not None and getattr(args, "autoscale", None) is None:
         updates["autoscaling"] = None  # --replicas asks for a fixed pool, also over a config that autoscales
@@ -76,23 +78,18 @@ def teacher_config_from_args(args: argparse.Namespace):
 
 
 def cmd_teacher_serve(args: argparse.Namespace) -> int:
-    from ray import serve
-
-    from teacher_service.deployment import deploy
+    from teacher_service.deployment import delete_teacher, deploy
 
     from .local import init_ray
 
     cfg = teacher_config_from_args(args)
     print(init_ray(args.address))
-    if args.grpc_port is not None:
-        from teacher_service.grpc_ingress import start_serve
-
-        port = start_serve(grpc_port=args.grpc_port)
-        print(f"gRPC: TeacherService on port {port}, metadata ('application', {cfg.app_name!r})")
-    handle = deploy(cfg, grpc=args.grpc_port is not None)
+    handle = deploy(cfg)  # with grpc_port: also the app's gRPC ingress, on this node
     info = handle.info.remote().result(timeout_s=600)
     print(f"teacher app {cfg.app_name!r} is serving {info.get('model')} "
           f"(embed_dim {info.get('embed_dim')}, fingerprint {info.get('fingerprint')})")
+    if cfg.grpc_port is not None:
+        print(grpc_banner(cfg))
     embedded = not (args.address or os.environ.get("RAY_ADDRESS"))
     if args.block or embedded:
         if embedded:
@@ -104,8 +101,19 @@ def cmd_teacher_serve(args: argparse.Namespace) -> int:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            serve.delete(cfg.app_name)
+            delete_teacher(cfg.app_name)
     return 0
+
+
+def grpc_banner(cfg) -> str:
+    """Where the gRPC ingress listens and who can reach it."""
+    from teacher_service.grpc_server import ingress_address
+
+    reach = "this machine only" if cfg.grpc_is_loopback() else "every host that can reach this address"
+    token = "bearer token required" if cfg.grpc_token_file else "no token required"
+    return (f"gRPC: TeacherService (Embed/Stats/Health) on {ingress_address(cfg.app_name)} ({reach}; {token}); "
+            f"per caller at most {cfg.grpc_caller_max_in_flight or 'unlimited'} in flight, "
+            f"{cfg.grpc_caller_samples_per_s or 'unlimited'} samples/s")
 
 
 def cmd_teacher_status(args: argparse.Namespace) -> int:
@@ -124,13 +132,13 @@ def cmd_teacher_status(args: argparse.Namespace) -> int:
 
 
 def cmd_teacher_stop(args: argparse.Namespace) -> int:
-    from ray import serve
+    from teacher_service.deployment import delete_teacher
 
     from .local import init_ray
 
     init_ray(args.address or "auto", quiet=True)
-    serve.delete(args.app_name)
-    print(f"deleted teacher app {args.app_name!r}")
+    delete_teacher(args.app_name)
+    print(f"deleted teacher app {args.app_name!r} (and its gRPC ingress)")
     return 0
 
 
@@ -265,14 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role-placement", action="store_true",
                    help="run replicas only on teacher nodes (label kd-role=teacher, resource kd_teacher)")
     p.add_argument("--grpc-port", type=int,
-                   help="also serve gRPC (Embed/Stats/Health) for clients outside Ray on this port; "
-                        "Serve must not already run without gRPC")
+                   help="also serve gRPC (Embed/Stats/Health) for clients outside Ray on this port "
+                        "(0: a free port, printed); the ingress runs on this node and stops with the app")
+    p.add_argument("--grpc-host",
+                   help="address the gRPC ingress binds (default 127.0.0.1: this machine only; "
+                        "0.0.0.0 or :: for every interface, then also set --grpc-token-file)")
+    p.add_argument("--grpc-token-file",
+                   help="owner-only (chmod 600) file with the bearer token gRPC callers must send")
     p.add_argument("--address", help=RAY_ADDRESS_HELP)
     p.add_argument("--block", action="store_true",
                    help="keep this command running (always so with an embedded cluster)")
     p.set_defaults(func=cmd_teacher_serve)
     for name, func, text in [("status", cmd_teacher_status, "print the teacher's info and counters"),
-                             ("stop", cmd_teacher_stop, "delete the teacher app")]:
+                             ("stop", cmd_teacher_stop, "delete the teacher app and its gRPC ingress")]:
         p = t_sub.add_parser(name, formatter_class=fmt, help=text, description=text)
         p.add_argument("--app-name", default="kd-teacher", help="Serve application name")
         p.add_argument("--address", help="Ray cluster address (default: auto)")

@@ -1,6 +1,6 @@
 """teacher_service: a frozen open_clip teacher served by Ray Serve.
 
-Names are re-exported lazily (PEP 562): Serve's gRPC proxy imports `teacher_service.proto` and a
+Names are re-exported lazily (PEP 562): the gRPC ingress imports `teacher_service.proto` and a
 gRPC client needs only the codec, so importing the package must not pull in torch and open_clip.
 """
 from __future__ import annotations

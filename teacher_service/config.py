@@ -6,6 +6,7 @@ One flat dataclass so the same object can come from a YAML file, a Serve config'
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 BATCHERS = ("fill", "serve")
 ROUTINGS = ("view_affinity", "power_of_two")
 VIEW_AFFINITY_ROUTER = "teacher_service.routing.ViewAffinityRouter"
+DEFAULT_GRPC_MAX_REQUEST_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -40,8 +42,14 @@ class TeacherConfig:
     replica so they coalesce across replicas (`routing.ViewAffinityRouter`); "power_of_two" is
     Serve's default router. `label_selector` / `resources` keep replicas on teacher nodes (node
     labels such as kd-role=teacher, or a custom resource only teacher nodes have).
-    `grpc_token_file`: a file only its owner can read (chmod 600, on storage every teacher node
-    sees); with it, gRPC calls without that bearer token are refused UNAUTHENTICATED.
+    `grpc_port` (None: no gRPC) starts the gRPC ingress (`grpc_server`) with the app, bound to
+    `grpc_host`: loopback unless set to another address explicitly ("0.0.0.0" / "::" for every
+    interface); port 0 takes a free port (reported by the ingress). `grpc_token_file`: a file only
+    its owner can read (chmod 600, on the node that runs the ingress); with it, gRPC calls without
+    that bearer token are refused UNAUTHENTICATED. `grpc_max_request_bytes` bounds one Embed
+    message. Per gRPC caller (`caller_limits`): at most `grpc_caller_max_in_flight` Embed rpcs
+    unanswered and `grpc_caller_samples_per_s` samples/s (bucket `grpc_caller_burst_samples`,
+    default one second's worth); None switches a limit off.
     """
 
     model: str = "ViT-B-32"
@@ -66,6 +74,12 @@ class TeacherConfig:
     max_run_weight: float = 100.0
     routing: str = "view_affinity"
     grpc_token_file: str | None = None  # gRPC callers must send this file's token as "authorization: Bearer ..."
+    grpc_host: str = "127.0.0.1"  # the gRPC ingress's bind address; others only when set explicitly
+    grpc_port: int | None = None  # None: no gRPC ingress; 0: a free port
+    grpc_max_request_bytes: int = DEFAULT_GRPC_MAX_REQUEST_BYTES
+    grpc_caller_max_in_flight: int | None = 64
+    grpc_caller_samples_per_s: float | None = None
+    grpc_caller_burst_samples: int | None = None
     label_selector: dict = field(default_factory=dict)  # node labels replicas need, e.g. {"kd-role": "teacher"}
     resources: dict = field(default_factory=dict)  # custom resources per replica, e.g. {"kd_teacher": 1}
 
@@ -92,6 +106,7 @@ class TeacherConfig:
             from .auth import read_token_file
 
             read_token_file(self.grpc_token_file)  # missing, empty or readable by others: refuse now
+        self._validate_grpc()
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing: expected one of {ROUTINGS}, got {self.routing!r}")
         if self.precision not in PRECISIONS:
@@ -137,6 +152,31 @@ class TeacherConfig:
             AutoscalingConfig(**a)
         except Exception as e:  # pydantic's ValidationError names the field
             raise ValueError(f"autoscaling: {e}") from e
+
+    def _validate_grpc(self) -> None:
+        """The bind address must be an IP literal: a host name could resolve to any interface."""
+        try:
+            ipaddress.ip_address(self.grpc_host)
+        except ValueError:
+            raise ValueError(f"grpc_host: expected an IP address to bind (127.0.0.1, ::1, or 0.0.0.0 / :: for "
+                             f"every interface), got {self.grpc_host!r}") from None
+        if self.grpc_port is not None:
+            _require(isinstance(self.grpc_port, int) and 0 <= self.grpc_port <= 65535, "grpc_port", self.grpc_port,
+                     "an int in 0..65535 (0: a free port) or None")
+        _require(isinstance(self.grpc_max_request_bytes, int) and self.grpc_max_request_bytes >= 1,
+                 "grpc_max_request_bytes", self.grpc_max_request_bytes, "an int >= 1")
+        self.caller_limits()  # checks the per-caller fields, naming the bad one
+
+    def grpc_is_loopback(self) -> bool:
+        """True when the ingress is reachable from this machine only."""
+        return ipaddress.ip_address(self.grpc_host).is_loopback
+
+    def caller_limits(self):
+        """The per-caller limits of the gRPC ingress (`caller_limits.CallerLimits`)."""
+        from .caller_limits import CallerLimits
+
+        return CallerLimits(max_in_flight=self.grpc_caller_max_in_flight, samples_per_s=self.grpc_caller_samples_per_s,
+                            burst_samples=self.grpc_caller_burst_samples)
 
     def serve_options(self) -> dict[str, Any]:
         """The deployment options Serve takes for this pool (replica count or autoscaling, resources)."""

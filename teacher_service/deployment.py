@@ -10,9 +10,9 @@ comparison) seals the next batch while the previous forward still runs (see `bat
 
 Every replica keeps `TeacherCounters` (requests, samples requested / computed, errors, batch fill,
 queue wait and forward percentiles, per-run throughput), returned by `stats()` and exported as Ray
-metrics; `collect_stats` merges them over all replicas (Serve's handle broadcast). The gRPC
-methods `Embed`, `Stats`, `Health` (called by Serve's gRPC proxy, see `grpc_ingress`) decode the
-proto and go through exactly the same path as `embed`.
+metrics; `collect_stats` merges them over all replicas (Serve's handle broadcast). Callers
+outside Ray use the app's gRPC ingress (`grpc_server`, started by `deploy` when `grpc_port` is
+set), which forwards to `embed` through a handle like any student.
 """
 from __future__ import annotations
 
@@ -26,25 +26,19 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from .auth import TokenCheck, UnauthenticatedError
 from .batching import Queued, SampleBatcher
 from .coalesce import Coalescer
 from .config import TeacherConfig
 from .engine import TeacherEngine
-from .grpc_ingress import (
-    DEFAULT_MAX_REQUEST_BYTES,
-    RequestTooLargeError,
-    WireLimits,
-    decode_embed_request,
-    encode_embed_reply,
-    encode_health_reply,
-    encode_stats_reply,
-    refuse,
-)
 from .model import load_teacher
-from .proto import teacher_pb2 as pb
 from .protocol import EmbedRequest, EmbedResponse, RequestError, RequestLimits
-from .stats import MetricsSink, RayMetricsSink, TeacherCounters, merge_stats
+from .stats import (
+    MetricsSink,
+    RayMetricsSink,
+    TeacherCounters,
+    add_ingress,
+    merge_stats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +52,13 @@ class TeacherUnavailableError(RuntimeError):
 class TeacherDeployment:
     """One replica: a frozen teacher, its engine, a SampleBatcher and the replica's counters."""
 
-    def __init__(self, config: dict, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+    def __init__(self, config: dict):
         self.cfg = TeacherConfig.from_dict(config)
         self.teacher = load_teacher(self.cfg)
         self.engine = TeacherEngine(self.teacher, RequestLimits(max_samples=self.cfg.max_request_samples,
                                                                 max_weight=self.cfg.max_run_weight))
         self.coalescer = Coalescer(self.cfg.coalesce_memory_rows, self.teacher.logit_scale,
                                    self.teacher.logit_bias, self.teacher.fingerprint)
-        self.wire_limits = WireLimits(max_request_bytes=max_request_bytes)
-        self.auth = TokenCheck.from_file(self.cfg.grpc_token_file)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-forward")
         self._clock = time.monotonic
         self._started = time.time()
@@ -87,7 +79,6 @@ class TeacherDeployment:
         return {**self.teacher.info(), "app_name": self.cfg.app_name,
                 "max_batch_size": self.cfg.max_batch_size,
                 "max_request_samples": self.cfg.max_request_samples,
-                "max_request_bytes": self.wire_limits.max_request_bytes,
                 "replica": self.replica, "uptime_s": time.time() - self._started}
 
     async def stats(self, include_samples: bool = False) -> dict[str, Any]:
@@ -95,53 +86,7 @@ class TeacherDeployment:
         return {**self.counters.snapshot(include_samples), "fingerprint": self.teacher.fingerprint,
                 "model": self.cfg.model, "uptime_s": time.time() - self._started,
                 "coalesce_in_flight_rows": self.coalescer.in_flight_rows(),
-                "coalesce_recent_rows": self.coalescer.recent_rows()}
-
-    # ---- the gRPC API (Serve's proxy calls the method named like the rpc)
-    async def Embed(self, request: pb.EmbedRequest, grpc_context: Any = None) -> pb.EmbedReply:
-        """rpc Embed: decode, the same path as `embed`, encode; refusals set the gRPC status."""
-        arrived = self._clock()
-        if (refused := self._authenticate(grpc_context, getattr(request, "run", None))) is not None:
-            return refuse(grpc_context, refused, pb.EmbedReply())
-        try:
-            decoded = decode_embed_request(request, self.wire_limits)
-        except RequestError as e:
-            label = self.counters.received(getattr(request, "run", None))
-            self.counters.refused(label, "too_large" if isinstance(e, RequestTooLargeError) else "invalid")
-            return refuse(grpc_context, e, pb.EmbedReply())
-        try:
-            response = await self._embed(decoded, arrived)
-        except RequestError as e:
-            return refuse(grpc_context, e, pb.EmbedReply())
-        return encode_embed_reply(response)
-
-    async def Stats(self, request: pb.StatsRequest, grpc_context: Any = None) -> pb.StatsReply:
-        """rpc Stats: this replica's counters, or all replicas' merged when `all_replicas`."""
-        if (refused := self._authenticate(grpc_context, None)) is not None:
-            return refuse(grpc_context, refused, pb.StatsReply())
-        if request.all_replicas:
-            ctx = serve.get_replica_context()
-            handle = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
-            snapshots = await handle.broadcast("stats", include_samples=True).results_async(timeout_s=30)
-            return encode_stats_reply(merge_stats(snapshots))
-        return encode_stats_reply(await self.stats())
-
-    async def Health(self, request: pb.HealthRequest, grpc_context: Any = None) -> pb.HealthReply:
-        """rpc Health: answered by any replica that runs; carries identity and limits."""
-        if (refused := self._authenticate(grpc_context, None)) is not None:
-            return refuse(grpc_context, refused, pb.HealthReply())
-        return encode_health_reply(await self.info())
-
-    def _authenticate(self, grpc_context: Any, run: Any) -> UnauthenticatedError | None:
-        """The refusal for a gRPC call without the required bearer token (counted), else None."""
-        if self.auth is None or grpc_context is None:  # no token configured, or a handle call
-            return None
-        try:
-            self.auth.check(grpc_context.invocation_metadata())
-        except UnauthenticatedError as e:
-            self.counters.refused(self.counters.received(run), "unauthenticated")
-            return e
-        return None
+                "coalesce_recent_rows": self.coalescer.recent_rows(), "rss_bytes": _rss_bytes()}
 
     # ---- internals
     async def _embed(self, request: EmbedRequest, arrived: float) -> EmbedResponse:
@@ -200,6 +145,13 @@ class TeacherDeployment:
         return results
 
 
+def _rss_bytes() -> int:
+    """This replica's resident memory (the soak test watches it for growth)."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
 def _replica_id() -> str:
     try:
         return serve.get_replica_context().replica_id.unique_id
@@ -219,23 +171,34 @@ def _ray_sink(app_name: str, replica: str) -> MetricsSink | None:
 
 
 # ============================================================================================ apps
-def build_app(cfg: TeacherConfig, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
-    """The Serve application for `cfg` (not yet running); `max_request_bytes` bounds gRPC requests."""
-    WireLimits(max_request_bytes=max_request_bytes)  # fail here, not in the replica
-    return TeacherDeployment.options(**cfg.serve_options()).bind(cfg.to_dict(), max_request_bytes)
+def build_app(cfg: TeacherConfig):
+    """The Serve application for `cfg` (not yet running)."""
+    return TeacherDeployment.options(**cfg.serve_options()).bind(cfg.to_dict())
 
 
-def deploy(cfg: TeacherConfig, *, grpc: bool = False,
-           max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> DeploymentHandle:
+def deploy(cfg: TeacherConfig) -> DeploymentHandle:
     """Start (or update) the detached, named teacher app and return its handle once it runs.
 
-    `grpc=True` gives the app the route prefix /<app_name>: Serve's proxies only route to apps
-    that have one (with None, gRPC calls get NOT_FOUND). The HTTP proxy then routes there too,
-    where the deployment has no HTTP handler. Start Serve with the gRPC service before the first
-    deploy (`grpc_ingress.start_serve`): this call starts Serve without it when none runs yet.
+    With `cfg.grpc_port` set, also (re)starts the app's gRPC ingress on this node
+    (`grpc_server.start_ingress`; `grpc_server.ingress_address(app)` says where it listens);
+    without, stops an ingress a previous deploy of the app started.
     """
-    return serve.run(build_app(cfg, max_request_bytes=max_request_bytes), name=cfg.app_name,
-                     route_prefix=f"/{cfg.app_name}" if grpc else None, blocking=False)
+    from .grpc_server import start_ingress, stop_ingress
+
+    handle = serve.run(build_app(cfg), name=cfg.app_name, route_prefix=None, blocking=False)
+    if cfg.grpc_port is not None:
+        start_ingress(cfg)
+    else:
+        stop_ingress(cfg.app_name)
+    return handle
+
+
+def delete_teacher(app_name: str) -> None:
+    """Delete the teacher app and stop its gRPC ingress (it would stop by itself within seconds)."""
+    from .grpc_server import stop_ingress
+
+    stop_ingress(app_name)
+    serve.delete(app_name)
 
 
 def get_teacher_handle(app_name: str = "kd-teacher", timeout_s: float = 60.0) -> DeploymentHandle:
@@ -265,17 +228,21 @@ def get_teacher_handle(app_name: str = "kd-teacher", timeout_s: float = 60.0) ->
 
 
 def collect_stats(handle: DeploymentHandle, timeout_s: float = 30.0) -> dict[str, Any]:
-    """Every replica's counters (Serve handle broadcast), merged by `merge_stats`.
+    """Every replica's counters (Serve handle broadcast), merged by `merge_stats`, plus the refusals
+    of the app's gRPC ingress when it has one (`stats.add_ingress`).
 
     Replicas that fail to answer are counted in `replicas_failed` rather than failing the call.
     """
+    from .grpc_server import ingress_stats
+
     answers = handle.broadcast("stats", include_samples=True).results(timeout_s=timeout_s, return_exceptions=True)
     snapshots = [a for a in answers if isinstance(a, dict)]
     if not snapshots:
         raise TeacherUnavailableError(f"no teacher replica answered stats: {answers}")
     merged = merge_stats(snapshots)
     merged["replicas_failed"] = len(answers) - len(snapshots)
-    return merged
+    ingress = ingress_stats(handle.app_name, timeout_s)
+    return merged if ingress is None else add_ingress(merged, ingress)
 
 
 def app_builder(args: dict):

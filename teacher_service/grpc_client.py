@@ -1,7 +1,8 @@
 """A small Python client for the teacher's gRPC API, for callers outside the Ray cluster.
 
-Inside Ray, use the Serve handle (`deployment.get_teacher_handle`): it skips the proxy hop. Both
-paths run the same batched code and return the same `EmbedResponse`, bit for bit.
+It talks to the app's gRPC ingress (`grpc_server`, `kd teacher serve --grpc-port`). Inside Ray,
+use the Serve handle (`deployment.get_teacher_handle`): it skips the ingress hop. Both paths run
+the same batched code and return the same `EmbedResponse`, bit for bit.
 """
 from __future__ import annotations
 
@@ -13,27 +14,38 @@ import grpc
 import numpy as np
 
 from .auth import UnauthenticatedError
-from .grpc_ingress import RequestTooLargeError, decode_embed_reply, encode_embed_request
+from .caller_limits import CALLER_METADATA, REFUSAL_REASONS, CallerLimitError
+from .grpc_ingress import (
+    REFUSAL_METADATA,
+    RequestTooLargeError,
+    decode_embed_reply,
+    encode_embed_request,
+)
 from .proto import teacher_pb2 as pb
 from .proto import teacher_pb2_grpc as pb_grpc
 from .protocol import EmbedRequest, EmbedResponse, RequestError
 
 DEFAULT_MAX_RECEIVE_BYTES = 256 * 2**20  # gRPC's client default (4 MiB) is too small for big batches
-RETRYABLE = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 
 
 class TeacherGrpcClient:
-    """`embed` / `stats` / `health` against one Serve application behind Serve's gRPC proxy.
+    """`embed` / `stats` / `health` against one teacher app's gRPC ingress.
 
-    `app_name` goes out as the ("application", name) metadata Serve routes on. `token`, when set,
-    is sent as "authorization: Bearer <token>"; a teacher with `grpc_token_file` refuses calls
-    without it (UnauthenticatedError). Refusals raise RequestError (INVALID_ARGUMENT),
-    RequestTooLargeError (RESOURCE_EXHAUSTED) or UnauthenticatedError (UNAUTHENTICATED) with the
-    server's reason, and the gRPC status as `.code`; other failures raise grpc.RpcError.
+    `caller` goes out as `kd-caller` metadata: the name the ingress applies per-caller limits to
+    and the run the replicas account and fair-share this client's requests under ("grpc:<caller>");
+    without it the ingress uses the client's host. `app_name`, when set, goes out as
+    ("application", name) and the ingress refuses it NOT_FOUND if it serves another app. `token`,
+    when set, is sent as "authorization: Bearer <token>"; a teacher with `grpc_token_file` refuses
+    calls without it (UnauthenticatedError). Refusals raise RequestError (INVALID_ARGUMENT),
+    RequestTooLargeError (RESOURCE_EXHAUSTED, over the byte limit), CallerLimitError
+    (RESOURCE_EXHAUSTED, over this caller's in-flight or samples/s limit: retry later) or
+    UnauthenticatedError (UNAUTHENTICATED) with the server's reason, and the gRPC status as
+    `.code`; other failures raise grpc.RpcError.
     """
 
-    def __init__(self, target: str = "127.0.0.1:9000", app_name: str = "kd-teacher", *,
-                 token: str | None = None, timeout_s: float = 60.0,
+    def __init__(self, target: str = "127.0.0.1:9000", app_name: str | None = None, *,
+                 token: str | None = None, caller: str | None = None, timeout_s: float = 60.0,
                  max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
                  channel: grpc.Channel | None = None):
         self.target = target
@@ -44,22 +56,28 @@ class TeacherGrpcClient:
             ("grpc.max_receive_message_length", max_receive_bytes),
         ])
         self._stub = pb_grpc.TeacherServiceStub(self._channel)
-        self._metadata: tuple[tuple[str, str], ...] = (("application", app_name),)
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        if app_name:
+            self._metadata += (("application", app_name),)
+        if caller:
+            self._metadata += ((CALLER_METADATA, caller),)
         if token:
             self._metadata += (("authorization", f"Bearer {token}"),)
 
     def embed(self, images: np.ndarray | None = None, tokens: np.ndarray | None = None,
-              keys: Sequence[str] | None = None, run: str = "") -> EmbedResponse:
+              keys: Sequence[str] | None = None, view: str = "") -> EmbedResponse:
         """Features for one mini-batch: uint8 images [B, H, W, 3] and/or int64 tokens [B, L].
 
-        `keys` default to "0".."B-1". Returns float16 numpy features, row i for keys[i].
+        `keys` default to "0".."B-1". Returns float16 numpy features, row i for keys[i]. A `view`
+        (see `views.view_identity`) lets the pool answer a (view, key) it computed recently
+        without computing it again.
         """
         b = len(images) if images is not None else len(tokens) if tokens is not None else 0
         keys = [str(i) for i in range(b)] if keys is None else list(keys)
-        return self.embed_request(EmbedRequest(keys=keys, images=images, tokens=tokens, run=run))
+        return self.embed_request(EmbedRequest(keys=keys, images=images, tokens=tokens, view=view))
 
     def embed_request(self, request: EmbedRequest) -> EmbedResponse:
-        """`embed` for a ready-made protocol EmbedRequest."""
+        """`embed` for a ready-made protocol EmbedRequest (its `run` is replaced by the ingress's caller)."""
         return decode_embed_reply(self._call(self._stub.Embed, encode_embed_request(request)))
 
     def stats(self, all_replicas: bool = False) -> dict[str, Any]:
@@ -75,11 +93,7 @@ class TeacherGrpcClient:
         return {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields}
 
     def wait_ready(self, timeout_s: float = 60.0, poll_s: float = 0.25) -> dict[str, Any]:
-        """`health()` once the proxy routes to the app; retries NOT_FOUND / UNAVAILABLE until `timeout_s`.
-
-        Serve's proxy learns about a new app shortly after it reports RUNNING, so the first calls
-        after a deploy can be answered NOT_FOUND.
-        """
+        """`health()` once the ingress answers; retries UNAVAILABLE (not listening yet) until `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -111,11 +125,16 @@ class TeacherGrpcClient:
 def _refusal(error: grpc.RpcError) -> Exception | None:
     """The protocol error for a refused request, carrying the gRPC status as `.code`."""
     code = error.code() if hasattr(error, "code") else None
-    cls = {grpc.StatusCode.INVALID_ARGUMENT: RequestError,
-           grpc.StatusCode.RESOURCE_EXHAUSTED: RequestTooLargeError,
-           grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError}.get(code)
-    if cls is None:
-        return None
-    refusal = cls(error.details())
+    kind = dict(error.trailing_metadata() or ()).get(REFUSAL_METADATA) if hasattr(error, "trailing_metadata") else None
+    if kind in REFUSAL_REASONS:
+        refusal: Exception = CallerLimitError(error.details(), kind)
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and kind == "too_large":
+        refusal = RequestTooLargeError(error.details())
+    elif code == grpc.StatusCode.INVALID_ARGUMENT:
+        refusal = RequestError(error.details())
+    elif code == grpc.StatusCode.UNAUTHENTICATED:
+        refusal = UnauthenticatedError(error.details())
+    else:
+        return None  # e.g. RESOURCE_EXHAUSTED from Serve's back-pressure, UNAVAILABLE: the raw RpcError
     refusal.code = code
     return refusal

@@ -1,23 +1,13 @@
-"""gRPC ingress: proto <-> protocol conversion, wire limits, status codes, and starting Serve with gRPC.
+"""The gRPC wire format: proto <-> protocol conversion, wire limits and status codes.
 
-Ray Serve's gRPC proxy forwards the rpc `Embed` to the deployment method named `Embed` (likewise
-`Stats`, `Health`), so the deployment decodes the proto here, runs the same path as the handle's
-`embed`, and encodes the reply here. Tensors are raw little-endian bytes with a dtype name from a
-short allow-list and a shape, never pickle: a client in any language can build them, and a
-malicious payload can at worst be refused.
+Tensors are raw little-endian bytes with a dtype name from a short allow-list and a shape, never
+pickle: a client in any language can build them, and a malicious payload can at worst be refused.
+`decode_embed_request` checks the byte limit and the wire format only; the content is checked by
+the same `validate_request` the handle path uses, in the replica.
 
-Serve facts this module works around (checked against ray 2.60 sources):
-- The proxy's gRPC options are fixed when Serve starts on a cluster; a later `serve.start` with
-  other options is ignored. `start_serve` therefore has to run before anything else starts Serve,
-  and says so when it finds Serve already running without the teacher's servicer.
-- The proxy binds `[::]:<port>` (all interfaces) and gRPCOptions has no host field, so it cannot
-  be limited to loopback from here: keep the port closed at the firewall / security group, and use
-  the bearer-token slot of the client once the server checks it.
-- The proxy's own message limit is process-wide (env RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, default
-  2 GiB, read when the proxy starts). The per-app limit `max_request_bytes` is enforced by the
-  deployment before decoding and answered with RESOURCE_EXHAUSTED.
-- A deployment sets the status by calling `grpc_context.set_code/set_details` (the method must take
-  a `grpc_context` argument) and returning a reply; Serve copies the code to the client.
+The server that uses this is `teacher_service.grpc_server` (our own grpc.aio server in a Ray
+actor). Serve's own gRPC proxy is not used: in ray 2.60 it binds `[::]:<port>` with no host
+option (`ray/serve/_private/grpc_util.py`) and its options are fixed when Serve starts.
 """
 from __future__ import annotations
 
@@ -31,21 +21,17 @@ import numpy as np
 from .proto import teacher_pb2 as pb
 from .protocol import EmbedRequest, EmbedResponse, RequestError
 
-SERVICER_FUNCTION = "teacher_service.proto.teacher_pb2_grpc.add_TeacherServiceServicer_to_server"
 SERVICE_NAME = "kd.teacher.v1.TeacherService"
 DEFAULT_GRPC_PORT = 9000
 DEFAULT_MAX_REQUEST_BYTES = 64 * 2**20
 WIRE_DTYPES = ("uint8", "int32", "int64", "float16", "float32")
 MAX_DIMS = 8
-MAX_DETAILS_CHARS = 2000  # status details travel in HTTP/2 trailers (Serve truncates at 4096)
+MAX_DETAILS_CHARS = 2000  # status details travel in HTTP/2 trailers: keep them short
+REFUSAL_METADATA = "kd-refusal"  # trailing metadata naming why a request was refused (counter kind)
 
 
 class RequestTooLargeError(RequestError):
     """A request over the byte limit; answered RESOURCE_EXHAUSTED rather than INVALID_ARGUMENT."""
-
-
-class GrpcUnavailableError(RuntimeError):
-    """Serve runs on this cluster without the teacher's gRPC servicer (options are fixed at start)."""
 
 
 @dataclass(frozen=True)
@@ -173,74 +159,31 @@ def _is_number(v: Any) -> bool:
 
 # ----------------------------------------------------------------------------------------- status
 def grpc_status_for(error: Exception) -> grpc.StatusCode:
-    """UNAUTHENTICATED without the token, RESOURCE_EXHAUSTED for size refusals, INVALID_ARGUMENT for
-    other refusals, INTERNAL otherwise."""
+    """UNAUTHENTICATED without the token, RESOURCE_EXHAUSTED for size and caller-limit refusals,
+    INVALID_ARGUMENT for other refusals, INTERNAL otherwise."""
     from .auth import UnauthenticatedError
+    from .caller_limits import CallerLimitError
 
     if isinstance(error, UnauthenticatedError):
         return grpc.StatusCode.UNAUTHENTICATED
-    if isinstance(error, RequestTooLargeError):
+    if isinstance(error, (RequestTooLargeError, CallerLimitError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(error, RequestError):
         return grpc.StatusCode.INVALID_ARGUMENT
     return grpc.StatusCode.INTERNAL
 
 
-def refuse(grpc_context: Any, error: Exception, empty_reply: Any) -> Any:
-    """Answer a refused gRPC request: status code + the reason as details, and an empty reply.
+def refusal_kind(error: Exception) -> str:
+    """The counter kind of a refusal (`errors_<kind>` in the teacher's stats), sent as `kd-refusal`."""
+    from .auth import UnauthenticatedError
+    from .caller_limits import CallerLimitError
 
-    Without a gRPC context (the method was called through a Serve handle) the error is raised
-    instead, so handle callers see the same RequestError as with `embed`.
-    """
-    if grpc_context is None:
-        raise error
-    grpc_context.set_code(grpc_status_for(error))
-    grpc_context.set_details(str(error)[:MAX_DETAILS_CHARS])
-    return empty_reply
-
-
-# ------------------------------------------------------------------------------------ serve start
-def grpc_options(port: int = DEFAULT_GRPC_PORT, request_timeout_s: float | None = None) -> dict[str, Any]:
-    """`serve.start(grpc_options=...)` value that registers the teacher service on `port`."""
-    return {"port": int(port), "grpc_servicer_functions": [SERVICER_FUNCTION],
-            "request_timeout_s": request_timeout_s}
-
-
-def start_serve(grpc_port: int = DEFAULT_GRPC_PORT, *, http_port: int | None = None,
-                http_host: str = "127.0.0.1", request_timeout_s: float | None = None) -> int:
-    """Start Serve on the connected cluster with the teacher's gRPC service; return its gRPC port.
-
-    Call it before anything else starts Serve (`serve.run` starts it with default options). When
-    Serve already runs, returns the port it serves the teacher service on, or raises
-    GrpcUnavailableError: the proxy options cannot change without `serve.shutdown()`.
-    """
-    from ray import serve
-
-    running = running_grpc_options()
-    if running is None:
-        http = {"host": http_host, **({"port": int(http_port)} if http_port is not None else {})}
-        serve.start(http_options=http, grpc_options=grpc_options(grpc_port, request_timeout_s))
-        return int(grpc_port)
-    if SERVICER_FUNCTION not in running.get("grpc_servicer_functions", []):
-        raise GrpcUnavailableError(
-            "Serve is already running on this cluster without the teacher's gRPC service, and Serve fixes "
-            "its proxy options when it starts. Shut Serve down (`serve shutdown`, which deletes its apps) "
-            f"and start it with teacher_service.grpc_ingress.start_serve(grpc_port=...) before deploying; "
-            f"running gRPC options: {running}")
-    return int(running["port"])
-
-
-def running_grpc_options() -> dict[str, Any] | None:
-    """The gRPC options of the Serve instance on the connected cluster, or None when Serve is not running.
-
-    Reads the controller's config (a Serve-internal call, kept in this one place).
-    """
-    import ray
-    from ray.serve.context import _get_global_client
-
-    client = _get_global_client(raise_if_no_controller_running=False)
-    if client is None:
-        return None
-    options = ray.get(client._controller.get_grpc_config.remote())
-    return {"port": options.port, "grpc_servicer_functions": list(options.grpc_servicer_functions),
-            "request_timeout_s": options.request_timeout_s}
+    if isinstance(error, UnauthenticatedError):
+        return "unauthenticated"
+    if isinstance(error, RequestTooLargeError):
+        return "too_large"
+    if isinstance(error, CallerLimitError):
+        return error.reason
+    if isinstance(error, RequestError):
+        return "invalid"
+    return "internal"

@@ -17,9 +17,10 @@ from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
-ERROR_KINDS = ("invalid", "too_large", "unauthenticated", "internal")
+ERROR_KINDS = ("invalid", "too_large", "unauthenticated", "rate_limited", "in_flight_limit", "internal")
 SUM_KEYS = ("requests_received", "requests", "requests_cancelled", "errors", "errors_invalid",
-            "errors_too_large", "errors_unauthenticated", "errors_internal", "samples_requested", "samples_computed",
+            "errors_too_large", "errors_unauthenticated", "errors_rate_limited", "errors_in_flight_limit",
+            "errors_internal", "samples_requested", "samples_computed",
             "samples_coalesced", "samples_from_cache", "samples", "batches", "batch_requests",
             "batch_fill_sum", "forward_s", "in_flight", "samples_per_s", "coalesce_in_flight_rows",
             "coalesce_recent_rows")
@@ -269,6 +270,7 @@ def merge_stats(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
         if key in first:
             out[key] = first[key]
     out["uptime_s"] = max(s.get("uptime_s", 0.0) for s in snapshots)
+    out["rss_bytes"] = sum(s.get("rss_bytes", 0) for s in snapshots)  # the pool's resident memory
     runs: dict[str, dict[str, float]] = {}
     for s in snapshots:
         for label, r in s.get("runs", {}).items():
@@ -280,9 +282,28 @@ def merge_stats(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
     forwards = [f for s in snapshots for f in s.get("forward_samples", [])]
     out.update(summarize(out, waits, forwards))
     out["replicas"] = {s.get("replica", f"#{i}"): {k: s.get(k) for k in (
-        "requests", "samples", "batches", "batch_fill_mean", "in_flight", "queue_wait_p50_s", "uptime_s")}
+        "requests", "samples", "batches", "batch_fill_mean", "in_flight", "queue_wait_p50_s", "uptime_s",
+        "rss_bytes")}
         for i, s in enumerate(snapshots)}
     out["replicas_answered"] = len(snapshots)
+    return out
+
+
+def add_ingress(stats: dict[str, Any], ingress: dict[str, Any]) -> dict[str, Any]:
+    """`stats` (one replica's or merged) plus the refusals counted at the gRPC ingress.
+
+    The ingress counts only what it refuses (a request it forwards is counted by the replica), so
+    adding its counts keeps every request counted once: requests_received, errors and errors by
+    kind, per run. Its own state (address, callers in flight, memory) goes under `grpc_ingress`.
+    """
+    out = {**stats, "runs": {label: dict(r) for label, r in stats.get("runs", {}).items()}}
+    for key in ("requests_received", "errors", *(f"errors_{kind}" for kind in ERROR_KINDS)):
+        out[key] = out.get(key, 0) + ingress.get(key, 0)
+    for label, r in ingress.get("runs", {}).items():
+        merged = out["runs"].setdefault(label, dict.fromkeys(RUN_SUM_KEYS, 0))
+        for key in ("requests_received", "errors"):
+            merged[key] = merged.get(key, 0) + r.get(key, 0)
+    out["grpc_ingress"] = {k: ingress.get(k) for k in ("address", "callers_in_flight", "rss_bytes", "uptime_s")}
     return out
 
 
@@ -377,7 +398,8 @@ def format_stats(info: dict[str, Any], stats: dict[str, Any]) -> str:
         f"requests   {s['requests_received']:.0f} received, {s['requests']:.0f} answered, {s['in_flight']:.0f} in flight, "
         f"{s['requests_cancelled']:.0f} cancelled",
         f"errors     {s['errors']:.0f} (invalid {s['errors_invalid']:.0f}, too large {s['errors_too_large']:.0f}, "
-        f"unauthenticated {s.get('errors_unauthenticated', 0):.0f}, internal {s['errors_internal']:.0f})",
+        f"unauthenticated {s.get('errors_unauthenticated', 0):.0f}, rate limited {s.get('errors_rate_limited', 0):.0f}, "
+        f"in-flight limit {s.get('errors_in_flight_limit', 0):.0f}, internal {s['errors_internal']:.0f})",
         f"samples    requested {s['samples_requested']:.0f}, computed {s['samples_computed']:.0f}, coalesced "
         f"{s['samples_coalesced']:.0f}, from cache {s['samples_from_cache']:.0f}, answered {s['samples']:.0f}",
         f"batches    {s['batches']:.0f}, fill {num(s['batch_fill_mean'])} of max_batch_size {s.get('max_batch_size')} "
@@ -388,6 +410,9 @@ def format_stats(info: dict[str, Any], stats: dict[str, Any]) -> str:
         f"total {s['forward_s']:.1f} s",
         f"throughput {s['samples_per_s']:.1f} samples/s over the last {s.get('window_s', 0):.0f} s",
     ]
+    if s.get("grpc_ingress"):
+        g = s["grpc_ingress"]
+        lines.append(f"gRPC       listening on {g.get('address')}, callers in flight {g.get('callers_in_flight') or {}}")
     if s["runs"]:
         lines.append(f"{'run':<24} {'requests':>9} {'samples':>9} {'computed':>9} {'coalesced':>9} "
                      f"{'cached':>7} {'errors':>7} {'samples/s':>10}")

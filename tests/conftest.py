@@ -16,11 +16,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# Serve fixes its proxy options when it first starts on a cluster, so the session starts it once,
-# with the teacher's gRPC service, on ports free at session start (no clash with other sessions).
-GRPC_PORT = _free_port()
-
-
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray cluster with oversubscribed logical CPUs, shared by every test that needs Ray."""
@@ -33,9 +28,11 @@ def ray_cluster():
             object_store_memory=512 * 1024 * 1024,
             log_to_driver=False,
         )
-        from teacher_service.grpc_ingress import start_serve
+        from ray import serve
 
-        start_serve(GRPC_PORT, http_port=_free_port())
+        # Serve fixes its HTTP proxy's port when it first starts on a cluster: a free one, so
+        # sessions running side by side on one machine do not clash on 8000.
+        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
     yield ray
     if ray.is_initialized():
         from ray import serve
@@ -44,9 +41,3 @@ def ray_cluster():
             serve.shutdown()
         finally:
             ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def grpc_port(ray_cluster) -> int:
-    """Port of Serve's gRPC proxy (teacher service registered) on 127.0.0.1."""
-    return GRPC_PORT

@@ -1,6 +1,8 @@
 """gRPC API: committed stubs match the .proto, the tensor codec is exact and strict, and a real grpcio
-client against Serve's gRPC proxy gets the handle path's bytes, INVALID_ARGUMENT with the reason,
-RESOURCE_EXHAUSTED past the byte limit, Health and Stats."""
+client against the app's gRPC ingress (`grpc_server`, a Ray actor) gets the handle path's bytes,
+INVALID_ARGUMENT with the reason, RESOURCE_EXHAUSTED past the byte limit and the caller's limits,
+Health and Stats; the ingress listens on loopback only unless configured otherwise, refuses
+callers without the token, and goes away with its app."""
 from __future__ import annotations
 
 import grpc
@@ -9,9 +11,20 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from teacher_service import EmbedRequest, EmbedResponse, RequestError, TeacherConfig
-from teacher_service.grpc_ingress import (WIRE_DTYPES, RequestTooLargeError, WireLimits, decode_embed_reply,
-                                          decode_embed_request, encode_embed_reply, encode_embed_request,
-                                          encode_stats_reply, refuse, tensor_from_proto, tensor_to_proto)
+from teacher_service.grpc_ingress import (
+    WIRE_DTYPES,
+    RequestTooLargeError,
+    WireLimits,
+    decode_embed_reply,
+    decode_embed_request,
+    encode_embed_reply,
+    encode_embed_request,
+    encode_stats_reply,
+    grpc_status_for,
+    refusal_kind,
+    tensor_from_proto,
+    tensor_to_proto,
+)
 from teacher_service.proto import generate
 from teacher_service.proto import teacher_pb2 as pb
 from teacher_service.proto import teacher_pb2_grpc as pb_grpc
@@ -111,34 +124,26 @@ def test_embed_messages_round_trip_and_size_limit():
         assert got.logit_bias == bias and got.logit_scale == 14.285714 and got.fingerprint == "fp"
 
 
-class FakeContext:
-    def __init__(self):
-        self.code = self.details = None
+def test_refusals_map_to_status_codes_and_counter_kinds():
+    from teacher_service.auth import UnauthenticatedError
+    from teacher_service.caller_limits import CallerLimitError, InvalidCallerError
 
-    def set_code(self, code):
-        self.code = code
-
-    def set_details(self, details):
-        self.details = details
-
-
-def test_refusals_map_to_status_codes():
-    import grpc
-
-    ctx = FakeContext()
-    assert refuse(ctx, RequestError("keys: request is empty"), pb.EmbedReply()) == pb.EmbedReply()
-    assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT and ctx.details == "keys: request is empty"
-    refuse(ctx, RequestTooLargeError("request: too big"), pb.EmbedReply())
-    assert ctx.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    with pytest.raises(RequestError, match="empty"):  # handle callers get the exception itself
-        refuse(None, RequestError("keys: request is empty"), pb.EmbedReply())
+    cases = [(RequestError("keys: request is empty"), grpc.StatusCode.INVALID_ARGUMENT, "invalid"),
+             (InvalidCallerError("kd-caller: bad"), grpc.StatusCode.INVALID_ARGUMENT, "invalid"),
+             (RequestTooLargeError("request: too big"), grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large"),
+             (CallerLimitError("slow down", "rate_limited"), grpc.StatusCode.RESOURCE_EXHAUSTED, "rate_limited"),
+             (CallerLimitError("wait", "in_flight_limit"), grpc.StatusCode.RESOURCE_EXHAUSTED, "in_flight_limit"),
+             (UnauthenticatedError("no token"), grpc.StatusCode.UNAUTHENTICATED, "unauthenticated"),
+             (RuntimeError("boom"), grpc.StatusCode.INTERNAL, "internal")]
+    for error, code, kind in cases:
+        assert (grpc_status_for(error), refusal_kind(error)) == (code, kind), error
     reply = encode_stats_reply({"app_name": "a", "requests": 3, "batch_fill_mean": None, "replica": "r",
                                 "runs": {"x": {"samples": 5, "samples_per_s": 1.5}}})
     assert dict(reply.counters) == {"requests": 3.0} and reply.replicas == ["r"]
     assert reply.runs[0].run == "x" and dict(reply.runs[0].counters) == {"samples": 5.0, "samples_per_s": 1.5}
 
 
-# ------------------------------------------------------------------------------------ on Serve
+# ------------------------------------------------------------------------------------ on Ray
 APP = "kd-teacher-grpc-test"
 TINY = {"model": "ViT-B-32", "pretrained": None, "precision": "fp32", "device": "cpu", "seed": 0,
         "torch_threads": 1,
@@ -148,24 +153,25 @@ TINY = {"model": "ViT-B-32", "pretrained": None, "precision": "fp32", "device": 
 MAX_BYTES = 100_000
 
 
+def grpc_teacher(app: str, **fields) -> TeacherConfig:
+    """A tiny teacher with a gRPC ingress on a free loopback port."""
+    return TeacherConfig.from_dict({**TINY, "app_name": app, "num_cpus": 0.25, "max_batch_size": 64,
+                                    "grpc_port": 0, **fields})
+
+
 @pytest.fixture(scope="module")
-def grpc_app(ray_cluster, grpc_port):
-    from ray import serve
-
-    from teacher_service.deployment import deploy, get_teacher_handle
+def grpc_app(ray_cluster):
+    from teacher_service.deployment import delete_teacher, deploy, get_teacher_handle
     from teacher_service.grpc_client import TeacherGrpcClient
-    from teacher_service.grpc_ingress import running_grpc_options, start_serve
+    from teacher_service.grpc_server import ingress_address
 
-    assert start_serve(grpc_port) == grpc_port  # Serve already runs with the service: same port back
-    assert running_grpc_options()["port"] == grpc_port
-    cfg = TeacherConfig.from_dict({**TINY, "app_name": APP, "num_cpus": 0.25, "max_batch_size": 64})
-    deploy(cfg, grpc=True, max_request_bytes=MAX_BYTES)
+    deploy(grpc_teacher(APP, grpc_max_request_bytes=MAX_BYTES))
     handle = get_teacher_handle(APP, timeout_s=300)
-    target = f"127.0.0.1:{grpc_port}"
+    target = ingress_address(APP)
     with TeacherGrpcClient(target, APP) as client:
-        client.wait_ready(timeout_s=60)  # the proxy routes to a new app shortly after it runs
+        client.wait_ready(timeout_s=60)
     yield handle, target
-    serve.delete(APP)
+    delete_teacher(APP)
 
 
 @pytest.mark.ray
@@ -174,13 +180,13 @@ def test_grpc_round_trip_equals_handle_path_bit_for_bit(grpc_app):
 
     handle, target = grpc_app
     info = handle.info.remote().result(timeout_s=60)
-    with TeacherGrpcClient(target, APP) as client:
+    with TeacherGrpcClient(target, APP, caller="round-trip") as client:
         health = client.health()
         assert health["serving"] and health["fingerprint"] == info["fingerprint"]
         assert health["max_request_bytes"] == MAX_BYTES and health["embed_dim"] == 32
-        for req in (make_request(3, seed=1, run="grpc"), EmbedRequest(keys=["t"], tokens=make_request(1).tokens),
+        for req in (make_request(3, seed=1), EmbedRequest(keys=["t"], tokens=make_request(1).tokens),
                     EmbedRequest(keys=["i0", "i1"], images=make_request(2, seed=5).images)):
-            via_grpc = client.embed(req.images, req.tokens, req.keys, run="grpc")
+            via_grpc = client.embed(req.images, req.tokens, req.keys)
             via_handle = handle.embed.remote(req).result(timeout_s=60)  # sequential: same one-request forward
             assert via_grpc.keys == via_handle.keys and via_grpc.fingerprint == via_handle.fingerprint
             assert via_grpc.logit_scale == via_handle.logit_scale and via_grpc.logit_bias is None
@@ -189,48 +195,181 @@ def test_grpc_round_trip_equals_handle_path_bit_for_bit(grpc_app):
                 assert (g is None) == (h is None) == (sent is None)
                 if sent is not None:
                     assert g.dtype == h.dtype == np.float16 and g.shape == h.shape and g.tobytes() == h.tobytes()
+        assert client.stats()["runs"]["grpc:round-trip"]["samples"] >= 6  # the caller is the replica's run
 
 
 @pytest.mark.ray
 def test_grpc_refusals_and_stats(grpc_app):
-    import grpc
-
     from teacher_service.grpc_client import TeacherGrpcClient
 
-    handle, target = grpc_app
-    before = handle.stats.remote().result(timeout_s=60)
+    _, target = grpc_app
+    keys = ("requests_received", "requests", "errors_invalid", "errors_too_large", "samples_requested", "samples")
+    with TeacherGrpcClient(target, APP) as client:
+        before_one, before_all = client.stats(), client.stats(all_replicas=True)
     with grpc.insecure_channel(target) as channel:  # the raw stub: status codes as any client sees them
         stub = pb_grpc.TeacherServiceStub(channel)
         meta = (("application", APP),)
         gray = pb.EmbedRequest(keys=["a", "b"], images=tensor_to_proto(np.zeros((2, 32, 32), np.uint8)))
-        with pytest.raises(grpc.RpcError) as e:
+        with pytest.raises(grpc.RpcError) as e:  # refused by the replica's validation
             stub.Embed(gray, metadata=meta, timeout=60)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "grayscale" in e.value.details()
         torn = pb.EmbedRequest(keys=["a"], images=pb.Tensor(dtype="uint8", shape=[1, 32, 32, 3], data=b"\0" * 10))
-        with pytest.raises(grpc.RpcError) as e:
+        with pytest.raises(grpc.RpcError) as e:  # refused by the ingress's decoder
             stub.Embed(torn, metadata=meta, timeout=60)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert e.value.details() == "images: shape [1, 32, 32, 3] of uint8 needs 3072 bytes, got 10"
-    with TeacherGrpcClient(target, APP, token="secret") as client:
+        with pytest.raises(grpc.RpcError) as e:  # a client that meant another teacher is told so
+            stub.Health(pb.HealthRequest(), metadata=(("application", "other-teacher"),), timeout=60)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND and repr(APP) in e.value.details()
+    with TeacherGrpcClient(target, APP, caller="bad") as client:
         with pytest.raises(RequestError, match="tokens: row 0 is all padding") as e:
-            client.embed(tokens=np.zeros((1, 8), np.int64), run="bad")
+            client.embed(tokens=np.zeros((1, 8), np.int64))
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with TeacherGrpcClient(target, APP, token="secret", caller="good") as client:  # no token needed: ignored
         fits = make_request(12, seed=3)  # ~38 KB: under the limit
-        client.embed(fits.images, fits.tokens, fits.keys, run="grpc")
+        client.embed(fits.images, fits.tokens, fits.keys)
         huge = make_request(40, seed=4)  # ~124 KB: over it
         with pytest.raises(RequestTooLargeError, match=f"exceeds max_request_bytes={MAX_BYTES}") as e:
             client.embed_request(huge)
         assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-
         one = client.stats()
         merged = client.stats(all_replicas=True)
-    for stats in (one, merged):
-        delta = {k: stats[k] - before[k] for k in ("requests_received", "requests", "errors_invalid",
-                                                    "errors_too_large", "samples_requested", "samples")}
+    for stats, before in ((one, before_one), (merged, before_all)):
+        delta = {k: stats[k] - before[k] for k in keys}
         assert delta == {"requests_received": 5, "requests": 1, "errors_invalid": 3, "errors_too_large": 1,
                          "samples_requested": 12, "samples": 12}
     assert merged["replicas_answered"] == 1 and list(merged["replicas"]) == [one["replica"]]
-    assert one["runs"]["grpc"]["samples"] >= 12 and one["runs"]["bad"]["errors"] == 1
+    assert one["runs"]["grpc:good"]["samples"] >= 12 and one["runs"]["grpc:good"]["errors"] >= 1
+    assert one["runs"]["grpc:bad"]["errors"] >= 1
+    assert one["runs"]["grpc:127.0.0.1"]["errors"] >= 2  # no kd-caller: the peer's host names the caller
+    assert merged["grpc_ingress"]["address"] == target
+
+
+# ------------------------------------------------------------------------------------ bind address
+def local_addresses() -> list[str]:
+    """IPv4 addresses of this machine's interfaces, loopback excluded."""
+    import psutil
+
+    return sorted({a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                   if a.family.name == "AF_INET" and not a.address.startswith("127.")})
+
+
+def as_ipv4(ip: str) -> str:
+    """An IPv4-mapped IPv6 address (::ffff:a.b.c.d, how a dual-stack socket reports it) as a.b.c.d."""
+    import ipaddress
+
+    mapped = getattr(ipaddress.ip_address(ip), "ipv4_mapped", None)
+    return str(mapped) if mapped else ip
+
+
+def connects(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.ray
+def test_ingress_listens_on_loopback_only(grpc_app):
+    """Bound to 127.0.0.1: the listening socket says so, and neither 127.0.0.2 (another address on
+    lo, always there on Linux) nor this machine's other interface addresses reach it."""
+    import psutil
+
+    from teacher_service.grpc_client import TeacherGrpcClient
+
+    _, target = grpc_app
+    host, port = target.rsplit(":", 1)
+    port = int(port)
+    assert host == "127.0.0.1" and port > 0
+    listening = [c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port]
+    assert listening and {as_ipv4(ip) for ip in listening} == {"127.0.0.1"}, listening  # gRPC may say ::ffff:127.0.0.1
+    assert connects("127.0.0.1", port)
+    others = ["127.0.0.2", *local_addresses()]
+    print(f"ingress on {target}; not reachable on {others}")
+    for address in others:
+        assert not connects(address, port), f"the ingress answered on {address}:{port}"
+    with TeacherGrpcClient(f"127.0.0.2:{port}", APP, timeout_s=5) as client, pytest.raises(grpc.RpcError) as e:
+        client.health()
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_bind_address_comes_from_config_and_only_explicitly_leaves_loopback():
+    default = TeacherConfig.from_dict(TINY)
+    assert (default.grpc_host, default.grpc_port, default.grpc_is_loopback()) == ("127.0.0.1", None, True)
+    for host in ("0.0.0.0", "::", "10.1.2.3"):
+        assert not TeacherConfig.from_dict({**TINY, "grpc_host": host}).grpc_is_loopback()
+    assert TeacherConfig.from_dict({**TINY, "grpc_host": "::1"}).grpc_is_loopback()
+    with pytest.raises(ValueError, match="grpc_host: expected an IP address .* got 'localhost'"):
+        TeacherConfig.from_dict({**TINY, "grpc_host": "localhost"})  # a name could resolve to any interface
+    with pytest.raises(ValueError, match="grpc_port"):
+        TeacherConfig.from_dict({**TINY, "grpc_port": 70000})
+    with pytest.raises(ValueError, match="grpc_caller_max_in_flight"):
+        TeacherConfig.from_dict({**TINY, "grpc_caller_max_in_flight": 0})
+    with pytest.raises(ValueError, match="grpc_caller_samples_per_s"):
+        TeacherConfig.from_dict({**TINY, "grpc_caller_samples_per_s": -1})
+    from cluster.cli import build_parser, teacher_config_from_args
+
+    flags = ["teacher", "serve", "--grpc-port", "9000"]
+    assert teacher_config_from_args(build_parser().parse_args(flags)).grpc_host == "127.0.0.1"
+    wide = teacher_config_from_args(build_parser().parse_args([*flags, "--grpc-host", "0.0.0.0"]))
+    assert (wide.grpc_host, wide.grpc_port, wide.grpc_is_loopback()) == ("0.0.0.0", 9000, False)
+
+
+def test_a_port_in_use_is_an_error_naming_the_address():
+    """SO_REUSEPORT is off: a second server on a taken port fails instead of sharing it."""
+    import asyncio
+    import socket
+
+    from teacher_service.grpc_server import GrpcBindError, TeacherServicer, serve_grpc
+
+    servicer = TeacherServicer(TeacherConfig.from_dict(TINY), backend=None)
+
+    async def bind_twice() -> None:
+        first, port = await serve_grpc(servicer, "127.0.0.1", 0)
+        try:
+            with pytest.raises(GrpcBindError, match=f"cannot listen on 127.0.0.1:{port}"):
+                await serve_grpc(servicer, "127.0.0.1", port)
+        finally:
+            await first.stop(None)
+
+    asyncio.run(bind_twice())
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        with pytest.raises(GrpcBindError, match="cannot listen"):
+            asyncio.run(serve_grpc(servicer, "127.0.0.1", held.getsockname()[1]))
+
+
+@pytest.mark.ray
+def test_ingress_goes_away_with_its_app(ray_cluster):
+    """Deleting the app with plain `serve.delete` (not `kd teacher stop`) stops the ingress too:
+    the actor is gone and the port can be bound again."""
+    import socket
+    import time
+
+    from ray import serve
+
+    from teacher_service.deployment import deploy
+    from teacher_service.grpc_server import (
+        WATCH_INTERVAL_S,
+        find_ingress,
+        ingress_address,
+    )
+
+    app = "kd-teacher-grpc-lifetime"
+    deploy(grpc_teacher(app))
+    port = int(ingress_address(app).rsplit(":", 1)[1])
+    assert connects("127.0.0.1", port)
+    serve.delete(app)
+    deadline = time.monotonic() + 10 * WATCH_INTERVAL_S + 30
+    while find_ingress(app) is not None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert find_ingress(app) is None, "the ingress outlived its app"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # free again
 
 
 # ------------------------------------------------------------------------------------ bearer token
@@ -261,21 +400,24 @@ def test_token_file_must_be_private_and_nonempty(tmp_path):
             check.check(metadata)
 
 
-def test_grpc_refuses_calls_without_the_bearer_token(ray_cluster, grpc_port, tmp_path):
-    from ray import serve
-
+@pytest.mark.ray
+def test_grpc_refuses_calls_without_the_bearer_token(ray_cluster, tmp_path):
     from teacher_service.auth import UnauthenticatedError
-    from teacher_service.deployment import collect_stats, deploy, get_teacher_handle
+    from teacher_service.deployment import (
+        collect_stats,
+        delete_teacher,
+        deploy,
+        get_teacher_handle,
+    )
     from teacher_service.grpc_client import TeacherGrpcClient
+    from teacher_service.grpc_server import find_ingress, ingress_address
 
     token = token_file(tmp_path / "token", "kd-test-token")
     app = "kd-teacher-grpc-token"
-    cfg = TeacherConfig.from_dict({**TINY, "app_name": app, "num_cpus": 0.25, "max_batch_size": 64,
-                                   "grpc_token_file": str(token)})
-    deploy(cfg, grpc=True)
+    deploy(grpc_teacher(app, grpc_token_file=str(token)))
     try:
         handle = get_teacher_handle(app, timeout_s=300)
-        target = f"127.0.0.1:{grpc_port}"
+        target = ingress_address(app)
         with TeacherGrpcClient(target, app, token="kd-test-token") as client:
             client.wait_ready(timeout_s=60)
             assert client.embed(tokens=make_request(2).tokens).text_features.shape[0] == 2
@@ -289,4 +431,98 @@ def test_grpc_refuses_calls_without_the_bearer_token(ray_cluster, grpc_port, tmp
         # inside the cluster the handle path needs no token
         assert handle.embed.remote(make_request(2)).result(timeout_s=60).keys == make_request(2).keys
     finally:
-        serve.delete(app)
+        delete_teacher(app)
+    assert find_ingress(app) is None  # `kd teacher stop` (delete_teacher) stops the ingress at once
+
+
+# ------------------------------------------------------------------------------------ caller limits
+FLOOD_THREADS = 8
+
+
+@pytest.mark.ray
+def test_a_flooding_caller_is_refused_while_a_light_caller_is_answered(ray_cluster):
+    """`flood` keeps 8 requests going (retrying refusals after 5 ms) against a limit of 4 in
+    flight and 100 samples/s; `light` sends 8 samples every 0.25 s (32 samples/s) under its own
+    name. The flood is refused both ways and counted; only admitted flood requests reach the
+    replica; every light request is answered, none waits long behind the flood."""
+    import threading
+    import time
+
+    from teacher_service.caller_limits import CallerLimitError
+    from teacher_service.deployment import (
+        collect_stats,
+        delete_teacher,
+        deploy,
+        get_teacher_handle,
+    )
+    from teacher_service.grpc_client import TeacherGrpcClient
+    from teacher_service.grpc_server import find_ingress, ingress_address
+
+    app = "kd-teacher-grpc-limits"
+    deploy(grpc_teacher(app, grpc_caller_max_in_flight=4, grpc_caller_samples_per_s=100.0,
+                        grpc_caller_burst_samples=32))
+    stop = threading.Event()
+    flood = {"answered": 0, "rate_limited": 0, "in_flight_limit": 0, "other": []}
+    light: dict = {"latencies": [], "errors": []}
+    lock = threading.Lock()
+
+    def flooder(client: TeacherGrpcClient, seed: int) -> None:
+        request = make_request(8, seed=100 + seed)
+        while not stop.is_set():
+            try:
+                client.embed(request.images, request.tokens)
+                outcome = "answered"
+            except CallerLimitError as e:
+                outcome = e.reason
+                time.sleep(0.005)
+            except Exception as e:  # noqa: BLE001 - reported by the test
+                outcome = None
+                flood["other"].append(e)
+            with lock:
+                if outcome:
+                    flood[outcome] += 1
+
+    def light_caller(client: TeacherGrpcClient) -> None:
+        for i in range(16):
+            request = make_request(8, seed=200 + i)
+            started = time.monotonic()
+            try:
+                client.embed(request.images, request.tokens, request.keys)
+                light["latencies"].append(time.monotonic() - started)
+            except Exception as e:  # noqa: BLE001 - reported by the test
+                light["errors"].append(e)
+            time.sleep(max(0.0, 0.25 - (time.monotonic() - started)))
+
+    try:
+        handle = get_teacher_handle(app, timeout_s=300)
+        target = ingress_address(app)
+        flood_client = TeacherGrpcClient(target, app, caller="flood")
+        light_client = TeacherGrpcClient(target, app, caller="light")
+        flood_client.wait_ready(timeout_s=60)
+        threads = [threading.Thread(target=flooder, args=(flood_client, i), daemon=True) for i in range(FLOOD_THREADS)]
+        for t in threads:
+            t.start()
+        light_caller(light_client)  # ~4 s under the flood
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        stats = collect_stats(handle)
+        flood_client.close()
+        light_client.close()
+    finally:
+        stop.set()
+        delete_teacher(app)
+    latencies = sorted(light["latencies"])
+    print(f"flood: {flood['answered']} answered, {flood['rate_limited']} refused rate_limited, "
+          f"{flood['in_flight_limit']} refused in_flight_limit; light: {len(latencies)}/16 answered, "
+          f"latency p50 {1000 * latencies[len(latencies) // 2]:.0f} ms, max {1000 * latencies[-1]:.0f} ms")
+    assert not flood["other"] and not light["errors"], (flood["other"], light["errors"])
+    assert len(latencies) == 16 and latencies[-1] < 5.0  # generous: a forward here takes milliseconds
+    assert flood["answered"] > 0 and flood["rate_limited"] > 0 and flood["in_flight_limit"] > 0
+    assert stats["errors_rate_limited"] == flood["rate_limited"]
+    assert stats["errors_in_flight_limit"] == flood["in_flight_limit"]
+    runs = stats["runs"]
+    assert runs["grpc:flood"]["requests"] == flood["answered"]  # refused requests never reached the replica
+    assert runs["grpc:flood"]["requests_received"] == flood["answered"] + flood["rate_limited"] + flood["in_flight_limit"]
+    assert runs["grpc:light"]["requests"] == 16 and runs["grpc:light"]["errors"] == 0
+    assert find_ingress(app) is None
