@@ -42,6 +42,8 @@ class TeacherConfig:
     labels such as kd-role=teacher, or a custom resource only teacher nodes have).
     `grpc_token_file`: a file only its owner can read (chmod 600, on storage every teacher node
     sees); with it, gRPC calls without that bearer token are refused UNAUTHENTICATED.
+    `cpu_affinity`: CPU cores the process that loads the teacher (a replica, an inline worker, a
+    precompute actor) is pinned to (`affinity.pin_process`); empty: not pinned.
     """
 
     model: str = "ViT-B-32"
@@ -68,6 +70,7 @@ class TeacherConfig:
     grpc_token_file: str | None = None  # gRPC callers must send this file's token as "authorization: Bearer ..."
     label_selector: dict = field(default_factory=dict)  # node labels replicas need, e.g. {"kd-role": "teacher"}
     resources: dict = field(default_factory=dict)  # custom resources per replica, e.g. {"kd_teacher": 1}
+    cpu_affinity: list = field(default_factory=list)  # cores to pin the teacher's process to; empty: none
 
     def __post_init__(self) -> None:
         if self.pretrained in ("", "none", "None"):
@@ -112,6 +115,7 @@ class TeacherConfig:
             self._validate_autoscaling()
         if self.torch_threads is not None:
             _require(self.torch_threads >= 1, "torch_threads", self.torch_threads, ">= 1 or None")
+        check_cores(self.cpu_affinity)
         needed = self.requests_to_fill_batch()
         if self.max_ongoing_requests < needed:
             raise ValueError(
@@ -212,6 +216,13 @@ def check_placement(labels: Any, resources: Any, label_field: str = "label_selec
             raise ValueError(f"{resource_field}: {name!r} has its own field; list custom resources only")
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
             raise ValueError(f"{resource_field}: {name} = {amount!r}, expected a number > 0")
+
+
+def check_cores(cores: Any, name: str = "cpu_affinity") -> None:
+    """A list of distinct core ids >= 0 (empty: no pinning)."""
+    if not isinstance(cores, (list, tuple)) or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                                                      for c in cores) or len(set(cores)) != len(cores):
+        raise ValueError(f"{name}: expected a list of distinct CPU core ids >= 0, got {cores!r}")
 
 
 def _require(ok: bool, name: str, value: Any, what: str) -> None:
