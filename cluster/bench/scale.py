@@ -116,9 +116,10 @@ def _student_rows(run: BenchRun, student: str, teacher_sps: float, base: dict, e
                 [per_student], params={**params, "runs_sharing": n}, kind="model",
                 note="runs over the same views share each forward (exactly-once coalescing)")
     if eff is not None:
-        run.add(SECTION, f"student GPUs one teacher GPU keeps busy ({pair}, CPU-measured efficiency ratio)", "GPUs",
+        run.add(SECTION, f"student GPUs one teacher GPU keeps busy ({pair}, efficiency ratio measured here)", "GPUs",
                 [teacher_sps / student_sps * eff], params={**params, "efficiency_ratio": round(eff, 3)},
-                kind="model", note="variant: teacher/student FLOP-rate ratio as reached on this machine's cores")
+                kind="model", note="variant: the teacher/student FLOP-rate ratio reached on this run's machine instead of equal MFU; "
+                     "at tiny sizes it reflects per-step overheads, not the models")
     ingress = student_sps * run.shared.get("wire_scale", (0.0,))[0]
     if ingress:
         run.add(SECTION, f"{student} student GPU's upload to the teacher", "Gb/s", [ingress * 8 / 1e9], params=params,

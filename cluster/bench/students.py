@@ -15,6 +15,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from ray import serve
+
 from student_trainer.data import resolve_shards, shard_sample_counts
 from student_trainer.train import run_training
 from teacher_service.deployment import collect_stats, deploy
@@ -81,10 +83,13 @@ def run_students(run: BenchRun) -> None:
         pre = precompute_cache(run, Path(caches["precomputed"]))
         _record_precompute(run, pre)
     results: dict[str, list[dict]] = {m: [] for m in modes}
-    for rep in range(run.cfg.repeats):
-        for mode in modes:
-            run.log(f"students: mode {mode}, repeat {rep + 1}/{run.cfg.repeats}")
-            results[mode].append(run_mode(run, mode, rep, handle, caches))
+    try:
+        for rep in range(run.cfg.repeats):
+            for mode in modes:
+                run.log(f"students: mode {mode}, repeat {rep + 1}/{run.cfg.repeats}")
+                results[mode].append(run_mode(run, mode, rep, handle, caches))
+    finally:
+        serve.delete(APP)  # its replica's cores/GPU go to the next sections
     run.shared["student_results"] = results
     run.shared["student_cache"] = caches.get("precomputed", caches.get(0))
     _record_modes(run, results)
