@@ -1,7 +1,11 @@
 # Two entry points for a fresh machine: `make demo` and `make test` (each creates .venv first).
+# `make bench` runs the benchmark suite (BENCH_PRESET=smoke|cpu|gpu, default cpu) into benchmarks/results.
 PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
+BENCH_PRESET ?= cpu
+BENCH_ARGS ?=
 
 .PHONY: venv demo test bench clean
 
@@ -19,8 +23,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -ra tests
 
-bench: $(STAMP)
-	$(VENV)/bin/python benchmarks/student_throughput.py
+$(BENCH_STAMP): $(STAMP)
+	$(VENV)/bin/python -m pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(VENV)/bin/kd bench --preset $(BENCH_PRESET) --out benchmarks/results $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) kd-demo

@@ -361,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .submit import add_submit_commands
 
     add_submit_commands(sub, fmt)
+
+    from .bench.cli import add_bench_command
+
+    add_bench_command(sub, fmt)
     return parser
 
 

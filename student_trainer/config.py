@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from teacher_service.config import TeacherConfig, check_placement
+from teacher_service.config import TeacherConfig, check_cores, check_placement
 from teacher_service.private_files import check_under_roots, write_roots
 
 TEACHER_MODES = ("none", "inline", "remote", "cache", "hybrid")
@@ -103,6 +103,7 @@ class TrainConfig:
     worker_resources: dict = field(default_factory=dict)  # custom resources per worker, e.g. {"kd_student": 1}
     write_roots: list = field(default_factory=list)  # if set (or $KD_WRITE_ROOTS), checkpoints/caches only under these
     torch_threads: int | None = 1
+    cpu_affinity: list = field(default_factory=list)  # cores every worker is pinned to; empty: not pinned
     seed: int = 0
     log_every_steps: int = 10
     # Also checkpoint every N optimizer steps inside an epoch (0: only at epoch ends), so a killed
@@ -121,6 +122,7 @@ class TrainConfig:
         if self.teacher.mode in ("cache", "hybrid") and not self.teacher.cache_path:
             raise ValueError(f"teacher.mode {self.teacher.mode!r} needs teacher.cache_path")
         check_placement(self.worker_label_selector, self.worker_resources, "worker_label_selector", "worker_resources")
+        check_cores(self.cpu_affinity)
         roots = write_roots(self.write_roots)
         check_under_roots(self.storage_path, roots, "storage_path")
         if self.teacher.mode == "hybrid":  # the one mode that writes to the cache

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from teacher_service.affinity import pin_process
 from teacher_service.centroids import class_centroids
 from teacher_service.deployment import TeacherUnavailableError
 from teacher_service.preprocess import PreprocessSpec, preprocess_spec, to_model_input
@@ -422,6 +423,7 @@ def train_loop_per_worker(config: dict) -> None:
     private_umask()  # checkpoints this worker writes (and Ray Train copies to storage) are owner-only
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    pin_process(cfg.cpu_affinity)  # e.g. students on other cores than a teacher on the same machine
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     torch.manual_seed(cfg.seed)

@@ -50,6 +50,8 @@ class TeacherConfig:
     message. Per gRPC caller (`caller_limits`): at most `grpc_caller_max_in_flight` Embed rpcs
     unanswered and `grpc_caller_samples_per_s` samples/s (bucket `grpc_caller_burst_samples`,
     default one second's worth); None switches a limit off.
+    `cpu_affinity`: CPU cores the process that loads the teacher (a replica, an inline worker, a
+    precompute actor) is pinned to (`affinity.pin_process`); empty: not pinned.
     """
 
     model: str = "ViT-B-32"
@@ -82,6 +84,7 @@ class TeacherConfig:
     grpc_caller_burst_samples: int | None = None
     label_selector: dict = field(default_factory=dict)  # node labels replicas need, e.g. {"kd-role": "teacher"}
     resources: dict = field(default_factory=dict)  # custom resources per replica, e.g. {"kd_teacher": 1}
+    cpu_affinity: list = field(default_factory=list)  # cores to pin the teacher's process to; empty: none
 
     def __post_init__(self) -> None:
         if self.pretrained in ("", "none", "None"):
@@ -127,6 +130,7 @@ class TeacherConfig:
             self._validate_autoscaling()
         if self.torch_threads is not None:
             _require(self.torch_threads >= 1, "torch_threads", self.torch_threads, ">= 1 or None")
+        check_cores(self.cpu_affinity)
         needed = self.requests_to_fill_batch()
         if self.max_ongoing_requests < needed:
             raise ValueError(
@@ -252,6 +256,13 @@ def check_placement(labels: Any, resources: Any, label_field: str = "label_selec
             raise ValueError(f"{resource_field}: {name!r} has its own field; list custom resources only")
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
             raise ValueError(f"{resource_field}: {name} = {amount!r}, expected a number > 0")
+
+
+def check_cores(cores: Any, name: str = "cpu_affinity") -> None:
+    """A list of distinct core ids >= 0 (empty: no pinning)."""
+    if not isinstance(cores, (list, tuple)) or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                                                      for c in cores) or len(set(cores)) != len(cores):
+        raise ValueError(f"{name}: expected a list of distinct CPU core ids >= 0, got {cores!r}")
 
 
 def _require(ok: bool, name: str, value: Any, what: str) -> None:

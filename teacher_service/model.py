@@ -167,6 +167,10 @@ def load_teacher(cfg: TeacherConfig) -> FrozenTeacher:
     pretrained None → random init seeded by `cfg.seed` (identical in every replica); an existing
     file → strict load of that checkpoint; anything else → an open_clip pretrained tag.
     """
+    if cfg.cpu_affinity:
+        from .affinity import pin_process
+
+        pin_process(cfg.cpu_affinity)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     device = resolve_device(cfg.device)

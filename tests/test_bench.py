@@ -1,0 +1,115 @@
+"""The benchmark suite (`kd bench`): its pure parts, and a smoke run of every section at tiny
+sizes on the shared Ray cluster, so the suite cannot rot. No timed assertions: only that every
+section produced well-formed records (finite values, the median within min..max, context)."""
+from __future__ import annotations
+
+import builtins
+import json
+import math
+import os
+
+import pytest
+
+from cluster.bench.config import SECTIONS, preset
+from cluster.bench.cores import plan_cores
+from cluster.bench.pool import wire_bytes
+from cluster.bench.records import Record
+from cluster.bench.report import write_outputs
+from teacher_service.affinity import pin_process
+
+
+def test_record_summary_is_median_and_spread_never_best_run():
+    r = Record("pool", "x", "samples/s", [3.0, 1.0, 2.0, 10.0])
+    s = r.summary()
+    assert s["median"] == 2.5 and s["min"] == 1.0 and s["max"] == 10.0
+    assert s["min"] <= s["q1"] <= s["median"] <= s["q3"] <= s["max"]
+    assert r.to_dict()["repeats"] == 4
+    with pytest.raises(ValueError):
+        Record("pool", "x", "s", [])
+
+
+def test_core_plan_separates_sides_or_says_it_cannot():
+    plan = plan_cores(True, cores=[0, 1, 2, 3])
+    assert plan.separated and set(plan.teacher).isdisjoint(plan.student)
+    assert plan.teacher_threads == len(plan.teacher) == 2
+    shared = plan_cores(True, cores=[0])
+    assert not shared.separated and not shared.teacher and "share" in shared.note
+    assert not plan_cores(False, cores=[0, 1]).teacher
+
+
+def test_pin_process_pins_this_process():
+    before = os.sched_getaffinity(0)
+    core = min(before)
+    try:
+        assert pin_process([core]) == [core]
+        assert pin_process([]) is None
+        with pytest.raises(ValueError):
+            pin_process([10_000])
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def test_wire_bytes_are_uint8_images_and_fp16_embeddings():
+    request, response = wire_bytes(8, 224, 77, 768)
+    assert 224 * 224 * 3 + 77 * 8 < request < 224 * 224 * 3 + 77 * 8 + 200
+    assert 2 * 768 * 2 < response < 2 * 768 * 2 + 100
+
+
+def test_presets_validate():
+    for name in ("smoke", "cpu", "gpu"):
+        assert preset(name).validate().preset == name
+    cfg = preset("smoke")
+    cfg.students.modes = ["none", "cache"]  # cache without precompute needs the hybrid run's cache
+    with pytest.raises(ValueError, match="hybrid"):
+        cfg.validate()
+
+
+def test_report_without_matplotlib_still_writes_json_and_markdown(tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    doc = {"preset": "smoke", "command": "kd bench", "started": "t0", "finished": "t1", "wall_s": 1.0,
+           "repeats": 1, "machine": {"summary": "m", "load_average": [[0, 0, 0]]}, "architectures": {},
+           "core_plan": {"note": "n"}, "sections": {}}
+    paths = write_outputs(doc, [Record("pool", "x", "samples/s", [1.0])], tmp_path)
+    written = json.loads(paths["json"].read_text())
+    assert written["plots"] == [] and "matplotlib" in written["plots_skipped"]
+    assert "plots skipped" in paths["md"].read_text()
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_smoke_run_of_every_section(ray_cluster, tmp_path):
+    from cluster.cli import main
+
+    assert main(["bench", "--preset", "smoke", "--out", str(tmp_path / "results")]) == 0
+    out = tmp_path / "results"
+    doc = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.md").is_file()
+    assert doc["preset"] == "smoke" and doc["machine"]["summary"] and doc["command"].startswith("kd bench")
+    for section in SECTIONS:
+        assert "error" not in doc["sections"][section], doc["sections"][section]
+        records = [r for r in doc["records"] if r["section"] == section]
+        assert records, f"section {section} produced no records"
+        for r in records:
+            assert r["repeats"] == len(r["values"]) >= 1
+            assert all(math.isfinite(v) and v >= 0 for v in r["values"]), r
+            assert r["min"] <= r["q1"] <= r["median"] <= r["q3"] <= r["max"], r
+            assert r["unit"] and r["params"] is not None and r["kind"] in ("measured", "derived", "model")
+            assert {"machine", "command", "architectures", "started"} <= set(r["context"])
+            if r["unit"].endswith("/s"):
+                assert r["median"] > 0, r
+    names = {r["name"] for r in doc["records"]}
+    for mode in preset("smoke").students.modes:
+        assert f"samples/s ({mode})" in names
+    assert any(n.startswith("served / direct") for n in names)
+    assert any(n.startswith("answered without own forward (shared, 2 run(s))") for n in names)
+    assert all(r["kind"] == "model" or r["kind"] == "derived" for r in doc["records"] if r["section"] == "scale")
+    md = (out / "bench.md").read_text()
+    assert "not a measurement" in md and "Smoke run" in md
