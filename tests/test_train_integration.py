@@ -116,7 +116,7 @@ def test_remote_distillation_run(first_run, teacher_app):
     assert m["loss"] == pytest.approx(m["clip_loss"] + m["kl_loss"] + m["fd_loss"], rel=1e-4)
     assert teacher_app["embed_dim"] == 48 and state["text_projection"].shape[1] == 64
     assert train_state["losses"][FD_PROJECTION].shape == (48, 64)  # FD projects 64 -> 48, checkpointed
-    assert train_state["epoch"] == 0 and train_state["step"] == STEPS
+    assert (train_state["next_epoch"], train_state["next_epoch_step"], train_state["step"]) == (1, 0, STEPS)
     stats = serve.get_app_handle(APP).stats.remote().result(timeout_s=30)
     assert stats["requests"] >= 2 * STEPS and stats["samples"] == BATCH * stats["requests"]  # both ranks asked
     assert stats["errors"] == 0
@@ -143,7 +143,7 @@ def test_rerun_with_same_name_resumes(first_run, resumed_run, teacher_app):
     assert state.keys() == first_state.keys()
     changed = [k for k in state if not torch.equal(state[k], first_state[k])]
     assert "text_projection" in changed and len(changed) > len(state) // 2
-    assert train_state["epoch"] == 1 and train_state["step"] == 2 * STEPS
+    assert (train_state["next_epoch"], train_state["next_epoch_step"], train_state["step"]) == (2, 0, 2 * STEPS)
     assert not torch.equal(train_state["losses"][FD_PROJECTION], first_train_state["losses"][FD_PROJECTION])
 
 

@@ -144,7 +144,8 @@ class BenchConfig:
 def _smoke() -> BenchConfig:
     return BenchConfig(
         preset="smoke", repeats=1,
-        students=StudentBench(batch_size=16, steps=3, precompute=False, train_shards=1),
+        students=StudentBench(modes=["none", "remote", "hybrid", "cache"], batch_size=16, steps=3, precompute=False,
+                              train_shards=1),
         pool=PoolBench(batch_sizes=[16], replicas=[1], requests=6),
         multi=MultiBench(runs=[1, 2], layouts=["shared"], students="clients", batch_size=8,
                          client_seconds=1.5, poll_s=0.2),
