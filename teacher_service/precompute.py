@@ -167,12 +167,9 @@ class ViewEmbedder:
         columns = list(batch)
         images, captions = [], []
         for i, key in enumerate(keys):
-            sample = {c: batch[c][i] for c in columns}
-            ext = sample_image_member(sample)
-            images.append(decode_image(bytes(sample[ext]), ext))
-            if sample.get("txt") is None:
-                raise ValueError(f"sample {key!r} from {sample.get('__url__')!r} has no txt caption")
-            captions.append(_text(sample["txt"]))
+            image, caption = _decoded({c: batch[c][i] for c in columns}, key)
+            images.append(image)
+            captions.append(caption)
         before = self.embedder.teacher_s
         pairs = [(i, v) for i in range(len(keys)) for v in range(self.views)]
         rows = embed_views(self.embedder, self.tokenizer, self.recipe, keys, images, captions, pairs)
@@ -180,6 +177,28 @@ class ViewEmbedder:
         rows["teacher_s"] = np.zeros(len(pairs), np.float64)
         rows["teacher_s"][0] = self.embedder.teacher_s - before
         return rows
+
+
+class PrecomputeInputError(ValueError):
+    """A sample precompute cannot embed, named by key and shard (the job stops on it)."""
+
+
+def _decoded(sample: dict, key: str) -> tuple[np.ndarray, str]:
+    """(RGB pixels, caption) of one raw sample, or PrecomputeInputError naming the sample and why.
+
+    Precompute stops on a bad sample rather than skipping it: a shard file is complete when it has
+    a row per sample, so a skip would need its own bookkeeping (not built yet)."""
+    where = f"precompute: sample {key!r} in {sample.get('__url__')!r}"
+    try:
+        ext = sample_image_member(sample)
+        image = decode_image(bytes(sample[ext]), ext)
+        if sample.get("txt") is None:
+            raise ValueError("no txt caption")
+        return image, _text(sample["txt"])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PrecomputeInputError(
+            f"{where}: {exc}. Rebuild the shards without it (`kd data folder` skips and counts bad "
+            f"samples) or remove it from the tar, then rerun: finished shards are kept.") from None
 
 
 def _probe(teacher: Optional[dict], app_name: Optional[str]) -> dict:

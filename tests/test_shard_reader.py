@@ -228,3 +228,30 @@ def test_sample_mode_counts_a_corrupt_tar_once_over_ranks(tmp_path, tokenizer):
     assert totals[0] >= 1 and totals[1] == 0
     assert not keys[0] & keys[1] and keys[0] | keys[1] <= {f"s{i:04d}" for i in range(5)}
 
+
+
+def test_precompute_stops_on_a_bad_sample_naming_it():
+    """Precompute embeds every sample or stops naming the one it cannot (key, shard, reason)."""
+    from teacher_service.config import TeacherConfig
+    from teacher_service.precompute import PrecomputeInputError, ViewEmbedder, make_embedder
+    from teacher_service.views import view_recipe
+    from tiny_models import tiny_teacher_overrides
+
+    teacher = TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(), torch_threads=1).to_dict()
+    fingerprint = make_embedder(teacher).info["fingerprint"]
+    recipe = view_recipe(32, 0, tokenizer="ViT-B-32", context_length=16)
+    embedder = ViewEmbedder(teacher, None, recipe, 1, fingerprint)
+    good = png(8, 8)
+
+    def batch(images: list, captions: list) -> dict:
+        n = len(images)
+        return {"__key__": np.asarray([f"k{i}" for i in range(n)], dtype=object),
+                "__url__": np.asarray(["/data/shard-7.tar"] * n, dtype=object),
+                "png": np.asarray(images, dtype=object), "txt": np.asarray(captions, dtype=object)}
+
+    rows = embedder(batch([good, good], [b"a digit", b"another"]))
+    assert list(rows["key"]) == ["k0", "k1"] and np.isfinite(rows["image_emb"].astype(np.float32)).all()
+    with pytest.raises(PrecomputeInputError, match=r"sample 'k1' in '/data/shard-7.tar': .*image"):
+        embedder(batch([good, good[: len(good) // 2]], [b"a", b"b"]))
+    with pytest.raises(PrecomputeInputError, match=r"sample 'k0' .*no txt caption"):
+        embedder(batch([good], [None]))

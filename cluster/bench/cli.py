@@ -22,8 +22,8 @@ Presets (sizes):
   smoke  digits-teacher/digits-student (tiny), 3 steps, 1 repeat, multi as request streams:
          about a minute; proves every section runs, its figures mean nothing
   cpu    ViT-B-16 teacher, ViT-S-16 student (real widths, random init, 64 px, 16 tokens),
-         3 repeats, multi as real `kd train` processes: an estimated 30-45 min on a
-         quiet 2-core machine (from per-sample rates; not yet timed end to end)
+         3 repeats, multi as real `kd train` processes: 34 min on a quiet 2-core
+         machine (2026-12-01)
   gpu    ViT-L-14 teacher (fp16), ViT-B-16 student, 224 px, batch 128: needs >= 2 GPUs
          (teacher and students on separate GPUs); not yet run
 

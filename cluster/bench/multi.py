@@ -77,12 +77,14 @@ def measure(polls: list[tuple[float, dict]], runs: list[str]) -> dict:
     (t0, s0), (t1, s1) = polls[window[0]], polls[window[1]]
     span = t1 - t0
     per_run = {r: (run_counter(s1, r) - run_counter(s0, r)) / span for r in runs}
-    requested = s1["samples_requested"] - s0["samples_requested"]
-    reused = (s1["samples_coalesced"] - s0["samples_coalesced"]) + (s1["samples_from_cache"] - s0["samples_from_cache"])
+    # answered and computed are both counted as the forwards finish: their ratio over one window is
+    # consistent (samples_requested counts at acceptance, up to a prefetch window earlier)
+    answered = sum(run_counter(s1, r) - run_counter(s0, r) for r in runs)
+    computed = s1["samples_computed"] - s0["samples_computed"]
     return {"window_s": span, "per_run_samples_per_s": per_run, "total_samples_per_s": sum(per_run.values()),
             "teacher_computed_per_s": (s1["samples_computed"] - s0["samples_computed"]) / span,
             "teacher_utilisation": (s1["forward_s"] - s0["forward_s"]) / span,
-            "reused_fraction": reused / requested if requested else 0.0,
+            "reused_fraction": max(0.0, 1.0 - computed / answered) if answered else 0.0,
             "fairness": jain_index(list(per_run.values()))}
 
 
@@ -222,7 +224,7 @@ def _record(run: BenchRun, results: dict[tuple[str, int], list[dict]]) -> None:
                 [r["teacher_computed_per_s"] for r in reps], params=params)
         run.add(SECTION, f"answered without own forward ({label})", "fraction", [r["reused_fraction"] for r in reps],
                 params=params, kind="derived", target=f"{1 - 1 / n:.2f} (ideal)" if layout == "shared" else "0",
-                note="coalesced in flight + the replica's recent rows, over samples requested")
+                note="1 - teacher computed / samples answered, over the window all runs trained in")
         run.add(SECTION, f"fairness, Jain's index ({label})", "index", [r["fairness"] for r in reps],
                 params=params, kind="derived", target="1.0 = equal shares")
         run.add(SECTION, f"teacher busy ({label})", "fraction", [r["teacher_utilisation"] for r in reps],
