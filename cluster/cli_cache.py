@@ -119,7 +119,8 @@ def cmd_cache_compact(args: argparse.Namespace) -> int:
 
     report = compact(args.cache)
     _print({"merged_files": len(report.merged_files), "rows_written": report.rows_written,
-            "duplicates_dropped": report.duplicates_dropped, "out": report.out_path}, args.json)
+            "duplicates_dropped": report.duplicates_dropped, "out": report.out_path,
+            "stale_tmp_removed": len(report.stale_tmp_removed)}, args.json)
     return 0
 
 

@@ -17,6 +17,8 @@ appenders never touch the same file), ``compacted-<uuid>.parquet`` from :func:`c
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import glob
 import json
@@ -24,8 +26,9 @@ import os
 import re
 import socket
 import threading
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import numpy as np
@@ -514,6 +517,10 @@ class CompactionReport:
     rows_written: int
     duplicates_dropped: int
     out_path: Optional[str]
+    stale_tmp_removed: list[str] = field(default_factory=list)
+
+
+STALE_TMP_S = 3600.0  # a tmp file untouched this long belongs to a writer that died (a write takes seconds)
 
 
 def compact(path: str) -> CompactionReport:
@@ -533,9 +540,23 @@ def compact(path: str) -> CompactionReport:
     try:
         os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
         os.close(fd)
-        return _compact_locked(path)
+        stale = remove_stale_tmp(path)
+        return dataclasses.replace(_compact_locked(path), stale_tmp_removed=stale)
     finally:
         os.unlink(lock)
+
+
+def remove_stale_tmp(path: str, older_than_s: float = STALE_TMP_S) -> list[str]:
+    """Delete the ``*.tmp-*`` files a killed writer left (readers never read them; they only take
+    space); files touched within ``older_than_s`` may be a write in progress and are kept."""
+    cutoff = time.time() - older_than_s
+    removed = []
+    for tmp in glob.glob(os.path.join(glob.escape(path), "*.parquet.tmp-*")):
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(tmp).st_mtime < cutoff:
+                os.unlink(tmp)
+                removed.append(tmp)
+    return sorted(removed)
 
 
 def _compact_locked(path: str) -> CompactionReport:

@@ -430,3 +430,11 @@ def test_appender_killed_mid_write_leaves_only_whole_files(tmp_path):
     np.testing.assert_array_equal(rows["text_digest"], expected["tdig"])
     leftovers = [n for n in os.listdir(root) if ".tmp-" in n]
     print(f"appender killed after {len(files)} whole files; {len(leftovers)} unfinished tmp file(s) left unread")
+    # compaction sweeps what a dead writer left once it is old enough not to be a write in progress
+    for name in leftovers:
+        os.utime(root / name, (time.time() - 2 * 3600,) * 2)
+    fresh = root / f"{APPEND_PREFIX}live-0-x.parquet.tmp-1-abcd"
+    fresh.write_bytes(b"a write in progress")
+    report = compact(str(root))
+    assert sorted(os.path.basename(p) for p in report.stale_tmp_removed) == sorted(leftovers)
+    assert fresh.exists() and report.rows_written == len(cache)
