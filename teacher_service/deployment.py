@@ -38,6 +38,7 @@ from .stats import (
     TeacherCounters,
     add_ingress,
     merge_stats,
+    rss_bytes,
 )
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class TeacherDeployment:
         return {**self.counters.snapshot(include_samples), "fingerprint": self.teacher.fingerprint,
                 "model": self.cfg.model, "uptime_s": time.time() - self._started,
                 "coalesce_in_flight_rows": self.coalescer.in_flight_rows(),
-                "coalesce_recent_rows": self.coalescer.recent_rows(), "rss_bytes": _rss_bytes()}
+                "coalesce_recent_rows": self.coalescer.recent_rows(), "rss_bytes": rss_bytes()}
 
     # ---- internals
     async def _embed(self, request: EmbedRequest, arrived: float) -> EmbedResponse:
@@ -143,13 +144,6 @@ class TeacherDeployment:
         self.counters.batch_done([(q.request[0], q.size, q.arrived) for q in batch],
                                  [isinstance(r, EmbedResponse) for r in results], started, ended)
         return results
-
-
-def _rss_bytes() -> int:
-    """This replica's resident memory (the soak test watches it for growth)."""
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
 
 
 def _replica_id() -> str:

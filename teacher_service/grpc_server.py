@@ -48,7 +48,7 @@ from .grpc_ingress import (
 from .proto import teacher_pb2 as pb
 from .proto import teacher_pb2_grpc as pb_grpc
 from .protocol import EmbedRequest, EmbedResponse, RequestError
-from .stats import TeacherCounters, add_ingress, merge_stats
+from .stats import TeacherCounters, add_ingress, merge_stats, rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
     def snapshot(self) -> dict[str, Any]:
         """The ingress's refusal counters and state (`stats.add_ingress` adds them to the replicas')."""
         return {**self.counters.snapshot(), "address": self.address, "callers_in_flight": self.admission.in_flight(),
-                "rss_bytes": _rss_bytes(), "uptime_s": time.time() - self._started}
+                "rss_bytes": rss_bytes(), "uptime_s": time.time() - self._started}
 
     # ---- internals
     def _caller(self, context: grpc.aio.ServicerContext) -> str:
@@ -202,12 +202,6 @@ async def _abort_backend_failure(context: grpc.aio.ServicerContext, error: Excep
         code = grpc.StatusCode.INTERNAL
     details = str(cause) if isinstance(cause, RequestError) else f"{type(cause).__name__}: {cause}"
     await context.abort(code, details[:MAX_DETAILS_CHARS])
-
-
-def _rss_bytes() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
 
 
 async def serve_grpc(servicer: TeacherServicer, host: str, port: int) -> tuple[grpc.aio.Server, int]:

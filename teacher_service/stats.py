@@ -234,6 +234,13 @@ class TeacherCounters:
                 self.sink.in_flight(int(n))
 
 
+def rss_bytes() -> int:
+    """This process's resident memory (replicas and the gRPC ingress report it; the soak watches it)."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile (q in [0, 100]); None for no values."""
     if not values:
