@@ -89,7 +89,7 @@ def find_data(args: argparse.Namespace) -> Path:
     beside = Path(args.teacher_dir).resolve().parent / "data"
     if (beside / "dataset.json").is_file():
         return beside
-    from student_trainer.datasets import write_digits_shards
+    from student_trainer.data.write_shards import write_digits_shards
 
     data = Path(args.workdir) / "data"
     if not (data / "dataset.json").is_file():
@@ -389,7 +389,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     from cluster.local import init_ray
     from student_trainer.evaluate import evaluate_teacher
     from student_trainer.factory import count_parameters, create_student
-    from teacher_service.deployment import deploy
+    from teacher_service.app import deploy
 
     print(init_ray(args.address, quiet=True), flush=True)
     teacher_dir = Path(args.teacher_dir).resolve()

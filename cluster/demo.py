@@ -5,6 +5,7 @@ and reused from `<workdir>/teacher` on later runs.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -76,7 +77,7 @@ def _train(train_cfg: TrainConfig, out_dir: Path) -> dict:
 
 
 def _ensure_data(cfg: DemoConfig) -> Path:
-    from student_trainer.datasets import write_digits_shards
+    from student_trainer.data.write_shards import write_digits_shards
 
     data_dir = Path(cfg.workdir) / "data"
     if (data_dir / "dataset.json").exists():
@@ -87,16 +88,43 @@ def _ensure_data(cfg: DemoConfig) -> Path:
     return data_dir
 
 
-def _ensure_teacher(cfg: DemoConfig, stamp: str, epochs: int) -> tuple[Path, dict]:
+TEACHER_STAMP = "demo_teacher.json"
+
+
+def teacher_identity(cfg: DemoConfig, data_dir: Path, epochs: int) -> dict:
+    """What a demo teacher was made from: architecture, the data it saw (its dataset.json), seed,
+    epochs. A teacher in the workdir is reused only when all of these match."""
+    arch, overrides = resolve_model(ModelConfig(name=TEACHER))
+    info = (data_dir / "dataset.json").read_bytes()
+    return {"architecture": arch, "overrides": overrides, "seed": cfg.seed, "epochs": epochs,
+            "data": hashlib.sha256(info).hexdigest()[:16]}
+
+
+def reusable_teacher(teacher_dir: Path, identity: dict) -> str | None:
+    """Why the teacher in ``teacher_dir`` cannot be reused (None: it can)."""
+    stamp = teacher_dir / TEACHER_STAMP
+    if not (teacher_dir / "model.pt").exists() or not (teacher_dir / "run_metrics.json").exists():
+        return "none trained yet"
+    if not stamp.exists():
+        return f"{teacher_dir} records no {TEACHER_STAMP} (what it was trained from)"
+    recorded = json.loads(stamp.read_text())
+    differs = sorted(k for k in identity if recorded.get(k) != identity[k])
+    return f"it was trained with other {', '.join(differs)}" if differs else None
+
+
+def _ensure_teacher(cfg: DemoConfig, stamp: str, epochs: int, data_dir: Path) -> tuple[Path, dict]:
     teacher_dir = Path(cfg.workdir) / "teacher"
-    metrics_file = teacher_dir / "run_metrics.json"
-    if (teacher_dir / "model.pt").exists() and metrics_file.exists():
-        _say(f"reusing the teacher in {teacher_dir}")
-        return teacher_dir, json.loads(metrics_file.read_text())
-    _say(f"no teacher given: training a {TEACHER} CLIP for {epochs} epochs on the train split")
+    identity = teacher_identity(cfg, data_dir, epochs)
+    why_not = reusable_teacher(teacher_dir, identity)
+    if why_not is None:
+        _say(f"reusing the teacher in {teacher_dir} (same architecture, data, seed and epochs)")
+        return teacher_dir, json.loads((teacher_dir / "run_metrics.json").read_text())
+    _say(f"training a {TEACHER} CLIP teacher for {epochs} epochs on the train split ({why_not})")
     run = _run_cfg(cfg, f"demo-teacher-{stamp}", TEACHER, epochs, TeacherSourceConfig(mode="none"),
                    {"clip": 1.0})
-    return teacher_dir, _train(run, teacher_dir)
+    metrics = _train(run, teacher_dir)
+    (teacher_dir / TEACHER_STAMP).write_text(json.dumps(identity, indent=2))
+    return teacher_dir, metrics
 
 
 def _teacher_config(cfg: DemoConfig, teacher_dir: Path):
@@ -135,11 +163,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole demo; returns the report (also written to `<workdir>/report.json`)."""
     from ray import serve
 
-    from student_trainer.data import resolve_shards
+    from teacher_service.shards import resolve_shards
     from student_trainer.evaluate import evaluate_checkpoint, evaluate_teacher
-    from teacher_service.deployment import deploy
+    from teacher_service.app import deploy
 
-    from .local import init_ray
+    from cluster.local import init_ray
 
     demo_start = time.perf_counter()
     workdir = Path(cfg.workdir)
@@ -151,7 +179,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     data_dir = _ensure_data(cfg)
     val = str(data_dir / "val-*.tar")
     resolve_shards(val)
-    teacher_dir, teacher_metrics = _ensure_teacher(cfg, stamp, teacher_epochs)
+    teacher_dir, teacher_metrics = _ensure_teacher(cfg, stamp, teacher_epochs, data_dir)
 
     teacher_cfg = _teacher_config(cfg, teacher_dir)
     _say(f"deploying the teacher as Serve app {cfg.app_name!r}")
@@ -182,8 +210,12 @@ def run_demo(cfg: DemoConfig) -> dict:
         evaluation = evaluate_checkpoint(workdir / name, val)
         rows.append(_row(name, metrics, evaluation, evaluation.pop("params")))
 
+    models = {r["model"]: {k: v for k, v in r.items() if k != "model"} for r in rows}
     report = {
-        "models": {r["model"]: {k: v for k, v in r.items() if k != "model"} for r in rows},
+        "models": models,
+        "baseline": "student_baseline",
+        "gain_over_baseline": {m: round(models["student_distilled"][m] - models["student_baseline"][m], 4)
+                               for m in ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "t2i_r1")},
         "teacher_fingerprint": info["fingerprint"],
         "distill_losses": cfg.distill_losses,
         "epochs": {"teacher": teacher_epochs, "student": student_epochs},
@@ -195,6 +227,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     os.replace(tmp, workdir / "report.json")
     print("\n" + format_table(rows) + "\n", flush=True)
     d, b = report["models"]["student_distilled"], report["models"]["student_baseline"]
-    _say(f"distilled vs baseline zero-shot top-1: {d['zero_shot_top1']:.4f} vs {b['zero_shot_top1']:.4f}; "
+    _say(f"distilled vs baseline zero-shot top-1: {d['zero_shot_top1']:.4f} vs {b['zero_shot_top1']:.4f} "
+         f"({report['gain_over_baseline']['zero_shot_top1']:+.4f}); "
          f"report written to {workdir / 'report.json'} ({report['demo_wall_time_s']:.0f}s)")
     return report

@@ -46,8 +46,3 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
     return f"started an embedded local Ray cluster ({cpus} logical CPUs on {os.cpu_count()} cores)"
 
 
-def shutdown_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()

@@ -96,7 +96,7 @@ class StudentLoad:
 
     def __init__(self, app_name: str, run: str, cfg: dict):
         from student_trainer.config import TeacherSourceConfig
-        from student_trainer.teacher_client import RemoteTeacher
+        from student_trainer.teacher.sources import RemoteTeacher
 
         self.cfg = SoakConfig(**cfg)
         self.run_name = run
@@ -129,7 +129,7 @@ class StudentLoad:
             time.sleep(self.cfg.step_s)  # "training" on the batch
 
     def _batches(self, until: float):
-        from student_trainer.data import Batch
+        from student_trainer.data.batches import Batch
 
         c = self.cfg
         images, tokens = synthetic_arrays(4 * c.student_batch, abs(hash(self.run_name)) % 2**31, c.image_size,
@@ -148,7 +148,7 @@ class GrpcHammer:
     """`clients` threads, each a closed loop of Embed calls through one TeacherGrpcClient (one caller)."""
 
     def __init__(self, target: str, app_name: str, caller: str, cfg: SoakConfig):
-        from teacher_service.grpc_client import TeacherGrpcClient
+        from teacher_service.grpc.client import TeacherGrpcClient
 
         self.cfg = cfg
         self.client = TeacherGrpcClient(target, app_name, caller=caller)
@@ -172,7 +172,7 @@ class GrpcHammer:
         return total
 
     def _loop(self, i: int) -> None:
-        from teacher_service.caller_limits import CallerLimitError
+        from teacher_service.grpc.caller_limits import CallerLimitError
 
         c, tally = self.cfg, self.tallies[i]
         images, tokens = synthetic_arrays(c.grpc_batch, 1000 + i, c.image_size, c.context_length)
@@ -195,7 +195,7 @@ class GrpcHammer:
 # ============================================================================================== memory
 def pool_memory(handle) -> dict[str, int]:
     """Resident bytes of each replica and of the gRPC ingress (`collect_stats`)."""
-    from teacher_service.deployment import collect_stats
+    from teacher_service.app import collect_stats
 
     stats = collect_stats(handle)
     memory = {f"replica {rid}": int(r.get("rss_bytes") or 0) for rid, r in stats["replicas"].items()}
@@ -225,13 +225,8 @@ def run_soak(teacher: TeacherConfig, cfg: SoakConfig, log=print) -> dict[str, An
 
     Returns the report (see the module docstring). Ray must be connected.
     """
-    from teacher_service.deployment import (
-        collect_stats,
-        delete_teacher,
-        deploy,
-        get_teacher_handle,
-    )
-    from teacher_service.grpc_server import ingress_address
+    from teacher_service.app import collect_stats, delete_teacher, deploy, get_teacher_handle
+    from teacher_service.grpc.ingress import ingress_address
 
     teacher = dataclasses.replace(teacher, grpc_host="127.0.0.1", grpc_port=0)
     deploy(teacher)

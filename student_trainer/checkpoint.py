@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, from_plain, to_plain
-from .factory import create_student
+from student_trainer.config import ModelConfig, from_plain, to_plain
+from student_trainer.factory import create_student
 
 MODEL_FILE = "model.pt"
 MODEL_CONFIG_FILE = "model_config.json"

@@ -14,8 +14,8 @@ import math
 import numpy as np
 import torch
 
-from student_trainer.data import Batch
-from teacher_service.preprocess import preprocess_spec, to_model_input
+from student_trainer.data.batches import Batch
+from teacher_service.contract.preprocess import preprocess_spec, to_model_input
 
 RECALL_KS = (1, 5, 10)
 
@@ -129,7 +129,8 @@ def evaluate_model(
 def evaluate_on_shards(model, shards, *, tokenizer, limit: int | None = None,
                        device: str = "cpu") -> dict[str, float]:
     """`evaluate_model` on val shards, with class names and templates from their dataset.json."""
-    from student_trainer.data import eval_set, load_dataset_info, resolve_shards
+    from student_trainer.data.batches import eval_set
+    from teacher_service.shards import load_dataset_info, resolve_shards
 
     shard_list = resolve_shards(shards)
     info = load_dataset_info(shard_list)

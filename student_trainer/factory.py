@@ -7,7 +7,7 @@ from typing import Callable
 import open_clip
 import torch
 
-from .config import ModelConfig
+from student_trainer.config import ModelConfig
 
 _TEXT_VOCAB = 49408
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_gather_no_grad, all_gather_with_grad, rank_and_world_size
+from student_trainer.distributed import all_gather_no_grad, all_gather_with_grad, rank_and_world_size
 
 INIT_LOGIT_SCALE = 1.0 / 0.07
 MAX_LOGIT_SCALE = 100.0

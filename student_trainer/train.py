@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import itertools
 import json
 import math
@@ -27,30 +26,24 @@ import numpy as np
 import torch
 
 from teacher_service.affinity import pin_process
-from teacher_service.centroids import class_centroids
-from teacher_service.deployment import TeacherUnavailableError
-from teacher_service.preprocess import PreprocessSpec, preprocess_spec, to_model_input
-from teacher_service.protocol import EmbedRequest
+from teacher_service.cache.centroids import class_centroids, drawn_class_views
+from teacher_service.app import TeacherUnavailableError
+from teacher_service.contract.preprocess import PreprocessSpec, preprocess_spec, to_model_input
+from teacher_service.contract.protocol import EmbedRequest
 from teacher_service.private_files import make_private_dir, private_umask
-from teacher_service.views import view_namespace, view_recipe
+from teacher_service.contract.augment import view_namespace, view_recipe
 
-from .checkpoint import MODEL_FILE, save_student
-from .config import TrainConfig
-from .data import (
-    Batch,
-    SkipCounts,
-    eval_set,
-    load_dataset_info,
-    resolve_shards,
-    steps_per_epoch,
-    train_batches,
-)
-from .distributed import average_gradients, sum_over_ranks
-from .factory import create_student, create_tokenizer, embed_dim
-from .losses import OPTION_DEFAULTS, LossSet, accumulated_backward, build_losses
-from .masking import encode_image_masked, patch_noise
-from .scheduler import set_lr, warmup_cosine
-from .teacher_client import NoTeacher, make_teacher_source
+from student_trainer.checkpoint import MODEL_FILE, save_student
+from student_trainer.config import TrainConfig
+from student_trainer.data.batches import Batch, eval_set, steps_per_epoch, train_batches
+from teacher_service.shards import SkipCounts, load_dataset_info, resolve_shards
+from student_trainer.distributed import average_gradients, sum_over_ranks
+from student_trainer.factory import create_student, create_tokenizer, embed_dim
+from student_trainer.losses import OPTION_DEFAULTS, LossSet, accumulated_backward, build_losses
+from student_trainer.masking import encode_image_masked, patch_noise
+from student_trainer.scheduler import set_lr, warmup_cosine
+from student_trainer.teacher.outputs import TeacherOutputs
+from student_trainer.teacher.sources import NoTeacher, make_teacher_source
 
 TRAIN_STATE_FILE = "train_state.pt"
 _MAX_LOGIT_SCALE = math.log(100.0)
@@ -92,35 +85,6 @@ class DistillModule(torch.nn.Module):
         return self.losses(self.features(images, tokens, labels, mask_noise), teacher or {})
 
 
-def teacher_tensors(outputs: dict | None, device: torch.device) -> dict | None:
-    """fp16 numpy teacher outputs → float32 tensors (copied: Ray results are read-only)."""
-    if outputs is None:
-        return None
-    result = {}
-    for key in ("image_features", "text_features"):
-        if outputs.get(key) is not None:
-            result[key] = torch.tensor(outputs[key], dtype=torch.float32, device=device)
-    result["logit_scale"] = torch.tensor(float(outputs["logit_scale"]), device=device)
-    if outputs.get("logit_bias") is not None:
-        result["logit_bias"] = torch.tensor(float(outputs["logit_bias"]), device=device)
-    return result
-
-
-def merge_teacher_outputs(outputs: Sequence[dict | None]) -> dict | None:
-    """The teacher outputs of an optimizer step's micro-batches as one dict (rows in order)."""
-    if not outputs or all(o is None for o in outputs):
-        return None
-    if any(o is None for o in outputs):
-        raise ValueError("some micro-batches of a step have teacher outputs and some do not")
-    if len(outputs) == 1:
-        return outputs[0]
-    merged = dict(outputs[0])
-    for key in ("image_features", "text_features"):
-        if outputs[0].get(key) is not None:
-            merged[key] = np.concatenate([o[key] for o in outputs])
-    return merged
-
-
 def mask_seed(seed: int, step: int, rank: int) -> int:
     """MFD mask seed of one optimizer step on one rank: a pure function, so a resumed or
     re-run step draws the same masks, and ranks draw different ones."""
@@ -146,7 +110,7 @@ def train_step(
 ) -> dict[str, torch.Tensor]:
     """One optimizer step on `micro_batches` (k ≥ 1 of b rows each); detached loss parts + "loss".
 
-    `teacher` holds the outputs for all k·b rows (as tensors, see `teacher_tensors`). k = 1 is
+    `teacher` holds the outputs for all k·b rows (as tensors, see `TeacherOutputs.to_tensors`). k = 1 is
     the plain DDP step; k > 1 accumulates exactly (`losses.accumulated_backward`) inside
     `ddp.no_sync()` and averages the gradients across ranks itself. MFD's mask noise for the
     k·b rows comes from `seed`, sliced per micro-batch, so the masks do not depend on k.
@@ -323,20 +287,6 @@ def teacher_image_embedder(source, run: str) -> Callable[[np.ndarray], np.ndarra
                      f"got a {type(source).__name__} source; or give loss_options.class_centroids")
 
 
-def first_per_class(shards: list[str], *, image_size: int, tokenizer, num_classes: int,
-                    per_class: int) -> Batch:
-    """Center views of the first samples in shard order, read until every class has `per_class`
-    (or the shards end). Deterministic, so every rank would pick the same samples."""
-    limit = max(1024, 2 * num_classes * per_class)
-    while True:
-        data = eval_set(shards, image_size=image_size, tokenizer=tokenizer, limit=limit)
-        counts = np.bincount(data.labels[(data.labels >= 0) & (data.labels < num_classes)],
-                             minlength=num_classes)
-        if len(data.keys) < limit or counts.min() >= per_class:
-            return data
-        limit *= 4
-
-
 def _num_classes(options: dict, shards: list[str]) -> int:
     if options.get("num_classes"):
         return int(options["num_classes"])
@@ -350,9 +300,10 @@ def _num_classes(options: dict, shards: list[str]) -> int:
 
 
 def embed_kd_centroids(cfg: TrainConfig, source, tokenizer, shards: list[str]) -> tuple[int, np.ndarray]:
-    """(num_classes, float32 [C, D_t] centroids) from the teacher over the train shards' first
-    `centroid_samples` center views per class. Computed on rank 0 and broadcast, so every rank
-    holds the identical buffer and the teacher embeds each sample once."""
+    """(num_classes, float32 [C, D_t] centroids) from the teacher over `centroid_samples` center
+    views per class drawn from the train shards with the run's seed (the paper's N random samples).
+    Computed on rank 0 and broadcast, so every rank holds the identical buffer and the teacher
+    embeds each sample once."""
     import torch.distributed as dist
 
     options = {**OPTION_DEFAULTS, **cfg.loss_options}
@@ -361,28 +312,32 @@ def embed_kd_centroids(cfg: TrainConfig, source, tokenizer, shards: list[str]) -
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     payload: list = [None]
     if not distributed or dist.get_rank() == 0:
-        data = first_per_class(shards, image_size=cfg.data.image_size, tokenizer=tokenizer,
-                               num_classes=num_classes, per_class=per_class)
+        _, labels, views = drawn_class_views(shards, per_class, cfg.seed, cfg.data.image_size)
         limit = int(getattr(source, "info", {}).get("max_request_samples", 256) or 256)
-        payload[0] = class_centroids(teacher_image_embedder(source, cfg.run_name), data.images, data.labels,
-                                     num_classes, per_class, batch_size=min(256, limit))
+        payload[0] = class_centroids(teacher_image_embedder(source, cfg.run_name), views, labels,
+                                     num_classes, batch_size=min(256, limit))
     if distributed:
         dist.broadcast_object_list(payload, src=0)
     return num_classes, payload[0]
 
 
 def _loss_options(cfg: TrainConfig, source, tokenizer, shards: list[str]) -> dict:
-    """cfg.loss_options, plus teacher-computed Embed-KD centroids when embed_kd has none given."""
+    """cfg.loss_options, plus Embed-KD centroids when embed_kd has none given: those a cache holds
+    (`kd precompute --class-centroids`), else computed by a source that runs a teacher."""
     options = {k: v for k, v in cfg.loss_options.items()}
     if not cfg.losses.get("embed_kd") or options.get("class_centroids") is not None:
         return options
-    if cfg.teacher.mode in ("none", "cache"):
-        raise ValueError(f"loss embed_kd needs class centroids: give loss_options.class_centroids, or a "
-                         f"running teacher (teacher.mode inline, remote or hybrid, not {cfg.teacher.mode!r}) "
-                         f"to compute them from the train shards")
-    num_classes, centroids = embed_kd_centroids(cfg, source, tokenizer, shards)
+    cached = source.centroids() if hasattr(source, "centroids") else None
+    if cached is not None:
+        num_classes, centroids = len(cached), cached
+    elif source.computes_centroids:
+        num_classes, centroids = embed_kd_centroids(cfg, source, tokenizer, shards)
+    else:
+        from student_trainer.preflight import centroids_missing
+
+        raise ValueError(centroids_missing(cfg))
     options["num_classes"] = num_classes
-    options["class_centroids"] = torch.from_numpy(centroids)
+    options["class_centroids"] = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32))
     return options
 
 
@@ -394,14 +349,6 @@ def _grouped(stream: Iterable, size: int) -> Iterator[list]:
         if len(group) < size:
             raise RuntimeError(f"the batch stream ended inside an optimizer step ({len(group)} of {size})")
         yield group
-
-
-def _stream(source, batches: Iterable[Batch], view: int) -> Iterator[tuple]:
-    """`source.stream(batches, view=view)` where the source takes the view id (cache sources key
-    rows by it); older sources without the parameter get the batches alone."""
-    if "view" in inspect.signature(source.stream).parameters:
-        return source.stream(batches, view=view)
-    return source.stream(batches)
 
 
 def optimizer_steps_per_epoch(cfg: TrainConfig, shards: list[str], world: int) -> int:
@@ -439,8 +386,6 @@ def train_loop_per_worker(config: dict) -> None:
     centroids = options.get("class_centroids")
     teacher_dim = source.embed_dim or (int(centroids.shape[1]) if centroids is not None else embed_dim(student))
     losses = build_losses(cfg.losses, student_dim=embed_dim(student), teacher_dim=teacher_dim, options=options)
-    if losses.needs_teacher and cfg.teacher.mode == "none":
-        raise ValueError(f"losses {sorted(cfg.losses)} need a teacher but teacher.mode is 'none'")
     module = DistillModule(student, losses, preprocess_spec(student)).to(device)
     optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
@@ -452,7 +397,7 @@ def train_loop_per_worker(config: dict) -> None:
     # do not ask the teacher for every batch
     stream_source = source if losses.needs_teacher else NoTeacher()
     # the ranks agree every step whether the teacher answered (one tiny all-reduce) only where it can be lost
-    can_lose_teacher = losses.needs_teacher and cfg.teacher.mode in ("remote", "hybrid")
+    can_lose_teacher = losses.needs_teacher and source.can_lose_teacher
 
     steps = optimizer_steps_per_epoch(cfg, shards, world)
     total_steps = steps * cfg.epochs
@@ -486,7 +431,7 @@ def train_loop_per_worker(config: dict) -> None:
                                 tokenizer=tokenizer, shuffle_buffer=cfg.data.shuffle_buffer,
                                 view=cfg.data.view_of(epoch), start_batch=first * cfg.accum_steps, skips=skips)
         batches = itertools.islice(batches, (steps - first) * cfg.accum_steps)
-        groups = _grouped(_stream(stream_source, batches, cfg.data.view_of(epoch)), cfg.accum_steps)
+        groups = _grouped(stream_source.stream(batches, view=cfg.data.view_of(epoch)), cfg.accum_steps)
         sums: dict[str, float] = {}
         epoch_start = time.perf_counter()
         ddp.train()
@@ -499,7 +444,8 @@ def train_loop_per_worker(config: dict) -> None:
                 return
             set_lr(optimizer, warmup_cosine(step, base_lr=cfg.optim.lr,
                                             warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps))
-            teacher = teacher_tensors(merge_teacher_outputs([t for _, t in group]), device)
+            merged = TeacherOutputs.merge([t for _, t in group])
+            teacher = merged.to_tensors(device) if merged is not None else None
             parts = train_step(module, optimizer, [_as_tensors(b, device) for b, _ in group], teacher,
                                seed=mask_seed(cfg.seed, step, rank), ddp=ddp, scaler=scaler,
                                grad_clip_norm=cfg.optim.grad_clip_norm, use_amp=use_amp,
@@ -567,20 +513,14 @@ def worker_resources(cfg: TrainConfig) -> dict:
     return resources
 
 
-def _check_teacher_app(cfg: TrainConfig) -> None:
-    """A teacher app that is not deployed is a mistake no worker restart fixes: refuse it here,
-    naming the apps that do run, before `max_failures` restarts would each find it missing."""
-    import ray
-
-    if cfg.teacher.mode in ("remote", "hybrid") and ray.is_initialized():
-        from teacher_service.deployment import get_teacher_handle
-
-        get_teacher_handle(cfg.teacher.app_name, timeout_s=cfg.teacher.timeout_s)
-
-
 def run_training(cfg: TrainConfig):
-    """Train (or resume) and return the Ray Train `Result` (metrics from the last epoch)."""
-    _check_teacher_app(cfg)
+    """Train (or resume) and return the Ray Train `Result` (metrics from the last epoch).
+
+    The configuration is checked on the driver first (`preflight.check_run`): a mistake fails
+    once, here, instead of in every worker and again after every restart."""
+    from student_trainer.preflight import check_run
+
+    check_run(cfg)
     result = build_trainer(cfg).fit()
     if result.error:
         raise result.error

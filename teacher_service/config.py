@@ -17,7 +17,7 @@ import yaml
 PRECISIONS = ("fp32", "fp16", "bf16")
 BATCHERS = ("fill", "serve")
 ROUTINGS = ("view_affinity", "power_of_two")
-VIEW_AFFINITY_ROUTER = "teacher_service.routing.ViewAffinityRouter"
+VIEW_AFFINITY_ROUTER = "teacher_service.serve.routing.ViewAffinityRouter"
 DEFAULT_GRPC_MAX_REQUEST_BYTES = 64 * 2**20
 
 
@@ -106,7 +106,7 @@ class TeacherConfig:
             raise ValueError(f"batcher: expected one of {BATCHERS}, got {self.batcher!r}")
         check_placement(self.label_selector, self.resources)
         if self.grpc_token_file:
-            from .auth import read_token_file
+            from teacher_service.grpc.auth import read_token_file
 
             read_token_file(self.grpc_token_file)  # missing, empty or readable by others: refuse now
         self._validate_grpc()
@@ -177,7 +177,7 @@ class TeacherConfig:
 
     def caller_limits(self):
         """The per-caller limits of the gRPC ingress (`caller_limits.CallerLimits`)."""
-        from .caller_limits import CallerLimits
+        from teacher_service.grpc.caller_limits import CallerLimits
 
         return CallerLimits(max_in_flight=self.grpc_caller_max_in_flight, samples_per_s=self.grpc_caller_samples_per_s,
                             burst_samples=self.grpc_caller_burst_samples)
@@ -222,7 +222,7 @@ class TeacherConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> TeacherConfig:
         """Load a YAML mapping of TeacherConfig fields, or a Serve config (`serve deploy` file) with one
-        application built by `teacher_service.deployment:app_builder`, whose `args` are those fields."""
+        application built by `teacher_service.serve.deployment:app_builder`, whose `args` are those fields."""
         with open(path) as f:
             data = yaml.safe_load(f) or {}
         if isinstance(data, dict) and "applications" in data:

@@ -17,8 +17,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from .config import TeacherConfig
-from .preprocess import PreprocessSpec, fit_context, preprocess_spec, to_model_input
+from teacher_service.config import TeacherConfig
+from teacher_service.contract.preprocess import PreprocessSpec, fit_context, preprocess_spec, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def load_teacher(cfg: TeacherConfig) -> FrozenTeacher:
     file → strict load of that checkpoint; anything else → an open_clip pretrained tag.
     """
     if cfg.cpu_affinity:
-        from .affinity import pin_process
+        from teacher_service.affinity import pin_process
 
         pin_process(cfg.cpu_affinity)
     if cfg.torch_threads:

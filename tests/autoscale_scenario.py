@@ -126,7 +126,7 @@ def train(work: Path) -> dict:
         TeacherSourceConfig,
         TrainConfig,
     )
-    from student_trainer.datasets import write_digits_shards
+    from student_trainer.data.write_shards import write_digits_shards
     from student_trainer.train import run_training
 
     write_digits_shards(work / "data", image_size=32, samples_per_shard=64)

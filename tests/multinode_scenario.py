@@ -44,7 +44,7 @@ def agent_ports() -> dict:
 
 def write_configs(workdir: Path) -> tuple[Path, list[Path]]:
     from student_trainer.config import DataConfig, ModelConfig, OptimConfig, TeacherSourceConfig, TrainConfig
-    from student_trainer.datasets import write_digits_shards
+    from student_trainer.data.write_shards import write_digits_shards
     from teacher_service.config import TeacherConfig
 
     write_digits_shards(workdir / "data", image_size=32, samples_per_shard=64)
@@ -110,7 +110,7 @@ def main(workdir: str) -> None:
         listed = kd("jobs", "--address", address)
         summary = kd("logs", train_jobs[0], "--address", address)
         ray.init(address=cluster.address, log_to_driver=False)
-        from teacher_service.deployment import collect_stats, get_teacher_handle
+        from teacher_service.app import collect_stats, get_teacher_handle
 
         runs = collect_stats(get_teacher_handle(APP))["runs"]
         print(json.dumps({"nodes": ids, "actors": actor_nodes(), "teacher_job": teacher_job, "jobs": statuses,

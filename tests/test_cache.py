@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from teacher_service.cache import (
+from teacher_service.cache.store import (
     APPEND_PREFIX,
     COMPACTED_PREFIX,
     LOCK_FILE,
@@ -35,7 +35,8 @@ from teacher_service.cache import (
     write_centroids,
     write_table_atomic,
 )
-from teacher_service.views import decode_image, image_digests, token_digests, view_recipe
+from teacher_service.contract.augment import image_digests, token_digests, view_recipe
+from teacher_service.shards import decode_rgb8
 
 D = 8
 PRE = {"image_size": [32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
@@ -344,8 +345,8 @@ def test_centroids_round_trip_and_fingerprint(tmp_path):
 
 
 def test_student_transform_is_the_teacher_views_module():
-    import student_trainer.transform as transform
-    import teacher_service.views as views
+    import teacher_service.contract.augment as transform
+    import teacher_service.contract.augment as views
 
     assert transform.augment_view is views.augment_view and transform.view_rng is views.view_rng
 
@@ -376,7 +377,7 @@ def test_decode_image_matches_webdataset_training_decode(fmt, mode):
     buf = io.BytesIO()
     image.save(buf, format=fmt)
     ext = "png" if fmt == "PNG" else "jpg"
-    decoded = decode_image(buf.getvalue(), ext)
+    decoded = decode_rgb8(buf.getvalue())
     want = wds.Decoder([wds.imagehandler("rgb8")])({"__key__": "x", ext: buf.getvalue()})[ext]
     assert decoded.dtype == np.uint8 and decoded.shape == (12, 10, 3)
     np.testing.assert_array_equal(decoded, want)
@@ -385,7 +386,7 @@ def test_decode_image_matches_webdataset_training_decode(fmt, mode):
 _APPENDER = """
 import sys
 sys.path.insert(0, sys.argv[2])
-from teacher_service.cache import CacheAppender, EmbeddingCache
+from teacher_service.cache.store import CacheAppender, EmbeddingCache
 from test_cache import RECIPE, info, keys_, row_values
 
 cache = EmbeddingCache.open(sys.argv[1], teacher_info=info(), recipe=RECIPE, create=True)

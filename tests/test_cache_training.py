@@ -24,7 +24,7 @@ from student_trainer.config import (
     TeacherSourceConfig,
     TrainConfig,
 )
-from teacher_service.cache import (
+from teacher_service.cache.store import (
     APPEND_PREFIX,
     CacheMismatchError,
     CacheMissError,
@@ -32,7 +32,7 @@ from teacher_service.cache import (
     compact,
 )
 from teacher_service.config import TeacherConfig
-from teacher_service.views import view_recipe
+from teacher_service.contract.augment import view_recipe
 
 pytestmark = pytest.mark.ray
 
@@ -53,8 +53,8 @@ def shards(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def precomputed(ray_cluster, shards, tmp_path_factory) -> Path:
     """Views 0 and 1 (epochs 0 and 1) of both shards, computed by a local teacher actor."""
-    from student_trainer.data import resolve_shards
-    from teacher_service.precompute import precompute
+    from teacher_service.shards import resolve_shards
+    from teacher_service.cache.precompute import precompute
 
     out = tmp_path_factory.mktemp("cache")
     precompute(resolve_shards(shards), str(out), views=2, teacher=TEACHER, seed=0, image_size=32,
@@ -74,7 +74,8 @@ def train_cfg(shards: str, storage: Path, run: str, mode: str, cache: Path, epoc
 
 def epoch_batches(shards: str, epoch: int, n: int = STEPS):
     from student_trainer.config import ModelConfig as MC
-    from student_trainer.data import resolve_shards, train_batches
+    from student_trainer.data.batches import train_batches
+    from teacher_service.shards import resolve_shards
     from student_trainer.factory import create_student, create_tokenizer
 
     tokenizer = create_tokenizer(create_student(MC(name="digits-student")), MC(name="digits-student"))
@@ -103,7 +104,7 @@ def test_cache_mode_trains_with_no_teacher_running(ray_cluster, shards, precompu
 
 
 def test_cache_source_serves_exact_rows_and_refuses_misses(shards, precomputed):
-    from student_trainer.teacher_client import CachedTeacher, make_teacher_source
+    from student_trainer.teacher.sources import CachedTeacher, make_teacher_source
 
     cfg = TeacherSourceConfig(mode="cache", cache_path=str(precomputed))
     source = make_teacher_source(cfg, run="unit", recipe=view_recipe(32, 0))
@@ -156,7 +157,7 @@ def hybrid_cache(tmp_path_factory) -> Path:
 
 
 def test_hybrid_fills_then_serves_repeated_views_from_cache(shards, teacher_app, hybrid_cache):
-    from student_trainer.teacher_client import HybridTeacher, make_teacher_source
+    from student_trainer.teacher.sources import HybridTeacher, make_teacher_source
 
     cfg = TeacherSourceConfig(mode="hybrid", cache_path=str(hybrid_cache), app_name=APP, prefetch=2)
     source = make_teacher_source(cfg, run="fill", recipe=view_recipe(32, 0))
@@ -187,8 +188,8 @@ def test_hybrid_fills_then_serves_repeated_views_from_cache(shards, teacher_app,
 def test_hybrid_refuses_a_cache_of_another_teacher(precomputed, teacher_app, tmp_path):
     import pyarrow.parquet as pq
 
-    from student_trainer.teacher_client import make_teacher_source
-    from teacher_service.cache import META_KEY, read_meta, write_table_atomic
+    from student_trainer.teacher.sources import make_teacher_source
+    from teacher_service.cache.store import META_KEY, read_meta, write_table_atomic
 
     other = tmp_path / "other"
     other.mkdir()
@@ -206,7 +207,7 @@ def test_hybrid_refuses_a_cache_of_another_teacher(precomputed, teacher_app, tmp
 
 def test_concurrent_hybrid_runs_append_without_loss_or_duplicates(shards, teacher_app, tmp_path):
     """Two runs missing the same keys at once both append; readers serve each (key, view) once."""
-    from student_trainer.teacher_client import make_teacher_source
+    from student_trainer.teacher.sources import make_teacher_source
 
     cfg = TeacherSourceConfig(mode="hybrid", cache_path=str(tmp_path / "shared"), app_name=APP)
     batches = epoch_batches(shards, 0)

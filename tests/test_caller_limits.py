@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from teacher_service.caller_limits import (
+from teacher_service.grpc.caller_limits import (
     OTHER_CALLERS,
     CallerAdmission,
     CallerLimitError,

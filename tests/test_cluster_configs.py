@@ -46,7 +46,7 @@ def test_cluster_serve_config_passes_serves_schema_and_matches_the_roles():
 
     raw = load(CONFIGS / "serve_teacher_cluster.yaml")
     (app,) = ServeDeploySchema.model_validate(raw).applications
-    assert app.name == APP and app.import_path == "teacher_service.deployment:app_builder"
+    assert app.name == APP and app.import_path == "teacher_service.serve.deployment:app_builder"
     cfg = TeacherConfig.from_yaml(CONFIGS / "serve_teacher_cluster.yaml")
     assert cfg == TeacherConfig.from_dict(app.args) and cfg.app_name == APP
     assert {"label_selector": cfg.label_selector, "resources": cfg.resources} == teacher_placement()
@@ -102,7 +102,9 @@ def test_kuberay_jobs_target_the_long_lived_cluster():
 
 
 def test_role_placement_flags_apply_the_roles():
-    from cluster.cli import build_parser, teacher_config_from_args, train_config_from_args
+    from cluster.cli import build_parser
+    from cluster.cli.teacher import teacher_config_from_args
+    from cluster.cli.train import train_config_from_args
 
     t = teacher_config_from_args(build_parser().parse_args(["teacher", "serve", "--role-placement"]))
     assert {"label_selector": t.label_selector, "resources": t.resources} == teacher_placement()

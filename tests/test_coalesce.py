@@ -8,9 +8,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from teacher_service.batching import SampleBatcher
-from teacher_service.coalesce import Coalescer
-from teacher_service.protocol import EmbedRequest, EmbedResponse
+from teacher_service.serve.batching import SampleBatcher
+from teacher_service.serve.coalesce import Coalescer
+from teacher_service.contract.protocol import EmbedRequest, EmbedResponse
 
 D = 8
 
@@ -227,7 +227,7 @@ def test_a_light_run_is_not_starved_by_a_flood_and_idle_time_gives_no_credit():
 
 # ------------------------------------------------------------------------------------ routing
 def test_affinity_is_the_view_and_keys_and_rendezvous_moves_only_a_lost_replicas_share():
-    from teacher_service.routing import affinity_key, rendezvous_order
+    from teacher_service.serve.routing import affinity_key, rendezvous_order
 
     a = affinity_key(req(["k0", "k1"]))
     assert a == affinity_key(req(["k0", "k1"], run="other"))  # the caller does not matter

@@ -10,18 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from student_trainer.data import (
-    Batch,
-    count_tar_samples,
-    eval_set,
-    load_dataset_info,
-    resolve_shards,
-    samples_per_rank,
-    steps_per_epoch,
-    train_batches,
-)
-from student_trainer.datasets import CLASS_NAMES, write_digits_shards
-from student_trainer.transform import augment_view
+from student_trainer.data.batches import Batch, eval_set, samples_per_rank, steps_per_epoch, train_batches
+
+from teacher_service.shards import count_tar_samples, load_dataset_info, resolve_shards
+from student_trainer.data.write_shards import CLASS_NAMES, write_digits_shards
+from teacher_service.contract.augment import augment_view
 
 
 @pytest.fixture(scope="module")

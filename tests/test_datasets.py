@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from student_trainer.datasets import (
+from student_trainer.data.write_shards import (
     CAPTION_TEMPLATES,
     CLASS_NAMES,
     ZERO_SHOT_TEMPLATES,
@@ -146,7 +146,7 @@ ROWS = [
     ("broken.png", "broken", "cat"),
     ("gone.png", "missing file", "cat"),
 ]
-EXPECTED_SKIPS = {"missing_caption": 2, "missing_image": 1, "unreadable_image": 1}
+EXPECTED_SKIPS = {"missing_caption": 2, "missing_image": 1, "undecodable_image": 1}
 
 
 def _check_folder_shards(summary, out, class_names):
@@ -229,7 +229,7 @@ def test_nothing_usable_raises_with_reasons(folder):
     root, images = folder
     captions = root / "captions.csv"
     captions.write_text("image,caption\nbroken.png,x\ngone.png,y\n")
-    with pytest.raises(ValueError, match=r"no usable samples.*unreadable_image"):
+    with pytest.raises(ValueError, match=r"no usable samples.*undecodable_image"):
         write_folder_shards(images, captions, root / "out")
 
 

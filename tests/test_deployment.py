@@ -34,7 +34,7 @@ def test_serve_config_validates_and_builds():
     schema = ServeDeploySchema.model_validate(raw)
     (app,) = schema.applications
     assert app.name == "kd-teacher" and app.route_prefix is None
-    assert app.import_path == "teacher_service.deployment:app_builder"
+    assert app.import_path == "teacher_service.serve.deployment:app_builder"
     module, attr = app.import_path.split(":")
     builder = getattr(importlib.import_module(module), attr)
     cfg = TeacherConfig.from_dict(app.args)  # every arg is a TeacherConfig field
@@ -68,11 +68,7 @@ def assert_same(got: EmbedResponse, want: EmbedResponse) -> None:
 def test_teacher_deployment_batches_and_isolates_errors(ray_cluster, batcher):
     from ray import serve
 
-    from teacher_service.deployment import (
-        TeacherUnavailableError,
-        deploy,
-        get_teacher_handle,
-    )
+    from teacher_service.app import TeacherUnavailableError, deploy, get_teacher_handle
 
     cfg = TeacherConfig.from_dict({**yaml_args(), "app_name": APP, "num_cpus": 0.5, "max_batch_size": 64,
                                    "batch_wait_timeout_s": 0.25, "batcher": batcher,

@@ -103,7 +103,7 @@ def test_limits_are_enforced_and_outputs_are_independent(teacher):
 def test_nan_features_fail_only_their_request_and_are_never_answered(teacher, monkeypatch):
     """A broken teacher (NaN/Inf out): the request holding the bad row gets TeacherOutputError
     naming the sample; the others in the same forward are answered as usual."""
-    from teacher_service.engine import TeacherOutputError
+    from teacher_service.serve.engine import TeacherOutputError
 
     engine = TeacherEngine(teacher)
     real = teacher.encode_tensors

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from student_trainer.data import Batch
-from student_trainer.datasets import CLASS_NAMES
+from student_trainer.data.batches import Batch
+from student_trainer.data.write_shards import CLASS_NAMES
 from student_trainer.evaluate import _pessimistic_rank, evaluate_model, retrieval_metrics
 
 CAPTION_TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]

@@ -99,7 +99,7 @@ def registered_checkpoint(storage: Path, run: str) -> dict | None:
 
 
 def samples_answered(handle, run: str) -> int:
-    from teacher_service.deployment import collect_stats
+    from teacher_service.app import collect_stats
 
     return collect_stats(handle)["runs"].get(run, {}).get("samples", 0)
 
@@ -145,7 +145,7 @@ def test_teacher_gone_past_patience_checkpoints_stops_and_resumes(shards, contro
     from ray import serve
 
     from student_trainer.train import run_training
-    from teacher_service.deployment import TeacherUnavailableError, deploy
+    from teacher_service.app import TeacherUnavailableError, deploy
 
     gone = dataclasses.replace(TEACHER, app_name="kd-teacher-gone", num_replicas=1)
     storage = tmp_path / "runs"
@@ -188,7 +188,7 @@ def test_hybrid_run_carries_on_from_its_cache_with_the_teacher_gone(shards, tmp_
     from ray import serve
 
     from student_trainer.train import run_training
-    from teacher_service.deployment import deploy
+    from teacher_service.app import deploy
 
     gone = dataclasses.replace(TEACHER, app_name="kd-teacher-gone-hybrid", num_replicas=1)
     storage, cache = tmp_path / "runs", str(tmp_path / "cache")

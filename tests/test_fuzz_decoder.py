@@ -9,9 +9,9 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from teacher_service.grpc_ingress import WireLimits, decode_embed_request
-from teacher_service.proto import teacher_pb2 as pb
-from teacher_service.protocol import RequestError, RequestLimits, validate_request
+from teacher_service.grpc.codec import WireLimits, decode_embed_request
+from teacher_service.grpc.proto import teacher_pb2 as pb
+from teacher_service.contract.protocol import RequestError, RequestLimits, validate_request
 
 LIMITS = WireLimits(max_request_bytes=1 << 20)
 REQUEST_LIMITS = RequestLimits(max_samples=64, max_image_side=64, max_context_length=32, vocab_size=1000)

@@ -16,15 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from shard_builders import MemberSpan, png, tar_bytes
 
-from student_trainer.data import (
-    NoUsableSamplesError,
-    ReaderLimits,
-    SkipCounts,
-    eval_set,
-    steps_per_epoch,
-    train_batches,
-)
-from teacher_service.views import augment_view, decode_image
+from student_trainer.data.batches import eval_set, steps_per_epoch, train_batches
+
+from teacher_service.shards import NoUsableSamplesError, ReaderLimits, SkipCounts
+from teacher_service.contract.augment import augment_view
+from teacher_service.shards import decode_rgb8
 
 LIMITS = ReaderLimits(max_caption_bytes=300, max_member_bytes=1 << 16, max_image_pixels=4096)
 CASES = {"eval": 0, "train": 0, "mutated": 0, "yielded": 0, "skipped": 0, "no_usable": 0}
@@ -242,7 +238,7 @@ def _check_yielded(batch, drawn: list[Shard], image_size: int, train: bool) -> N
             assert _sample_end(shard, key) <= shard.cut, f"yielded {key!r} from past the corruption"
         assert batch.captions[i] == w.caption and batch.labels[i] == w.label
         if not train:
-            expected = augment_view(decode_image(w.image[1], w.image[0]), key, 0, 0, image_size, train=False)
+            expected = augment_view(decode_rgb8(w.image[1]), key, 0, 0, image_size, train=False)
             np.testing.assert_array_equal(batch.images[i], expected)
 
 

@@ -11,7 +11,7 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from teacher_service import EmbedRequest, EmbedResponse, RequestError, TeacherConfig
-from teacher_service.grpc_ingress import (
+from teacher_service.grpc.codec import (
     WIRE_DTYPES,
     RequestTooLargeError,
     WireLimits,
@@ -25,9 +25,9 @@ from teacher_service.grpc_ingress import (
     tensor_from_proto,
     tensor_to_proto,
 )
-from teacher_service.proto import generate
-from teacher_service.proto import teacher_pb2 as pb
-from teacher_service.proto import teacher_pb2_grpc as pb_grpc
+from teacher_service.grpc.proto import generate
+from teacher_service.grpc.proto import teacher_pb2 as pb
+from teacher_service.grpc.proto import teacher_pb2_grpc as pb_grpc
 
 RPCS = {"Embed", "Stats", "Health"}
 
@@ -51,13 +51,13 @@ def test_committed_stubs_match_the_proto(tmp_path):
     (compiled,) = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
     compiled = _without_json_names(compiled)
     committed = descriptor_pb2.FileDescriptorProto.FromString(pb.DESCRIPTOR.serialized_pb)
-    assert committed == compiled, "stubs are stale: run `python -m teacher_service.proto.generate`"
+    assert committed == compiled, "stubs are stale: run `python -m teacher_service.grpc.proto.generate`"
     service = pb.DESCRIPTOR.services_by_name["TeacherService"]
     assert {m.name for m in service.methods} == RPCS
     assert {n for n in vars(pb_grpc.TeacherServiceServicer) if not n.startswith("_")} == RPCS
     written = generate.generate(tmp_path)
     assert [p.name for p in written] == ["teacher_pb2.py", "teacher_pb2_grpc.py"]
-    assert "from teacher_service.proto import teacher_pb2" in written[1].read_text()  # package import
+    assert "from teacher_service.grpc.proto import teacher_pb2" in written[1].read_text()  # package import
     compile(written[0].read_text(), str(written[0]), "exec")
 
 
@@ -125,8 +125,8 @@ def test_embed_messages_round_trip_and_size_limit():
 
 
 def test_refusals_map_to_status_codes_and_counter_kinds():
-    from teacher_service.auth import UnauthenticatedError
-    from teacher_service.caller_limits import CallerLimitError, InvalidCallerError
+    from teacher_service.grpc.auth import UnauthenticatedError
+    from teacher_service.grpc.caller_limits import CallerLimitError, InvalidCallerError
 
     cases = [(RequestError("keys: request is empty"), grpc.StatusCode.INVALID_ARGUMENT, "invalid"),
              (InvalidCallerError("kd-caller: bad"), grpc.StatusCode.INVALID_ARGUMENT, "invalid"),
@@ -161,9 +161,9 @@ def grpc_teacher(app: str, **fields) -> TeacherConfig:
 
 @pytest.fixture(scope="module")
 def grpc_app(ray_cluster):
-    from teacher_service.deployment import delete_teacher, deploy, get_teacher_handle
-    from teacher_service.grpc_client import TeacherGrpcClient
-    from teacher_service.grpc_server import ingress_address
+    from teacher_service.app import delete_teacher, deploy, get_teacher_handle
+    from teacher_service.grpc.client import TeacherGrpcClient
+    from teacher_service.grpc.ingress import ingress_address
 
     deploy(grpc_teacher(APP, grpc_max_request_bytes=MAX_BYTES))
     handle = get_teacher_handle(APP, timeout_s=300)
@@ -176,7 +176,7 @@ def grpc_app(ray_cluster):
 
 @pytest.mark.ray
 def test_grpc_round_trip_equals_handle_path_bit_for_bit(grpc_app):
-    from teacher_service.grpc_client import TeacherGrpcClient
+    from teacher_service.grpc.client import TeacherGrpcClient
 
     handle, target = grpc_app
     info = handle.info.remote().result(timeout_s=60)
@@ -200,7 +200,7 @@ def test_grpc_round_trip_equals_handle_path_bit_for_bit(grpc_app):
 
 @pytest.mark.ray
 def test_grpc_refusals_and_stats(grpc_app):
-    from teacher_service.grpc_client import TeacherGrpcClient
+    from teacher_service.grpc.client import TeacherGrpcClient
 
     _, target = grpc_app
     keys = ("requests_received", "requests", "errors_invalid", "errors_too_large", "samples_requested", "samples")
@@ -278,7 +278,7 @@ def test_ingress_listens_on_loopback_only(grpc_app):
     lo, always there on Linux) nor this machine's other interface addresses reach it."""
     import psutil
 
-    from teacher_service.grpc_client import TeacherGrpcClient
+    from teacher_service.grpc.client import TeacherGrpcClient
 
     _, target = grpc_app
     host, port = target.rsplit(":", 1)
@@ -310,7 +310,8 @@ def test_bind_address_comes_from_config_and_only_explicitly_leaves_loopback():
         TeacherConfig.from_dict({**TINY, "grpc_caller_max_in_flight": 0})
     with pytest.raises(ValueError, match="grpc_caller_samples_per_s"):
         TeacherConfig.from_dict({**TINY, "grpc_caller_samples_per_s": -1})
-    from cluster.cli import build_parser, teacher_config_from_args
+    from cluster.cli import build_parser
+    from cluster.cli.teacher import teacher_config_from_args
 
     flags = ["teacher", "serve", "--grpc-port", "9000"]
     assert teacher_config_from_args(build_parser().parse_args(flags)).grpc_host == "127.0.0.1"
@@ -323,7 +324,7 @@ def test_a_port_in_use_is_an_error_naming_the_address():
     import asyncio
     import socket
 
-    from teacher_service.grpc_server import GrpcBindError, TeacherServicer, serve_grpc
+    from teacher_service.grpc.ingress import GrpcBindError, TeacherServicer, serve_grpc
 
     servicer = TeacherServicer(TeacherConfig.from_dict(TINY), backend=None)
 
@@ -352,8 +353,8 @@ def test_ingress_goes_away_with_its_app(ray_cluster):
 
     from ray import serve
 
-    from teacher_service.deployment import deploy
-    from teacher_service.grpc_server import (
+    from teacher_service.app import deploy
+    from teacher_service.grpc.ingress import (
         WATCH_INTERVAL_S,
         find_ingress,
         ingress_address,
@@ -380,7 +381,7 @@ def token_file(path, text: str, mode: int = 0o600):
 
 
 def test_token_file_must_be_private_and_nonempty(tmp_path):
-    from teacher_service.auth import TokenCheck, UnauthenticatedError, read_token_file
+    from teacher_service.grpc.auth import TokenCheck, UnauthenticatedError, read_token_file
 
     path = token_file(tmp_path / "token", "s3cret\n", 0o644)
     with pytest.raises(ValueError, match="readable by other users .*chmod 600"):
@@ -402,15 +403,10 @@ def test_token_file_must_be_private_and_nonempty(tmp_path):
 
 @pytest.mark.ray
 def test_grpc_refuses_calls_without_the_bearer_token(ray_cluster, tmp_path):
-    from teacher_service.auth import UnauthenticatedError
-    from teacher_service.deployment import (
-        collect_stats,
-        delete_teacher,
-        deploy,
-        get_teacher_handle,
-    )
-    from teacher_service.grpc_client import TeacherGrpcClient
-    from teacher_service.grpc_server import find_ingress, ingress_address
+    from teacher_service.grpc.auth import UnauthenticatedError
+    from teacher_service.app import collect_stats, delete_teacher, deploy, get_teacher_handle
+    from teacher_service.grpc.client import TeacherGrpcClient
+    from teacher_service.grpc.ingress import find_ingress, ingress_address
 
     token = token_file(tmp_path / "token", "kd-test-token")
     app = "kd-teacher-grpc-token"
@@ -448,15 +444,10 @@ def test_a_flooding_caller_is_refused_while_a_light_caller_is_answered(ray_clust
     import threading
     import time
 
-    from teacher_service.caller_limits import CallerLimitError
-    from teacher_service.deployment import (
-        collect_stats,
-        delete_teacher,
-        deploy,
-        get_teacher_handle,
-    )
-    from teacher_service.grpc_client import TeacherGrpcClient
-    from teacher_service.grpc_server import find_ingress, ingress_address
+    from teacher_service.grpc.caller_limits import CallerLimitError
+    from teacher_service.app import collect_stats, delete_teacher, deploy, get_teacher_handle
+    from teacher_service.grpc.client import TeacherGrpcClient
+    from teacher_service.grpc.ingress import find_ingress, ingress_address
 
     app = "kd-teacher-grpc-limits"
     deploy(grpc_teacher(app, grpc_caller_max_in_flight=4, grpc_caller_samples_per_s=100.0,

@@ -2,7 +2,7 @@
 
 - `train_step` with k micro-batches of b gives the same weights as one batch of k·b (all losses,
   MFD masks included), in one process and under 2-rank gloo DDP against the global batch;
-- Embed-KD centroids from `teacher_service.centroids` equal a direct per-class mean, through an
+- Embed-KD centroids from `teacher_service.cache.centroids` equal a direct per-class mean, through an
   inline engine and a (fake) Serve handle alike;
 - one Ray Train run (inline teacher, 2 DDP workers, accum_steps=2) with every method at once
   reports a finite value per method and checkpoints the teacher's class centroids.
@@ -39,9 +39,9 @@ from student_trainer.train import (
     teacher_image_embedder,
     train_step,
 )
-from teacher_service.centroids import class_centroids
+from teacher_service.cache.centroids import class_centroids
 from teacher_service.config import TeacherConfig
-from teacher_service.preprocess import preprocess_spec, to_model_input
+from teacher_service.contract.preprocess import preprocess_spec, to_model_input
 from tiny_models import tiny_teacher_overrides
 
 pytestmark = pytest.mark.timeout(240)
@@ -166,12 +166,12 @@ def test_merge_teacher_outputs_and_step_counts(tmp_path):
     with pytest.raises(ValueError, match="some micro-batches"):
         merge_teacher_outputs([a, None])
 
-    from student_trainer.datasets import write_digits_shards
+    from student_trainer.data.write_shards import write_digits_shards
 
     write_digits_shards(tmp_path, image_size=8, samples_per_shard=400)
     shards = sorted(str(p) for p in tmp_path.glob("train-*.tar"))
     cfg = TrainConfig(data=DataConfig(train_shards=str(tmp_path / "train"), batch_size=16), accum_steps=3)
-    from student_trainer.data import steps_per_epoch
+    from student_trainer.data.batches import steps_per_epoch
 
     batches = steps_per_epoch(shards, world_size=2, batch_size=16)
     assert optimizer_steps_per_epoch(cfg, shards, 2) == batches // 3
@@ -228,10 +228,17 @@ def test_ddp_accumulation_equals_the_global_batch(tmp_path):
 
 
 # --------------------------------------------------------------------------- centroids
-def test_class_centroids_mean_of_first_n_per_class():
+def test_class_centroids_mean_of_n_drawn_per_class():
+    """N samples per class drawn with a seed (the paper's random N, not the first N in file order),
+    independent of reading order; the centroid is the plain mean of their embeddings."""
+    import hashlib
+
+    from teacher_service.cache.centroids import draw_per_class
+
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (30, 4, 4, 3), dtype=np.uint8)
     labels = np.array([i % 4 for i in range(29)] + [-1])  # one unlabeled sample
+    keys = [f"sample-{i:03d}" for i in range(30)]
     table = rng.normal(size=(256, 5)).astype(np.float32)
     embed = lambda x: table[x[:, 0, 0, 0]]  # a fake teacher: embedding looked up from one pixel
     calls = []
@@ -240,17 +247,30 @@ def test_class_centroids_mean_of_first_n_per_class():
         calls.append(len(x))
         return embed(x).astype(np.float16)
 
-    got = class_centroids(counted, images, labels, 4, per_class=3, batch_size=5)
+    picked = draw_per_class(keys, labels, 4, per_class=3, seed=7)
+    # restated: per class, the 3 keys first in the order of sha256(seed, key)
+    rank = lambda i: hashlib.sha256(f"7\x00{keys[i]}".encode()).digest()[:8][::-1]
+    expected = sorted(i for c in range(4) for i in sorted(np.flatnonzero(labels == c), key=rank)[:3])
+    assert picked.tolist() == expected
+    order = rng.permutation(30)
+    reordered = draw_per_class([keys[i] for i in order], labels[order], 4, per_class=3, seed=7)
+    assert sorted(order[reordered].tolist()) == expected  # the draw does not depend on shard order
+    assert draw_per_class(keys, labels, 4, per_class=3, seed=8).tolist() != expected
+    assert picked.tolist() != sorted(i for c in range(4) for i in np.flatnonzero(labels == c)[:3])
+
+    got = class_centroids(counted, images[picked], labels[picked], 4, batch_size=5)
     assert got.dtype == np.float32 and got.shape == (4, 5)
     assert sum(calls) == 12 and max(calls) <= 5  # only the chosen samples, in chunks
     for c in range(4):
-        rows = np.flatnonzero(labels == c)[:3]
+        rows = [i for i in expected if labels[i] == c]
         np.testing.assert_allclose(got[c], embed(images[rows]).astype(np.float16).astype(np.float32).mean(0),
                                    rtol=1e-6)
     with pytest.raises(ValueError, match=r"classes without samples: \[4, 5\]"):
-        class_centroids(embed, images, labels, 6, per_class=3)
+        draw_per_class(keys, labels, 6, per_class=3, seed=0)
+    with pytest.raises(ValueError, match=r"classes without samples: \[4, 5\]"):
+        class_centroids(embed, images, labels, 6)
     with pytest.raises(ValueError, match="uint8"):
-        class_centroids(embed, images.astype(np.float32), labels, 4, per_class=3)
+        class_centroids(embed, images.astype(np.float32), labels, 4)
 
 
 class _FakeRemote:
@@ -277,7 +297,7 @@ class _FakeRemote:
 
 
 def test_teacher_image_embedder_inline_and_remote():
-    from student_trainer.teacher_client import InlineTeacher, NoTeacher
+    from student_trainer.teacher.sources import InlineTeacher, NoTeacher
 
     inline = InlineTeacher(TeacherSourceConfig(mode="inline", teacher=TEACHER_CFG), run="t")
     images = np.random.default_rng(1).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
@@ -297,7 +317,7 @@ def test_teacher_image_embedder_inline_and_remote():
 # --------------------------------------------------------------------------- the Ray Train loop
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from student_trainer.datasets import write_digits_shards
+    from student_trainer.data.write_shards import write_digits_shards
 
     out = tmp_path_factory.mktemp("digits")
     write_digits_shards(out, image_size=32, samples_per_shard=100)
@@ -306,9 +326,10 @@ def shards(tmp_path_factory) -> Path:
 
 def test_every_method_trains_in_the_ray_loop(shards, tmp_path, ray_cluster):
     """clip + kl + crd + fd + mfd + icl + gd + afd + embed_kd in one DDP run, accum_steps=2."""
-    from student_trainer.data import resolve_shards
-    from student_trainer.teacher_client import InlineTeacher
-    from student_trainer.train import first_per_class, run_training
+    from teacher_service.shards import resolve_shards
+    from student_trainer.teacher.sources import InlineTeacher
+    from student_trainer.train import run_training
+    from teacher_service.cache.centroids import drawn_class_views
 
     batch, steps, per_class = 8, 2, 4
     cfg = TrainConfig(
@@ -329,14 +350,13 @@ def test_every_method_trains_in_the_ray_loop(shards, tmp_path, ray_cluster):
         assert math.isfinite(m[f"{name}_loss"]) and m[f"{name}_loss"] > 0, (name, m.get(f"{name}_loss"))
     assert m["loss"] == pytest.approx(sum(m[f"{n}_loss"] for n in CLIP_TASK_METHODS), rel=1e-4)
 
-    # the checkpointed centroids are the teacher's mean over the first 4 center views per class
+    # the checkpointed centroids are the teacher's mean over 4 center views per class drawn with the run's seed
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "train_state.pt", map_location="cpu", weights_only=False)["losses"]
     saved = state["losses.embed_kd.class_centroids"]
     inline = InlineTeacher(TeacherSourceConfig(mode="inline", teacher=TEACHER_CFG), run="check")
-    student = create_student(cfg.model)
-    data = first_per_class(resolve_shards(cfg.data.train_shards), image_size=32,
-                           tokenizer=create_tokenizer(student, cfg.model), num_classes=10, per_class=per_class)
-    expected = class_centroids(teacher_image_embedder(inline, "check"), data.images, data.labels, 10, per_class)
+    _, labels, views = drawn_class_views(resolve_shards(cfg.data.train_shards), per_class, cfg.seed, 32)
+    assert np.bincount(labels, minlength=10).tolist() == [per_class] * 10
+    expected = class_centroids(teacher_image_embedder(inline, "check"), views, labels, 10)
     assert saved.shape == (10, DT)
     np.testing.assert_allclose(saved.numpy(), expected, rtol=1e-5, atol=1e-6)

@@ -24,7 +24,7 @@ from student_trainer.config import (
     TrainConfig,
 )
 from teacher_service.config import TeacherConfig
-from teacher_service.protocol import EmbedRequest
+from teacher_service.contract.protocol import EmbedRequest
 
 pytestmark = pytest.mark.ray
 
@@ -54,7 +54,7 @@ def teacher_app(ray_cluster):
 
 
 def stats(handle) -> dict:
-    from teacher_service.deployment import collect_stats
+    from teacher_service.app import collect_stats
 
     return collect_stats(handle)
 
@@ -73,7 +73,8 @@ def train_cfg(shards: str, storage: Path, run: str, mode: str, seed: int, cache:
 
 def requested_pairs(cfg: TrainConfig) -> list[tuple[str, int]]:
     """Every (key, view) a run of `cfg` asks the teacher for, rebuilt from the data pipeline."""
-    from student_trainer.data import resolve_shards, train_batches
+    from student_trainer.data.batches import train_batches
+    from teacher_service.shards import resolve_shards
     from student_trainer.factory import create_student, create_tokenizer
 
     mc = ModelConfig(name="digits-student")
@@ -128,7 +129,7 @@ def test_two_concurrent_runs_compute_each_key_view_once(shards, teacher_app, tmp
 def test_hybrid_runs_compute_each_key_view_once_across_runs_and_epochs(epoch_shards, teacher_app, tmp_path):
     """Two hybrid runs, one view for both epochs: the pool computes each (key, view) once in all;
     epoch 2 of each run is served by the cache it appended to in epoch 1."""
-    from teacher_service.cache import EmbeddingCache
+    from teacher_service.cache.store import EmbeddingCache
 
     cache = tmp_path / "cache"
     runs = [train_cfg(epoch_shards, tmp_path / "runs", f"hybrid-{x}", "hybrid", seed=1, cache=cache, num_views=1,
@@ -282,7 +283,7 @@ def wait_for(predicate, timeout_s: float, what: str) -> float:
 def test_replicas_rise_under_load_and_fall_after(ray_cluster):
     from ray import serve
 
-    from teacher_service.deployment import deploy
+    from teacher_service.app import deploy
 
     app = "kd-teacher-autoscale"
     cfg = TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(), app_name=app, num_cpus=0.25,

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from teacher_service.cache import CacheMismatchError, EmbeddingCache, column_matrix, read_centroids, read_meta
+from teacher_service.cache.store import CacheMismatchError, EmbeddingCache, column_matrix, read_centroids, read_meta
 from teacher_service.config import TeacherConfig
 from tiny_models import tiny_teacher_overrides
 
@@ -30,7 +30,7 @@ SEED = 3
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> list[str]:
-    from student_trainer.datasets import write_digits_shards
+    from student_trainer.data.write_shards import write_digits_shards
 
     out = tmp_path_factory.mktemp("digits")
     summary = write_digits_shards(out, image_size=32, samples_per_shard=100)
@@ -39,7 +39,7 @@ def shards(tmp_path_factory) -> list[str]:
 
 @pytest.fixture(scope="module")
 def engine():
-    from teacher_service.engine import TeacherEngine
+    from teacher_service.serve.engine import TeacherEngine
     from teacher_service.model import load_teacher
 
     return TeacherEngine(load_teacher(TEACHER))
@@ -47,7 +47,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def cache_dir(ray_cluster, shards, tmp_path_factory) -> Path:
-    from teacher_service.precompute import precompute
+    from teacher_service.cache.precompute import precompute
 
     out = tmp_path_factory.mktemp("cache")
     summary = precompute(shards, str(out), views=VIEWS, teacher=TEACHER, seed=SEED, image_size=32,
@@ -78,12 +78,12 @@ def test_one_file_per_shard_with_teacher_metadata(cache_dir, shards, engine):
 
 @pytest.mark.parametrize("epoch", range(VIEWS))
 def test_cached_rows_are_the_teacher_on_the_student_pixels(cache_dir, shards, engine, epoch):
-    """Rows match the live teacher on the exact batches student_trainer.data yields for that epoch."""
+    """Rows match the live teacher on the exact batches student_trainer.data.batches yields for that epoch."""
     from student_trainer.config import ModelConfig
-    from student_trainer.data import train_batches
+    from student_trainer.data.batches import train_batches
     from student_trainer.factory import create_student, create_tokenizer
-    from teacher_service.protocol import EmbedRequest
-    from teacher_service.views import image_digests, token_digests
+    from teacher_service.contract.protocol import EmbedRequest
+    from teacher_service.contract.augment import image_digests, token_digests
 
     student_cfg = ModelConfig(name="digits-student")
     tokenizer = create_tokenizer(create_student(student_cfg), student_cfg)
@@ -105,7 +105,7 @@ def test_cached_rows_are_the_teacher_on_the_student_pixels(cache_dir, shards, en
 
 
 def test_audit_agrees_with_live_teacher(cache_dir):
-    from teacher_service.precompute import audit_cache
+    from teacher_service.cache.precompute import audit_cache
 
     report = audit_cache(str(cache_dir), samples=40, seed=1)  # teacher: the config the cache recorded
     assert report.rows == 40 and report.unlocatable == 0 and report.digest_mismatches == 0
@@ -117,8 +117,8 @@ def test_audit_detects_a_tampered_row(cache_dir, tmp_path):
     """The audit can fail: a cache whose embeddings were swapped between rows is caught."""
     import shutil
 
-    from teacher_service.cache import rows_table, write_table_atomic
-    from teacher_service.precompute import audit_cache
+    from teacher_service.cache.store import rows_table, write_table_atomic
+    from teacher_service.cache.precompute import audit_cache
 
     bad = tmp_path / "tampered"
     shutil.copytree(cache_dir, bad)
@@ -134,7 +134,7 @@ def test_audit_detects_a_tampered_row(cache_dir, tmp_path):
 
 
 def test_audit_refuses_another_teacher(cache_dir):
-    from teacher_service.precompute import audit_cache
+    from teacher_service.cache.precompute import audit_cache
 
     other = TeacherConfig.from_dict({**TEACHER.to_dict(), "seed": 1})
     with pytest.raises(CacheMismatchError, match="fingerprint"):
@@ -144,7 +144,7 @@ def test_audit_refuses_another_teacher(cache_dir):
 def test_resume_recomputes_only_missing_and_corrupt_shards(cache_dir, shards, tmp_path):
     import shutil
 
-    from teacher_service.precompute import precompute
+    from teacher_service.cache.precompute import precompute
 
     work = tmp_path / "resume"
     shutil.copytree(cache_dir, work)
@@ -175,9 +175,9 @@ def test_resume_recomputes_only_missing_and_corrupt_shards(cache_dir, shards, tm
 
 
 def test_class_centroids_are_per_class_means(shards, engine, tmp_path):
-    from teacher_service.precompute import _tar_samples, precompute_centroids
-    from teacher_service.protocol import EmbedRequest
-    from teacher_service.views import augment_view, decode_image
+    from teacher_service.cache.precompute import _tar_samples, precompute_centroids
+    from teacher_service.contract.protocol import EmbedRequest
+    from teacher_service.contract.augment import augment_view, decode_image
 
     path = precompute_centroids(shards, str(tmp_path), 3, teacher=TEACHER, image_size=32)
     centroids, meta = read_centroids(path, fingerprint=engine.teacher.fingerprint)
@@ -197,7 +197,7 @@ def test_cli_precompute_through_a_running_app_then_audit(ray_cluster, shards, en
     from ray import serve
 
     from cluster.cli import main
-    from teacher_service.deployment import deploy
+    from teacher_service.app import deploy
 
     deploy(TEACHER).info.remote().result(timeout_s=120)
     try:

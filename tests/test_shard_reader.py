@@ -8,17 +8,16 @@ import numpy as np
 import pytest
 from shard_builders import good_sample, png, write_tar
 
-from student_trainer.data import (
+from student_trainer.data.batches import eval_set, steps_per_epoch, train_batches
+
+from teacher_service.shards import (
     SKIP_REASONS,
     NoUsableSamplesError,
     ReaderLimits,
     SkipCounts,
     count_tar_samples,
-    eval_set,
-    steps_per_epoch,
-    train_batches,
+    decode_rgb8,
 )
-from teacher_service.views import decode_image
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +51,7 @@ LIMITS = ReaderLimits(max_caption_bytes=100, max_member_bytes=4096, max_image_pi
 def test_each_bad_sample_is_skipped_with_its_reason(tmp_path, tokenizer, reason, caplog):
     good = [good_sample(i) for i in range(6)]
     write_tar(tmp_path / "a.tar", good[:3] + [("bad", BAD[reason])] + good[3:])
-    with caplog.at_level(logging.WARNING, logger="student_trainer.data"):
+    with caplog.at_level(logging.WARNING, logger="teacher_service.shards.reader"):
         batch, skips = _eval([tmp_path / "a.tar"], tokenizer, limits=LIMITS)
     assert batch.keys == [k for k, _ in good]  # the good ones, in order, none lost around the bad one
     assert batch.captions == [m["txt"].decode() for _, m in good]
@@ -168,7 +167,7 @@ def test_odd_images_become_rgb_views_of_the_right_shape(tmp_path, tokenizer, mod
     write_tar(tmp_path / "a.tar", [("odd", {"png": data, "txt": b"an odd image"})])
     batch, skips = _eval([tmp_path / "a.tar"], tokenizer)
     assert skips.total == 0 and batch.images.shape == (1, 8, 8, 3) and batch.images.dtype == np.uint8
-    decoded = decode_image(data, "png")  # what precompute decodes: the same pixels
+    decoded = decode_rgb8(data)  # what precompute decodes: the same pixels
     assert decoded.shape == (height, width, 3) and decoded.dtype == np.uint8
     views = list(train_batches([str(tmp_path / "a.tar")], rank=0, world_size=1, batch_size=1, image_size=8,
                                epoch=0, seed=0, tokenizer=tokenizer))
@@ -183,8 +182,8 @@ def test_sixteen_bit_keeps_its_top_byte_and_cmyk_jpeg_decodes(tmp_path):
     wide = np.array([[0, 256, 4095, 65535]], dtype=np.uint16)
     buffer = io.BytesIO()
     Image.fromarray(wide).save(buffer, format="PNG")
-    assert decode_image(buffer.getvalue(), "png")[..., 0].tolist() == [[0, 1, 15, 255]]  # not clipped to white
-    cmyk = decode_image(png(5, 4, "CMYK", fmt="JPEG"), "jpg")
+    assert decode_rgb8(buffer.getvalue())[..., 0].tolist() == [[0, 1, 15, 255]]  # not clipped to white
+    cmyk = decode_rgb8(png(5, 4, "CMYK", fmt="JPEG"))
     assert cmyk.shape == (4, 5, 3) and cmyk.dtype == np.uint8
 
 
@@ -203,7 +202,7 @@ def test_long_captions_are_kept_truncated_and_counted(tmp_path, tokenizer):
 
 def test_skip_counts_metrics_have_fixed_keys_and_logging_is_rate_limited(caplog):
     skips = SkipCounts(log_first=2)
-    with caplog.at_level(logging.WARNING, logger="student_trainer.data"):
+    with caplog.at_level(logging.WARNING, logger="teacher_service.shards.reader"):
         for i in range(120):
             skips.skip("missing_caption", "s.tar", f"k{i}")
     logged = [r for r in caplog.records if "missing_caption" in r.getMessage()]
@@ -230,28 +229,26 @@ def test_sample_mode_counts_a_corrupt_tar_once_over_ranks(tmp_path, tokenizer):
 
 
 
-def test_precompute_stops_on_a_bad_sample_naming_it():
-    """Precompute embeds every sample or stops naming the one it cannot (key, shard, reason)."""
+def test_precompute_skips_and_counts_bad_samples_as_training_does(tmp_path, tokenizer):
+    """Precompute reads with the one shard reader: the same samples as training, bad ones counted by reason."""
+    from teacher_service.cache.embedders import make_embedder
+    from teacher_service.cache.precompute import ShardEmbedder
     from teacher_service.config import TeacherConfig
-    from teacher_service.precompute import PrecomputeInputError, ViewEmbedder, make_embedder
-    from teacher_service.views import view_recipe
+    from teacher_service.contract.augment import view_recipe
     from tiny_models import tiny_teacher_overrides
 
+    good = png(8, 8)
+    samples = [("a", {"png": good, "txt": b"a digit"}), ("b", {"png": good[: len(good) // 2], "txt": b"cut"}),
+               ("c", {"webp": png(9, 7, fmt="WEBP"), "txt": b"webp"}), ("d", {"png": good}),
+               ("e", {"tiff": png(5, 5, "L", fmt="TIFF"), "txt": b"grey tiff"})]
+    write_tar(tmp_path / "shard-7.tar", samples)
     teacher = TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(), torch_threads=1).to_dict()
     fingerprint = make_embedder(teacher).info["fingerprint"]
     recipe = view_recipe(32, 0, tokenizer="ViT-B-32", context_length=16)
-    embedder = ViewEmbedder(teacher, None, recipe, 1, fingerprint)
-    good = png(8, 8)
-
-    def batch(images: list, captions: list) -> dict:
-        n = len(images)
-        return {"__key__": np.asarray([f"k{i}" for i in range(n)], dtype=object),
-                "__url__": np.asarray(["/data/shard-7.tar"] * n, dtype=object),
-                "png": np.asarray(images, dtype=object), "txt": np.asarray(captions, dtype=object)}
-
-    rows = embedder(batch([good, good], [b"a digit", b"another"]))
-    assert list(rows["key"]) == ["k0", "k1"] and np.isfinite(rows["image_emb"].astype(np.float32)).all()
-    with pytest.raises(PrecomputeInputError, match=r"sample 'k1' in '/data/shard-7.tar': .*image"):
-        embedder(batch([good, good[: len(good) // 2]], [b"a", b"b"]))
-    with pytest.raises(PrecomputeInputError, match=r"sample 'k0' .*no txt caption"):
-        embedder(batch([good], [None]))
+    embedder = ShardEmbedder(teacher, None, recipe, 2, fingerprint, batch_size=2)
+    done = embedder.embed_shard(str(tmp_path / "shard-7.tar"))
+    assert done.samples == 3 and done.skipped == {"truncated_image": 1, "missing_caption": 1}
+    assert sorted(zip(done.rows["key"], done.rows["view"].tolist())) == [(k, v) for k in "ace" for v in (0, 1)]
+    assert np.isfinite(done.rows["image_emb"].astype(np.float32)).all()
+    batch, skips = _eval([tmp_path / "shard-7.tar"], tokenizer)
+    assert set(batch.keys) == {"a", "c", "e"} and skips.skipped == done.skipped

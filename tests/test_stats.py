@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from teacher_service import EmbedRequest, RequestError, TeacherConfig, TeacherEngine, load_teacher
-from teacher_service.batching import SampleBatcher
-from teacher_service.deployment import TeacherDeployment
+from teacher_service.serve.batching import SampleBatcher
+from teacher_service.serve.deployment import TeacherDeployment
 from teacher_service.stats import MAX_RUNS, TeacherCounters, merge_stats, percentile
 
 TINY = {"model": "ViT-B-32", "pretrained": None, "precision": "fp32", "device": "cpu", "seed": 0,
@@ -267,7 +267,7 @@ def test_stats_over_two_replicas_and_kd_teacher_status(ray_cluster, capsys):
     from ray import serve
 
     from cluster.cli import main
-    from teacher_service.deployment import collect_stats, deploy, get_teacher_handle
+    from teacher_service.app import collect_stats, deploy, get_teacher_handle
 
     app = "kd-teacher-stats-test"
     cfg = TeacherConfig.from_dict({**TINY, "app_name": app, "num_replicas": 2, "num_cpus": 0.25,
@@ -314,7 +314,7 @@ def test_stats_over_two_replicas_and_kd_teacher_status(ray_cluster, capsys):
 def test_replica_answers_a_broken_forward_with_an_error_and_keeps_serving(monkeypatch):
     """NaN features from the teacher: that caller gets TeacherOutputError, counted as internal;
     the replica answers the next request normally."""
-    from teacher_service.engine import TeacherOutputError
+    from teacher_service.serve.engine import TeacherOutputError
 
     replica = TeacherDeployment.func_or_class(TeacherConfig.from_dict(TINY).to_dict())
     real = replica.teacher.encode_tensors

@@ -13,17 +13,17 @@ from typing import Callable, Optional
 import numpy as np
 import pytest
 
-import teacher_service.deployment as deployment
-from student_trainer import teacher_client
+import teacher_service.app as app
+from student_trainer.teacher import sources as teacher_client
 from student_trainer.config import TeacherSourceConfig
-from student_trainer.data import Batch
-from student_trainer.teacher_client import (InlineTeacher, NoTeacher, RemoteTeacher, TeacherStats,
+from student_trainer.data.batches import Batch
+from student_trainer.teacher.sources import (InlineTeacher, NoTeacher, RemoteTeacher, TeacherStats,
                                             make_request, make_teacher_source)
 from teacher_service.config import TeacherConfig
-from teacher_service.deployment import TeacherUnavailableError
-from teacher_service.engine import TeacherEngine
+from teacher_service.app import TeacherUnavailableError
+from teacher_service.serve.engine import TeacherEngine
 from teacher_service.model import load_teacher
-from teacher_service.protocol import EmbedRequest, EmbedResponse, RequestError
+from teacher_service.contract.protocol import EmbedRequest, EmbedResponse, RequestError
 from tiny_models import tiny_teacher_overrides
 
 APP = "fake-teacher-app"
@@ -145,7 +145,7 @@ def remote(monkeypatch, handle: FakeHandle, **cfg) -> RemoteTeacher:
         calls.append((app_name, timeout_s))
         return handle
 
-    monkeypatch.setattr(deployment, "get_teacher_handle", fake_get_handle)
+    monkeypatch.setattr(app, "get_teacher_handle", fake_get_handle)
     source_cfg = TeacherSourceConfig(mode="remote", app_name=APP, **{"timeout_s": 7.0, "patience_s": 0.0, **cfg})
     teacher = RemoteTeacher(source_cfg, run="unit-run")
     assert calls == [(APP, source_cfg.timeout_s)]

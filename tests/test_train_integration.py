@@ -31,7 +31,7 @@ FD_PROJECTION = "losses.fd.projection.image.weight"
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from student_trainer.datasets import write_digits_shards
+    from student_trainer.data.write_shards import write_digits_shards
 
     out = tmp_path_factory.mktemp("digits")
     write_digits_shards(out, image_size=32, samples_per_shard=100)
@@ -48,7 +48,7 @@ def teacher_app(ray_cluster):
     """Deploy the tiny teacher once; yields its info dict; deletes the app afterwards."""
     from ray import serve
 
-    from teacher_service.deployment import deploy
+    from teacher_service.app import deploy
 
     handle = deploy(TEACHER_CFG)
     try:

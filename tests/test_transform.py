@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from student_trainer.transform import augment_view, to_rgb, view_rng
+from teacher_service.contract.augment import augment_view, to_rgb, view_rng
 
 
 def _image(shape=(20, 28, 3), seed=0) -> np.ndarray:
@@ -26,7 +26,7 @@ def test_identical_across_processes():
     """The generator is seeded from hashlib, not Python's per-process salted hash()."""
     code = (
         "import numpy as np, hashlib;"
-        "from student_trainer.transform import augment_view;"
+        "from teacher_service.contract.augment import augment_view;"
         "im = np.random.default_rng(0).integers(0, 256, size=(20, 28, 3), dtype=np.uint8);"
         "print(hashlib.sha256(augment_view(im, 'digits-0001', 3, 7, 16).tobytes()).hexdigest())"
     )

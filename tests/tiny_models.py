@@ -21,7 +21,7 @@ def running_app(cfg):
     """Deploy the teacher app `cfg` on the session's cluster, yield its handle once it answers, delete it after."""
     from ray import serve
 
-    from teacher_service.deployment import deploy
+    from teacher_service.app import deploy
 
     handle = deploy(cfg)
     handle.info.remote().result(timeout_s=120)
@@ -33,7 +33,7 @@ def running_app(cfg):
 
 def train_shards(tmp_path_factory, samples_per_shard: int = 100, name: str = "digits") -> str:
     """Two digits train shards of `samples_per_shard` samples, as a brace spec (what `kd train` takes)."""
-    from student_trainer.datasets import write_digits_shards
+    from student_trainer.data.write_shards import write_digits_shards
 
     out = tmp_path_factory.mktemp(name)
     write_digits_shards(out, image_size=32, samples_per_shard=samples_per_shard)

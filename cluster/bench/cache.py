@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import BenchRun
+from cluster.bench.common import BenchRun
 
 SECTION = "cache"
 
 
 def read_throughput(path: str, batch_size: int, batches: int = 200) -> dict:
     """Open + index, full load of the embeddings from Parquet, then random batches from memory."""
-    from teacher_service.cache import EmbeddingCache
+    from teacher_service.cache.store import EmbeddingCache
 
     start = time.perf_counter()
     cache = EmbeddingCache.open(path)
@@ -42,8 +42,8 @@ def read_throughput(path: str, batch_size: int, batches: int = 200) -> dict:
 
 def synthetic_cache(out: Path, dim: int, rows: int, rows_per_file: int = 10000) -> str:
     """A cache of random fp16 rows of width `dim` (read figures at real teacher widths)."""
-    from teacher_service.cache import make_meta, rows_table, write_table_atomic
-    from teacher_service.views import view_recipe
+    from teacher_service.cache.store import make_meta, rows_table, write_table_atomic
+    from teacher_service.contract.augment import view_recipe
 
     out.mkdir(parents=True, exist_ok=True)
     info = {"fingerprint": f"synthetic-{dim}", "embed_dim": dim, "model": "synthetic", "context_length": 77,

@@ -16,9 +16,9 @@ from student_trainer.config import (
 from student_trainer.factory import resolve_model
 from teacher_service.config import TeacherConfig
 
-from .config import BenchConfig
-from .cores import CorePlan
-from .records import Record
+from cluster.bench.config import BenchConfig
+from cluster.bench.cores import CorePlan
+from cluster.bench.records import Record
 
 
 @dataclass

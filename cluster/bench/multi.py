@@ -18,9 +18,9 @@ import time
 import numpy as np
 import ray
 
-from teacher_service.deployment import collect_stats, deploy
+from teacher_service.app import collect_stats, deploy
 
-from .common import BenchRun, teacher_config, train_config
+from cluster.bench.common import BenchRun, teacher_config, train_config
 
 SECTION = "multi"
 APP = "kd-bench-multi"
@@ -112,8 +112,8 @@ def stream_client(app: str, run: str, namespace: str, keys_seed: int, batch: int
     namespace ask for the same samples) through `RemoteTeacher`, as a student sends them, with no
     student compute between; returns the samples answered."""
     from student_trainer.config import TeacherSourceConfig
-    from student_trainer.data import Batch
-    from student_trainer.teacher_client import RemoteTeacher
+    from student_trainer.data.batches import Batch
+    from student_trainer.teacher.sources import RemoteTeacher
 
     source = RemoteTeacher(TeacherSourceConfig(mode="remote", app_name=app, prefetch=prefetch, timeout_s=600),
                            run, view_namespace=namespace)

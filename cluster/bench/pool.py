@@ -17,11 +17,11 @@ import numpy as np
 import ray
 
 from teacher_service.config import TeacherConfig
-from teacher_service.deployment import deploy
-from teacher_service.grpc_ingress import encode_embed_reply, encode_embed_request
-from teacher_service.protocol import EmbedRequest, EmbedResponse
+from teacher_service.app import deploy
+from teacher_service.grpc.codec import encode_embed_reply, encode_embed_request
+from teacher_service.contract.protocol import EmbedRequest, EmbedResponse
 
-from .common import BenchRun, teacher_config
+from cluster.bench.common import BenchRun, teacher_config
 
 SECTION = "pool"
 APP = "kd-bench-pool"
@@ -59,7 +59,7 @@ class DirectForward:
     """The teacher and its engine in one process with the replica's cores: no Serve, no transfer."""
 
     def __init__(self, config: dict) -> None:
-        from teacher_service.engine import TeacherEngine
+        from teacher_service.serve.engine import TeacherEngine
         from teacher_service.model import load_teacher
 
         self.engine = TeacherEngine(load_teacher(TeacherConfig.from_dict(config)))

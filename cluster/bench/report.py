@@ -7,7 +7,7 @@ import io
 from collections import defaultdict
 from pathlib import Path
 
-from .records import Record, finite_json, write_atomic
+from cluster.bench.records import Record, finite_json, write_atomic
 
 TITLES = {
     "students": "1. Student side, by teacher mode",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import BenchRun
+from cluster.bench.common import BenchRun
 
 SECTION = "scale"
 PROFILE_SOURCE = "open_clip docs/model_profile.csv (github.com/mlfoundations/open_clip)"
@@ -74,7 +74,7 @@ def run_scale(run: BenchRun) -> None:
     serve_ratio = min(1.0, run.shared.get("serve_ratio", 1.0))
     req_bytes = run.shared.get("wire_scale", (None, None))[0]
     if req_bytes is None:
-        from .pool import wire_bytes
+        from cluster.bench.pool import wire_bytes
 
         req_bytes = wire_bytes(64, sc.image_size, sc.context_length, sc.embed_dim)[0]
     eff = measured_efficiency_ratio(run)

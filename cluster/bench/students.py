@@ -17,12 +17,12 @@ from pathlib import Path
 
 from ray import serve
 
-from student_trainer.data import resolve_shards, shard_sample_counts
+from teacher_service.shards import resolve_shards, shard_sample_counts
 from student_trainer.train import run_training
-from teacher_service.deployment import collect_stats, deploy
+from teacher_service.app import collect_stats, deploy
 
-from .common import BenchRun, teacher_config, train_config
-from .config import MODES
+from cluster.bench.common import BenchRun, teacher_config, train_config
+from cluster.bench.config import MODES
 
 SECTION = "students"
 APP = "kd-bench-teacher"
@@ -58,7 +58,7 @@ def run_mode(run: BenchRun, mode: str, rep: int, handle, caches: dict) -> dict:
 
 def precompute_cache(run: BenchRun, out: Path) -> dict:
     """`kd precompute`'s job over the section's shards, one view, the teacher on its cores."""
-    from teacher_service.precompute import precompute
+    from teacher_service.cache.precompute import precompute
 
     sb = run.cfg.students
     shards = resolve_shards(run.train_shards(sb.train_shards))

@@ -13,16 +13,16 @@ import time
 import traceback
 from pathlib import Path
 
-from .cache import run_cache
-from .common import BenchRun, architectures
-from .config import SECTIONS, BenchConfig
-from .cores import plan_cores
-from .multi import run_multi
-from .pool import run_pool
-from .records import load_average, machine_info, now_iso
-from .report import write_outputs
-from .scale import run_scale
-from .students import run_students
+from cluster.bench.cache import run_cache
+from cluster.bench.common import BenchRun, architectures
+from cluster.bench.config import SECTIONS, BenchConfig
+from cluster.bench.cores import plan_cores
+from cluster.bench.multi import run_multi
+from cluster.bench.pool import run_pool
+from cluster.bench.records import load_average, machine_info, now_iso
+from cluster.bench.report import write_outputs
+from cluster.bench.scale import run_scale
+from cluster.bench.students import run_students
 
 RUNNERS = {"students": run_students, "pool": run_pool, "multi": run_multi, "cache": run_cache, "scale": run_scale}
 APPS = ("kd-bench-teacher", "kd-bench-pool", "kd-bench-multi")
@@ -45,9 +45,9 @@ def run_suite(cfg: BenchConfig, command: str) -> dict:
 
     Returns {"paths": files written, "errors": {section: message}}.
     """
-    from student_trainer.datasets import write_digits_shards
+    from student_trainer.data.write_shards import write_digits_shards
 
-    from ..local import init_ray
+    from cluster.local import init_ray
 
     cfg.validate()
     plan = plan_cores(cfg.pin_cores, cfg.teacher_cores, cfg.student_cores)

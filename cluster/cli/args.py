@@ -1,0 +1,77 @@
+"""Argument pieces every `kd` command shares: one wording per flag, one parser per value type.
+
+Each command module registers its own subparser; what two commands have in common (the cluster
+address, the teacher's model flags, JSON and NAME=WEIGHT values, printing a result) lives here once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Optional
+
+ADDRESS_HELP = {
+    "embedded": "Ray cluster address (e.g. 'auto' or ray://host:10001). Default: $RAY_ADDRESS, else an "
+                "embedded local cluster that lives as long as this command",
+    "running": "Ray cluster address of the running cluster (default: auto)",
+    "jobs": "job server (dashboard) address, default $RAY_ADDRESS if http, else http://127.0.0.1:8265",
+}
+
+
+def add_address(p: argparse.ArgumentParser, kind: str = "embedded") -> None:
+    """``--address``: ``embedded`` (a command that may start its own cluster), ``running`` (one that
+    talks to a cluster already up) or ``jobs`` (Ray's job server)."""
+    p.add_argument("--address", help=ADDRESS_HELP[kind])
+
+
+def json_arg(text: str) -> dict:
+    """A JSON object given on the command line."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r} ({exc})") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def weight_arg(text: str) -> tuple[str, float]:
+    """``NAME`` or ``NAME=WEIGHT`` (a loss and its weight)."""
+    name, sep, weight = text.partition("=")
+    try:
+        return name.strip(), float(weight) if sep else 1.0
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--loss {text!r}: expected NAME or NAME=WEIGHT") from exc
+
+
+# the open_clip model flags, in one wording for `teacher serve`, `precompute` and `cache audit`
+MODEL_FLAGS = ("model", "pretrained", "overrides", "precision")
+
+
+def add_teacher_model_args(p) -> None:
+    """``--model --pretrained --overrides --precision`` on a parser or argument group."""
+    p.add_argument("--model", help="open_clip architecture, e.g. ViT-L-14")
+    p.add_argument("--pretrained", help="open_clip pretrained tag or local checkpoint path")
+    p.add_argument("--overrides", type=json_arg, help="JSON of open_clip create_model overrides")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="teacher precision")
+
+
+def given(args: argparse.Namespace, names) -> dict[str, Any]:
+    """The flags among ``names`` the user gave (not None)."""
+    return {n: getattr(args, n, None) for n in names if getattr(args, n, None) is not None}
+
+
+def teacher_config(path: Optional[str], updates: dict[str, Any]):
+    """TeacherConfig from a YAML file (or the defaults) with ``updates`` on top, validated once."""
+    from teacher_service.config import TeacherConfig
+
+    base = TeacherConfig.from_yaml(path) if path else TeacherConfig()
+    return TeacherConfig.from_dict({**base.to_dict(), **updates})
+
+
+def print_result(payload: dict, as_json: bool) -> None:
+    """A command's result: JSON, or one ``key: value`` line per field."""
+    if as_json:
+        print(json.dumps(payload, indent=2, default=str))
+    else:
+        for key, value in payload.items():
+            print(f"{key}: {value}")

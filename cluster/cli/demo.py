@@ -1,0 +1,28 @@
+"""`kd demo`: the end-to-end demo on an embedded local cluster (`cluster.demo`)."""
+from __future__ import annotations
+
+import argparse
+
+from cluster.cli.args import add_address
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cluster.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(workdir=args.workdir, quick=args.quick, teacher_epochs=args.teacher_epochs,
+                     student_epochs=args.student_epochs, address=args.address)
+    run_demo(cfg)
+    return 0
+
+
+def add_parser(sub, fmt) -> None:
+    p = sub.add_parser("demo", formatter_class=fmt, help="the end-to-end demo on a local cluster",
+                       description="Digits shards → teacher (trained once, then reused) → Serve "
+                                   "pool → distilled student (2 DDP workers) vs the same student "
+                                   "without a teacher → evaluation table and report.json.")
+    p.add_argument("--workdir", default="kd-demo", help="where data, models and report go")
+    p.add_argument("--teacher-epochs", type=int, help="epochs for the demo teacher")
+    p.add_argument("--student-epochs", type=int, help="epochs for each student")
+    p.add_argument("--quick", action="store_true", help="tiny budget (smoke test)")
+    add_address(p)
+    p.set_defaults(func=cmd_demo)

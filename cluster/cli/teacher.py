@@ -1,0 +1,130 @@
+"""`kd teacher serve|status|stop`: the teacher pool (a named, detached Serve app)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from cluster.cli.args import add_address, add_teacher_model_args, given, json_arg, teacher_config
+
+SERVE_FLAGS = {"model": "model", "pretrained": "pretrained", "overrides": "overrides", "precision": "precision",
+               "app_name": "app_name", "replicas": "num_replicas", "num_cpus": "num_cpus", "num_gpus": "num_gpus",
+               "max_batch_size": "max_batch_size", "autoscale": "autoscaling", "grpc_port": "grpc_port",
+               "grpc_host": "grpc_host", "grpc_token_file": "grpc_token_file"}
+
+
+def teacher_config_from_args(args: argparse.Namespace):
+    """The TeacherConfig `kd teacher serve` deploys: --config YAML with the flags on top."""
+    updates = {SERVE_FLAGS[flag]: value for flag, value in given(args, SERVE_FLAGS).items()}
+    if args.replicas is not None and getattr(args, "autoscale", None) is None:
+        updates["autoscaling"] = None  # --replicas asks for a fixed pool, also over a config that autoscales
+    if getattr(args, "role_placement", False):
+        from cluster.roles import teacher_placement
+
+        updates.update(teacher_placement())
+    return teacher_config(getattr(args, "config", None), updates)
+
+
+def cmd_teacher_serve(args: argparse.Namespace) -> int:
+    from cluster.local import init_ray
+    from teacher_service.app import delete_teacher, deploy
+
+    cfg = teacher_config_from_args(args)
+    print(init_ray(args.address))
+    handle = deploy(cfg)  # with grpc_port: also the app's gRPC ingress, on this node
+    info = handle.info.remote().result(timeout_s=600)
+    print(f"teacher app {cfg.app_name!r} is serving {info.get('model')} "
+          f"(embed_dim {info.get('embed_dim')}, fingerprint {info.get('fingerprint')})")
+    if cfg.grpc_port is not None:
+        print(grpc_banner(cfg))
+    embedded = not (args.address or os.environ.get("RAY_ADDRESS"))
+    if args.block or embedded:
+        if embedded:
+            print("the embedded cluster lives only as long as this command: keeping it up. "
+                  "To deploy and return, start a cluster (`ray start --head`) and pass --address auto")
+        print("serving; Ctrl-C stops this command and the app with it")
+        try:
+            import time
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            delete_teacher(cfg.app_name)
+    return 0
+
+
+def grpc_banner(cfg) -> str:
+    """Where the gRPC ingress listens and who can reach it."""
+    from teacher_service.grpc.ingress import ingress_address
+
+    reach = "this machine only" if cfg.grpc_is_loopback() else "every host that can reach this address"
+    token = "bearer token required" if cfg.grpc_token_file else "no token required"
+    return (f"gRPC: TeacherService (Embed/Stats/Health) on {ingress_address(cfg.app_name)} ({reach}; {token}); "
+            f"per caller at most {cfg.grpc_caller_max_in_flight or 'unlimited'} in flight, "
+            f"{cfg.grpc_caller_samples_per_s or 'unlimited'} samples/s")
+
+
+def cmd_teacher_status(args: argparse.Namespace) -> int:
+    from cluster.local import init_ray
+    from teacher_service.app import collect_stats, get_teacher_handle
+    from teacher_service.stats import format_stats
+
+    init_ray(args.address or "auto", quiet=True)
+    handle = get_teacher_handle(args.app_name, timeout_s=30)
+    info = handle.info.remote().result(timeout_s=args.timeout)
+    stats = collect_stats(handle, timeout_s=args.timeout)  # every replica, merged
+    print(json.dumps({"info": info, "stats": stats}, indent=2, default=str) if args.json
+          else format_stats(info, stats))
+    return 0
+
+
+def cmd_teacher_stop(args: argparse.Namespace) -> int:
+    from cluster.local import init_ray
+    from teacher_service.app import delete_teacher
+
+    init_ray(args.address or "auto", quiet=True)
+    delete_teacher(args.app_name)
+    print(f"deleted teacher app {args.app_name!r} (and its gRPC ingress)")
+    return 0
+
+
+def add_parser(sub, fmt) -> None:
+    teacher = sub.add_parser("teacher", help="deploy and inspect the teacher pool (Ray Serve)",
+                             formatter_class=fmt)
+    t_sub = teacher.add_subparsers(dest="teacher_command", required=True, metavar="ACTION")
+    p = t_sub.add_parser("serve", formatter_class=fmt, help="deploy the teacher as a named Serve app",
+                         description="Deploy a frozen open_clip teacher as a named, detached Serve "
+                                     "app that student runs attach to by name. Use --address to "
+                                     "deploy into a running cluster (e.g. after `ray start --head`).")
+    p.add_argument("--config", help="TeacherConfig YAML (flags below override it)")
+    add_teacher_model_args(p)
+    p.add_argument("--app-name", help="Serve application name (default kd-teacher)")
+    p.add_argument("--replicas", type=int, help="number of replicas (a fixed pool)")
+    p.add_argument("--autoscale", type=json_arg, metavar="JSON",
+                   help='autoscale the pool instead: Serve autoscaling_config as JSON, max_replicas required, '
+                        'e.g. \'{"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}\'')
+    p.add_argument("--num-cpus", type=float, help="CPUs per replica")
+    p.add_argument("--num-gpus", type=float, help="GPUs per replica")
+    p.add_argument("--max-batch-size", type=int, help="samples per teacher forward")
+    p.add_argument("--role-placement", action="store_true",
+                   help="run replicas only on teacher nodes (label kd-role=teacher, resource kd_teacher)")
+    p.add_argument("--grpc-port", type=int,
+                   help="also serve gRPC (Embed/Stats/Health) for clients outside Ray on this port "
+                        "(0: a free port, printed); the ingress runs on this node and stops with the app")
+    p.add_argument("--grpc-host",
+                   help="address the gRPC ingress binds (default 127.0.0.1: this machine only; "
+                        "0.0.0.0 or :: for every interface, then also set --grpc-token-file)")
+    p.add_argument("--grpc-token-file",
+                   help="owner-only (chmod 600) file with the bearer token gRPC callers must send")
+    add_address(p)
+    p.add_argument("--block", action="store_true",
+                   help="keep this command running (always so with an embedded cluster)")
+    p.set_defaults(func=cmd_teacher_serve)
+    for name, func, text in [("status", cmd_teacher_status, "print the teacher's info and counters"),
+                             ("stop", cmd_teacher_stop, "delete the teacher app and its gRPC ingress")]:
+        p = t_sub.add_parser(name, formatter_class=fmt, help=text, description=text)
+        p.add_argument("--app-name", default="kd-teacher", help="Serve application name")
+        add_address(p, "running")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="print the merged counters as JSON")
+            p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the replicas")
+        p.set_defaults(func=func)

@@ -1,0 +1,7 @@
+"""Student data: per-rank training and evaluation batches (`batches`) and writing shards (`write_shards`).
+
+Reading a shard's samples is the one shard reader's job (`teacher_service.shards`).
+"""
+from student_trainer.data.batches import Batch, eval_set, steps_per_epoch, train_batches
+
+__all__ = ["Batch", "eval_set", "steps_per_epoch", "train_batches"]

@@ -1,0 +1,536 @@
+"""Teacher sources for a student worker: none, inline (OpenCLIP-style), the remote Serve pool, a
+precomputed embedding cache (`cache`), or cache hits plus pool misses appended to it (`hybrid`).
+
+Every source turns a stream of `Batch`es into a stream of `(Batch, TeacherOutputs)`; the remote
+source keeps `prefetch` requests in flight so the teacher computes batch t+k while t trains.
+`stream(batches, view=...)` takes the batches' view id (the epoch): the cache sources look rows up
+by `(key, view)` and check each hit's digests against the batch's pixels and tokens, so a cache
+never serves embeddings of other pixels than the ones being trained on.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from teacher_service.app import TeacherUnavailableError
+from teacher_service.contract.protocol import EmbedRequest, EmbedResponse, RequestError
+
+from student_trainer.config import TeacherSourceConfig
+from student_trainer.data.batches import Batch
+from student_trainer.teacher.outputs import TeacherOutputs
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class CacheStats:
+    """Embedding cache counters (samples): served from the cache, sent to the pool, appended."""
+
+    hits: int = 0
+    misses: int = 0
+    appends: int = 0
+    read_s: float = 0.0  # time spent looking up, reading and checking cached rows
+
+    def as_metrics(self) -> dict:
+        return {"teacher_cache_hits": self.hits, "teacher_cache_misses": self.misses,
+                "teacher_cache_appends": self.appends, "teacher_cache_read_s": round(self.read_s, 4)}
+
+
+@dataclass
+class TeacherStats:
+    """Per-worker counters since this worker process started (after a resume: since the resume).
+
+    `requests` / `samples` count real teacher calls only; cache sources add `cache` counters.
+    """
+
+    requests: int = 0
+    samples: int = 0
+    retries: int = 0
+    wait_s: float = 0.0  # time the training loop spent blocked on teacher results
+    fingerprints: set = field(default_factory=set)
+    cache: CacheStats | None = None
+
+    def as_metrics(self) -> dict:
+        metrics = {"teacher_requests": self.requests, "teacher_samples": self.samples,
+                   "teacher_retries": self.retries, "teacher_wait_s": round(self.wait_s, 4)}
+        if self.cache is not None:
+            metrics.update(self.cache.as_metrics())
+        return metrics
+
+
+def make_request(batch: Batch, run: str, view: str = "", weight: float = 1.0) -> EmbedRequest:
+    return EmbedRequest(keys=list(batch.keys), images=batch.images, tokens=batch.tokens, run=run, view=view,
+                        weight=weight)
+
+
+class TeacherSource:
+    """What every source says about itself, so the loop and the driver ask the source, not its mode
+    string: `needs_app` (a running Serve app), `needs_cache` (a cache directory), `can_lose_teacher`
+    (a teacher that may stop answering mid-run), `computes_centroids` (can embed Embed-KD centroids)."""
+
+    mode = ""
+    needs_app = False
+    needs_cache = False
+    can_lose_teacher = False
+    computes_centroids = False
+    embed_dim: int | None = None
+    info: dict = {}
+    stats: TeacherStats
+
+    def stream(self, batches: Iterable[Batch], view: int | None = None
+               ) -> Iterator[tuple[Batch, TeacherOutputs | None]]:
+        raise NotImplementedError
+
+
+class NoTeacher(TeacherSource):
+    """Plain CLIP training: no teacher outputs."""
+
+    mode = "none"
+
+    def __init__(self) -> None:
+        self.stats = TeacherStats()
+
+    def stream(self, batches: Iterable[Batch], view: int | None = None
+               ) -> Iterator[tuple[Batch, TeacherOutputs | None]]:
+        for batch in batches:
+            yield batch, None
+
+
+class InlineTeacher(TeacherSource):
+    """The teacher loaded inside the student worker, as OpenCLIP does: the baseline to beat."""
+
+    mode, computes_centroids = "inline", True
+
+    def __init__(self, cfg: TeacherSourceConfig, run: str, device: str | None = None) -> None:
+        from teacher_service.serve.engine import TeacherEngine
+        from teacher_service.model import load_teacher
+
+        teacher_cfg = cfg.teacher
+        if device is not None and teacher_cfg.device == "auto":
+            teacher_cfg = type(teacher_cfg).from_dict({**teacher_cfg.to_dict(), "device": device})
+        self.engine = TeacherEngine(load_teacher(teacher_cfg))
+        self.info = self.engine.teacher.info()
+        self.embed_dim = int(self.info["embed_dim"])
+        self.run = run
+        self.stats = TeacherStats()
+
+    def stream(self, batches: Iterable[Batch], view: int | None = None
+               ) -> Iterator[tuple[Batch, TeacherOutputs]]:
+        for batch in batches:
+            start = time.perf_counter()
+            resp = self.engine.embed(make_request(batch, self.run))
+            self.stats.wait_s += time.perf_counter() - start
+            self.stats.requests += 1
+            self.stats.samples += len(batch.keys)
+            yield batch, TeacherOutputs.from_response(resp)
+
+
+class RemoteTeacher(TeacherSource):
+    """Teacher embeddings from the named Serve app, with a bounded prefetch window and retries.
+
+    The window is this run's bound on the pool: at most `prefetch + 1` requests per worker are in
+    flight; a saturated pool makes `result()` wait longer (Serve queues, never drops). With a
+    `view_namespace`, requests carry `view_identity(namespace, view)` so the pool computes a
+    sample that other runs (or this run's retries) also ask for only once.
+    """
+
+    mode, needs_app, can_lose_teacher, computes_centroids = "remote", True, True, True
+
+    def __init__(self, cfg: TeacherSourceConfig, run: str, view_namespace: str = "") -> None:
+        from teacher_service.app import get_teacher_handle
+
+        self.cfg = cfg
+        self.run = run
+        self.view_namespace = view_namespace if cfg.coalesce else ""
+        self.handle = get_teacher_handle(cfg.app_name, timeout_s=cfg.timeout_s)
+        self.info = self._call(lambda: self.handle.info.remote(), "info")
+        self.embed_dim = int(self.info["embed_dim"])
+        self.stats = TeacherStats(fingerprints={self.info["fingerprint"]})  # answers must match info
+
+    def _call(self, submit, what: str):
+        """Submit and wait, re-submitting on failure; RequestError (our bug, not theirs) is not retried.
+
+        Gives up only when both budgets are spent: `retries` re-sends and `patience_s` seconds since
+        the first failure, so a pool that is redeployed or rescheduled within the patience is
+        waited for, however many re-sends that takes.
+        """
+        last: BaseException | None = None
+        first_failure: float | None = None
+        for attempt in itertools.count():
+            pending = None
+            try:
+                pending = submit()
+                return pending.result(timeout_s=self.cfg.timeout_s)
+            except RequestError:
+                raise
+            except Exception as exc:  # timeouts, dead replicas, app redeploys
+                if _is_request_error(exc):
+                    raise
+                _cancel(pending)  # so a slow replica does not compute the re-sent batch twice
+                last = exc
+                first_failure = time.monotonic() if first_failure is None else first_failure
+                waited = time.monotonic() - first_failure
+                if attempt >= self.cfg.retries and waited >= self.cfg.patience_s:
+                    break
+                if hasattr(self, "stats"):
+                    self.stats.retries += 1
+                log.warning("teacher %s call failed (%s); retry %d (%.0f s of %.0f s patience)", what, exc,
+                            attempt + 1, waited, self.cfg.patience_s)
+                time.sleep(min(2.0 ** attempt, 10.0))
+        raise TeacherUnavailableError(
+            f"teacher app {self.cfg.app_name!r} did not answer its {what} call in {attempt + 1} attempts "
+            f"(timeout {self.cfg.timeout_s:.0f} s each) over {waited:.0f} s (patience {self.cfg.patience_s:.0f} s): "
+            f"{last!r}. Is it deployed? (`kd teacher serve` / `kd teacher status`)"
+        ) from last
+
+    def stream(self, batches: Iterable[Batch], view: int | None = None
+               ) -> Iterator[tuple[Batch, TeacherOutputs]]:
+        for batch, outputs in self.stream_parts(((batch, batch) for batch in batches), view):
+            yield batch, outputs
+
+    def view_id(self, view: int | None) -> str:
+        """The requests' view identity; empty (no coalescing) without a namespace or a view id."""
+        from teacher_service.contract.augment import view_identity
+
+        return view_identity(self.view_namespace, view) if self.view_namespace and view is not None else ""
+
+    def stream_parts(self, items: Iterable[tuple[Any, Batch | None]], view: int | None = None
+                     ) -> Iterator[tuple[Any, TeacherOutputs | None]]:
+        """`(tag, batch)` items → `(tag, outputs)` in order; a None (or empty) batch asks nothing.
+
+        The prefetch window spans items, so while item t trains the requests of items
+        t+1 .. t+prefetch are in flight. The hybrid source sends only its cache misses this way.
+        """
+        window: collections.deque = collections.deque()
+        iterator = iter(items)
+        view_id = self.view_id(view)
+
+        def submit_next() -> bool:
+            item = next(iterator, None)
+            if item is None:
+                return False
+            tag, batch = item
+            if batch is None or len(batch) == 0:
+                window.append((tag, None, None, None))
+                return True
+            request = make_request(batch, self.run, view_id, self.cfg.weight)
+            window.append((tag, batch, request, self.handle.embed.remote(request)))
+            self.stats.requests += 1
+            self.stats.samples += len(batch.keys)
+            return True
+
+        while True:
+            # While item t trains, the requests for t+1 .. t+prefetch are in flight.
+            while len(window) <= self.cfg.prefetch and submit_next():
+                pass
+            if not window:
+                return
+            tag, batch, request, pending = window.popleft()
+            if batch is None:
+                yield tag, None
+                continue
+            start = time.perf_counter()
+            first = [pending]
+            resp = self._call(lambda: first.pop() if first else self.handle.embed.remote(request), "embed")
+            self.stats.wait_s += time.perf_counter() - start
+            self._check(resp, batch)
+            yield tag, TeacherOutputs.from_response(resp)
+
+    def _check(self, resp: EmbedResponse, batch: Batch) -> None:
+        if list(resp.keys) != list(batch.keys):
+            raise RuntimeError("teacher answered for other sample keys than were sent")
+        self.stats.fingerprints.add(resp.fingerprint)
+        if len(self.stats.fingerprints) > 1:
+            raise RuntimeError(
+                f"teacher fingerprint changed during the run: {sorted(self.stats.fingerprints)}; "
+                "the teacher app was redeployed with other weights"
+            )
+
+
+def _cancel(pending) -> None:
+    try:
+        if pending is not None:
+            pending.cancel()
+    except Exception:  # cancelling is best effort: the replica may already be gone
+        pass
+
+
+def _is_request_error(exc: BaseException) -> bool:
+    cause = getattr(exc, "cause", None) or exc.__cause__
+    return isinstance(cause, RequestError) or "RequestError" in type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding cache sources
+
+
+def _take(batch: Batch, rows: np.ndarray) -> Batch:
+    return Batch(keys=[batch.keys[i] for i in rows], images=batch.images[rows], tokens=batch.tokens[rows],
+                 labels=batch.labels[rows], captions=[batch.captions[i] for i in rows])
+
+
+@dataclass
+class _Plan:
+    """One batch split into cache hits (already read and checked) and misses (for the pool)."""
+
+    batch: Batch
+    view: int
+    hit_rows: np.ndarray
+    miss_rows: np.ndarray
+    hits: dict  # cached rows for hit_rows (image_emb, text_emb, digests)
+    image_digest: np.ndarray
+    text_digest: np.ndarray
+
+    @property
+    def miss_batch(self) -> Batch | None:
+        return _take(self.batch, self.miss_rows) if self.miss_rows.size else None
+
+
+class _CacheSource(TeacherSource):
+    """What the cache and hybrid sources share: view ids, lookups with digest checks, assembly."""
+
+    needs_cache = True
+
+    cache: Any
+    stats: TeacherStats
+
+    def _init_views(self, verify_rows: int | None = 8) -> None:
+        self._streams = 0
+        self._warned = False
+        self.verify_rows = verify_rows
+        self._verify_rng = np.random.default_rng(0)
+
+    def _view(self, view: int | None) -> int:
+        """The batches' view id; without one, the number of earlier stream() calls (the epoch of a fresh run)."""
+        if view is None:
+            view = self._streams
+            if not self._warned:
+                log.warning("teacher source %s: stream() got no view id; assuming view %d (the epoch of a "
+                            "run that started at epoch 0). Pass view=epoch.", type(self).__name__, view)
+                self._warned = True
+        self._streams += 1
+        return int(view)
+
+    def _plan(self, batch: Batch, view: int) -> _Plan:
+        """Look the batch up; check a sample of the hits' digests; digest the misses (to append them).
+
+        Hashing every 224 px view would cost ~25 ms per 256-sample batch, so only `verify_rows`
+        random hits per batch are checked (None: all): a wrong view, seed, size or tokenizer
+        changes every row, so a handful per batch catches it at once.
+        """
+        start = time.perf_counter()
+        cache = self.cache
+        locs = cache.locate(list(batch.keys), view)
+        hit_rows = np.asarray([i for i, loc in enumerate(locs) if loc is not None], dtype=np.int64)
+        miss_rows = np.asarray([i for i, loc in enumerate(locs) if loc is None], dtype=np.int64)
+        hits = cache.fetch([locs[i] for i in hit_rows]) if hit_rows.size else {}
+        checked = self._verify_positions(hit_rows.size)
+        idig, tdig = self._digests(batch, np.concatenate([hit_rows[checked], miss_rows]))
+        if checked.size:
+            self._check_digests(batch, view, hit_rows[checked], {k: hits[k][checked] for k in
+                                                                 ("image_digest", "text_digest")}, idig, tdig)
+        self.stats.cache.hits += int(hit_rows.size)
+        self.stats.cache.misses += int(miss_rows.size)
+        self.stats.cache.read_s += time.perf_counter() - start
+        return _Plan(batch, view, hit_rows, miss_rows, hits, idig, tdig)
+
+    def _verify_positions(self, n: int) -> np.ndarray:
+        if self.verify_rows is None or n <= self.verify_rows:
+            return np.arange(n, dtype=np.int64)
+        return np.sort(self._verify_rng.choice(n, size=self.verify_rows, replace=False))
+
+    def _digests(self, batch: Batch, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint64 image and token digests of `rows` of the batch (zeros elsewhere)."""
+        from teacher_service.contract.augment import image_digests, token_digests
+
+        idig = np.zeros(len(batch), np.uint64)
+        tdig = np.zeros(len(batch), np.uint64)
+        if rows.size:
+            idig[rows] = image_digests(batch.images[rows])
+            tdig[rows] = token_digests(batch.tokens[rows], int(self.cache.meta["teacher"]["context_length"]))
+        return idig, tdig
+
+    def _check_digests(self, batch: Batch, view: int, rows: np.ndarray, hits: dict, idig: np.ndarray,
+                       tdig: np.ndarray) -> None:
+        from teacher_service.cache.store import CacheMismatchError
+
+        bad_image = np.flatnonzero(hits["image_digest"] != idig[rows])
+        if bad_image.size:
+            key = batch.keys[rows[bad_image[0]]]
+            raise CacheMismatchError(
+                f"embedding cache {self.cache.path}: the cached view {view} of sample {key!r} "
+                f"({bad_image.size} of {rows.size} hits in this batch) was embedded from other pixels than "
+                f"this run trains on. The cache's view recipe is {self.cache.recipe}; check the run's "
+                f"data.image_size and seed, and that stream() gets view=epoch (a resumed run must pass it)")
+        bad_text = np.flatnonzero(hits["text_digest"] != tdig[rows])
+        if bad_text.size:
+            key = batch.keys[rows[bad_text[0]]]
+            raise CacheMismatchError(
+                f"embedding cache {self.cache.path}: the cached text embedding of sample {key!r} "
+                f"({bad_text.size} of {rows.size} hits) was computed from other tokens than this run sends "
+                f"(cache tokenizer {self.cache.recipe.get('tokenizer')!r}, context length "
+                f"{self.cache.recipe.get('context_length')!r}): a caption longer than the student's context?")
+
+    def _outputs(self, plan: _Plan, missed: TeacherOutputs | None = None) -> TeacherOutputs:
+        n, dim = len(plan.batch), self.cache.embed_dim
+        image = np.empty((n, dim), np.float16)
+        text = np.empty((n, dim), np.float16)
+        if plan.hit_rows.size:
+            image[plan.hit_rows] = plan.hits["image_emb"]
+            text[plan.hit_rows] = plan.hits["text_emb"]
+        if plan.miss_rows.size:
+            image[plan.miss_rows] = missed.image_features
+            text[plan.miss_rows] = missed.text_features
+        teacher = self.cache.meta["teacher"]
+        bias = teacher.get("logit_bias")
+        return TeacherOutputs(image, text, float(teacher["logit_scale"]), None if bias is None else float(bias),
+                              self.cache.fingerprint)
+
+    def centroids(self):
+        """The Embed-KD centroids `kd precompute --class-centroids` wrote beside the rows (float32
+        [C, D_t]), or None; centroids of another teacher are refused (CacheMismatchError)."""
+        from teacher_service.cache.store import CENTROIDS_FILE, read_centroids
+
+        path = os.path.join(self.cache.path, CENTROIDS_FILE)
+        return read_centroids(path, fingerprint=self.cache.fingerprint)[0] if os.path.isfile(path) else None
+
+
+class CachedTeacher(_CacheSource):
+    """`cache` mode: every teacher output from a precomputed cache; no teacher runs, none is loaded.
+
+    A missing `(key, view)` stops the run (CacheMissError naming the sample, the view and the
+    cache) rather than training without targets.
+    """
+
+    mode = "cache"
+
+    def __init__(self, cfg: TeacherSourceConfig, run: str, recipe: dict | None = None,
+                 verify_rows: int | None = 8) -> None:
+        from teacher_service.cache.store import EmbeddingCache
+
+        if not cfg.cache_path:
+            raise ValueError("teacher.mode 'cache' needs teacher.cache_path")
+        self.cache = EmbeddingCache.open(cfg.cache_path, recipe=recipe)
+        self.info = self.cache.teacher_info
+        self.embed_dim = self.cache.embed_dim
+        self.run = run
+        self.stats = TeacherStats(fingerprints={self.cache.fingerprint}, cache=CacheStats())
+        self._init_views(verify_rows)
+
+    def stream(self, batches: Iterable[Batch], view: int | None = None
+               ) -> Iterator[tuple[Batch, TeacherOutputs]]:
+        from teacher_service.cache.store import CacheMissError
+
+        view = self._view(view)
+        for batch in batches:
+            plan = self._plan(batch, view)
+            if plan.miss_rows.size:
+                key = batch.keys[plan.miss_rows[0]]
+                raise CacheMissError(
+                    f"embedding cache {self.cache.path} has no view {view} of sample {key!r} "
+                    f"({plan.miss_rows.size} of {len(batch)} samples of this batch missing; views cached for "
+                    f"it: {self.cache.views_of(key)}). Precompute more views (`kd precompute --views "
+                    f"{view + 1}`) over these shards, or train with teacher.mode 'hybrid'")
+            yield batch, self._outputs(plan)
+
+
+class HybridTeacher(_CacheSource):
+    """`hybrid` mode: hits from the cache, misses from the Serve pool, misses appended to the cache.
+
+    Misses go through `RemoteTeacher` (same prefetch window, retries and fingerprint checks);
+    their results join the in-memory index at once (so later batches, epochs with the same view,
+    or a rerun find them) and are written as a new `append-<run>-<rank>-<uuid>.parquet` every
+    `flush_every` batches and at the end of each stream (epoch). A cache of another teacher is
+    refused when the source starts.
+    """
+
+    mode, needs_app, can_lose_teacher, computes_centroids = "hybrid", True, True, True
+
+    def __init__(self, cfg: TeacherSourceConfig, run: str, recipe: dict | None = None,
+                 flush_every: int = 50, verify_rows: int | None = 8, view_namespace: str = "") -> None:
+        from teacher_service.cache.store import CacheAppender, EmbeddingCache
+
+        if not cfg.cache_path:
+            raise ValueError("teacher.mode 'hybrid' needs teacher.cache_path")
+        self.remote = RemoteTeacher(cfg, run, view_namespace)
+        self.info = self.remote.info
+        self.embed_dim = self.remote.embed_dim
+        self.cache = EmbeddingCache.open(cfg.cache_path, teacher_info=self.info, recipe=recipe, create=True)
+        self.appender = CacheAppender(self.cache.path, self.cache.meta, run=run,
+                                      rank=int(os.environ.get("RANK", "0") or 0))
+        self.stats = self.remote.stats
+        self.stats.cache = CacheStats()
+        self.flush_every = max(1, int(flush_every))
+        self._init_views(verify_rows)
+
+    def stream(self, batches: Iterable[Batch], view: int | None = None
+               ) -> Iterator[tuple[Batch, TeacherOutputs]]:
+        view = self._view(view)
+        self.cache.refresh()  # rows other runs appended since we opened the cache
+
+        def plans():
+            for batch in batches:
+                plan = self._plan(batch, view)
+                yield plan, plan.miss_batch
+
+        try:
+            for i, (plan, missed) in enumerate(self.remote.stream_parts(plans(), view)):
+                if missed is not None:
+                    self._record(plan, missed)
+                yield plan.batch, self._outputs(plan, missed)
+                if (i + 1) % self.flush_every == 0:
+                    self.flush()
+        finally:
+            self.flush()
+
+    def _record(self, plan: _Plan, missed: TeacherOutputs) -> None:
+        rows = plan.miss_rows
+        keys = [plan.batch.keys[i] for i in rows]
+        args = (missed.image_features, missed.text_features, plan.image_digest[rows], plan.text_digest[rows])
+        fresh = np.asarray(self.cache.add(keys, plan.view, *args), dtype=bool)
+        if fresh.any():  # a key already answered earlier in the prefetch window is not appended twice
+            self.appender.add([k for k, f in zip(keys, fresh) if f], plan.view, *(a[fresh] for a in args))
+            self.stats.cache.appends += int(fresh.sum())
+
+    def flush(self) -> str | None:
+        """Write the buffered misses to a new append file now (also done every flush_every batches)."""
+        return self.appender.flush()
+
+
+SOURCES: dict[str, type[TeacherSource]] = {cls.mode: cls for cls in
+                                           (NoTeacher, InlineTeacher, RemoteTeacher, CachedTeacher, HybridTeacher)}
+
+
+def source_class(mode: str) -> type[TeacherSource]:
+    """The source class of a teacher mode (what it needs and can do, before one is built)."""
+    try:
+        return SOURCES[mode]
+    except KeyError:
+        raise ValueError(f"teacher mode {mode!r}: expected one of {sorted(SOURCES)}") from None
+
+
+def make_teacher_source(cfg: TeacherSourceConfig, run: str, device: str | None = None,
+                        recipe: dict | None = None, view_namespace: str = "") -> TeacherSource:
+    """The teacher source for `cfg.mode`. `recipe` (`teacher_service.contract.augment.view_recipe(image_size,
+    seed)`) lets the cache modes refuse a cache built for other views before the first batch;
+    `view_namespace` (`teacher_service.contract.augment.view_namespace`) lets the pool coalesce the remote
+    and hybrid sources' requests with other runs'."""
+    cls = source_class(cfg.mode)
+    if cls is NoTeacher:
+        return NoTeacher()
+    if cls is InlineTeacher:
+        return InlineTeacher(cfg, run, device)
+    if cls is RemoteTeacher:
+        return RemoteTeacher(cfg, run, view_namespace)
+    if cls is CachedTeacher:
+        return CachedTeacher(cfg, run, recipe)
+    return HybridTeacher(cfg, run, recipe, view_namespace=view_namespace)

@@ -1,0 +1,632 @@
+"""The teacher embedding cache: Parquet files of ``(key, view) → fp16 embeddings`` for one teacher.
+
+A cache is a directory. Every row file holds rows ``(key, view, image_emb, text_emb,
+image_digest, text_digest)``: the embeddings are ``fixed_size_list<float16>[D]`` columns, the
+digests are 64-bit hashes of the exact uint8 view and fitted token row the teacher embedded, so a
+reader can prove that a cached row belongs to the pixels a student holds now. The Parquet file
+metadata (key ``kd_cache``) holds the teacher fingerprint, its info (preprocessing, context
+length, logit scale), the dtype and the view recipe; a directory holds one teacher only, so the
+effective key is ``(fingerprint, key, view)``.
+
+File kinds, told apart by name: ``<shard>.parquet`` from ``kd precompute`` (one per input shard),
+``append-<run>-<rank>-<uuid>.parquet`` from hybrid training (unique per writer, so concurrent
+appenders never touch the same file), ``compacted-<uuid>.parquet`` from :func:`compact`, and
+``centroids.parquet`` (Embed-KD class centroids, not rows). Every write is a tmp file plus
+``os.replace``, so readers see whole files or nothing; a truncated or corrupt file raises
+:class:`CacheCorruptError` naming it (pages carry checksums). Readers dedupe on ``(key, view)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import glob
+import json
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from teacher_service.private_files import make_private, make_private_dir
+from teacher_service.contract.augment import recipe_differences
+
+FORMAT = "kd-embedding-cache"
+FORMAT_VERSION = 1
+META_KEY = b"kd_cache"
+DTYPE = "float16"
+CENTROIDS_FILE = "centroids.parquet"
+APPEND_PREFIX = "append-"
+COMPACTED_PREFIX = "compacted-"
+LOCK_FILE = ".compact.lock"
+ROW_COLUMNS = ("key", "view", "image_emb", "text_emb", "image_digest", "text_digest")
+INDEX_COLUMNS = ("key", "view", "image_digest", "text_digest")
+TEACHER_INFO_FIELDS = ("fingerprint", "model", "embed_dim", "image_size", "preprocess", "context_length",
+                       "vocab_size", "logit_scale", "logit_bias", "precision")
+_ROW_GROUP_ROWS = 8192
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+class CacheError(RuntimeError):
+    """Base class of embedding cache errors."""
+
+
+class CacheCorruptError(CacheError):
+    """A cache file cannot be read (truncated, corrupt, not a cache file); the message names it."""
+
+
+class CacheMismatchError(CacheError, ValueError):
+    """A cache built by another teacher, preprocessing or view recipe than the reader expects."""
+
+
+class CacheMissError(CacheError, LookupError):
+    """A read-only cache lacks a requested (key, view)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# metadata
+
+
+def make_meta(teacher_info: dict, recipe: dict, *, kind: str, source: Optional[str] = None,
+              views: Optional[int] = None, teacher_config: Optional[dict] = None,
+              app_name: Optional[str] = None, writer: Optional[dict] = None) -> dict:
+    """The ``kd_cache`` metadata of one file: who computed it, from what, with which recipe."""
+    teacher = {k: teacher_info.get(k) for k in TEACHER_INFO_FIELDS}
+    if not teacher["fingerprint"] or not teacher["embed_dim"]:
+        raise ValueError(f"teacher_info needs 'fingerprint' and 'embed_dim', got {sorted(teacher_info)}")
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
+        "fingerprint": teacher["fingerprint"], "embed_dim": int(teacher["embed_dim"]), "dtype": DTYPE,
+        "teacher": teacher, "recipe": dict(recipe), "source": source, "views": views,
+        "teacher_config": teacher_config, "app_name": app_name,
+        "writer": {"host": socket.gethostname(), "pid": os.getpid(), **(writer or {})},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def check_compatible(meta: dict, *, path: str, fingerprint: Optional[str] = None,
+                     preprocess: Optional[dict] = None, recipe: Optional[dict] = None,
+                     expected_from: str = "the teacher") -> None:
+    """Raise CacheMismatchError when ``meta`` (of file ``path``) differs from the expectations given."""
+    cached = meta.get("fingerprint")
+    if fingerprint is not None and cached != fingerprint:
+        raise CacheMismatchError(
+            f"embedding cache file {path} was computed by teacher fingerprint {cached!r}, but "
+            f"{expected_from} has fingerprint {fingerprint!r}: refusing to mix teachers. Use another "
+            f"cache directory, or recompute it with `kd precompute` for this teacher.")
+    cached_pre = (meta.get("teacher") or {}).get("preprocess")
+    if preprocess is not None and cached_pre is not None and cached_pre != preprocess:
+        raise CacheMismatchError(
+            f"embedding cache file {path} (teacher fingerprint {cached!r}) used preprocessing "
+            f"{cached_pre}, but {expected_from} (fingerprint {fingerprint!r}) uses {preprocess}")
+    if recipe is not None:
+        diffs = recipe_differences(meta.get("recipe") or {}, recipe)
+        if diffs:
+            raise CacheMismatchError(
+                f"embedding cache file {path} (teacher fingerprint {cached!r}) holds views made with "
+                f"another recipe than {expected_from} (fingerprint {fingerprint or cached!r}): "
+                f"{'; '.join(diffs)} (cache vs expected)")
+
+
+def _meta_of_schema(schema: pa.Schema, path: str) -> dict:
+    raw = (schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise CacheCorruptError(f"{path} is not an embedding cache file (no {META_KEY.decode()} metadata)")
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise CacheCorruptError(f"{path}: unreadable {META_KEY.decode()} metadata ({exc})") from exc
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise CacheCorruptError(f"{path}: format {meta.get('format')!r} v{meta.get('format_version')!r}, "
+                                f"expected {FORMAT!r} v{FORMAT_VERSION}")
+    return meta
+
+
+def read_meta(path: str) -> dict:
+    """The ``kd_cache`` metadata of a cache file (reads only the footer)."""
+    try:
+        schema = pq.read_schema(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, pa.ArrowException) as exc:
+        raise CacheCorruptError(f"embedding cache file {path} is truncated or corrupt: {exc}") from exc
+    return _meta_of_schema(schema, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# row files
+
+
+def row_schema(embed_dim: int, meta: dict) -> pa.Schema:
+    vector = pa.list_(pa.float16(), int(embed_dim))
+    return pa.schema([pa.field("key", pa.string(), nullable=False),
+                      pa.field("view", pa.int32(), nullable=False),
+                      pa.field("image_emb", vector, nullable=False),
+                      pa.field("text_emb", vector, nullable=False),
+                      pa.field("image_digest", pa.uint64(), nullable=False),
+                      pa.field("text_digest", pa.uint64(), nullable=False)],
+                     metadata={META_KEY: json.dumps(meta, sort_keys=True).encode()})
+
+
+def _vectors(values: np.ndarray, dim: int, name: str) -> pa.FixedSizeListArray:
+    values = np.ascontiguousarray(values, dtype=np.float16)
+    if values.ndim != 2 or values.shape[1] != dim:
+        raise ValueError(f"{name}: expected [n, {dim}] embeddings, got shape {values.shape}")
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=pa.float16()), dim)
+
+
+def rows_table(meta: dict, keys: list[str], views, image_emb: np.ndarray, text_emb: np.ndarray,
+               image_digest, text_digest) -> pa.Table:
+    """A row table in the cache schema, sorted by (key, view) so files are deterministic."""
+    dim = int(meta["embed_dim"])
+    n = len(keys)
+    views = np.asarray(views, dtype=np.int32).reshape(-1)
+    if views.size == 1 and n != 1:
+        views = np.full(n, int(views[0]), dtype=np.int32)
+    columns = [pa.array(list(keys), type=pa.string()), pa.array(views, type=pa.int32()),
+               _vectors(image_emb, dim, "image_emb"), _vectors(text_emb, dim, "text_emb"),
+               pa.array(np.asarray(image_digest, dtype=np.uint64)),
+               pa.array(np.asarray(text_digest, dtype=np.uint64))]
+    lengths = {len(c) for c in columns}
+    if lengths != {n}:
+        raise ValueError(f"rows_table: columns of unequal length {sorted(lengths)} for {n} keys")
+    table = pa.Table.from_arrays(columns, schema=row_schema(dim, meta))
+    return table.sort_by([("key", "ascending"), ("view", "ascending")])
+
+
+def write_table_atomic(table: pa.Table, path: str) -> str:
+    """Write ``table`` to ``path`` via ``<path>.tmp-<pid>-<rand>`` + fsync + ``os.replace``.
+
+    Embeddings are stored uncompressed without dictionaries (fp16 noise does not compress) and
+    every page carries a CRC so a flipped byte is caught on read.
+    """
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        pq.write_table(table, tmp, compression="none", use_dictionary=False, write_page_checksum=True,
+                       row_group_size=_ROW_GROUP_ROWS)
+        make_private(tmp)  # embeddings are a run's expensive output: owner-only on a shared machine
+        with open(tmp, "rb+") as stream:
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_rows(path: str, columns: Optional[Iterable[str]] = None) -> tuple[pa.Table, dict]:
+    """(table, meta) of one row file, checksums verified; CacheCorruptError names a bad file."""
+    meta = read_meta(path)
+    try:
+        table = pq.read_table(path, columns=list(columns) if columns else None,
+                              page_checksum_verification=True)
+    except FileNotFoundError:
+        raise
+    except (OSError, pa.ArrowException) as exc:
+        raise CacheCorruptError(f"embedding cache file {path} is truncated or corrupt: {exc}") from exc
+    missing = [c for c in (columns or ROW_COLUMNS) if c not in table.column_names]
+    if missing:
+        raise CacheCorruptError(f"embedding cache file {path} lacks columns {missing}")
+    for name in ("image_emb", "text_emb"):
+        if name in table.column_names:
+            kind = table.schema.field(name).type
+            if not pa.types.is_fixed_size_list(kind) or kind.list_size != meta["embed_dim"] \
+                    or kind.value_type != pa.float16():
+                raise CacheCorruptError(f"embedding cache file {path}: column {name} is {kind}, expected "
+                                        f"fixed_size_list<halffloat>[{meta['embed_dim']}]")
+    return table, meta
+
+
+def column_matrix(table: pa.Table, name: str) -> np.ndarray:
+    """A ``fixed_size_list<float16>[D]`` column as a float16 ``[n, D]`` array."""
+    column = table.column(name).combine_chunks()
+    dim = column.type.list_size
+    return column.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+def row_files(path: str) -> list[str]:
+    """Row files of a cache: shard files, then compacted, then appends (earlier ones win on duplicates)."""
+    names = [os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(path), "*.parquet"))]
+
+    def order(name: str) -> tuple[int, str]:
+        return (2 if name.startswith(APPEND_PREFIX) else 1 if name.startswith(COMPACTED_PREFIX) else 0, name)
+
+    return [os.path.join(path, n) for n in sorted(names, key=order) if n != CENTROIDS_FILE]
+
+
+def _safe(text: str) -> str:
+    return _SAFE_NAME.sub("_", str(text))[:64] or "x"
+
+
+# ---------------------------------------------------------------------------------------------
+# the reader
+
+
+@dataclass
+class _Segment:
+    """One row file (or in-memory rows): digests always loaded, embeddings loaded on first use."""
+
+    path: Optional[str]
+    image_digest: np.ndarray
+    text_digest: np.ndarray
+    image_emb: Optional[np.ndarray] = None
+    text_emb: Optional[np.ndarray] = None
+
+
+class EmbeddingCache:
+    """A read view of a cache directory: an in-memory ``(key, view) → row`` index over every file.
+
+    Opening reads only the small columns (key, view, digests) of each file; a file's embeddings
+    are read on the first hit in it, so a rank that trains on a few shards loads only theirs.
+    Rows appended by this process (:meth:`add`) are indexed at once; :meth:`refresh` picks up
+    files other writers added since. Duplicated ``(key, view)`` rows across files are served once
+    (the first file wins) and counted in ``duplicates``; duplicates whose digests differ mean two
+    different samples share a key, and are refused.
+    """
+
+    def __init__(self, path: str, meta: dict) -> None:
+        self.path = path
+        self.meta = meta
+        self.index: dict[tuple[str, int], tuple[int, int]] = {}
+        self.segments: list[_Segment] = []
+        self.files: list[str] = []
+        self._seen: set[str] = set()
+        self.duplicates = 0
+        self._lock = threading.Lock()
+        self._expect: dict = {}
+
+    # -- opening ------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str, *, teacher_info: Optional[dict] = None, recipe: Optional[dict] = None,
+             create: bool = False) -> "EmbeddingCache":
+        """Open (or with ``create`` start) the cache at ``path``, checked against ``teacher_info``
+        (fingerprint, preprocess: the live teacher) and ``recipe`` (the reader's views)."""
+        path = os.path.abspath(os.fspath(path))
+        if not os.path.isdir(path):
+            if not create:
+                raise FileNotFoundError(f"embedding cache {path} does not exist: run `kd precompute` first")
+            make_private_dir(path)
+        files = row_files(path)
+        if not files and not create:
+            raise FileNotFoundError(f"embedding cache {path} holds no row files: run `kd precompute` first")
+        if not files and teacher_info is None:
+            raise ValueError(f"embedding cache {path} is empty and no teacher_info was given to start it")
+        expect = {"fingerprint": (teacher_info or {}).get("fingerprint"),
+                  "preprocess": (teacher_info or {}).get("preprocess"), "recipe": recipe}
+        first = cls._first_meta(files)
+        if first is not None:
+            check_compatible(first[1], path=first[0], **expect)
+        base_recipe = recipe or (first[1]["recipe"] if first else {})
+        meta = first[1] if first else make_meta(teacher_info, base_recipe, kind="append")
+        cache = cls(path, {**meta, "recipe": {**meta.get("recipe", {}), **(recipe or {})}})
+        cache._expect = {"fingerprint": meta["fingerprint"], "preprocess": meta["teacher"].get("preprocess"),
+                         "recipe": recipe or meta.get("recipe")}
+        cache.refresh()
+        return cache
+
+    @staticmethod
+    def _first_meta(files: list[str]) -> Optional[tuple[str, dict]]:
+        for f in files:
+            try:
+                return f, read_meta(f)
+            except FileNotFoundError:  # removed by a concurrent compaction
+                continue
+        return None
+
+    def refresh(self) -> int:
+        """Index row files written since this cache was opened (or last refreshed); returns how many.
+
+        A file that vanishes between listing and reading was merged by :func:`compact`; the
+        directory is listed again so the compacted file that replaced it is picked up.
+        """
+        added = 0
+        for _ in range(5):
+            vanished = False
+            for f in row_files(self.path):
+                if f in self._seen:
+                    continue
+                try:
+                    table, meta = read_rows(f, INDEX_COLUMNS)
+                except FileNotFoundError:
+                    vanished = True
+                    continue
+                check_compatible(meta, path=f, expected_from=f"the rest of cache {self.path}", **self._expect)
+                self._index_table(table, f)
+                self.files.append(f)
+                self._seen.add(f)
+                added += 1
+            if not vanished:
+                break
+        return added
+
+    def _index_table(self, table: pa.Table, path: Optional[str], image_emb=None, text_emb=None) -> np.ndarray:
+        """Index one segment's rows; returns the row numbers that were new (not duplicates)."""
+        seg = len(self.segments)
+        new: list[int] = []
+        idig = table.column("image_digest").to_numpy()
+        tdig = table.column("text_digest").to_numpy()
+        self.segments.append(_Segment(path, idig, tdig, image_emb, text_emb))
+        index = self.index
+        for row, (key, view) in enumerate(zip(table.column("key").to_pylist(),
+                                              table.column("view").to_pylist())):
+            found = index.get((key, view))
+            if found is None:
+                index[(key, view)] = (seg, row)
+                new.append(row)
+                continue
+            self.duplicates += 1
+            other = self.segments[found[0]]
+            if other.image_digest[found[1]] != idig[row] or other.text_digest[found[1]] != tdig[row]:
+                raise CacheMismatchError(
+                    f"embedding cache {self.path}: sample {key!r} view {view} appears in {other.path or 'memory'} "
+                    f"and {path or 'memory'} with different pixels/tokens: two samples share a key "
+                    f"(sample keys must be unique across the dataset)")
+        return np.asarray(new, dtype=np.int64)
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.meta["embed_dim"])
+
+    @property
+    def recipe(self) -> dict:
+        return dict(self.meta.get("recipe") or {})
+
+    @property
+    def teacher_info(self) -> dict:
+        """The teacher's info as a Serve app would give it (fingerprint, embed_dim, scales, ...)."""
+        return {**self.meta["teacher"], "source": "cache", "cache_path": self.path}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, item: tuple[str, int]) -> bool:
+        return (item[0], int(item[1])) in self.index
+
+    def views_of(self, key: str) -> list[int]:
+        """The view ids cached for ``key`` (a scan: for error messages)."""
+        return sorted(v for k, v in self.index if k == key)
+
+    # -- reading ------------------------------------------------------------------------------
+    def locate(self, keys: list[str], view: int) -> list[Optional[tuple[int, int]]]:
+        """(segment, row) of each ``(key, view)``, None for a miss."""
+        view = int(view)
+        return [self.index.get((k, view)) for k in keys]
+
+    def fetch(self, locs: list[tuple[int, int]]) -> dict[str, np.ndarray]:
+        """Rows at ``locs``: image_emb / text_emb float16 ``[n, D]`` and both uint64 digests."""
+        n = len(locs)
+        out = {"image_emb": np.empty((n, self.embed_dim), np.float16),
+               "text_emb": np.empty((n, self.embed_dim), np.float16),
+               "image_digest": np.empty(n, np.uint64), "text_digest": np.empty(n, np.uint64)}
+        by_segment: dict[int, list[int]] = {}
+        for i, (seg, _) in enumerate(locs):
+            by_segment.setdefault(seg, []).append(i)
+        for seg, positions in by_segment.items():
+            segment = self._loaded(seg)
+            rows = np.fromiter((locs[i][1] for i in positions), dtype=np.int64, count=len(positions))
+            out["image_emb"][positions] = segment.image_emb[rows]
+            out["text_emb"][positions] = segment.text_emb[rows]
+            out["image_digest"][positions] = segment.image_digest[rows]
+            out["text_digest"][positions] = segment.text_digest[rows]
+        return out
+
+    def _loaded(self, seg: int) -> _Segment:
+        segment = self.segments[seg]
+        if segment.image_emb is None:
+            with self._lock:
+                if segment.image_emb is None:
+                    try:
+                        table, _ = read_rows(segment.path, ("image_emb", "text_emb"))
+                    except FileNotFoundError as exc:
+                        raise CacheError(f"embedding cache file {segment.path} vanished after it was indexed "
+                                         f"(compacted while this process read the cache?): reopen the cache"
+                                         ) from exc
+                    segment.text_emb = column_matrix(table, "text_emb")
+                    segment.image_emb = column_matrix(table, "image_emb")
+        return segment
+
+    def add(self, keys: list[str], view: int, image_emb: np.ndarray, text_emb: np.ndarray,
+            image_digest: np.ndarray, text_digest: np.ndarray) -> list[bool]:
+        """Index rows this process computed (not yet on disk); returns which were new."""
+        seen: set[str] = set()
+        fresh = []
+        for k in keys:  # new to the index, and the first of its kind within this call
+            fresh.append((k, int(view)) not in self.index and k not in seen)
+            seen.add(k)
+        if not any(fresh):
+            return fresh
+        sel = np.flatnonzero(fresh)
+        table = pa.table({"key": pa.array([keys[i] for i in sel], pa.string()),
+                          "view": pa.array(np.full(sel.size, int(view), np.int32)),
+                          "image_digest": pa.array(np.asarray(image_digest, np.uint64)[sel]),
+                          "text_digest": pa.array(np.asarray(text_digest, np.uint64)[sel])})
+        self._index_table(table, None, np.asarray(image_emb, np.float16)[sel].copy(),
+                          np.asarray(text_emb, np.float16)[sel].copy())
+        return fresh
+
+# ---------------------------------------------------------------------------------------------
+# writers
+
+
+class CacheAppender:
+    """Buffers rows computed on a miss and writes them as a new ``append-<run>-<rank>-<uuid>.parquet``.
+
+    Each flush writes a brand-new file under a unique name (atomically), so any number of runs
+    and ranks can append to one cache at once without locks, torn files or lost rows.
+    """
+
+    def __init__(self, path: str, meta: dict, *, run: str = "run", rank: int = 0) -> None:
+        self.path = os.path.abspath(path)
+        self.meta = {**meta, "kind": "append", "source": None,
+                     "writer": {**(meta.get("writer") or {}), "run": run, "rank": rank,
+                                "host": socket.gethostname(), "pid": os.getpid()}}
+        self.run, self.rank = run, rank
+        self._parts: list[tuple] = []
+        self.rows_written = 0
+        self.files_written: list[str] = []
+
+    @property
+    def pending(self) -> int:
+        return sum(len(p[0]) for p in self._parts)
+
+    def add(self, keys: list[str], view: int, image_emb: np.ndarray, text_emb: np.ndarray,
+            image_digest: np.ndarray, text_digest: np.ndarray) -> None:
+        if len(keys):
+            self._parts.append((list(keys), np.full(len(keys), int(view), np.int32), np.asarray(image_emb),
+                                np.asarray(text_emb), np.asarray(image_digest), np.asarray(text_digest)))
+
+    def flush(self) -> Optional[str]:
+        """Write the buffered rows to a new file; returns its path (None when nothing was buffered)."""
+        if not self._parts:
+            return None
+        keys = [k for p in self._parts for k in p[0]]
+        cols = [np.concatenate([p[i] for p in self._parts]) for i in range(1, 6)]
+        table = rows_table(self.meta, keys, *cols)
+        name = f"{APPEND_PREFIX}{_safe(self.run)}-{int(self.rank)}-{uuid.uuid4().hex}.parquet"
+        out = write_table_atomic(table, os.path.join(self.path, name))
+        self._parts.clear()
+        self.rows_written += len(keys)
+        self.files_written.append(out)
+        return out
+
+
+@dataclass
+class CompactionReport:
+    merged_files: list[str]
+    rows_written: int
+    duplicates_dropped: int
+    out_path: Optional[str]
+    stale_tmp_removed: list[str] = field(default_factory=list)
+
+
+STALE_TMP_S = 3600.0  # a tmp file untouched this long belongs to a writer that died (a write takes seconds)
+
+
+def compact(path: str) -> CompactionReport:
+    """Merge append (and earlier compacted) files into one ``compacted-<uuid>.parquet`` without duplicates.
+
+    Rows already present in shard files, or earlier in the merge, are dropped. The new file is
+    written atomically before the merged files are removed, so a crash in between leaves only
+    duplicates (which readers skip) and never loses a row. A lock file keeps compactions of one
+    cache from running at once; appenders and readers need no lock.
+    """
+    path = os.path.abspath(path)
+    lock = os.path.join(path, LOCK_FILE)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        raise CacheError(f"another compaction of {path} is running (or crashed: delete {lock})") from None
+    try:
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        os.close(fd)
+        stale = remove_stale_tmp(path)
+        return dataclasses.replace(_compact_locked(path), stale_tmp_removed=stale)
+    finally:
+        os.unlink(lock)
+
+
+def remove_stale_tmp(path: str, older_than_s: float = STALE_TMP_S) -> list[str]:
+    """Delete the ``*.tmp-*`` files a killed writer left (readers never read them; they only take
+    space); files touched within ``older_than_s`` may be a write in progress and are kept."""
+    cutoff = time.time() - older_than_s
+    removed = []
+    for tmp in glob.glob(os.path.join(glob.escape(path), "*.parquet.tmp-*")):
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(tmp).st_mtime < cutoff:
+                os.unlink(tmp)
+                removed.append(tmp)
+    return sorted(removed)
+
+
+def _compact_locked(path: str) -> CompactionReport:
+    files = row_files(path)
+    merge = [f for f in files if os.path.basename(f).startswith((APPEND_PREFIX, COMPACTED_PREFIX))]
+    if not merge:
+        return CompactionReport([], 0, 0, None)
+    base = EmbeddingCache(path, read_meta(files[0]))
+    base._expect = {"fingerprint": base.meta["fingerprint"],
+                    "preprocess": base.meta["teacher"].get("preprocess"), "recipe": base.meta.get("recipe")}
+    for f in files:
+        if f in merge:
+            continue
+        table, meta = read_rows(f, INDEX_COLUMNS)
+        check_compatible(meta, path=f, expected_from=f"the rest of cache {path}", **base._expect)
+        base._index_table(table, f)
+    keys: list[str] = []
+    parts: dict[str, list] = {c: [] for c in ("view", "image_emb", "text_emb", "image_digest", "text_digest")}
+    rows_in = 0
+    for f in merge:
+        table, meta = read_rows(f)
+        check_compatible(meta, path=f, expected_from=f"the rest of cache {path}", **base._expect)
+        rows_in += table.num_rows
+        rows = base._index_table(table.select(list(INDEX_COLUMNS)), f)
+        if rows.size:
+            sub = table.take(pa.array(rows))
+            keys.extend(sub.column("key").to_pylist())
+            parts["view"].append(sub.column("view").to_numpy())
+            parts["image_emb"].append(column_matrix(sub, "image_emb"))
+            parts["text_emb"].append(column_matrix(sub, "text_emb"))
+            parts["image_digest"].append(sub.column("image_digest").to_numpy())
+            parts["text_digest"].append(sub.column("text_digest").to_numpy())
+    out_path = None
+    if keys:
+        meta = {**base.meta, "kind": "compacted", "source": None,
+                "writer": {"host": socket.gethostname(), "pid": os.getpid(), "compacted_from": len(merge)}}
+        table = rows_table(meta, keys, *(np.concatenate(parts[c]) for c in parts))
+        out_path = write_table_atomic(
+            table, os.path.join(path, f"{COMPACTED_PREFIX}{uuid.uuid4().hex}.parquet"))
+    for f in merge:
+        os.unlink(f)
+    return CompactionReport(merge, len(keys), rows_in - len(keys), out_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# class centroids (Embed-KD)
+
+
+def write_centroids(path: str, centroids: np.ndarray, meta: dict, *, counts: Optional[np.ndarray] = None,
+                    class_names: Optional[list[str]] = None) -> str:
+    """Write ``[C, D]`` float32 centroids as rows (class, name, count, centroid) with ``meta``."""
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    if centroids.ndim != 2:
+        raise ValueError(f"centroids must be [C, D], got shape {centroids.shape}")
+    c, d = centroids.shape
+    names = list(class_names) if class_names else [str(i) for i in range(c)]
+    if len(names) != c:
+        raise ValueError(f"{len(names)} class names for {c} centroids")
+    counts = np.zeros(c, np.int64) if counts is None else np.asarray(counts, np.int64)
+    table = pa.table({"class": pa.array(np.arange(c, dtype=np.int32)), "name": pa.array(names, pa.string()),
+                      "count": pa.array(counts),
+                      "centroid": pa.FixedSizeListArray.from_arrays(pa.array(centroids.reshape(-1)), d)})
+    table = table.replace_schema_metadata({META_KEY: json.dumps({**meta, "kind": "centroids"},
+                                                                sort_keys=True).encode()})
+    return write_table_atomic(table, path)
+
+
+def read_centroids(path: str, fingerprint: Optional[str] = None) -> tuple[np.ndarray, dict]:
+    """(float32 ``[C, D]`` centroids, meta); refuses centroids of another teacher ``fingerprint``."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, CENTROIDS_FILE)
+    meta = read_meta(path)
+    if meta.get("kind") != "centroids":
+        raise CacheCorruptError(f"{path} holds {meta.get('kind')!r} rows, not class centroids")
+    check_compatible(meta, path=path, fingerprint=fingerprint)
+    try:
+        table = pq.read_table(path, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as exc:
+        raise CacheCorruptError(f"centroids file {path} is truncated or corrupt: {exc}") from exc
+    column = table.sort_by("class").column("centroid").combine_chunks()
+    return column.values.to_numpy().reshape(-1, column.type.list_size).astype(np.float32), meta

@@ -1,0 +1,189 @@
+"""The gRPC wire format: proto <-> protocol conversion, wire limits and status codes.
+
+Tensors are raw little-endian bytes with a dtype name from a short allow-list and a shape, never
+pickle: a client in any language can build them, and a malicious payload can at worst be refused.
+`decode_embed_request` checks the byte limit and the wire format only; the content is checked by
+the same `validate_request` the handle path uses, in the replica.
+
+The server that uses this is `teacher_service.grpc.ingress` (our own grpc.aio server in a Ray
+actor). Serve's own gRPC proxy is not used: in ray 2.60 it binds `[::]:<port>` with no host
+option (`ray/serve/_private/grpc_util.py`) and its options are fixed when Serve starts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from teacher_service.grpc.proto import teacher_pb2 as pb
+from teacher_service.contract.protocol import EmbedRequest, EmbedResponse, RequestError
+
+SERVICE_NAME = "kd.teacher.v1.TeacherService"
+DEFAULT_GRPC_PORT = 9000
+DEFAULT_MAX_REQUEST_BYTES = 64 * 2**20
+WIRE_DTYPES = ("uint8", "int32", "int64", "float16", "float32")
+MAX_DIMS = 8
+MAX_DETAILS_CHARS = 2000  # status details travel in HTTP/2 trailers: keep them short
+REFUSAL_METADATA = "kd-refusal"  # trailing metadata naming why a request was refused (counter kind)
+
+
+class RequestTooLargeError(RequestError):
+    """A request over the byte limit; answered RESOURCE_EXHAUSTED rather than INVALID_ARGUMENT."""
+
+
+@dataclass(frozen=True)
+class WireLimits:
+    """Bounds checked on the raw proto before any array is built."""
+
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_dims: int = MAX_DIMS
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_request_bytes, int) and self.max_request_bytes >= 1):
+            raise ValueError(f"max_request_bytes: expected an int >= 1, got {self.max_request_bytes!r}")
+
+
+# ------------------------------------------------------------------------------------------ tensors
+def tensor_to_proto(array: np.ndarray) -> pb.Tensor:
+    """Raw little-endian C-order bytes + dtype name + shape; refuses dtypes outside WIRE_DTYPES."""
+    array = np.asarray(array)
+    name = array.dtype.name
+    if name not in WIRE_DTYPES:
+        raise ValueError(f"tensor: dtype {name} cannot go on the wire; expected one of {WIRE_DTYPES}")
+    data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    return pb.Tensor(dtype=name, shape=list(array.shape), data=data)
+
+
+def tensor_from_proto(tensor: pb.Tensor, field: str, max_dims: int = MAX_DIMS) -> np.ndarray:
+    """A writable native-order array; RequestError naming `field` when dtype, shape or size is off."""
+    if tensor.dtype not in WIRE_DTYPES:
+        raise RequestError(f"{field}: dtype {tensor.dtype!r} is not accepted; expected one of {WIRE_DTYPES}")
+    shape = tuple(int(d) for d in tensor.shape)
+    if len(shape) > max_dims:
+        raise RequestError(f"{field}: {len(shape)} dimensions, at most {max_dims} accepted")
+    if any(d < 0 for d in shape):
+        raise RequestError(f"{field}: negative dimension in shape {list(shape)}")
+    dtype = np.dtype(tensor.dtype).newbyteorder("<")
+    expected = math.prod(shape) * dtype.itemsize
+    if len(tensor.data) != expected:
+        raise RequestError(f"{field}: shape {list(shape)} of {tensor.dtype} needs {expected} bytes, "
+                           f"got {len(tensor.data)}")
+    flat = np.frombuffer(tensor.data, dtype=dtype)
+    return flat.astype(dtype.newbyteorder("="), copy=True).reshape(shape)
+
+
+# ------------------------------------------------------------------------------------------ embed
+def encode_embed_request(request: EmbedRequest) -> pb.EmbedRequest:
+    """Client side: protocol EmbedRequest → proto (validation is the server's job)."""
+    msg = pb.EmbedRequest(keys=list(request.keys), run=request.run or "", view=request.view or "",
+                          weight=float(request.weight))
+    if request.images is not None:
+        msg.images.CopyFrom(tensor_to_proto(request.images))
+    if request.tokens is not None:
+        msg.tokens.CopyFrom(tensor_to_proto(request.tokens))
+    return msg
+
+
+def decode_embed_request(msg: pb.EmbedRequest, limits: WireLimits = WireLimits()) -> EmbedRequest:
+    """Server side: proto → protocol EmbedRequest, checking size first (RequestTooLargeError).
+
+    Only the wire format is checked here; the content (shapes vs keys, dtypes, token ids) is
+    checked by the same `validate_request` the handle path uses.
+    """
+    if not isinstance(msg, pb.EmbedRequest):
+        raise RequestError(f"request: expected {pb.EmbedRequest.DESCRIPTOR.full_name}, got {type(msg).__name__}")
+    size = msg.ByteSize()
+    if size > limits.max_request_bytes:
+        raise RequestTooLargeError(f"request: {size} bytes exceeds max_request_bytes={limits.max_request_bytes}; "
+                                   "split it into smaller requests")
+    images = tensor_from_proto(msg.images, "images", limits.max_dims) if msg.HasField("images") else None
+    tokens = tensor_from_proto(msg.tokens, "tokens", limits.max_dims) if msg.HasField("tokens") else None
+    return EmbedRequest(keys=list(msg.keys), images=images, tokens=tokens, run=msg.run, view=msg.view,
+                        weight=msg.weight if msg.weight != 0 else 1.0)
+
+
+def encode_embed_reply(response: EmbedResponse) -> pb.EmbedReply:
+    """Server side: the fp16 features go out byte for byte as the handle path returns them."""
+    msg = pb.EmbedReply(keys=list(response.keys), logit_scale=float(response.logit_scale),
+                        fingerprint=response.fingerprint)
+    if response.image_features is not None:
+        msg.image_features.CopyFrom(tensor_to_proto(response.image_features))
+    if response.text_features is not None:
+        msg.text_features.CopyFrom(tensor_to_proto(response.text_features))
+    if response.logit_bias is not None:
+        msg.logit_bias = float(response.logit_bias)
+    return msg
+
+
+def decode_embed_reply(msg: pb.EmbedReply) -> EmbedResponse:
+    """Client side: proto → protocol EmbedResponse (numpy float16 features)."""
+    def features(field: str) -> np.ndarray | None:
+        return tensor_from_proto(getattr(msg, field), field) if msg.HasField(field) else None
+
+    return EmbedResponse(keys=list(msg.keys), image_features=features("image_features"),
+                         text_features=features("text_features"), logit_scale=msg.logit_scale,
+                         logit_bias=msg.logit_bias if msg.HasField("logit_bias") else None,
+                         fingerprint=msg.fingerprint)
+
+
+# ------------------------------------------------------------------------------------ stats/health
+def encode_stats_reply(stats: dict[str, Any]) -> pb.StatsReply:
+    """Numeric top-level entries → `counters`, per-run numbers → `runs`, everything → `json`."""
+    import json
+
+    msg = pb.StatsReply(app_name=str(stats.get("app_name", "")), fingerprint=str(stats.get("fingerprint", "")),
+                        json=json.dumps(stats, sort_keys=True, default=str))
+    msg.counters.update({k: float(v) for k, v in stats.items() if _is_number(v)})
+    for run, counters in sorted(stats.get("runs", {}).items()):
+        msg.runs.add(run=run).counters.update({k: float(v) for k, v in counters.items() if _is_number(v)})
+    replicas = stats.get("replicas")
+    msg.replicas.extend(sorted(replicas) if isinstance(replicas, dict) else [str(stats.get("replica", ""))])
+    return msg
+
+
+def encode_health_reply(info: dict[str, Any]) -> pb.HealthReply:
+    return pb.HealthReply(serving=True, app_name=str(info.get("app_name", "")),
+                          fingerprint=str(info.get("fingerprint", "")), model=str(info.get("model", "")),
+                          embed_dim=int(info.get("embed_dim", 0)), max_batch_size=int(info.get("max_batch_size", 0)),
+                          max_request_samples=int(info.get("max_request_samples", 0)),
+                          max_request_bytes=int(info.get("max_request_bytes", 0)),
+                          replica=str(info.get("replica", "")), uptime_s=float(info.get("uptime_s", 0.0)))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# ----------------------------------------------------------------------------------------- status
+def grpc_status_for(error: Exception) -> grpc.StatusCode:
+    """UNAUTHENTICATED without the token, RESOURCE_EXHAUSTED for size and caller-limit refusals,
+    INVALID_ARGUMENT for other refusals, INTERNAL otherwise."""
+    from teacher_service.grpc.auth import UnauthenticatedError
+    from teacher_service.grpc.caller_limits import CallerLimitError
+
+    if isinstance(error, UnauthenticatedError):
+        return grpc.StatusCode.UNAUTHENTICATED
+    if isinstance(error, (RequestTooLargeError, CallerLimitError)):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(error, RequestError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+def refusal_kind(error: Exception) -> str:
+    """The counter kind of a refusal (`errors_<kind>` in the teacher's stats), sent as `kd-refusal`."""
+    from teacher_service.grpc.auth import UnauthenticatedError
+    from teacher_service.grpc.caller_limits import CallerLimitError
+
+    if isinstance(error, UnauthenticatedError):
+        return "unauthenticated"
+    if isinstance(error, RequestTooLargeError):
+        return "too_large"
+    if isinstance(error, CallerLimitError):
+        return error.reason
+    if isinstance(error, RequestError):
+        return "invalid"
+    return "internal"

@@ -1,0 +1,339 @@
+"""The teacher's gRPC ingress: our own grpc.aio server in a detached Ray actor, one per teacher app.
+
+Why not Serve's gRPC proxy: in ray 2.60 it binds `[::]:<port>` with no host option and its
+options are fixed when Serve starts. This server binds `TeacherConfig.grpc_host` (127.0.0.1
+unless configured otherwise) and `grpc_port`, and per Embed rpc:
+1. checks the bearer token (`auth.TokenCheck`) when the app has `grpc_token_file`;
+2. names the caller (`caller_limits.caller_name`: `kd-caller` metadata, else the peer's host);
+3. decodes the proto with the byte limit (`grpc_ingress.decode_embed_request`; never pickle);
+4. admits it under the caller's in-flight and samples/s limits (`caller_limits.CallerAdmission`);
+5. forwards it through a DeploymentHandle with `run = "grpc:<caller>"`: the path in-cluster
+   students take, so coalescing, view-affine routing and the replicas' weighted fair share apply,
+   with each caller its own run.
+Refusals are answered at once with a status code, the reason as details and the counter kind as
+`kd-refusal` trailing metadata, and counted here (the replicas count what reaches them; the
+teacher's stats add both, `stats.add_ingress`).
+
+The actor is named "<app>-grpc" in namespace "kd-teacher", detached (it outlives the command that
+started it, like the app), pinned to the node that started it (so 127.0.0.1 means that machine),
+and stops itself when its app is deleted. `teacher_service.app.deploy` starts it when `grpc_port` is set
+and `teacher_service.app.delete_teacher` stops it with the app.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any, NoReturn, Protocol
+
+import grpc
+import ray
+
+from teacher_service.grpc.auth import TokenCheck, UnauthenticatedError
+from teacher_service.grpc.caller_limits import CallerAdmission, CallerLimitError, peer_host
+from teacher_service.grpc.caller_limits import caller_name as name_caller
+from teacher_service.config import TeacherConfig
+from teacher_service.grpc.codec import (
+    MAX_DETAILS_CHARS,
+    REFUSAL_METADATA,
+    WireLimits,
+    decode_embed_request,
+    encode_embed_reply,
+    encode_health_reply,
+    encode_stats_reply,
+    grpc_status_for,
+    refusal_kind,
+)
+from teacher_service.grpc.proto import teacher_pb2 as pb
+from teacher_service.grpc.proto import teacher_pb2_grpc as pb_grpc
+from teacher_service.contract.protocol import EmbedRequest, EmbedResponse, RequestError
+from teacher_service.stats import TeacherCounters, add_ingress, merge_stats, rss_bytes
+
+log = logging.getLogger(__name__)
+
+INGRESS_NAMESPACE = "kd-teacher"
+GRPC_RUN_PREFIX = "grpc:"
+WATCH_INTERVAL_S = 2.0
+APP_GONE_POLLS = 2  # consecutive polls without the app before the ingress stops itself
+MAX_GRPC_MESSAGE = 2**31 - 1
+
+
+class GrpcBindError(RuntimeError):
+    """The ingress could not listen on the configured address (in use, or not an address of this node)."""
+
+
+class AppMismatchError(LookupError):
+    """The caller asked (metadata "application") for another app than this ingress serves."""
+
+
+def ingress_name(app_name: str) -> str:
+    return f"{app_name}-grpc"
+
+
+def bind_address(host: str, port: int) -> str:
+    """"host:port", with IPv6 hosts in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# ============================================================================================ servicer
+class TeacherBackend(Protocol):
+    """What the servicer forwards to: the teacher app (ServeBackend) or a fake in unit tests."""
+
+    async def embed(self, request: EmbedRequest) -> EmbedResponse: ...
+    async def info(self) -> dict[str, Any]: ...
+    async def stats(self, all_replicas: bool) -> dict[str, Any]: ...
+
+
+class ServeBackend:
+    """The teacher app through a DeploymentHandle, as students reach it (created in the actor that uses it)."""
+
+    def __init__(self, app_name: str):
+        from ray import serve
+
+        self.handle = serve.get_app_handle(app_name)
+
+    async def embed(self, request: EmbedRequest) -> EmbedResponse:
+        return await self.handle.embed.remote(request)
+
+    async def info(self) -> dict[str, Any]:
+        return await self.handle.info.remote()
+
+    async def stats(self, all_replicas: bool) -> dict[str, Any]:
+        if not all_replicas:
+            return await self.handle.stats.remote()
+        return merge_stats(await self.handle.broadcast("stats", include_samples=True).results_async(timeout_s=30))
+
+
+class TeacherServicer(pb_grpc.TeacherServiceServicer):
+    """rpcs Embed, Stats, Health: token, caller, size and rate checks, then the backend."""
+
+    def __init__(self, cfg: TeacherConfig, backend: TeacherBackend, clock=time.monotonic):
+        self.cfg = cfg
+        self.backend = backend
+        self.auth = TokenCheck.from_file(cfg.grpc_token_file)
+        self.wire_limits = WireLimits(max_request_bytes=cfg.grpc_max_request_bytes)
+        self.admission = CallerAdmission(cfg.caller_limits(), clock)
+        self.counters = TeacherCounters(1, cfg.app_name, "grpc-ingress", clock=clock)
+        self.address = ""
+        self._started = time.time()
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedReply:
+        run = GRPC_RUN_PREFIX + peer_host(context.peer())  # who to count a refusal under until named
+        admitted = None
+        try:
+            caller = self._caller(context)
+            run = GRPC_RUN_PREFIX + caller
+            decoded = decode_embed_request(request, self.wire_limits)
+            admitted = self.admission.admit(caller, len(decoded))
+        except (UnauthenticatedError, AppMismatchError, RequestError, CallerLimitError) as e:
+            await self._refuse(context, run, e)
+        try:
+            response = await self.backend.embed(dataclasses.replace(decoded, run=run))
+        except Exception as e:  # noqa: BLE001 - answered with a status; the replica counted its own refusals
+            await _abort_backend_failure(context, e)
+        finally:
+            self.admission.release(admitted)
+        return encode_embed_reply(response)
+
+    async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsReply:
+        """The replica's (or all replicas' merged) counters plus this ingress's refusals."""
+        await self._check_only(context)
+        try:
+            stats = await self.backend.stats(bool(request.all_replicas))
+        except Exception as e:  # noqa: BLE001
+            await _abort_backend_failure(context, e)
+        return encode_stats_reply(add_ingress(stats, self.snapshot()))
+
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthReply:
+        """Identity of a replica that answers, and the limits this ingress applies."""
+        await self._check_only(context)
+        try:
+            info = await self.backend.info()
+        except Exception as e:  # noqa: BLE001
+            await _abort_backend_failure(context, e)
+        return encode_health_reply({**info, "max_request_bytes": self.wire_limits.max_request_bytes})
+
+    def snapshot(self) -> dict[str, Any]:
+        """The ingress's refusal counters and state (`stats.add_ingress` adds them to the replicas')."""
+        return {**self.counters.snapshot(), "address": self.address, "callers_in_flight": self.admission.in_flight(),
+                "rss_bytes": rss_bytes(), "uptime_s": time.time() - self._started}
+
+    # ---- internals
+    def _caller(self, context: grpc.aio.ServicerContext) -> str:
+        """Token first (an unauthenticated caller's metadata is not trusted), then app and caller name."""
+        metadata = tuple(context.invocation_metadata() or ())
+        if self.auth is not None:
+            self.auth.check(metadata)
+        asked = next((value for key, value in metadata if key == "application"), None)
+        if asked not in (None, self.cfg.app_name):
+            raise AppMismatchError(f"application: this gRPC port serves teacher app {self.cfg.app_name!r}, "
+                                   f"not {asked!r}")
+        return name_caller(metadata, context.peer())
+
+    async def _check_only(self, context: grpc.aio.ServicerContext) -> None:
+        run = GRPC_RUN_PREFIX + peer_host(context.peer())
+        try:
+            self._caller(context)
+        except (UnauthenticatedError, AppMismatchError, RequestError) as e:
+            await self._refuse(context, run, e)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, run: str, error: Exception) -> NoReturn:
+        """Count the refusal under `run` and answer it (context.abort raises)."""
+        if isinstance(error, AppMismatchError):
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(error)[:MAX_DETAILS_CHARS])
+        kind = refusal_kind(error)
+        self.counters.refused(self.counters.received(run), kind)
+        await context.abort(grpc_status_for(error), str(error)[:MAX_DETAILS_CHARS], ((REFUSAL_METADATA, kind),))
+
+
+async def _abort_backend_failure(context: grpc.aio.ServicerContext, error: Exception) -> NoReturn:
+    """A failure behind the ingress as a status: refusals keep their code, an absent app is UNAVAILABLE."""
+    from ray.serve.exceptions import BackPressureError, RayServeException
+
+    cause = getattr(error, "cause", None) or error  # Ray wraps what the replica raised
+    if isinstance(cause, RequestError):
+        code = grpc_status_for(cause)
+    elif isinstance(cause, BackPressureError):
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    elif isinstance(cause, (RayServeException, ray.exceptions.RayActorError)):
+        code = grpc.StatusCode.UNAVAILABLE
+    else:
+        code = grpc.StatusCode.INTERNAL
+    details = str(cause) if isinstance(cause, RequestError) else f"{type(cause).__name__}: {cause}"
+    await context.abort(code, details[:MAX_DETAILS_CHARS])
+
+
+async def serve_grpc(servicer: TeacherServicer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Start a grpc.aio server for `servicer` on host:port; returns it and the bound port.
+
+    SO_REUSEPORT is off, so a port another server holds is an error rather than silently shared.
+    gRPC's own receive limit is twice the request limit: up to there a large request reaches the
+    decoder and is refused with our message (counted `errors_too_large`); beyond it gRPC refuses
+    it before reading it (RESOURCE_EXHAUSTED, not counted).
+    """
+    limit = min(MAX_GRPC_MESSAGE, 2 * servicer.wire_limits.max_request_bytes)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", limit),
+                                      ("grpc.max_send_message_length", -1)])
+    pb_grpc.add_TeacherServiceServicer_to_server(servicer, server)
+    address = bind_address(host, port)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise GrpcBindError(f"gRPC ingress: cannot listen on {address}: {e}") from e
+    if not bound:
+        raise GrpcBindError(f"gRPC ingress: cannot listen on {address} (in use, or not an address of this node)")
+    await server.start()
+    return server, bound
+
+
+# =============================================================================================== actor
+@ray.remote(num_cpus=0, max_restarts=0)
+class GrpcIngress:
+    """The servicer and its grpc.aio server on this actor's event loop; stops itself with its app."""
+
+    def __init__(self, config: dict):
+        self.cfg = TeacherConfig.from_dict(config)
+        self.servicer = TeacherServicer(self.cfg, ServeBackend(self.cfg.app_name))
+        self.server: grpc.aio.Server | None = None
+        self._watch: asyncio.Task | None = None
+
+    async def start(self) -> str:
+        """Listen; returns the bound "host:port"."""
+        self.server, port = await serve_grpc(self.servicer, self.cfg.grpc_host, int(self.cfg.grpc_port or 0))
+        self.servicer.address = bind_address(self.cfg.grpc_host, port)
+        self._watch = asyncio.get_running_loop().create_task(self._stop_when_app_is_gone())
+        return self.servicer.address
+
+    async def address(self) -> str:
+        return self.servicer.address
+
+    async def stats(self) -> dict[str, Any]:
+        return self.servicer.snapshot()
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        """Stop listening (the port is free when this returns); the actor itself is killed by the caller."""
+        if self.server is not None:
+            await self.server.stop(grace_s)
+
+    async def _stop_when_app_is_gone(self) -> None:
+        from ray import serve
+
+        missing = 0
+        while missing < APP_GONE_POLLS:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            try:
+                apps = (await asyncio.to_thread(serve.status)).applications
+            except Exception as e:  # noqa: BLE001 - a busy or restarting controller is no reason to stop
+                log.warning("gRPC ingress: cannot read Serve status: %s", e)
+                continue
+            missing = missing + 1 if self.cfg.app_name not in apps else 0
+        log.warning("gRPC ingress: teacher app %r is gone; stopping", self.cfg.app_name)
+        await self.stop()
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+
+# ============================================================================================ lifecycle
+def find_ingress(app_name: str):
+    """The app's running ingress actor, or None."""
+    try:
+        return ray.get_actor(ingress_name(app_name), namespace=INGRESS_NAMESPACE)
+    except ValueError:
+        return None
+
+
+def start_ingress(cfg: TeacherConfig, timeout_s: float = 60.0) -> str:
+    """(Re)start the gRPC ingress of `cfg.app_name` on this node; returns the address it listens on.
+
+    The app must be deployed (the ingress takes its handle at start). An ingress already running
+    for the app is stopped first, so a redeploy applies new gRPC settings.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if cfg.grpc_port is None:
+        raise ValueError(f"teacher app {cfg.app_name!r}: grpc_port is None, so there is no gRPC ingress to start")
+    stop_ingress(cfg.app_name, timeout_s)
+    if not cfg.grpc_is_loopback() and not cfg.grpc_token_file:
+        log.warning("gRPC ingress of %r listens on %s without grpc_token_file: anyone who reaches that address "
+                    "can use the teacher", cfg.app_name, cfg.grpc_host)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = GrpcIngress.options(name=ingress_name(cfg.app_name), namespace=INGRESS_NAMESPACE, lifetime="detached",
+                                scheduling_strategy=here).remote(cfg.to_dict())
+    try:
+        return ray.get(actor.start.remote(), timeout=timeout_s)
+    except ray.exceptions.RayTaskError as e:
+        ray.kill(actor, no_restart=True)
+        raise (e.cause if isinstance(e.cause, Exception) else e) from None
+    except BaseException:
+        ray.kill(actor, no_restart=True)
+        raise
+
+
+def stop_ingress(app_name: str, timeout_s: float = 30.0) -> bool:
+    """Stop the app's ingress (port released, name free) if one runs; True when there was one."""
+    actor = find_ingress(app_name)
+    if actor is None:
+        return False
+    try:
+        ray.get(actor.stop.remote(), timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001 - killed below either way
+        log.warning("gRPC ingress of %r did not stop cleanly: %s", app_name, e)
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    while find_ingress(app_name) is not None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gRPC ingress {ingress_name(app_name)!r} still registered {timeout_s:.0f}s after kill")
+        time.sleep(0.1)
+    return True
+
+
+def ingress_address(app_name: str, timeout_s: float = 30.0) -> str | None:
+    """Where the app's ingress listens ("host:port"), or None when it has none."""
+    actor = find_ingress(app_name)
+    return None if actor is None else ray.get(actor.address.remote(), timeout=timeout_s)
+
+
+def ingress_stats(app_name: str, timeout_s: float = 30.0) -> dict[str, Any] | None:
+    """The ingress's refusal counters and state, or None when the app has no ingress."""
+    actor = find_ingress(app_name)
+    return None if actor is None else ray.get(actor.stats.remote(), timeout=timeout_s)

@@ -1,0 +1,175 @@
+"""Exactly-once teacher computation inside one replica: coalescing identical samples across runs.
+
+Several student runs over the same data ask the teacher for the same (view, key) — a sweep of
+loss weights, or runs restarted from a checkpoint. A sample with a view identity
+(`EmbedRequest.view`) is computed once: a request whose sample is already in a queued or running
+forward waits for that forward ("coalesced"), and one whose sample was answered recently is
+answered from a bounded in-memory table of recent rows ("from cache"). Only the remaining
+samples go to the batcher, as one smaller request.
+
+What identifies a sample is (view, key, modality, image shape, token-row hash): the client
+promises that view and key decide the pixels and caption; shape and tokens are checked here
+because they are cheap, so two runs that tokenise differently never share a row.
+
+Shared forwards are independent tasks: a caller that gives up (timeout, retry) does not cancel a
+computation others wait on, and its retry joins the computation still running.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+
+import numpy as np
+
+from teacher_service.contract.protocol import EmbedRequest, EmbedResponse
+
+Compute = Callable[[EmbedRequest], Awaitable[EmbedResponse]]
+
+
+@dataclass
+class Reuse:
+    """How one request's samples were answered."""
+
+    computed: int = 0   # sent to the teacher by this request
+    coalesced: int = 0  # joined a forward another request (or an earlier row of this one) started
+    from_cache: int = 0  # answered from the replica's table of recent rows
+
+
+@dataclass
+class _Pending:
+    task: asyncio.Future  # the EmbedResponse of the sub-request that computes this row
+    row: int
+
+
+class Coalescer:
+    """Routes each sample of a request to: the recent-rows table, a running forward, or a new one.
+
+    `memory_rows` bounds the recent-rows table (least recently used rows go first); 0 keeps only
+    in-flight coalescing. `meta` fills the response fields when every row came from the table.
+    """
+
+    def __init__(self, memory_rows: int, logit_scale: float, logit_bias: float | None, fingerprint: str):
+        if memory_rows < 0:
+            raise ValueError(f"Coalescer: memory_rows={memory_rows} must be >= 0")
+        self.memory_rows = memory_rows
+        self.logit_scale, self.logit_bias, self.fingerprint = logit_scale, logit_bias, fingerprint
+        self._pending: dict[Hashable, _Pending] = {}
+        self._recent: OrderedDict[Hashable, tuple[np.ndarray | None, np.ndarray | None]] = OrderedDict()
+
+    def in_flight_rows(self) -> int:
+        return len(self._pending)
+
+    def recent_rows(self) -> int:
+        return len(self._recent)
+
+    async def embed(self, request: EmbedRequest, compute: Compute) -> tuple[EmbedResponse, Reuse]:
+        """Answer `request` (already validated), computing only samples nobody has or is computing."""
+        if not request.view:
+            return await compute(request), Reuse(computed=len(request))
+        ids = sample_identities(request)
+        sources: list[tuple[str, object]] = []
+        fresh: list[int] = []
+        first_in_request: dict[Hashable, int] = {}
+        for i, ident in enumerate(ids):
+            if ident in self._recent:
+                self._recent.move_to_end(ident)
+                sources.append(("recent", self._recent[ident]))
+            elif ident in self._pending:
+                sources.append(("pending", self._pending[ident]))
+            elif ident in first_in_request:
+                sources.append(("same", first_in_request[ident]))
+            else:
+                first_in_request[ident] = i
+                sources.append(("fresh", len(fresh)))
+                fresh.append(i)
+        own = self._start(request, ids, fresh, compute) if fresh else None
+        tasks = {id(p.task): p.task for kind, p in sources if kind == "pending"}
+        if own is not None:
+            tasks[id(own)] = own
+        answers = {k: await asyncio.shield(t) for k, t in tasks.items()}  # shared: never cancel others' work
+        reuse = Reuse(computed=len(fresh),
+                      coalesced=sum(kind in ("pending", "same") for kind, _ in sources),
+                      from_cache=sum(kind == "recent" for kind, _ in sources))
+        return self._assemble(request, sources, answers, own), reuse
+
+    # ---- internals
+    def _start(self, request: EmbedRequest, ids: list, rows: list[int], compute: Compute) -> asyncio.Future:
+        task = asyncio.ensure_future(compute(subset(request, rows)))
+        mine = [ids[i] for i in rows]
+        for j, ident in enumerate(mine):
+            self._pending[ident] = _Pending(task, j)
+        task.add_done_callback(lambda t: self._settle(t, mine))
+        return task
+
+    def _settle(self, task: asyncio.Future, idents: list) -> None:
+        """A forward ended: its rows leave the in-flight table and, if it succeeded, join the recent table."""
+        for ident in idents:
+            if ident in self._pending and self._pending[ident].task is task:
+                del self._pending[ident]
+        if task.cancelled() or task.exception() is not None or self.memory_rows == 0:
+            return
+        resp = task.result()
+        for j, ident in enumerate(idents):
+            self._recent[ident] = (_row(resp.image_features, j), _row(resp.text_features, j))
+            self._recent.move_to_end(ident)
+        while len(self._recent) > self.memory_rows:
+            self._recent.popitem(last=False)
+
+    def _assemble(self, request: EmbedRequest, sources: list, answers: dict, own) -> EmbedResponse:
+        rows: list[tuple[np.ndarray | None, np.ndarray | None]] = []
+        for kind, src in sources:
+            if kind == "recent":
+                rows.append(src)
+            elif kind == "pending":
+                rows.append(_rows_of(answers[id(src.task)], src.row))
+            elif kind == "same":
+                rows.append(rows[src])
+            else:
+                rows.append(_rows_of(answers[id(own)], src))
+        any_resp = next(iter(answers.values()), None)
+        return EmbedResponse(
+            keys=list(request.keys),
+            image_features=_stack([r[0] for r in rows]) if request.images is not None else None,
+            text_features=_stack([r[1] for r in rows]) if request.tokens is not None else None,
+            logit_scale=any_resp.logit_scale if any_resp else self.logit_scale,
+            logit_bias=any_resp.logit_bias if any_resp else self.logit_bias,
+            fingerprint=any_resp.fingerprint if any_resp else self.fingerprint)
+
+
+def sample_identities(request: EmbedRequest) -> list[Hashable]:
+    """One hashable identity per sample: (view, key, image shape or None, token-row hash or None)."""
+    shape = None if request.images is None else tuple(request.images.shape[1:])
+    if request.tokens is None:
+        tokens = [None] * len(request)
+    else:
+        rows = np.ascontiguousarray(request.tokens, dtype=np.int64)
+        tokens = [hashlib.blake2b(row.tobytes(), digest_size=8).digest() for row in rows]
+    return [(request.view, key, shape, tok) for key, tok in zip(request.keys, tokens)]
+
+
+def subset(request: EmbedRequest, rows: list[int]) -> EmbedRequest:
+    """The request restricted to `rows` (the whole request when it is every row)."""
+    if len(rows) == len(request):
+        return request
+    idx = np.asarray(rows, dtype=np.int64)
+    return EmbedRequest(keys=[request.keys[i] for i in rows],
+                        images=None if request.images is None else request.images[idx],
+                        tokens=None if request.tokens is None else request.tokens[idx],
+                        run=request.run, view=request.view, weight=request.weight)
+
+
+def _row(features: np.ndarray | None, j: int) -> np.ndarray | None:
+    return None if features is None else features[j]
+
+
+def _rows_of(resp, j: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    if isinstance(resp, Exception):  # the forward refused or failed: every waiter gets its error
+        raise resp
+    return _row(resp.image_features, j), _row(resp.text_features, j)
+
+
+def _stack(rows: list[np.ndarray | None]) -> np.ndarray:
+    return np.stack(rows).astype(np.float16, copy=False)

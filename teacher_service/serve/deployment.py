@@ -1,0 +1,171 @@
+"""The teacher as a Ray Serve deployment: a detached, named replica pool with sample-counted batching.
+
+Serve apps outlive the job that deployed them, so one `deploy()` serves every student run that
+later calls `get_teacher_handle(app_name)`. Requests are validated before they join a batch (a bad
+request fails alone); the batch itself is `TeacherEngine.embed_many`, run in a single worker thread.
+
+Batching is `batching.SampleBatcher` by default (`TeacherConfig.batcher = "fill"`): it forms a
+batch only when the forward is free, where `@serve.batch` (`batcher = "serve"`, kept for
+comparison) seals the next batch while the previous forward still runs (see `batching`).
+
+Every replica keeps `TeacherCounters` (requests, samples requested / computed, errors, batch fill,
+queue wait and forward percentiles, per-run throughput), returned by `stats()` and exported as Ray
+metrics; `collect_stats` merges them over all replicas (Serve's handle broadcast). Callers
+outside Ray use the app's gRPC ingress (`grpc_server`, started by `deploy` when `grpc_port` is
+set), which forwards to `embed` through a handle like any student.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from teacher_service.serve.batching import Queued, SampleBatcher
+from teacher_service.serve.coalesce import Coalescer
+from teacher_service.config import TeacherConfig
+from teacher_service.serve.engine import TeacherEngine
+from teacher_service.model import load_teacher
+from teacher_service.contract.protocol import EmbedRequest, EmbedResponse, RequestError, RequestLimits
+from teacher_service.stats import (
+    MetricsSink,
+    RayMetricsSink,
+    TeacherCounters,
+    add_ingress,
+    merge_stats,
+    rss_bytes,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ======================================================================================= deployment
+@serve.deployment
+class TeacherDeployment:
+    """One replica: a frozen teacher, its engine, a SampleBatcher and the replica's counters."""
+
+    def __init__(self, config: dict):
+        self.cfg = TeacherConfig.from_dict(config)
+        self.teacher = load_teacher(self.cfg)
+        self.engine = TeacherEngine(self.teacher, RequestLimits(max_samples=self.cfg.max_request_samples,
+                                                                max_weight=self.cfg.max_run_weight))
+        self.coalescer = Coalescer(self.cfg.coalesce_memory_rows, self.teacher.logit_scale,
+                                   self.teacher.logit_bias, self.teacher.fingerprint)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-forward")
+        self._clock = time.monotonic
+        self._started = time.time()
+        self.replica = _replica_id()
+        self.counters = TeacherCounters(self.cfg.max_batch_size, self.cfg.app_name, self.replica,
+                                        clock=self._clock, sink=_ray_sink(self.cfg.app_name, self.replica))
+        self.batcher = SampleBatcher(self._run_batch, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s)
+        self._serve_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self._serve_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+
+    # ---- the handle API
+    async def embed(self, request: EmbedRequest) -> EmbedResponse:
+        """Embed one mini-batch; a RequestError goes to this caller only."""
+        return await self._embed(request, self._clock())
+
+    async def info(self) -> dict[str, Any]:
+        """Teacher identity (fingerprint, sizes, scales) and the limits clients must respect."""
+        return {**self.teacher.info(), "app_name": self.cfg.app_name,
+                "max_batch_size": self.cfg.max_batch_size,
+                "max_request_samples": self.cfg.max_request_samples,
+                "replica": self.replica, "uptime_s": time.time() - self._started}
+
+    async def stats(self, include_samples: bool = False) -> dict[str, Any]:
+        """This replica's counters (`TeacherCounters.snapshot`); `collect_stats` merges all replicas."""
+        return {**self.counters.snapshot(include_samples), "fingerprint": self.teacher.fingerprint,
+                "model": self.cfg.model, "uptime_s": time.time() - self._started,
+                "coalesce_in_flight_rows": self.coalescer.in_flight_rows(),
+                "coalesce_recent_rows": self.coalescer.recent_rows(), "rss_bytes": rss_bytes()}
+
+    # ---- internals
+    async def _embed(self, request: EmbedRequest, arrived: float) -> EmbedResponse:
+        label = self.counters.received(getattr(request, "run", None))
+        try:
+            self.engine.validate(request)
+        except RequestError:
+            self.counters.refused(label, "invalid")
+            raise
+        size = len(request)
+        self.counters.accepted(label, size)
+
+        async def compute(part: EmbedRequest) -> EmbedResponse:
+            result = await self._submit((label, part), len(part), arrived, label, float(part.weight))
+            if isinstance(result, Exception):
+                raise result
+            return result
+
+        try:
+            result, reuse = await self.coalescer.embed(request, compute)
+        except asyncio.CancelledError:
+            self.counters.cancelled(label)
+            raise
+        except Exception:
+            self.counters.failed(label)
+            raise
+        self.counters.reused(label, reuse.coalesced, reuse.from_cache)
+        self.counters.answered(label, size)
+        return result
+
+    async def _submit(self, payload: tuple, size: int, arrived: float, run: str = "", weight: float = 1.0):
+        """payload = (run label, request); `run`/`weight` drive the fill batcher's fair share."""
+        if self.cfg.batcher == "fill":
+            return await self.batcher.submit(payload, size, arrived, run, weight)
+        item = Queued(payload, size, arrived, None)
+        if size > self.cfg.max_batch_size:  # Serve's queue refuses an item larger than a batch
+            return (await self._run_batch([item]))[0]
+        return await self._serve_batch(item)
+
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=lambda items: sum(q.size for q in items))
+    async def _serve_batch(self, items: list[Queued]) -> list:
+        """`batcher="serve"`: Serve's own batching, for comparison with SampleBatcher."""
+        return await self._run_batch(list(items))
+
+    async def _run_batch(self, batch: list[Queued]) -> list:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._forward, batch)
+
+    def _forward(self, batch: list[Queued]) -> list:
+        """Runs in the forward thread: one engine call for the whole batch, timed for the counters."""
+        started = self._clock()
+        results = self.engine.embed_many([q.request[1] for q in batch])
+        ended = self._clock()
+        self.counters.batch_done([(q.request[0], q.size, q.arrived) for q in batch],
+                                 [isinstance(r, EmbedResponse) for r in results], started, ended)
+        return results
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside a replica (direct construction in tests)
+        return "local"
+
+
+def _ray_sink(app_name: str, replica: str) -> MetricsSink | None:
+    """Ray metrics when running in a Ray worker; None (counters only) elsewhere."""
+    if not ray.is_initialized():
+        return None
+    try:
+        return RayMetricsSink(app_name, replica)
+    except Exception as e:  # noqa: BLE001 - metrics are an export, never a reason to fail serving
+        log.warning("teacher metrics disabled: %s", e)
+        return None
+
+
+# ============================================================================================ apps
+def build_app(cfg: TeacherConfig):
+    """The Serve application for `cfg` (not yet running)."""
+    return TeacherDeployment.options(**cfg.serve_options()).bind(cfg.to_dict())
+
+
+def app_builder(args: dict):
+    """Serve config entry point (import_path teacher_service.serve.deployment:app_builder); args = TeacherConfig fields."""
+    return build_app(TeacherConfig.from_dict(dict(args or {})))

@@ -1,0 +1,43 @@
+"""`kd demo --quick` on the session's cluster: the real path (data, teacher, Serve app, distilled and
+baseline students, evaluation, report.json with every field), and the check before a teacher left in
+the workdir is reused."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+METRICS = ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "t2i_r1")
+
+
+def test_quick_demo_writes_a_complete_report(ray_cluster, tmp_path):
+    from cluster.demo import DemoConfig, reusable_teacher, run_demo, teacher_identity
+
+    cfg = DemoConfig(workdir=str(tmp_path / "demo"), quick=True, app_name="kd-demo-test")
+    report = run_demo(cfg)
+    assert json.loads((tmp_path / "demo" / "report.json").read_text()) == report
+    assert set(report["models"]) == {"teacher", "student_distilled", "student_baseline"}
+    for row in report["models"].values():
+        for metric in METRICS:
+            assert 0.0 <= row[metric] <= 1.0
+        assert row["params"] > 0 and row["wall_time_s"] is not None
+    assert report["models"]["teacher"]["params"] > report["models"]["student_distilled"]["params"]
+    assert report["baseline"] == "student_baseline"
+    for metric in METRICS:
+        gap = report["models"]["student_distilled"][metric] - report["models"]["student_baseline"][metric]
+        assert report["gain_over_baseline"][metric] == pytest.approx(gap, abs=1e-4)
+    assert report["teacher_fingerprint"] and report["distill_losses"] == cfg.distill_losses
+    assert report["epochs"] == {"teacher": 1, "student": 1} and report["demo_wall_time_s"] > 0
+
+    # the teacher left in the workdir is reused only for the same architecture, data, seed and epochs
+    teacher_dir, data_dir = tmp_path / "demo" / "teacher", tmp_path / "demo" / "data"
+    identity = teacher_identity(cfg, data_dir, 1)
+    assert reusable_teacher(teacher_dir, identity) is None
+    assert "epochs" in reusable_teacher(teacher_dir, teacher_identity(cfg, data_dir, 30))
+    info = data_dir / "dataset.json"
+    info.write_text(info.read_text().replace("digit", "Digit"))  # other data, same file names
+    assert "data" in reusable_teacher(teacher_dir, teacher_identity(cfg, data_dir, 1))
+    (teacher_dir / "demo_teacher.json").unlink()
+    assert "records no" in reusable_teacher(teacher_dir, identity)
