@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Optional
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.pyc", "data", "runs", "cache", "caches", "kd-demo",
+# gitignore syntax; a leading "/" anchors a name to the working dir's root, so the packages'
+# own `data/` and `cache/` subpackages are uploaded while a top-level data/ or cache/ folder is not
+EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.pyc", "/data", "/runs", "/cache", "/caches", "/kd-demo",
             "*.tar", "*.parquet", "*.pt", "*.ckpt", "*.safetensors", "checkpoint_*"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 

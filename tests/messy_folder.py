@@ -46,7 +46,7 @@ GOOD = [
     ("tower.jpg", (8, 1200), "RGB", "JPEG"),
 ]
 # what the folder writer skips, by reason, for the rows written below
-FOLDER_SKIPS = {"undecodable_image": 2, "truncated_image": 1, "missing_image": 1, "missing_caption": 2,
+FOLDER_SKIPS = {"undecodable_image": 1, "truncated_image": 2, "missing_image": 1, "missing_caption": 2,
                 "outside_folder": 2, "bad_label": 1}
 
 

@@ -232,7 +232,7 @@ def test_concurrent_hybrid_runs_append_without_loss_or_duplicates(shards, teache
     assert len(cache) == len(keys) and set(cache.index) == {(k, 0) for k in keys}
     assert cache.duplicates <= 2 * BATCH  # run b's rows may repeat run a's on disk, never in what is served
     rows = cache.fetch(cache.locate(keys, 0))
-    served = np.concatenate([o["image_features"] for _, o in outputs["a"]])
+    served = np.concatenate([o.image_features for _, o in outputs["a"]])
     np.testing.assert_allclose(rows["image_emb"].astype(np.float32), served.astype(np.float32), atol=2e-3)
     report = compact(str(tmp_path / "shared"))
     assert report.rows_written == len(keys) and report.duplicates_dropped == cache.duplicates

@@ -116,9 +116,19 @@ def test_role_placement_flags_apply_the_roles():
 def test_submission_keeps_data_out_and_paths_inside_the_working_dir(tmp_path):
     from cluster.submit import job_path, runtime_env, submission_id
 
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
     env = runtime_env(str(tmp_path))
     assert env["working_dir"] == str(tmp_path.resolve())
-    assert {"data", "runs", "cache", ".venv", "*.tar", "*.parquet", "checkpoint_*"} <= set(env["excludes"])
+    for name in ["data/train-000000.tar", "runs/r/model.pt", "cache/a.parquet", "kd-demo/report.json",
+                 "teacher_service/cache/store.py", "student_trainer/data/batches.py", "cluster/cli/main.py"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    uploaded = []
+    _dir_travel(tmp_path, [_get_excludes(tmp_path, env["excludes"])],
+                lambda p: uploaded.append(p.relative_to(tmp_path).as_posix()), True)
+    assert {"teacher_service/cache/store.py", "student_trainer/data/batches.py", "cluster/cli/main.py"} <= set(uploaded)
+    assert not [p for p in uploaded if p.startswith(("data/", "runs/", "cache/", "kd-demo/"))]  # the user's data stays
     (tmp_path / "run.yaml").write_text("{}")
     assert job_path(str(tmp_path / "run.yaml"), str(tmp_path)) == "run.yaml"
     with pytest.raises(SystemExit, match="does not exist"):

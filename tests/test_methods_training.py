@@ -30,10 +30,10 @@ from student_trainer.config import (
     TrainConfig,
 )
 from student_trainer.factory import create_student, create_tokenizer
+from student_trainer.teacher.outputs import TeacherOutputs
 from student_trainer.losses import DEFAULT_WEIGHTS, build_losses
 from student_trainer.train import (
     DistillModule,
-    merge_teacher_outputs,
     optimizer_steps_per_epoch,
     param_groups,
     teacher_image_embedder,
@@ -157,14 +157,22 @@ def test_naive_accumulation_would_differ():
 
 
 def test_merge_teacher_outputs_and_step_counts(tmp_path):
-    a = {"image_features": np.ones((2, 3), np.float16), "text_features": np.zeros((2, 3), np.float16),
-         "logit_scale": 5.0, "logit_bias": None, "fingerprint": "f"}
-    b = {**a, "image_features": np.full((2, 3), 2, np.float16)}
-    merged = merge_teacher_outputs([a, b])
-    assert merged["image_features"].shape == (4, 3) and merged["image_features"][2, 0] == 2
-    assert merged["logit_scale"] == 5.0 and merge_teacher_outputs([None, None]) is None
+    from dataclasses import replace
+
+    a = TeacherOutputs(np.ones((2, 3), np.float16), np.zeros((2, 3), np.float16), 5.0, None, "f")
+    b = replace(a, image_features=np.full((2, 3), 2, np.float16))
+    merged = TeacherOutputs.merge([a, b])
+    assert merged.image_features.shape == (4, 3) and merged.image_features[2, 0] == 2 and len(merged) == 4
+    assert merged.text_features.shape == (4, 3) and merged.logit_scale == 5.0
+    assert TeacherOutputs.merge([None, None]) is None and TeacherOutputs.merge([a]) is a
     with pytest.raises(ValueError, match="some micro-batches"):
-        merge_teacher_outputs([a, None])
+        TeacherOutputs.merge([a, None])
+    with pytest.raises(ValueError, match="different teachers"):
+        TeacherOutputs.merge([a, replace(b, fingerprint="g")])
+    tensors = merged.to_tensors("cpu")
+    assert tensors["image_features"].dtype == torch.float32 and "logit_bias" not in tensors
+    tensors["image_features"] += 1  # a copy: the (read-only, shared) numpy rows are untouched
+    assert merged.image_features[0, 0] == 1
 
     from student_trainer.data.write_shards import write_digits_shards
 

@@ -105,7 +105,7 @@ def test_cached_rows_are_the_teacher_on_the_student_pixels(cache_dir, shards, en
 
 
 def test_audit_agrees_with_live_teacher(cache_dir):
-    from teacher_service.cache.precompute import audit_cache
+    from teacher_service.cache.audit import audit_cache
 
     report = audit_cache(str(cache_dir), samples=40, seed=1)  # teacher: the config the cache recorded
     assert report.rows == 40 and report.unlocatable == 0 and report.digest_mismatches == 0
@@ -118,7 +118,7 @@ def test_audit_detects_a_tampered_row(cache_dir, tmp_path):
     import shutil
 
     from teacher_service.cache.store import rows_table, write_table_atomic
-    from teacher_service.cache.precompute import audit_cache
+    from teacher_service.cache.audit import audit_cache
 
     bad = tmp_path / "tampered"
     shutil.copytree(cache_dir, bad)
@@ -134,7 +134,7 @@ def test_audit_detects_a_tampered_row(cache_dir, tmp_path):
 
 
 def test_audit_refuses_another_teacher(cache_dir):
-    from teacher_service.cache.precompute import audit_cache
+    from teacher_service.cache.audit import audit_cache
 
     other = TeacherConfig.from_dict({**TEACHER.to_dict(), "seed": 1})
     with pytest.raises(CacheMismatchError, match="fingerprint"):
@@ -175,18 +175,22 @@ def test_resume_recomputes_only_missing_and_corrupt_shards(cache_dir, shards, tm
 
 
 def test_class_centroids_are_per_class_means(shards, engine, tmp_path):
-    from teacher_service.cache.precompute import _tar_samples, precompute_centroids
-    from teacher_service.contract.protocol import EmbedRequest
-    from teacher_service.contract.augment import augment_view, decode_image
+    import hashlib
 
-    path = precompute_centroids(shards, str(tmp_path), 3, teacher=TEACHER, image_size=32)
+    from teacher_service.cache.precompute import precompute_centroids
+    from teacher_service.contract.augment import augment_view
+    from teacher_service.contract.protocol import EmbedRequest
+    from teacher_service.shards import read_samples
+
+    path = precompute_centroids(shards, str(tmp_path), 3, teacher=TEACHER, image_size=32, seed=5)
     centroids, meta = read_centroids(path, fingerprint=engine.teacher.fingerprint)
-    assert centroids.shape == (10, 48) and meta["writer"]["per_class"] == 3
+    assert centroids.shape == (10, 48) and meta["writer"]["per_class"] == 3 and meta["writer"]["seed"] == 5
     assert pq.read_table(path).column("name").to_pylist()[:2] == ["zero", "one"]
-    # class 7 by hand: the first 3 samples labelled 7, in shard order, at their plain resized view
-    picked = [s for shard in shards for s in _tar_samples(shard) if int(s["cls"]) == 7][:3]
-    images = np.stack([augment_view(decode_image(s["png"], "png"), s["__key__"], 0, 0, 32, train=False)
-                       for s in picked])
+    # class 7 by hand: 3 samples labelled 7 drawn with seed 5 (first in sha256(seed, key) order), plain views
+    sevens = [s for s in read_samples(shards) if s["cls"] == 7]
+    picked = sorted(sevens, key=lambda s: hashlib.sha256(f"5\x00{s['__key__']}".encode()).digest()[:8][::-1])[:3]
+    assert [s["__key__"] for s in picked] != [s["__key__"] for s in sevens[:3]]  # not the first 3 in shard order
+    images = np.stack([augment_view(s["image"], s["__key__"], 0, 0, 32, train=False) for s in picked])
     live = engine.embed(EmbedRequest(keys=["a", "b", "c"], images=images)).image_features.astype(np.float32)
     np.testing.assert_allclose(centroids[7], live.mean(0), atol=2e-3)
     assert not np.allclose(centroids[7], centroids[1], atol=1e-2)

@@ -69,7 +69,8 @@ def test_kd_train_on_an_empty_cache_prints_one_error_and_starts_nothing(shards, 
     (tmp_path / "empty").mkdir()
     was_up = ray.is_initialized()
     code = main(["train", "--train-shards", shards, "--teacher-mode", "cache", "--cache-path", str(tmp_path / "empty"),
-                 "--loss", "clip", "--loss", "kl", "--run-name", "empty-cache", "--storage-path", str(tmp_path)])
+                 "--loss", "clip", "--loss", "kl", "--run-name", "empty-cache", "--storage-path", str(tmp_path),
+                 "--batch-size", "8", "--workers", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("kd: error: embedding cache ")
     assert ray.is_initialized() == was_up  # refused before a cluster (let alone a worker) started

@@ -199,11 +199,11 @@ def test_responses_match_their_batches(monkeypatch, sleeps):
     teacher = remote(monkeypatch, handle, prefetch=2, retries=1)
     seen = []
     for batch, out in teacher.stream(make_batches(6)):
-        np.testing.assert_array_equal(out["image_features"], key_features(batch.keys))
-        np.testing.assert_array_equal(out["text_features"], key_features(batch.keys)[:, ::-1])
-        assert out["image_features"].dtype == np.float16
-        assert out["fingerprint"] == "fp-A" and out["logit_scale"] == pytest.approx(1 / 0.07)
-        assert out["logit_bias"] is None
+        np.testing.assert_array_equal(out.image_features, key_features(batch.keys))
+        np.testing.assert_array_equal(out.text_features, key_features(batch.keys)[:, ::-1])
+        assert out.image_features.dtype == np.float16
+        assert out.fingerprint == "fp-A" and out.logit_scale == pytest.approx(1 / 0.07)
+        assert out.logit_bias is None
         seen.append(batch.keys[0])
     assert seen == [f"s-{t * B}" for t in range(6)]
     assert [_first_id(r) for r in handle.sent] == [0, 1, 2, 3, 4, 2, 5]
@@ -228,7 +228,7 @@ def test_failed_call_is_resent_and_counted(monkeypatch, sleeps, failure):
     out = [(b.keys, o) for b, o in teacher.stream(make_batches(3))]
     assert [keys[0] for keys, _ in out] == ["s-0", "s-4", "s-8"]
     for keys, o in out:
-        np.testing.assert_array_equal(o["image_features"], key_features(keys))
+        np.testing.assert_array_equal(o.image_features, key_features(keys))
     assert [_first_id(r) for r in handle.sent] == [0, 1, 0, 0, 2]
     assert all(r.keys == [f"s-{i}" for i in range(B)] for r in handle.sent if _first_id(r) == 0)
     assert teacher.stats.retries == 2
@@ -375,14 +375,14 @@ def test_inline_teacher_equals_engine():
     for (batch, out) in outputs:
         want = reference.embed(make_request(batch, "inline-run"))
         for field in ("image_features", "text_features"):
-            got = out[field]
+            got = getattr(out, field)
             assert got.dtype == np.float16 and got.shape == (B, 48)
             np.testing.assert_allclose(got.astype(np.float32), getattr(want, field).astype(np.float32), atol=1e-3)
             np.testing.assert_allclose(np.linalg.norm(got.astype(np.float32), axis=1), 1.0, atol=2e-3)
-        assert out["logit_scale"] == pytest.approx(want.logit_scale) and out["logit_bias"] is None
-        assert out["fingerprint"] == want.fingerprint
+        assert out.logit_scale == pytest.approx(want.logit_scale) and out.logit_bias is None
+        assert out.fingerprint == want.fingerprint
     # different inputs give different features (the comparison above is not vacuous)
-    assert not np.allclose(outputs[0][1]["image_features"], outputs[1][1]["image_features"], atol=1e-2)
+    assert not np.allclose(outputs[0][1].image_features, outputs[1][1].image_features, atol=1e-2)
     assert source.stats.requests == 3 and source.stats.samples == 3 * B and source.stats.wait_s > 0
 
 
@@ -394,3 +394,18 @@ def test_no_teacher_and_dispatch():
     assert source.stats.requests == 0
     with pytest.raises(ValueError, match="'grpc'"):
         make_teacher_source(TeacherSourceConfig(mode="grpc"), run="r")
+
+
+def test_each_source_says_what_it_needs():
+    """The loop and the driver ask the source class, not the mode string: one registry, one answer per mode."""
+    from student_trainer.config import TEACHER_MODES
+    from student_trainer.teacher.sources import SOURCES, source_class
+
+    caps = {mode: (cls.needs_app, cls.needs_cache, cls.can_lose_teacher, cls.computes_centroids)
+            for mode, cls in SOURCES.items()}
+    assert caps == {"none": (False, False, False, False), "inline": (False, False, False, True),
+                    "remote": (True, False, True, True), "cache": (False, True, False, False),
+                    "hybrid": (True, True, True, True)}
+    assert set(SOURCES) == set(TEACHER_MODES)
+    with pytest.raises(ValueError, match="teacher mode 'grpc'"):
+        source_class("grpc")

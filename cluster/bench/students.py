@@ -65,7 +65,7 @@ def precompute_cache(run: BenchRun, out: Path) -> dict:
     tcfg = teacher_config(run, APP, max_batch_size=sb.batch_size, request_samples=sb.batch_size)
     summary = precompute(shards, str(out), views=1, teacher=tcfg, image_size=run.cfg.models.image_size,
                          seed=run.cfg.seed, num_cpus=1.0, num_gpus=tcfg.num_gpus, concurrency=1,
-                         batch_size=sb.batch_size, counts=shard_sample_counts(shards), progress=False)
+                         batch_size=sb.batch_size, progress=False)
     return {"rows": summary.rows, "wall_s": summary.wall_s, "teacher_s": summary.teacher_s}
 
 

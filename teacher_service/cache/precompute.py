@@ -241,6 +241,7 @@ def precompute(shards: list[str], out: str, *, views: int, teacher: Optional[Tea
             summary.teacher_s += done.teacher_s
             for reason, count in done.skipped.items():
                 summary.samples_skipped[reason] = summary.samples_skipped.get(reason, 0) + count
+    summary.computed.sort(key=shards.index)  # shards finish in any order; report them in the order given
     summary.wall_s = time.perf_counter() - start
     return summary
 

@@ -40,9 +40,14 @@ def _open_checked(data: bytes, max_pixels: int):
     try:
         image.load()
     except OSError as exc:
-        truncated = "truncated" in str(exc).lower() or isinstance(exc, EOFError)
-        raise ImageDecodeError("truncated_image" if truncated else "undecodable_image", str(exc)) from None
+        raise ImageDecodeError(_failure_reason(exc), str(exc)) from None
     return image
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """``truncated_image`` for data that ends early (PIL says "truncated" in several wordings), else
+    ``undecodable_image``."""
+    return "truncated_image" if isinstance(exc, EOFError) or "truncated" in str(exc).lower() else "undecodable_image"
 
 
 def decode_rgb8(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
@@ -51,7 +56,8 @@ def decode_rgb8(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarra
     Exactly webdataset's ``decode("rgb8")`` (PIL ``convert("RGB")``) for every 8-bit mode, so
     training, precompute and audits see the same pixels. 16-bit greyscale keeps its top 8 bits:
     PIL's own conversion clips at 255 and turns nearly every 16-bit image white. Any decoder
-    failure on hostile bytes (PIL raises many types) becomes ``undecodable_image``.
+    failure on hostile bytes (PIL raises many types) becomes ``undecodable_image``, or
+    ``truncated_image`` where the data ends early.
     """
     try:
         with _open_checked(data, max_pixels) as image:
@@ -64,5 +70,5 @@ def decode_rgb8(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarra
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - PIL plugins raise SyntaxError, struct.error, ValueError...
-        raise ImageDecodeError("undecodable_image", f"{type(exc).__name__}: {exc}") from None
+        raise ImageDecodeError(_failure_reason(exc), f"{type(exc).__name__}: {exc}") from None
 
