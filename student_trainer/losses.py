@@ -16,8 +16,9 @@ every rank from gathered features; the same DDP identity holds. With one process
 collective is issued.
 
 Fixes over the reference code (the project's distillation-methods notes): single-process runs work;
-MFD really uses the masked forward; AFD is sized for D_s != D_t; GD multiplies by the logit
-scale (not divides) and uses the closed form ([B, B] and [B, D] only); ICL/AFD scales are
+MFD really uses the masked forward; AFD is sized for D_s != D_t; GD takes ClipLoss's own
+gradients (the scale multiplies the logits, CLIP-KD divided by it), eq. 7 as written (squared L2
+per embedding), in closed form ([B, B] and [B, D] only); ICL/AFD scales are
 learnable log-scales, exponentiated and clamped to <= 100; Embed-KD applies softmax once; KL
 accepts a SigLIP teacher (its logit_bias is added to the teacher logits).
 """
@@ -36,9 +37,9 @@ INIT_LOGIT_SCALE = 1.0 / 0.07
 MAX_LOGIT_SCALE = 100.0
 _CACHE = "_gathered"  # private per-call gather cache that LossSet.forward adds to its dict copies
 
-# The authors' weights. GD: CLIP-KD uses 1e8, but its gradients divide by the logit scale
-# instead of multiplying, shrinking each gradient by s^2 and their MSE by s^4 (= 1e8 at s=100);
-# with the correct gradients the equivalent weight is 1. AFD: none published, 1.
+# The authors' weights, in this module's conventions (docs/design.md, "Loss weights"). GD: what
+# CLIP-KD's 1e8 stands for, 2e8 / (D_t · s⁴) at D_t = 512, s = 100 (see GDLoss). AFD: none
+# published, 1.
 DEFAULT_WEIGHTS: dict[str, float] = {
     "clip": 1.0,
     "siglip": 1.0,
@@ -47,7 +48,7 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "fd": 2000.0,
     "mfd": 2000.0,
     "icl": 1.0,
-    "gd": 1.0,
+    "gd": 2e8 / (512 * 100**4),  # = 1/256
     "afd": 1.0,
     "embed_kd": 1.0,
 }
@@ -139,21 +140,25 @@ def _soft_cross_entropy(teacher_logits: torch.Tensor, student_logits: torch.Tens
     return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1).mean()
 
 
-def contrastive_grads(
-    queries: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor | float,
+def clip_loss_grads(
+    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Closed-form gradients of CE(scale·Q·Kᵀ, arange(N)) (mean over rows) w.r.t. Q and K.
+    """Closed-form gradients of open_clip's ClipLoss ½[CE(s·I·Tᵀ, y) + CE(s·T·Iᵀ, y)] (mean over
+    the N rows) w.r.t. every image and text embedding: CLIP-KD appendix eq. 5–6 with τ = 1/s.
 
-    With P = softmax(scale·Q·Kᵀ) and Y = I: ∂/∂Q = scale·(P − Y)·K / N and
-    ∂/∂K = scale·(P − Y)ᵀ·Q / N. Only [N, N] and [N, D] tensors, unlike CLIP-KD's [N, D, N].
-    The result is differentiable (GD backpropagates through the student's gradients).
+    With P = row-softmax(s·I·Tᵀ) (image→text), Qᵀ = column-softmax(s·I·Tᵀ) (text→image) and
+    G = P + Qᵀ − 2·Id: ∂L/∂I = s·G·T / 2N and ∂L/∂T = s·Gᵀ·I / 2N. Each row holds both
+    directions, the query side (its own softmax row) and the key side (its column in the other
+    direction's softmax). Only [N, N] and [N, D] tensors (CLIP-KD built [N, D, N]); the result is
+    differentiable, which GD needs to train through the student's gradients.
     """
-    if queries.shape != keys.shape:
-        raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} must match")
-    num = queries.shape[0]
-    probs = (scale * queries @ keys.T).softmax(dim=1)
-    delta = probs - torch.eye(num, device=probs.device, dtype=probs.dtype)
-    return scale * delta @ keys / num, scale * delta.T @ queries / num
+    if image.shape != text.shape:
+        raise ValueError(f"image {tuple(image.shape)} and text {tuple(text.shape)} must match")
+    num = image.shape[0]
+    logits = scale * image @ text.T
+    eye = torch.eye(num, device=logits.device, dtype=logits.dtype)
+    weights = (logits.softmax(dim=1) + logits.softmax(dim=0) - 2 * eye) * (scale / (2 * num))
+    return weights @ text, weights.T @ image
 
 
 def _learnable_log_scale(init_scale: float) -> nn.Parameter:
@@ -369,12 +374,23 @@ class ICLLoss(_ScaledProjectionLoss):
 
 
 class GDLoss(DistillLoss):
-    """Gradient distillation: MSE between student and teacher closed-form gradients of the
-    contrastive loss w.r.t. each embedding (both directions, query and key sides: 4 terms).
+    """Gradient distillation, CLIP-KD appendix eq. 5–7: with L the ClipLoss of one model (its
+    own scale; `clip_loss_grads`), L_GD = 1/N · Σ_k (‖∂L_T/∂v_k − ∂L_S/∂v_k‖² + ‖∂L_T/∂s_k −
+    ∂L_S/∂s_k‖²) over the N image (v) and text (s) embeddings: squared L2 over D, both
+    directions already averaged inside ClipLoss. Student gradients are taken at P(·).
 
-    Computed on the global batch (gathered) because key gradients sum over all rows. Student
-    gradients use P(·) and the student scale, teacher gradients the teacher scale (a SigLIP
-    teacher's scalar bias does not change softmax gradients).
+    Computed on the global batch (gathered) on every rank, because an embedding's key-side
+    gradient sums over every row; a SigLIP teacher's scalar bias does not change its softmaxes.
+
+    Weight (DEFAULT_WEIGHTS["gd"] = 2e8 / (512 · 100⁴) = 1/256): CLIP-KD's 1e8 multiplied four
+    per-element MSEs of gradients computed as (softmax(C/s) − Y)·K / (s·N): the scale where a
+    temperature belongs, so each gradient is about s² too small (and its softmax nearly
+    uniform). Undoing s⁴ (s = 100, their teacher's scale and the clamp), the mean over D (×1/D,
+    D_t = 512) and the four unaveraged terms (≈ 2·N·L_GD, the two directions' gradients of an
+    embedding being nearly parallel) gives 1e8 · 2 / (D · s⁴). Measured at N = 1024, D = 512,
+    s = 100: their term / L_GD = 0.003–0.004. Their GD was weak, and so is this weight: L_GD
+    grows like s²/N² and is about 0.2 on random unit features at B = D = 64, s = 1/0.07
+    (docs/design.md, "Loss weights").
     """
 
     name, uses_projection = "gd", True
@@ -397,13 +413,11 @@ class GDLoss(DistillLoss):
         t_scale = _scale(teacher, "logit_scale", "teacher", self.name, image)
         all_t_image = _gathered(teacher, "image_features", t_image, with_grad=False)
         all_t_text = _gathered(teacher, "text_features", t_text, with_grad=False)
-        student_grads = contrastive_grads(all_image, all_text, scale) + contrastive_grads(all_text, all_image, scale)
+        s_image, s_text = clip_loss_grads(all_image, all_text, scale)
         with torch.no_grad():
-            teacher_grads = contrastive_grads(all_t_image, all_t_text, t_scale) + contrastive_grads(
-                all_t_text, all_t_image, t_scale
-            )
-        loss = sum(F.mse_loss(s, t) for s, t in zip(student_grads, teacher_grads))
-        return {"gd_loss": loss}
+            t_grad_image, t_grad_text = clip_loss_grads(all_t_image, all_t_text, t_scale)
+        squared = (s_image - t_grad_image).pow(2).sum() + (s_text - t_grad_text).pow(2).sum()
+        return {"gd_loss": squared / all_image.shape[0]}
 
 
 class AFDLoss(_ScaledProjectionLoss):

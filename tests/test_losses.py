@@ -21,8 +21,8 @@ from student_trainer.losses import (
     LossSet,
     accumulated_backward,
     build_losses,
+    clip_loss_grads,
     compute_class_centroids,
-    contrastive_grads,
 )
 from student_trainer.masking import PatchMask, encode_image_masked
 
@@ -300,42 +300,91 @@ def test_icl_matches_formula_and_scale_is_exp_clamped():
     assert torch.autograd.grad(value, module.log_scale)[0] == 0  # clamped: no push beyond 100
 
 
-def test_contrastive_grads_equal_autograd():
-    q = _unit(7, 5, seed=3).requires_grad_(True)
-    k = _unit(7, 5, seed=4).requires_grad_(True)
-    scale = 23.0
-    loss = F.cross_entropy(scale * q @ k.T, torch.arange(7))
-    auto_q, auto_k = torch.autograd.grad(loss, [q, k])
-    closed_q, closed_k = contrastive_grads(q, k, scale)
-    torch.testing.assert_close(closed_q, auto_q)
-    torch.testing.assert_close(closed_k, auto_k)
+def open_clip_grads(img, txt, scale, create_graph):
+    """∂ClipLoss/∂(each image, each text embedding) by autograd of open_clip's own ClipLoss."""
+    img = img if img.requires_grad else img.detach().requires_grad_(True)
+    txt = txt if txt.requires_grad else txt.detach().requires_grad_(True)
+    return torch.autograd.grad(oc_loss.ClipLoss()(img, txt, scale), [img, txt], create_graph=create_graph)
 
 
-def test_gd_matches_autograd_restatement():
-    """GD == MSE of autograd gradients of the contrastive CE (create_graph for the student)."""
-    student, teacher = make_inputs()
-    module = GDLoss(DS, DT)
+def eq7(student_grads, teacher_grads):
+    """CLIP-KD eq. 7: 1/|B| Σ_k ‖∂L_T/∂v_k − ∂L_S/∂v_k‖² + ‖∂L_T/∂s_k − ∂L_S/∂s_k‖², written per k."""
+    (s_v, s_s), (t_v, t_s) = student_grads, teacher_grads
+    terms = [((t_v[k] - s_v[k]) ** 2).sum() + ((t_s[k] - s_s[k]) ** 2).sum() for k in range(s_v.shape[0])]
+    return sum(terms) / len(terms)
+
+
+def test_clip_loss_grads_equal_open_clip_autograd():
+    img, txt = _unit(7, 5, seed=3), _unit(7, 5, seed=4)
+    closed = clip_loss_grads(img, txt, 23.0)
+    assert_close_all(closed, open_clip_grads(img, txt, torch.tensor(23.0), False))
+
+
+@pytest.mark.parametrize("ds", [DS, DT])
+def test_gd_matches_open_clip_autograd_restatement(ds):
+    """GD == eq. 7 on autograd gradients of open_clip ClipLoss (teacher and student, each with its
+    own scale), and its training gradient == the restatement's (create_graph for the student)."""
+    student, teacher = make_inputs(ds=ds)
+    module = GDLoss(ds, DT)
     ours = module(student, teacher)["gd_loss"]
-
-    def autograd_grads(img, txt, scale, create_graph):
-        img = img if img.requires_grad else img.detach().requires_grad_(True)
-        txt = txt if txt.requires_grad else txt.detach().requires_grad_(True)
-        y = torch.arange(img.shape[0])
-        gi_q, gt_k = torch.autograd.grad(F.cross_entropy(scale * img @ txt.T, y), [img, txt],
-                                         create_graph=create_graph)
-        gt_q, gi_k = torch.autograd.grad(F.cross_entropy(scale * txt @ img.T, y), [txt, img],
-                                         create_graph=create_graph)
-        return [gi_q, gt_k, gt_q, gi_k]
-
-    p_img = proj(student["image_features"], module.projection.image)
-    p_txt = proj(student["text_features"], module.projection.text)
-    s_g = autograd_grads(p_img, p_txt, student["logit_scale"], True)
-    t_g = autograd_grads(teacher["image_features"], teacher["text_features"], teacher["logit_scale"], False)
-    ref = sum(((a - b) ** 2).mean() for a, b in zip(s_g, t_g))
+    p_img = proj(student["image_features"], _linear(module.projection.image))
+    p_txt = proj(student["text_features"], _linear(module.projection.text))
+    s_g = open_clip_grads(p_img, p_txt, student["logit_scale"], True)
+    t_g = open_clip_grads(teacher["image_features"], teacher["text_features"], teacher["logit_scale"], False)
+    ref = eq7(s_g, t_g)
     torch.testing.assert_close(ours, ref)
-    leaves = [student["image_features"], student["text_features"], student["logit_scale"],
-              module.projection.image.weight]
-    assert_close_all(grads_of(ours, leaves), grads_of(ref, leaves))
+    leaves = [student["image_features"], student["text_features"], student["logit_scale"]]
+    leaves += list(module.projection.parameters())
+    ours_grads = grads_of(ours, leaves)
+    assert_close_all(ours_grads, grads_of(ref, leaves))
+    assert ours_grads[0].abs().sum() > 0 and ours_grads[2] != 0
+
+
+def test_gd_is_zero_for_the_teacher_itself_and_uses_each_scale():
+    student, teacher = make_inputs(ds=DT)
+    same = {**teacher, "image_features": teacher["image_features"].clone().requires_grad_(True),
+            "text_features": teacher["text_features"].clone().requires_grad_(True)}
+    module = GDLoss(DT, DT)
+    torch.testing.assert_close(module(same, teacher)["gd_loss"], torch.tensor(0.0))
+    other_scale = module({**same, "logit_scale": torch.tensor(12.0)}, teacher)["gd_loss"]
+    assert other_scale > 1e-4  # same features, another scale: other gradients
+
+
+def clip_kd_code_gd(s_img, s_txt, s_scale, t_img, t_txt, t_scale):
+    """CLIP-KD's GD as their code computes it: softmax(C / scale), gradients divided by the
+    scale, four per-element MSEs (restated, to check the weight that stands for their 1e8)."""
+    def grads(p, k, tau):
+        delta = (p @ k.T / tau).softmax(1) - torch.eye(p.shape[0])
+        return delta @ k / tau / p.shape[0], delta.T @ p / tau / p.shape[0]
+
+    s = grads(s_img, s_txt, s_scale) + grads(s_txt, s_img, s_scale)
+    t = grads(t_img, t_txt, t_scale) + grads(t_txt, t_img, t_scale)
+    return sum(F.mse_loss(a, b) for a, b in zip(s, t))
+
+
+def test_gd_default_weight_stands_for_clip_kd_1e8():
+    """At CLIP-KD's operating point (N = 1024, D_t = 512, both scales 100, CLIP-like features)
+    1e8 × their term ≈ weight × L_GD (ratio 0.97 here, 0.77 on random features)."""
+    n, d, scale = 1024, 512, torch.tensor(100.0)  # their global batch and teacher width
+    text_t = _unit(n, d, seed=10)
+    image_t = F.normalize(0.3 * text_t + _unit(n, d, seed=11), dim=-1)  # CLIP-like positives
+    image_s = F.normalize(image_t + _unit(n, d, seed=12), dim=-1)
+    text_s = F.normalize(text_t + _unit(n, d, seed=13), dim=-1)
+    ours = GDLoss(d, d)({"image_features": image_s, "text_features": text_s, "logit_scale": scale},
+                        {"image_features": image_t, "text_features": text_t, "logit_scale": scale})["gd_loss"]
+    theirs = 1e8 * clip_kd_code_gd(image_s, text_s, scale, image_t, text_t, scale)
+    assert DEFAULT_WEIGHTS["gd"] == 2e8 / (512 * 100 ** 4)
+    assert 0.5 < float(theirs / (DEFAULT_WEIGHTS["gd"] * ours)) < 1.5
+
+
+def test_gd_magnitude_on_random_unit_features():
+    """The scale quoted in docs/design.md: L_GD on random unit features, B = D = 64, about 0.2 at
+    both scales 1/0.07 and 16 at both 100 (it grows like s² / B²)."""
+    student, teacher = make_inputs(batch=64, ds=64, dt=64, seed=20)
+    module = GDLoss(64, 64)
+    for scale, low, high in ((1 / 0.07, 0.15, 0.3), (100.0, 12.0, 20.0)):
+        student["logit_scale"] = teacher["logit_scale"] = torch.tensor(scale)
+        assert low < float(module(student, teacher)["gd_loss"].detach()) < high
 
 
 def test_afd_with_different_widths_matches_formula():
