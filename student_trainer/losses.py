@@ -19,7 +19,8 @@ Fixes over the reference code (the project's distillation-methods notes): single
 MFD really uses the masked forward; AFD is sized for D_s != D_t; GD takes ClipLoss's own
 gradients (the scale multiplies the logits, CLIP-KD divided by it), eq. 7 as written (squared L2
 per embedding), in closed form ([B, B] and [B, D] only); ICL/AFD scales are
-learnable log-scales, exponentiated and clamped to <= 100; Embed-KD applies softmax once; KL
+learnable log-scales, exponentiated and clamped to <= 100; Embed-KD applies softmax once (its
+centroid logits are plain cosines by default, as in the paper); KL
 accepts a SigLIP teacher (its logit_bias is added to the teacher logits).
 """
 from __future__ import annotations
@@ -60,7 +61,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "num_classes": None,  # embed_kd: classifier width (required, or taken from class_centroids)
     "alpha1": 0.5,  # embed_kd: weight of the classifier cross entropy
     "alpha2": 0.5,  # embed_kd: weight of the centroid cross entropy
-    "embed_scale": None,  # embed_kd: fixed centroid-logit scale; None uses student logit_scale
+    "embed_scale": 1.0,  # embed_kd: centroid-logit scale; 1.0 = plain cosine (the paper), "student" = its logit_scale
     "class_centroids": None,  # embed_kd: [C, D_t] centroids held as a buffer (no teacher in loop)
     "centroid_samples": 100,  # embed_kd: N, train samples per class averaged into a centroid (the loop)
 }
@@ -446,19 +447,21 @@ class AFDLoss(_ScaledProjectionLoss):
 
 
 class EmbedKDLoss(DistillLoss):
-    """CLIP-Embed-KD: α1·CE(classifier(z), y) + α2·CE(s·norm(z)·norm(P(μ))ᵀ, y).
+    """CLIP-Embed-KD: α1·CE(classifier(z), y) + α2·CE(s·cos(z, P(μ)), y).
 
     z = student image embedding, μ [C, D_t] teacher class centroids (teacher["class_centroids"]
     or the `class_centroids` option held as a buffer, then no teacher is needed per batch),
-    P: Linear(D_t → D_s), s = `embed_scale` or the student's logit_scale. Softmax is applied
-    once, inside the cross entropy (the reference applied it twice). Labels from
-    student["labels"] (or teacher["labels"]).
+    P: Linear(D_t → D_s). s = `embed_scale`: 1.0 by default, the plain cosine similarities of
+    the paper and its code; a number fixes another scale, "student" (or None) uses the student's
+    learnable CLIP logit_scale (this project's earlier default, which sharpens the centroid
+    softmax ~14–100×). Softmax is applied once, inside the cross entropy (the reference applied
+    it twice). Labels from student["labels"] (or teacher["labels"]).
     """
 
     name = "embed_kd"
 
     def __init__(self, student_dim: int, teacher_dim: int, num_classes: int | None = None,
-                 alpha1: float = 0.5, alpha2: float = 0.5, embed_scale: float | None = None,
+                 alpha1: float = 0.5, alpha2: float = 0.5, embed_scale: float | str | None = 1.0,
                  class_centroids: torch.Tensor | None = None):
         super().__init__()
         _check_dims(student_dim, teacher_dim)
@@ -475,7 +478,7 @@ class EmbedKDLoss(DistillLoss):
             if not (isinstance(alpha, (int, float)) and alpha >= 0):
                 raise ValueError(f"embed_kd {label} must be a number >= 0, got {alpha!r}")
         self.num_classes, self.alpha1, self.alpha2 = num_classes, float(alpha1), float(alpha2)
-        self.embed_scale = None if embed_scale is None else float(embed_scale)
+        self.embed_scale = _embed_scale(embed_scale)
         self.classifier = nn.Linear(student_dim, num_classes)
         self.centroid_projection = nn.Linear(teacher_dim, student_dim)
         self.register_buffer("class_centroids", class_centroids)
@@ -500,14 +503,23 @@ class EmbedKDLoss(DistillLoss):
         if centroids.shape[0] != self.num_classes:
             raise ValueError(f"class_centroids has {centroids.shape[0]} rows, num_classes={self.num_classes}")
         labels = torch.as_tensor(labels, device=z.device).long()
-        scale = (torch.tensor(self.embed_scale, device=z.device, dtype=z.dtype) if self.embed_scale is not None
-                 else _scale(student, "logit_scale", "student", self.name, z))
+        scale = (_scale(student, "logit_scale", "student", self.name, z) if self.embed_scale is None
+                 else torch.tensor(self.embed_scale, device=z.device, dtype=z.dtype))
         anchors = F.normalize(self.centroid_projection(centroids), dim=-1)
         centroid_logits = scale * F.normalize(z, dim=-1) @ anchors.T
         loss = self.alpha1 * F.cross_entropy(self.classifier(z), labels) + self.alpha2 * F.cross_entropy(
             centroid_logits, labels
         )
         return {"embed_kd_loss": loss}
+
+
+def _embed_scale(value: float | str | None) -> float | None:
+    """A fixed Embed-KD centroid-logit scale, or None for the student's logit_scale ("student")."""
+    if value is None or value == "student":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"embed_kd embed_scale must be a number > 0 or 'student', got {value!r}")
+    return float(value)
 
 
 def compute_class_centroids(

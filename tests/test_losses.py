@@ -401,18 +401,43 @@ def test_afd_with_different_widths_matches_formula():
     assert grads_of(ours, [student["image_features"]])[0].abs().sum() > 0
 
 
-def test_embed_kd_matches_formula_softmax_once():
+def test_embed_kd_matches_paper_formula_softmax_once():
+    """Default: α1·CE(classifier(z), y) + α2·CE(cos(z, P(μ)), y), plain cosines (the paper)."""
     student, teacher = make_inputs()
     module = EmbedKDLoss(DS, DT, num_classes=3, alpha1=0.3, alpha2=0.7)
     ours = module(student, teacher)["embed_kd_loss"]
+    z, y = student["image_features"], student["labels"]
+    cls_logits = z @ module.classifier.weight.T + module.classifier.bias
+    mu = teacher["class_centroids"] @ module.centroid_projection.weight.T + module.centroid_projection.bias
+    cosines = torch.stack([torch.stack([F.cosine_similarity(z[i], mu[c], dim=0) for c in range(3)])
+                           for i in range(B)])
+    ref = 0.3 * slow_ce(cls_logits, y) + 0.7 * slow_ce(cosines, y)
+    torch.testing.assert_close(ours, ref)
+    twice = 0.3 * slow_ce(cls_logits.softmax(1), y) + 0.7 * slow_ce(cosines, y)  # the reference's bug
+    assert not torch.allclose(ours, twice)
+    assert grads_of(ours, [student["logit_scale"]])[0] is None  # the CLIP scale plays no part
+
+
+@pytest.mark.parametrize("option", ["student", None])
+def test_embed_kd_student_scale_option(option):
+    """embed_scale "student" (or None): the earlier behaviour, centroid cosines × student logit_scale."""
+    student, teacher = make_inputs()
+    ls = build_losses({"embed_kd": 1.0}, student_dim=DS, teacher_dim=DT,
+                      options={"num_classes": 3, "embed_scale": option})
+    module = ls.losses["embed_kd"]
     z, y, s = student["image_features"], student["labels"], student["logit_scale"]
     cls_logits = z @ module.classifier.weight.T + module.classifier.bias
     mu = teacher["class_centroids"] @ module.centroid_projection.weight.T + module.centroid_projection.bias
-    emb_logits = s * F.normalize(z, dim=-1) @ F.normalize(mu, dim=-1).T
-    ref = 0.3 * slow_ce(cls_logits, y) + 0.7 * slow_ce(emb_logits, y)
-    torch.testing.assert_close(ours, ref)
-    twice = 0.3 * slow_ce(cls_logits.softmax(1), y) + 0.7 * slow_ce(emb_logits, y)  # the reference's bug
-    assert not torch.allclose(ours, twice)
+    ref = 0.5 * slow_ce(cls_logits, y) + 0.5 * slow_ce(s * F.normalize(z, dim=-1) @ F.normalize(mu, dim=-1).T, y)
+    value = ls(student, teacher)["embed_kd_loss"]
+    torch.testing.assert_close(value, ref)
+    assert grads_of(value, [s])[0] != 0
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), "teacher", True])
+def test_embed_kd_rejects_bad_scale(bad):
+    with pytest.raises(ValueError, match="embed_scale"):
+        build_losses({"embed_kd": 1.0}, student_dim=4, teacher_dim=4, options={"num_classes": 3, "embed_scale": bad})
 
 
 def test_embed_kd_with_centroids_option_needs_no_teacher():
