@@ -38,9 +38,10 @@ INIT_LOGIT_SCALE = 1.0 / 0.07
 MAX_LOGIT_SCALE = 100.0
 _CACHE = "_gathered"  # private per-call gather cache that LossSet.forward adds to its dict copies
 
-# The authors' weights, in this module's conventions (docs/design.md, "Loss weights"). GD: what
-# CLIP-KD's 1e8 stands for, 2e8 / (D_t · s⁴) at D_t = 512, s = 100 (see GDLoss). AFD: none
-# published, 1.
+# The authors' weights, in this module's conventions (docs/design.md, "Loss weights"). FD/MFD:
+# CLIP-KD's 2000, tuned at D_t = 512 and scaled by D_t / fd_reference_dim when built (see
+# FDLoss). GD: what CLIP-KD's 1e8 stands for, 2e8 / (D_t · s⁴) at D_t = 512, s = 100 (see
+# GDLoss). AFD: none published, 1.
 DEFAULT_WEIGHTS: dict[str, float] = {
     "clip": 1.0,
     "siglip": 1.0,
@@ -56,6 +57,7 @@ DEFAULT_WEIGHTS: dict[str, float] = {
 
 OPTION_DEFAULTS: dict[str, Any] = {
     "mask_ratio": 0.75,  # mfd: share of patch tokens dropped in the student's masked forward
+    "fd_reference_dim": 512,  # fd, mfd: weights are scaled by D_t / this when built; None: used as given
     "init_scale": INIT_LOGIT_SCALE,  # icl, afd: initial (exponentiated) learnable logit scale
     "max_scale": MAX_LOGIT_SCALE,  # icl, afd: clamp of the exponentiated scale
     "num_classes": None,  # embed_kd: classifier width (required, or taken from class_centroids)
@@ -216,6 +218,11 @@ class DistillLoss(nn.Module):
     ) -> "DistillLoss":
         return cls()
 
+    @classmethod
+    def weight_factor(cls, teacher_dim: int, options: Mapping[str, Any]) -> float:
+        """What `build_losses` multiplies the given weight by (1: the weight is used as given)."""
+        return 1.0
+
 
 class ClipLoss(DistillLoss):
     """CLIP task loss; same values and gradients as open_clip ClipLoss(local_loss, gather_with_grad)."""
@@ -295,7 +302,14 @@ class CRDLoss(KLDistillLoss):
 
 
 class FDLoss(DistillLoss):
-    """Feature distillation: MSE(P(I_s), I_t) + MSE(P(T_s), T_t), mean over B·D_t elements."""
+    """Feature distillation: MSE(P(I_s), I_t) + MSE(P(T_s), T_t), mean over B·D_t elements.
+
+    The mean over D_t makes a sample's penalty ‖P(x_s) − x_t‖² / D_t: the same weight pulls half
+    as hard on a 1024-wide teacher as on a 512-wide one. CLIP-KD tuned its 2000 at D_t = 512
+    (ViT-B/16), so `build_losses` scales the FD/MFD weight by D_t / `fd_reference_dim` (512):
+    weight 2000 always means their per-sample penalty 2000/512 · ‖Δ‖² (for a 64-wide teacher the
+    applied weight is 250). `fd_reference_dim=None` uses the weight as given.
+    """
 
     name, uses_projection = "fd", True
     image_key = "image_features"
@@ -307,6 +321,15 @@ class FDLoss(DistillLoss):
     @classmethod
     def from_options(cls, student_dim, teacher_dim, projection, options):
         return cls(student_dim, teacher_dim, projection)
+
+    @classmethod
+    def weight_factor(cls, teacher_dim: int, options: Mapping[str, Any]) -> float:
+        reference = options["fd_reference_dim"]
+        if reference is None:
+            return 1.0
+        if isinstance(reference, bool) or not isinstance(reference, int) or reference <= 0:
+            raise ValueError(f"fd_reference_dim must be a positive int or None, got {reference!r}")
+        return teacher_dim / reference
 
     def forward(self, student: dict, teacher: dict) -> dict[str, torch.Tensor]:
         image = _get(student, self.image_key, "student", self.name)
@@ -587,7 +610,9 @@ def build_losses(
     weights: Mapping[str, float], *, student_dim: int, teacher_dim: int, options: Mapping[str, Any] | None = None,
 ) -> LossSet:
     """A LossSet with one module per nonzero weight, in registry order (so every rank issues the
-    same collectives in the same order). Options: see OPTION_DEFAULTS."""
+    same collectives in the same order). Each weight is multiplied by its loss's `weight_factor`
+    (FD/MFD: D_t / fd_reference_dim); LossSet.weights holds what is applied. Options: see
+    OPTION_DEFAULTS."""
     _check_dims(student_dim, teacher_dim)
     if not isinstance(weights, Mapping):
         raise TypeError(f"weights must be a mapping name -> weight, got {type(weights).__name__}")
@@ -608,7 +633,8 @@ def build_losses(
     needs_projection = any(LOSSES[name].uses_projection for name in active)
     projection = FeatureProjection(student_dim, teacher_dim) if needs_projection else None
     modules = {name: LOSSES[name].from_options(student_dim, teacher_dim, projection, opts) for name in active}
-    return LossSet(modules, active)
+    applied = {name: weight * LOSSES[name].weight_factor(teacher_dim, opts) for name, weight in active.items()}
+    return LossSet(modules, applied)
 
 
 # --------------------------------------------------------------------------- accumulation

@@ -141,7 +141,8 @@ def test_build_losses_weights_flags_and_shared_heads():
     raw = ls.losses["kl"](student, teacher)["kl_loss"]
     torch.testing.assert_close(out["kl_loss"], 0.5 * raw)
     raw_fd = ls.losses["fd"](student, teacher)["fd_loss"]
-    torch.testing.assert_close(out["fd_loss"], 2000.0 * raw_fd)
+    assert ls.weights["fd"] == 2000.0 * DT / 512  # given at CLIP-KD's D_t = 512, scaled to DT
+    torch.testing.assert_close(out["fd_loss"], 2000.0 * DT / 512 * raw_fd)
 
 
 def test_build_losses_task_only_and_mfd_flags():
@@ -266,6 +267,41 @@ def test_fd_matches_formula(ds):
     ref = ((p_img - teacher["image_features"]) ** 2).sum() / n + ((p_txt - teacher["text_features"]) ** 2).sum() / n
     torch.testing.assert_close(ours, ref)
     assert (ds == DT) == isinstance(module.projection.image, torch.nn.Identity)
+
+
+def _padded_pair(width: int) -> tuple[dict, dict]:
+    """Student/teacher features living in the first 8 dims of `width`: the same per-sample
+    squared errors at every width."""
+    student, teacher = make_inputs(ds=8, dt=8, seed=30)
+    pad = lambda x: F.pad(x.detach(), (0, width - 8))
+    return ({**student, "image_features": pad(student["image_features"]),
+             "text_features": pad(student["text_features"]), "masked_image_features": pad(student["image_features"])},
+            {**teacher, "image_features": pad(teacher["image_features"]), "text_features": pad(teacher["text_features"])})
+
+
+@pytest.mark.parametrize("name", ["fd", "mfd"])
+def test_fd_weight_keeps_the_papers_per_sample_penalty_at_any_width(name):
+    """Weight 2000 means 2000/512 · Σ_k ‖Δ_k‖² / B per modality whatever D_t: the value at
+    D_t = 512 and 1024 is the same, and equals the paper's (weight 2000, D_t = 512)."""
+    values = {}
+    for width in (512, 1024):
+        student, teacher = _padded_pair(width)
+        ls = build_losses({name: DEFAULT_WEIGHTS[name]}, student_dim=width, teacher_dim=width)
+        assert ls.weights[name] == 2000.0 * width / 512
+        values[width] = ls(student, teacher)[f"{name}_loss"]
+    torch.testing.assert_close(values[512], values[1024])
+    student, teacher = _padded_pair(512)
+    image_key = "masked_image_features" if name == "mfd" else "image_features"
+    per_sample = sum(((student[k] - teacher[t]) ** 2).sum(1).mean() for k, t in
+                     ((image_key, "image_features"), ("text_features", "text_features")))
+    torch.testing.assert_close(values[512], 2000.0 / 512 * per_sample)
+    unscaled = build_losses({name: 2000.0}, student_dim=1024, teacher_dim=1024, options={"fd_reference_dim": None})
+    assert unscaled.weights[name] == 2000.0
+
+
+def test_fd_reference_dim_is_checked():
+    with pytest.raises(ValueError, match="fd_reference_dim"):
+        build_losses({"fd": 1.0}, student_dim=4, teacher_dim=4, options={"fd_reference_dim": 0})
 
 
 def test_mfd_uses_the_masked_features():
