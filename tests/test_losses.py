@@ -276,7 +276,8 @@ def _padded_pair(width: int) -> tuple[dict, dict]:
     pad = lambda x: F.pad(x.detach(), (0, width - 8))
     return ({**student, "image_features": pad(student["image_features"]),
              "text_features": pad(student["text_features"]), "masked_image_features": pad(student["image_features"])},
-            {**teacher, "image_features": pad(teacher["image_features"]), "text_features": pad(teacher["text_features"])})
+            {**teacher, "image_features": pad(teacher["image_features"]),
+             "text_features": pad(teacher["text_features"])})
 
 
 @pytest.mark.parametrize("name", ["fd", "mfd"])
@@ -344,7 +345,7 @@ def open_clip_grads(img, txt, scale, create_graph):
 
 
 def eq7(student_grads, teacher_grads):
-    """CLIP-KD eq. 7: 1/|B| Σ_k ‖∂L_T/∂v_k − ∂L_S/∂v_k‖² + ‖∂L_T/∂s_k − ∂L_S/∂s_k‖², written per k."""
+    """CLIP-KD eq. 7, written per k: 1/|B| Σ_k ‖∂L_T/∂v_k − ∂L_S/∂v_k‖² + ‖∂L_T/∂s_k − ∂L_S/∂s_k‖²."""
     (s_v, s_s), (t_v, t_s) = student_grads, teacher_grads
     terms = [((t_v[k] - s_v[k]) ** 2).sum() + ((t_s[k] - s_s[k]) ** 2).sum() for k in range(s_v.shape[0])]
     return sum(terms) / len(terms)
