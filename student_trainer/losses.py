@@ -16,9 +16,11 @@ every rank from gathered features; the same DDP identity holds. With one process
 collective is issued.
 
 Fixes over the reference code (the project's distillation-methods notes): single-process runs work;
-MFD really uses the masked forward; AFD is sized for D_s != D_t; GD multiplies by the logit
-scale (not divides) and uses the closed form ([B, B] and [B, D] only); ICL/AFD scales are
-learnable log-scales, exponentiated and clamped to <= 100; Embed-KD applies softmax once; KL
+MFD really uses the masked forward; AFD is sized for D_s != D_t; GD takes ClipLoss's own
+gradients (the scale multiplies the logits, CLIP-KD divided by it), eq. 7 as written (squared L2
+per embedding), in closed form ([B, B] and [B, D] only); ICL/AFD scales are
+learnable log-scales, exponentiated and clamped to <= 100; Embed-KD applies softmax once (its
+centroid logits are plain cosines by default, as in the paper); KL
 accepts a SigLIP teacher (its logit_bias is added to the teacher logits).
 """
 from __future__ import annotations
@@ -36,9 +38,10 @@ INIT_LOGIT_SCALE = 1.0 / 0.07
 MAX_LOGIT_SCALE = 100.0
 _CACHE = "_gathered"  # private per-call gather cache that LossSet.forward adds to its dict copies
 
-# The authors' weights. GD: CLIP-KD uses 1e8, but its gradients divide by the logit scale
-# instead of multiplying, shrinking each gradient by s^2 and their MSE by s^4 (= 1e8 at s=100);
-# with the correct gradients the equivalent weight is 1. AFD: none published, 1.
+# The authors' weights, in this module's conventions (docs/design.md, "Loss weights"). FD/MFD:
+# CLIP-KD's 2000, tuned at D_t = 512 and scaled by D_t / fd_reference_dim when built (see
+# FDLoss). GD: what CLIP-KD's 1e8 stands for, 2e8 / (D_t · s⁴) at D_t = 512, s = 100 (see
+# GDLoss). AFD: none published, 1.
 DEFAULT_WEIGHTS: dict[str, float] = {
     "clip": 1.0,
     "siglip": 1.0,
@@ -47,19 +50,20 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "fd": 2000.0,
     "mfd": 2000.0,
     "icl": 1.0,
-    "gd": 1.0,
+    "gd": 2e8 / (512 * 100**4),  # = 1/256
     "afd": 1.0,
     "embed_kd": 1.0,
 }
 
 OPTION_DEFAULTS: dict[str, Any] = {
     "mask_ratio": 0.75,  # mfd: share of patch tokens dropped in the student's masked forward
+    "fd_reference_dim": 512,  # fd, mfd: weights are scaled by D_t / this when built; None: used as given
     "init_scale": INIT_LOGIT_SCALE,  # icl, afd: initial (exponentiated) learnable logit scale
     "max_scale": MAX_LOGIT_SCALE,  # icl, afd: clamp of the exponentiated scale
     "num_classes": None,  # embed_kd: classifier width (required, or taken from class_centroids)
     "alpha1": 0.5,  # embed_kd: weight of the classifier cross entropy
     "alpha2": 0.5,  # embed_kd: weight of the centroid cross entropy
-    "embed_scale": None,  # embed_kd: fixed centroid-logit scale; None uses student logit_scale
+    "embed_scale": 1.0,  # embed_kd: centroid-logit scale; 1.0 = plain cosine (the paper), "student" = its logit_scale
     "class_centroids": None,  # embed_kd: [C, D_t] centroids held as a buffer (no teacher in loop)
     "centroid_samples": 100,  # embed_kd: N, train samples per class averaged into a centroid (the loop)
 }
@@ -139,21 +143,25 @@ def _soft_cross_entropy(teacher_logits: torch.Tensor, student_logits: torch.Tens
     return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1).mean()
 
 
-def contrastive_grads(
-    queries: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor | float,
+def clip_loss_grads(
+    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Closed-form gradients of CE(scale·Q·Kᵀ, arange(N)) (mean over rows) w.r.t. Q and K.
+    """Closed-form gradients of open_clip's ClipLoss ½[CE(s·I·Tᵀ, y) + CE(s·T·Iᵀ, y)] (mean over
+    the N rows) w.r.t. every image and text embedding: CLIP-KD appendix eq. 5–6 with τ = 1/s.
 
-    With P = softmax(scale·Q·Kᵀ) and Y = I: ∂/∂Q = scale·(P − Y)·K / N and
-    ∂/∂K = scale·(P − Y)ᵀ·Q / N. Only [N, N] and [N, D] tensors, unlike CLIP-KD's [N, D, N].
-    The result is differentiable (GD backpropagates through the student's gradients).
+    With P = row-softmax(s·I·Tᵀ) (image→text), Qᵀ = column-softmax(s·I·Tᵀ) (text→image) and
+    G = P + Qᵀ − 2·Id: ∂L/∂I = s·G·T / 2N and ∂L/∂T = s·Gᵀ·I / 2N. Each row holds both
+    directions, the query side (its own softmax row) and the key side (its column in the other
+    direction's softmax). Only [N, N] and [N, D] tensors (CLIP-KD built [N, D, N]); the result is
+    differentiable, which GD needs to train through the student's gradients.
     """
-    if queries.shape != keys.shape:
-        raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} must match")
-    num = queries.shape[0]
-    probs = (scale * queries @ keys.T).softmax(dim=1)
-    delta = probs - torch.eye(num, device=probs.device, dtype=probs.dtype)
-    return scale * delta @ keys / num, scale * delta.T @ queries / num
+    if image.shape != text.shape:
+        raise ValueError(f"image {tuple(image.shape)} and text {tuple(text.shape)} must match")
+    num = image.shape[0]
+    logits = scale * image @ text.T
+    eye = torch.eye(num, device=logits.device, dtype=logits.dtype)
+    weights = (logits.softmax(dim=1) + logits.softmax(dim=0) - 2 * eye) * (scale / (2 * num))
+    return weights @ text, weights.T @ image
 
 
 def _learnable_log_scale(init_scale: float) -> nn.Parameter:
@@ -209,6 +217,11 @@ class DistillLoss(nn.Module):
         options: Mapping[str, Any],
     ) -> "DistillLoss":
         return cls()
+
+    @classmethod
+    def weight_factor(cls, teacher_dim: int, options: Mapping[str, Any]) -> float:
+        """What `build_losses` multiplies the given weight by (1: the weight is used as given)."""
+        return 1.0
 
 
 class ClipLoss(DistillLoss):
@@ -289,7 +302,14 @@ class CRDLoss(KLDistillLoss):
 
 
 class FDLoss(DistillLoss):
-    """Feature distillation: MSE(P(I_s), I_t) + MSE(P(T_s), T_t), mean over B·D_t elements."""
+    """Feature distillation: MSE(P(I_s), I_t) + MSE(P(T_s), T_t), mean over B·D_t elements.
+
+    The mean over D_t makes a sample's penalty ‖P(x_s) − x_t‖² / D_t: the same weight pulls half
+    as hard on a 1024-wide teacher as on a 512-wide one. CLIP-KD tuned its 2000 at D_t = 512
+    (ViT-B/16), so `build_losses` scales the FD/MFD weight by D_t / `fd_reference_dim` (512):
+    weight 2000 always means their per-sample penalty 2000/512 · ‖Δ‖² (for a 64-wide teacher the
+    applied weight is 250). `fd_reference_dim=None` uses the weight as given.
+    """
 
     name, uses_projection = "fd", True
     image_key = "image_features"
@@ -301,6 +321,15 @@ class FDLoss(DistillLoss):
     @classmethod
     def from_options(cls, student_dim, teacher_dim, projection, options):
         return cls(student_dim, teacher_dim, projection)
+
+    @classmethod
+    def weight_factor(cls, teacher_dim: int, options: Mapping[str, Any]) -> float:
+        reference = options["fd_reference_dim"]
+        if reference is None:
+            return 1.0
+        if isinstance(reference, bool) or not isinstance(reference, int) or reference <= 0:
+            raise ValueError(f"fd_reference_dim must be a positive int or None, got {reference!r}")
+        return teacher_dim / reference
 
     def forward(self, student: dict, teacher: dict) -> dict[str, torch.Tensor]:
         image = _get(student, self.image_key, "student", self.name)
@@ -369,12 +398,23 @@ class ICLLoss(_ScaledProjectionLoss):
 
 
 class GDLoss(DistillLoss):
-    """Gradient distillation: MSE between student and teacher closed-form gradients of the
-    contrastive loss w.r.t. each embedding (both directions, query and key sides: 4 terms).
+    """Gradient distillation, CLIP-KD appendix eq. 5–7: with L the ClipLoss of one model (its
+    own scale; `clip_loss_grads`), L_GD = 1/N · Σ_k (‖∂L_T/∂v_k − ∂L_S/∂v_k‖² + ‖∂L_T/∂s_k −
+    ∂L_S/∂s_k‖²) over the N image (v) and text (s) embeddings: squared L2 over D, both
+    directions already averaged inside ClipLoss. Student gradients are taken at P(·).
 
-    Computed on the global batch (gathered) because key gradients sum over all rows. Student
-    gradients use P(·) and the student scale, teacher gradients the teacher scale (a SigLIP
-    teacher's scalar bias does not change softmax gradients).
+    Computed on the global batch (gathered) on every rank, because an embedding's key-side
+    gradient sums over every row; a SigLIP teacher's scalar bias does not change its softmaxes.
+
+    Weight (DEFAULT_WEIGHTS["gd"] = 2e8 / (512 · 100⁴) = 1/256): CLIP-KD's 1e8 multiplied four
+    per-element MSEs of gradients computed as (softmax(C/s) − Y)·K / (s·N): the scale where a
+    temperature belongs, so each gradient is about s² too small (and its softmax nearly
+    uniform). Undoing s⁴ (s = 100, their teacher's scale and the clamp), the mean over D (×1/D,
+    D_t = 512) and the four unaveraged terms (≈ 2·N·L_GD, the two directions' gradients of an
+    embedding being nearly parallel) gives 1e8 · 2 / (D · s⁴). Measured at N = 1024, D = 512,
+    s = 100: their term / L_GD = 0.003–0.004. Their GD was weak, and so is this weight: L_GD
+    grows like s²/N² and is about 0.2 on random unit features at B = D = 64, s = 1/0.07
+    (docs/design.md, "Loss weights").
     """
 
     name, uses_projection = "gd", True
@@ -397,13 +437,11 @@ class GDLoss(DistillLoss):
         t_scale = _scale(teacher, "logit_scale", "teacher", self.name, image)
         all_t_image = _gathered(teacher, "image_features", t_image, with_grad=False)
         all_t_text = _gathered(teacher, "text_features", t_text, with_grad=False)
-        student_grads = contrastive_grads(all_image, all_text, scale) + contrastive_grads(all_text, all_image, scale)
+        s_image, s_text = clip_loss_grads(all_image, all_text, scale)
         with torch.no_grad():
-            teacher_grads = contrastive_grads(all_t_image, all_t_text, t_scale) + contrastive_grads(
-                all_t_text, all_t_image, t_scale
-            )
-        loss = sum(F.mse_loss(s, t) for s, t in zip(student_grads, teacher_grads))
-        return {"gd_loss": loss}
+            t_grad_image, t_grad_text = clip_loss_grads(all_t_image, all_t_text, t_scale)
+        squared = (s_image - t_grad_image).pow(2).sum() + (s_text - t_grad_text).pow(2).sum()
+        return {"gd_loss": squared / all_image.shape[0]}
 
 
 class AFDLoss(_ScaledProjectionLoss):
@@ -432,19 +470,21 @@ class AFDLoss(_ScaledProjectionLoss):
 
 
 class EmbedKDLoss(DistillLoss):
-    """CLIP-Embed-KD: α1·CE(classifier(z), y) + α2·CE(s·norm(z)·norm(P(μ))ᵀ, y).
+    """CLIP-Embed-KD: α1·CE(classifier(z), y) + α2·CE(s·cos(z, P(μ)), y).
 
     z = student image embedding, μ [C, D_t] teacher class centroids (teacher["class_centroids"]
     or the `class_centroids` option held as a buffer, then no teacher is needed per batch),
-    P: Linear(D_t → D_s), s = `embed_scale` or the student's logit_scale. Softmax is applied
-    once, inside the cross entropy (the reference applied it twice). Labels from
-    student["labels"] (or teacher["labels"]).
+    P: Linear(D_t → D_s). s = `embed_scale`: 1.0 by default, the plain cosine similarities of
+    the paper and its code; a number fixes another scale, "student" (or None) uses the student's
+    learnable CLIP logit_scale (this project's earlier default, which sharpens the centroid
+    softmax ~14–100×). Softmax is applied once, inside the cross entropy (the reference applied
+    it twice). Labels from student["labels"] (or teacher["labels"]).
     """
 
     name = "embed_kd"
 
     def __init__(self, student_dim: int, teacher_dim: int, num_classes: int | None = None,
-                 alpha1: float = 0.5, alpha2: float = 0.5, embed_scale: float | None = None,
+                 alpha1: float = 0.5, alpha2: float = 0.5, embed_scale: float | str | None = 1.0,
                  class_centroids: torch.Tensor | None = None):
         super().__init__()
         _check_dims(student_dim, teacher_dim)
@@ -461,7 +501,7 @@ class EmbedKDLoss(DistillLoss):
             if not (isinstance(alpha, (int, float)) and alpha >= 0):
                 raise ValueError(f"embed_kd {label} must be a number >= 0, got {alpha!r}")
         self.num_classes, self.alpha1, self.alpha2 = num_classes, float(alpha1), float(alpha2)
-        self.embed_scale = None if embed_scale is None else float(embed_scale)
+        self.embed_scale = _embed_scale(embed_scale)
         self.classifier = nn.Linear(student_dim, num_classes)
         self.centroid_projection = nn.Linear(teacher_dim, student_dim)
         self.register_buffer("class_centroids", class_centroids)
@@ -486,14 +526,23 @@ class EmbedKDLoss(DistillLoss):
         if centroids.shape[0] != self.num_classes:
             raise ValueError(f"class_centroids has {centroids.shape[0]} rows, num_classes={self.num_classes}")
         labels = torch.as_tensor(labels, device=z.device).long()
-        scale = (torch.tensor(self.embed_scale, device=z.device, dtype=z.dtype) if self.embed_scale is not None
-                 else _scale(student, "logit_scale", "student", self.name, z))
+        scale = (_scale(student, "logit_scale", "student", self.name, z) if self.embed_scale is None
+                 else torch.tensor(self.embed_scale, device=z.device, dtype=z.dtype))
         anchors = F.normalize(self.centroid_projection(centroids), dim=-1)
         centroid_logits = scale * F.normalize(z, dim=-1) @ anchors.T
         loss = self.alpha1 * F.cross_entropy(self.classifier(z), labels) + self.alpha2 * F.cross_entropy(
             centroid_logits, labels
         )
         return {"embed_kd_loss": loss}
+
+
+def _embed_scale(value: float | str | None) -> float | None:
+    """A fixed Embed-KD centroid-logit scale, or None for the student's logit_scale ("student")."""
+    if value is None or value == "student":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"embed_kd embed_scale must be a number > 0 or 'student', got {value!r}")
+    return float(value)
 
 
 def compute_class_centroids(
@@ -561,7 +610,9 @@ def build_losses(
     weights: Mapping[str, float], *, student_dim: int, teacher_dim: int, options: Mapping[str, Any] | None = None,
 ) -> LossSet:
     """A LossSet with one module per nonzero weight, in registry order (so every rank issues the
-    same collectives in the same order). Options: see OPTION_DEFAULTS."""
+    same collectives in the same order). Each weight is multiplied by its loss's `weight_factor`
+    (FD/MFD: D_t / fd_reference_dim); LossSet.weights holds what is applied. Options: see
+    OPTION_DEFAULTS."""
     _check_dims(student_dim, teacher_dim)
     if not isinstance(weights, Mapping):
         raise TypeError(f"weights must be a mapping name -> weight, got {type(weights).__name__}")
@@ -582,7 +633,8 @@ def build_losses(
     needs_projection = any(LOSSES[name].uses_projection for name in active)
     projection = FeatureProjection(student_dim, teacher_dim) if needs_projection else None
     modules = {name: LOSSES[name].from_options(student_dim, teacher_dim, projection, opts) for name in active}
-    return LossSet(modules, active)
+    applied = {name: weight * LOSSES[name].weight_factor(teacher_dim, opts) for name, weight in active.items()}
+    return LossSet(modules, applied)
 
 
 # --------------------------------------------------------------------------- accumulation

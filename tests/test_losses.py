@@ -21,8 +21,8 @@ from student_trainer.losses import (
     LossSet,
     accumulated_backward,
     build_losses,
+    clip_loss_grads,
     compute_class_centroids,
-    contrastive_grads,
 )
 from student_trainer.masking import PatchMask, encode_image_masked
 
@@ -141,7 +141,8 @@ def test_build_losses_weights_flags_and_shared_heads():
     raw = ls.losses["kl"](student, teacher)["kl_loss"]
     torch.testing.assert_close(out["kl_loss"], 0.5 * raw)
     raw_fd = ls.losses["fd"](student, teacher)["fd_loss"]
-    torch.testing.assert_close(out["fd_loss"], 2000.0 * raw_fd)
+    assert ls.weights["fd"] == 2000.0 * DT / 512  # given at CLIP-KD's D_t = 512, scaled to DT
+    torch.testing.assert_close(out["fd_loss"], 2000.0 * DT / 512 * raw_fd)
 
 
 def test_build_losses_task_only_and_mfd_flags():
@@ -268,6 +269,42 @@ def test_fd_matches_formula(ds):
     assert (ds == DT) == isinstance(module.projection.image, torch.nn.Identity)
 
 
+def _padded_pair(width: int) -> tuple[dict, dict]:
+    """Student/teacher features living in the first 8 dims of `width`: the same per-sample
+    squared errors at every width."""
+    student, teacher = make_inputs(ds=8, dt=8, seed=30)
+    pad = lambda x: F.pad(x.detach(), (0, width - 8))
+    return ({**student, "image_features": pad(student["image_features"]),
+             "text_features": pad(student["text_features"]), "masked_image_features": pad(student["image_features"])},
+            {**teacher, "image_features": pad(teacher["image_features"]),
+             "text_features": pad(teacher["text_features"])})
+
+
+@pytest.mark.parametrize("name", ["fd", "mfd"])
+def test_fd_weight_keeps_the_papers_per_sample_penalty_at_any_width(name):
+    """Weight 2000 means 2000/512 · Σ_k ‖Δ_k‖² / B per modality whatever D_t: the value at
+    D_t = 512 and 1024 is the same, and equals the paper's (weight 2000, D_t = 512)."""
+    values = {}
+    for width in (512, 1024):
+        student, teacher = _padded_pair(width)
+        ls = build_losses({name: DEFAULT_WEIGHTS[name]}, student_dim=width, teacher_dim=width)
+        assert ls.weights[name] == 2000.0 * width / 512
+        values[width] = ls(student, teacher)[f"{name}_loss"]
+    torch.testing.assert_close(values[512], values[1024])
+    student, teacher = _padded_pair(512)
+    image_key = "masked_image_features" if name == "mfd" else "image_features"
+    per_sample = sum(((student[k] - teacher[t]) ** 2).sum(1).mean() for k, t in
+                     ((image_key, "image_features"), ("text_features", "text_features")))
+    torch.testing.assert_close(values[512], 2000.0 / 512 * per_sample)
+    unscaled = build_losses({name: 2000.0}, student_dim=1024, teacher_dim=1024, options={"fd_reference_dim": None})
+    assert unscaled.weights[name] == 2000.0
+
+
+def test_fd_reference_dim_is_checked():
+    with pytest.raises(ValueError, match="fd_reference_dim"):
+        build_losses({"fd": 1.0}, student_dim=4, teacher_dim=4, options={"fd_reference_dim": 0})
+
+
 def test_mfd_uses_the_masked_features():
     student, teacher = make_inputs()
     fd = LOSSES["fd"](DS, DT)
@@ -300,42 +337,91 @@ def test_icl_matches_formula_and_scale_is_exp_clamped():
     assert torch.autograd.grad(value, module.log_scale)[0] == 0  # clamped: no push beyond 100
 
 
-def test_contrastive_grads_equal_autograd():
-    q = _unit(7, 5, seed=3).requires_grad_(True)
-    k = _unit(7, 5, seed=4).requires_grad_(True)
-    scale = 23.0
-    loss = F.cross_entropy(scale * q @ k.T, torch.arange(7))
-    auto_q, auto_k = torch.autograd.grad(loss, [q, k])
-    closed_q, closed_k = contrastive_grads(q, k, scale)
-    torch.testing.assert_close(closed_q, auto_q)
-    torch.testing.assert_close(closed_k, auto_k)
+def open_clip_grads(img, txt, scale, create_graph):
+    """∂ClipLoss/∂(each image, each text embedding) by autograd of open_clip's own ClipLoss."""
+    img = img if img.requires_grad else img.detach().requires_grad_(True)
+    txt = txt if txt.requires_grad else txt.detach().requires_grad_(True)
+    return torch.autograd.grad(oc_loss.ClipLoss()(img, txt, scale), [img, txt], create_graph=create_graph)
 
 
-def test_gd_matches_autograd_restatement():
-    """GD == MSE of autograd gradients of the contrastive CE (create_graph for the student)."""
-    student, teacher = make_inputs()
-    module = GDLoss(DS, DT)
+def eq7(student_grads, teacher_grads):
+    """CLIP-KD eq. 7, written per k: 1/|B| Σ_k ‖∂L_T/∂v_k − ∂L_S/∂v_k‖² + ‖∂L_T/∂s_k − ∂L_S/∂s_k‖²."""
+    (s_v, s_s), (t_v, t_s) = student_grads, teacher_grads
+    terms = [((t_v[k] - s_v[k]) ** 2).sum() + ((t_s[k] - s_s[k]) ** 2).sum() for k in range(s_v.shape[0])]
+    return sum(terms) / len(terms)
+
+
+def test_clip_loss_grads_equal_open_clip_autograd():
+    img, txt = _unit(7, 5, seed=3), _unit(7, 5, seed=4)
+    closed = clip_loss_grads(img, txt, 23.0)
+    assert_close_all(closed, open_clip_grads(img, txt, torch.tensor(23.0), False))
+
+
+@pytest.mark.parametrize("ds", [DS, DT])
+def test_gd_matches_open_clip_autograd_restatement(ds):
+    """GD == eq. 7 on autograd gradients of open_clip ClipLoss (teacher and student, each with its
+    own scale), and its training gradient == the restatement's (create_graph for the student)."""
+    student, teacher = make_inputs(ds=ds)
+    module = GDLoss(ds, DT)
     ours = module(student, teacher)["gd_loss"]
-
-    def autograd_grads(img, txt, scale, create_graph):
-        img = img if img.requires_grad else img.detach().requires_grad_(True)
-        txt = txt if txt.requires_grad else txt.detach().requires_grad_(True)
-        y = torch.arange(img.shape[0])
-        gi_q, gt_k = torch.autograd.grad(F.cross_entropy(scale * img @ txt.T, y), [img, txt],
-                                         create_graph=create_graph)
-        gt_q, gi_k = torch.autograd.grad(F.cross_entropy(scale * txt @ img.T, y), [txt, img],
-                                         create_graph=create_graph)
-        return [gi_q, gt_k, gt_q, gi_k]
-
-    p_img = proj(student["image_features"], module.projection.image)
-    p_txt = proj(student["text_features"], module.projection.text)
-    s_g = autograd_grads(p_img, p_txt, student["logit_scale"], True)
-    t_g = autograd_grads(teacher["image_features"], teacher["text_features"], teacher["logit_scale"], False)
-    ref = sum(((a - b) ** 2).mean() for a, b in zip(s_g, t_g))
+    p_img = proj(student["image_features"], _linear(module.projection.image))
+    p_txt = proj(student["text_features"], _linear(module.projection.text))
+    s_g = open_clip_grads(p_img, p_txt, student["logit_scale"], True)
+    t_g = open_clip_grads(teacher["image_features"], teacher["text_features"], teacher["logit_scale"], False)
+    ref = eq7(s_g, t_g)
     torch.testing.assert_close(ours, ref)
-    leaves = [student["image_features"], student["text_features"], student["logit_scale"],
-              module.projection.image.weight]
-    assert_close_all(grads_of(ours, leaves), grads_of(ref, leaves))
+    leaves = [student["image_features"], student["text_features"], student["logit_scale"]]
+    leaves += list(module.projection.parameters())
+    ours_grads = grads_of(ours, leaves)
+    assert_close_all(ours_grads, grads_of(ref, leaves))
+    assert ours_grads[0].abs().sum() > 0 and ours_grads[2] != 0
+
+
+def test_gd_is_zero_for_the_teacher_itself_and_uses_each_scale():
+    student, teacher = make_inputs(ds=DT)
+    same = {**teacher, "image_features": teacher["image_features"].clone().requires_grad_(True),
+            "text_features": teacher["text_features"].clone().requires_grad_(True)}
+    module = GDLoss(DT, DT)
+    torch.testing.assert_close(module(same, teacher)["gd_loss"], torch.tensor(0.0))
+    other_scale = module({**same, "logit_scale": torch.tensor(12.0)}, teacher)["gd_loss"]
+    assert other_scale > 1e-4  # same features, another scale: other gradients
+
+
+def clip_kd_code_gd(s_img, s_txt, s_scale, t_img, t_txt, t_scale):
+    """CLIP-KD's GD as their code computes it: softmax(C / scale), gradients divided by the
+    scale, four per-element MSEs (restated, to check the weight that stands for their 1e8)."""
+    def grads(p, k, tau):
+        delta = (p @ k.T / tau).softmax(1) - torch.eye(p.shape[0])
+        return delta @ k / tau / p.shape[0], delta.T @ p / tau / p.shape[0]
+
+    s = grads(s_img, s_txt, s_scale) + grads(s_txt, s_img, s_scale)
+    t = grads(t_img, t_txt, t_scale) + grads(t_txt, t_img, t_scale)
+    return sum(F.mse_loss(a, b) for a, b in zip(s, t))
+
+
+def test_gd_default_weight_stands_for_clip_kd_1e8():
+    """At CLIP-KD's operating point (N = 1024, D_t = 512, both scales 100, CLIP-like features)
+    1e8 × their term ≈ weight × L_GD (ratio 0.97 here, 0.77 on random features)."""
+    n, d, scale = 1024, 512, torch.tensor(100.0)  # their global batch and teacher width
+    text_t = _unit(n, d, seed=10)
+    image_t = F.normalize(0.3 * text_t + _unit(n, d, seed=11), dim=-1)  # CLIP-like positives
+    image_s = F.normalize(image_t + _unit(n, d, seed=12), dim=-1)
+    text_s = F.normalize(text_t + _unit(n, d, seed=13), dim=-1)
+    ours = GDLoss(d, d)({"image_features": image_s, "text_features": text_s, "logit_scale": scale},
+                        {"image_features": image_t, "text_features": text_t, "logit_scale": scale})["gd_loss"]
+    theirs = 1e8 * clip_kd_code_gd(image_s, text_s, scale, image_t, text_t, scale)
+    assert DEFAULT_WEIGHTS["gd"] == 2e8 / (512 * 100 ** 4)
+    assert 0.5 < float(theirs / (DEFAULT_WEIGHTS["gd"] * ours)) < 1.5
+
+
+def test_gd_magnitude_on_random_unit_features():
+    """The scale quoted in docs/design.md: L_GD on random unit features, B = D = 64, about 0.2 at
+    both scales 1/0.07 and 16 at both 100 (it grows like s² / B²)."""
+    student, teacher = make_inputs(batch=64, ds=64, dt=64, seed=20)
+    module = GDLoss(64, 64)
+    for scale, low, high in ((1 / 0.07, 0.15, 0.3), (100.0, 12.0, 20.0)):
+        student["logit_scale"] = teacher["logit_scale"] = torch.tensor(scale)
+        assert low < float(module(student, teacher)["gd_loss"].detach()) < high
 
 
 def test_afd_with_different_widths_matches_formula():
@@ -352,18 +438,43 @@ def test_afd_with_different_widths_matches_formula():
     assert grads_of(ours, [student["image_features"]])[0].abs().sum() > 0
 
 
-def test_embed_kd_matches_formula_softmax_once():
+def test_embed_kd_matches_paper_formula_softmax_once():
+    """Default: α1·CE(classifier(z), y) + α2·CE(cos(z, P(μ)), y), plain cosines (the paper)."""
     student, teacher = make_inputs()
     module = EmbedKDLoss(DS, DT, num_classes=3, alpha1=0.3, alpha2=0.7)
     ours = module(student, teacher)["embed_kd_loss"]
+    z, y = student["image_features"], student["labels"]
+    cls_logits = z @ module.classifier.weight.T + module.classifier.bias
+    mu = teacher["class_centroids"] @ module.centroid_projection.weight.T + module.centroid_projection.bias
+    cosines = torch.stack([torch.stack([F.cosine_similarity(z[i], mu[c], dim=0) for c in range(3)])
+                           for i in range(B)])
+    ref = 0.3 * slow_ce(cls_logits, y) + 0.7 * slow_ce(cosines, y)
+    torch.testing.assert_close(ours, ref)
+    twice = 0.3 * slow_ce(cls_logits.softmax(1), y) + 0.7 * slow_ce(cosines, y)  # the reference's bug
+    assert not torch.allclose(ours, twice)
+    assert grads_of(ours, [student["logit_scale"]])[0] is None  # the CLIP scale plays no part
+
+
+@pytest.mark.parametrize("option", ["student", None])
+def test_embed_kd_student_scale_option(option):
+    """embed_scale "student" (or None): the earlier behaviour, centroid cosines × student logit_scale."""
+    student, teacher = make_inputs()
+    ls = build_losses({"embed_kd": 1.0}, student_dim=DS, teacher_dim=DT,
+                      options={"num_classes": 3, "embed_scale": option})
+    module = ls.losses["embed_kd"]
     z, y, s = student["image_features"], student["labels"], student["logit_scale"]
     cls_logits = z @ module.classifier.weight.T + module.classifier.bias
     mu = teacher["class_centroids"] @ module.centroid_projection.weight.T + module.centroid_projection.bias
-    emb_logits = s * F.normalize(z, dim=-1) @ F.normalize(mu, dim=-1).T
-    ref = 0.3 * slow_ce(cls_logits, y) + 0.7 * slow_ce(emb_logits, y)
-    torch.testing.assert_close(ours, ref)
-    twice = 0.3 * slow_ce(cls_logits.softmax(1), y) + 0.7 * slow_ce(emb_logits, y)  # the reference's bug
-    assert not torch.allclose(ours, twice)
+    ref = 0.5 * slow_ce(cls_logits, y) + 0.5 * slow_ce(s * F.normalize(z, dim=-1) @ F.normalize(mu, dim=-1).T, y)
+    value = ls(student, teacher)["embed_kd_loss"]
+    torch.testing.assert_close(value, ref)
+    assert grads_of(value, [s])[0] != 0
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), "teacher", True])
+def test_embed_kd_rejects_bad_scale(bad):
+    with pytest.raises(ValueError, match="embed_scale"):
+        build_losses({"embed_kd": 1.0}, student_dim=4, teacher_dim=4, options={"num_classes": 3, "embed_scale": bad})
 
 
 def test_embed_kd_with_centroids_option_needs_no_teacher():
