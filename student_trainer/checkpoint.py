@@ -11,6 +11,7 @@ from student_trainer.factory import create_student
 
 MODEL_FILE = "model.pt"
 MODEL_CONFIG_FILE = "model_config.json"
+PROVENANCE_FILE = "provenance.json"
 
 
 def save_student(model: torch.nn.Module, model_cfg: ModelConfig, directory: str | Path) -> None:
@@ -35,3 +36,43 @@ def load_student(directory: str | Path, device: str = "cpu") -> tuple[torch.nn.M
     state = torch.load(Path(directory) / MODEL_FILE, map_location=device, weights_only=True)
     model.load_state_dict(state)
     return model.eval(), model_cfg
+
+
+def provenance(cfg, teacher_info: dict) -> dict:
+    """What a checkpoint was distilled from: the teacher (fingerprint, model, where its outputs came
+    from) and the loss weights. Written beside every checkpoint; resumes and `kd eval` read it."""
+    teacher = cfg.teacher
+    return {"run_name": cfg.run_name, "seed": cfg.seed,
+            "teacher": {"fingerprint": teacher_info.get("fingerprint", ""), "model": teacher_info.get("model"),
+                        "mode": teacher.mode, "app_name": teacher.app_name if teacher.mode in ("remote", "hybrid")
+                        else None, "cache_path": teacher.cache_path},
+            "losses": dict(cfg.losses),
+            "loss_options": {k: v for k, v in cfg.loss_options.items() if isinstance(v, (int, float, str, type(None)))}}
+
+
+def read_provenance(directory: str | Path) -> dict | None:
+    """The provenance a checkpoint records (None for checkpoints written before it was recorded)."""
+    path = Path(directory) / PROVENANCE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest ``checkpoint_*`` directory of a run (Ray Train names them by time), or None."""
+    found = sorted(Path(run_dir).glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+class TeacherChangedError(ValueError):
+    """A run would resume against another teacher than the one its checkpoint was distilled from."""
+
+
+def check_same_teacher(recorded: dict | None, fingerprint: str, where: str, allow_change: bool) -> None:
+    """Refuse to go on from ``recorded`` provenance with a teacher of another ``fingerprint``."""
+    saved = ((recorded or {}).get("teacher") or {}).get("fingerprint", "")
+    if recorded is None or saved == fingerprint or allow_change:
+        return
+    raise TeacherChangedError(
+        f"cannot resume {where}: it was distilled from teacher fingerprint {saved or 'none'!r} "
+        f"({recorded['teacher'].get('model')}, {recorded['teacher'].get('mode')}), the current teacher has "
+        f"fingerprint {fingerprint or 'none'!r}. Use a new run name, the same teacher, or "
+        f"teacher.allow_teacher_change (--allow-teacher-change) to continue on purpose.")

@@ -67,6 +67,9 @@ class TeacherSourceConfig:
     patience_s: float = 120.0
     weight: float = 1.0  # this run's share of a contended teacher pool: weight / sum of waiting runs' weights
     coalesce: bool = True  # send view identities so the pool computes samples other runs share once
+    # A checkpoint records the teacher it was distilled from; resuming against another teacher
+    # fingerprint is refused unless this is set (then the change is recorded in the provenance).
+    allow_teacher_change: bool = False
 
 
 @dataclass

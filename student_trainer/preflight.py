@@ -26,8 +26,24 @@ def check_run(cfg: TrainConfig) -> None:
     steps_per_epoch(shards, world_size=cfg.num_workers, batch_size=cfg.data.batch_size)
     _check_losses(cfg, source)
     teacher_info = _check_app(cfg) if source.needs_app else None
-    if source.needs_cache:
-        _check_cache(cfg, source, teacher_info)
+    cache_fingerprint = _check_cache(cfg, source, teacher_info) if source.needs_cache else None
+    fingerprint = (teacher_info or {}).get("fingerprint") or cache_fingerprint
+    if source.mode == "none":
+        fingerprint = ""
+    if fingerprint is not None:  # inline: the worker checks, once it has loaded the teacher
+        _check_resume_teacher(cfg, fingerprint)
+
+
+def _check_resume_teacher(cfg: TrainConfig, fingerprint: str) -> None:
+    """A rerun of a run name resumes its latest checkpoint: refuse it against another teacher."""
+    from student_trainer.checkpoint import check_same_teacher, latest_checkpoint, read_provenance
+
+    if "://" in cfg.storage_path:  # cloud storage: the worker checks when it restores the checkpoint
+        return
+    latest = latest_checkpoint(os.path.join(os.path.abspath(os.path.expanduser(cfg.storage_path)), cfg.run_name))
+    if latest is not None:
+        check_same_teacher(read_provenance(latest), fingerprint, f"run {cfg.run_name!r} ({latest})",
+                           cfg.teacher.allow_teacher_change)
 
 
 def _check_losses(cfg: TrainConfig, source) -> None:
@@ -59,18 +75,20 @@ def _check_app(cfg: TrainConfig) -> dict:
     return handle.info.remote().result(timeout_s=cfg.teacher.timeout_s)
 
 
-def _check_cache(cfg: TrainConfig, source, teacher_info: dict | None) -> None:
-    """The cache exists and holds rows (cache mode), and was made by this teacher with this run's views."""
+def _check_cache(cfg: TrainConfig, source, teacher_info: dict | None) -> str | None:
+    """The cache exists and holds rows (cache mode), and was made by this teacher with this run's
+    views; returns its teacher fingerprint (None: a hybrid run starting a new cache)."""
     from teacher_service.cache import EmbeddingCache
 
     recipe = view_recipe(cfg.data.image_size, cfg.seed)
     if source.mode == "hybrid" and not os.path.isdir(cfg.teacher.cache_path):
-        return  # hybrid starts a new cache
+        return None  # hybrid starts a new cache
     cache = EmbeddingCache.open(cfg.teacher.cache_path, teacher_info=teacher_info or None, recipe=recipe,
                                 create=source.mode == "hybrid")
     if source.mode == "cache" and len(cache) == 0:
         raise FileNotFoundError(f"embedding cache {cache.path} holds no rows: run `kd precompute` over "
                                 f"{cfg.data.train_shards} first, or train with teacher.mode 'hybrid'")
+    return cache.fingerprint
 
 
 def centroids_missing(cfg: TrainConfig) -> str:

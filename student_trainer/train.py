@@ -33,7 +33,14 @@ from teacher_service.contract.protocol import EmbedRequest
 from teacher_service.private_files import make_private_dir, private_umask
 from teacher_service.contract.augment import view_namespace, view_recipe
 
-from student_trainer.checkpoint import MODEL_FILE, save_student
+from student_trainer.checkpoint import (
+    MODEL_FILE,
+    PROVENANCE_FILE,
+    check_same_teacher,
+    provenance,
+    read_provenance,
+    save_student,
+)
 from student_trainer.config import TrainConfig
 from student_trainer.data.batches import Batch, eval_set, steps_per_epoch, train_batches
 from teacher_service.shards import SkipCounts, load_dataset_info, resolve_shards
@@ -195,7 +202,8 @@ class Position:
     step: int = 0
 
 
-def _restore(module: DistillModule, optimizer: torch.optim.Optimizer, fingerprint: str) -> Position:
+def _restore(module: DistillModule, optimizer: torch.optim.Optimizer, fingerprint: str,
+             allow_change: bool = False) -> Position:
     """Load the latest Ray Train checkpoint, if any, and return its position.
 
     A run resumed against another teacher would silently mix two teachers' targets: refused.
@@ -209,11 +217,9 @@ def _restore(module: DistillModule, optimizer: torch.optim.Optimizer, fingerprin
         module.student.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu",
                                                   weights_only=True))
         state = torch.load(Path(d) / TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
-    saved = state.get("teacher_fingerprint", "")
-    if saved != fingerprint:
-        raise ValueError(
-            f"cannot resume: the checkpoint was trained with teacher fingerprint {saved or 'none'!r}, "
-            f"the current teacher is {fingerprint or 'none'!r}. Use a new run name or the same teacher.")
+        recorded = read_provenance(d)
+    recorded = recorded or {"teacher": {"fingerprint": state.get("teacher_fingerprint", "")}}
+    check_same_teacher(recorded, fingerprint, "this run's checkpoint", allow_change)
     module.losses.load_state_dict(state["losses"])
     optimizer.load_state_dict(state["optimizer"])
     if "next_epoch" not in state:  # written at epoch ends only, before mid-epoch checkpoints existed
@@ -235,6 +241,8 @@ def _report(metrics: dict, module: DistillModule, optimizer, cfg: TrainConfig, p
                     "step": position.step,
                     "teacher_fingerprint": metrics["teacher_fingerprint"]}, Path(d) / TRAIN_STATE_FILE)
         (Path(d) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        teacher = {"fingerprint": metrics["teacher_fingerprint"], "model": metrics.get("teacher_model")}
+        (Path(d) / PROVENANCE_FILE).write_text(json.dumps(provenance(cfg, teacher), indent=2, default=str))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -389,7 +397,7 @@ def train_loop_per_worker(config: dict) -> None:
     module = DistillModule(student, losses, preprocess_spec(student)).to(device)
     optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    position = _restore(module, optimizer, source.info.get("fingerprint", ""))
+    position = _restore(module, optimizer, source.info.get("fingerprint", ""), cfg.teacher.allow_teacher_change)
     ddp = ray.train.torch.prepare_model(module)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -416,7 +424,7 @@ def train_loop_per_worker(config: dict) -> None:
                                          / max(elapsed, 1e-9), 3),
             "run_samples_per_s": round(samples_done / max(time.perf_counter() - run_start, 1e-9), 3),
             "world_size": world, "teacher_mode": cfg.teacher.mode,
-            "teacher_fingerprint": source.info.get("fingerprint", ""),
+            "teacher_fingerprint": source.info.get("fingerprint", ""), "teacher_model": source.info.get("model"),
             "peak_rss_mb": round(_peak_rss_mb(), 1),
         })
         if device.type == "cuda":

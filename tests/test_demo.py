@@ -31,6 +31,16 @@ def test_quick_demo_writes_a_complete_report(ray_cluster, tmp_path):
     assert report["teacher_fingerprint"] and report["distill_losses"] == cfg.distill_losses
     assert report["epochs"] == {"teacher": 1, "student": 1} and report["demo_wall_time_s"] > 0
 
+    # every student checkpoint records what it was distilled from
+    from student_trainer.checkpoint import read_provenance
+
+    distilled = read_provenance(tmp_path / "demo" / "student_distilled")
+    assert distilled["teacher"]["fingerprint"] == report["teacher_fingerprint"]
+    assert distilled["teacher"]["mode"] == "remote" and distilled["teacher"]["app_name"] == cfg.app_name
+    assert distilled["losses"] == cfg.distill_losses
+    baseline = read_provenance(tmp_path / "demo" / "student_baseline")
+    assert baseline["teacher"]["mode"] == "none" and baseline["teacher"]["fingerprint"] == ""
+
     # the teacher left in the workdir is reused only for the same architecture, data, seed and epochs
     teacher_dir, data_dir = tmp_path / "demo" / "teacher", tmp_path / "demo" / "data"
     identity = teacher_identity(cfg, data_dir, 1)

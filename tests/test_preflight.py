@@ -74,3 +74,29 @@ def test_kd_train_on_an_empty_cache_prints_one_error_and_starts_nothing(shards, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("kd: error: embedding cache ")
     assert ray.is_initialized() == was_up  # refused before a cluster (let alone a worker) started
+
+
+def test_resuming_against_another_teacher_is_refused_naming_both(ray_cluster, shards, tmp_path):
+    """A checkpoint records the teacher it was distilled from; a rerun with another one is refused on the driver."""
+    import json
+
+    from student_trainer.checkpoint import TeacherChangedError
+    from teacher_service.cache import EmbeddingCache
+    from teacher_service.cache.precompute import precompute
+    from teacher_service.shards import resolve_shards
+
+    precompute(resolve_shards(shards)[:1], str(tmp_path / "cache"), views=1, teacher=TEACHER, image_size=32, seed=0,
+               num_cpus=0.5, progress=False)
+    fingerprint = EmbeddingCache.open(str(tmp_path / "cache")).fingerprint
+    checkpoint = tmp_path / "runs" / "preflight" / "checkpoint_2026-12-02_00-00-00.000000"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "provenance.json").write_text(json.dumps(
+        {"teacher": {"fingerprint": "0123456789abcdef", "model": "ViT-L-14", "mode": "remote"}, "losses": {}}))
+    cfg = cfg_for(shards, tmp_path, "cache", {"clip": 1.0, "kl": 1.0}, cache=tmp_path / "cache")
+    with pytest.raises(TeacherChangedError, match=f"'0123456789abcdef'.*ViT-L-14.*'{fingerprint}'"):
+        check_run(cfg)
+    cfg.teacher.allow_teacher_change = True
+    check_run(cfg)
+    (checkpoint / "provenance.json").write_text(json.dumps({"teacher": {"fingerprint": fingerprint}}))
+    cfg.teacher.allow_teacher_change = False
+    check_run(cfg)  # the same teacher resumes

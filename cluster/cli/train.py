@@ -33,6 +33,8 @@ def train_config_from_args(args: argparse.Namespace):
             setattr(target, attr, value)
     if args.loss:
         cfg.losses = dict(args.loss)
+    if args.allow_teacher_change:
+        cfg.teacher.allow_teacher_change = True
     if getattr(args, "role_placement", False):
         from cluster.roles import student_placement
 
@@ -62,7 +64,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if bool(args.checkpoint) == bool(args.teacher_config):
         raise ValueError("kd eval: give exactly one of --checkpoint or --teacher-config")
     if args.checkpoint:
+        from student_trainer.checkpoint import read_provenance
+
         metrics = evaluate_checkpoint(args.checkpoint, args.shards, limit=args.limit)
+        metrics["provenance"] = read_provenance(args.checkpoint)  # the teacher and losses it was distilled with
     else:
         from teacher_service.config import TeacherConfig
 
@@ -105,12 +110,16 @@ def add_parser(sub, fmt) -> None:
                         "checkpoints and stops (rerun resumes)")
     p.add_argument("--role-placement", action="store_true",
                    help="run workers only on student nodes (label kd-role=student, resource kd_student)")
+    p.add_argument("--allow-teacher-change", action="store_true",
+                   help="resume a run's checkpoint with another teacher than the one it was distilled from "
+                        "(refused otherwise, naming both fingerprints)")
     add_address(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", formatter_class=fmt, help="zero-shot and retrieval metrics",
                        description="Zero-shot top-1/top-5 (class-name prompts) and image<->text "
-                                   "retrieval R@1/5/10 on val shards, for a student checkpoint or a "
+                                   "retrieval R@1/5/10 on val shards, for a student checkpoint (with the "
+                                   "provenance it records: teacher fingerprint, model, mode, losses) or a "
                                    "teacher config.")
     p.add_argument("--shards", required=True, help="val shard dir, glob or brace pattern")
     p.add_argument("--checkpoint", help="student checkpoint directory (model.pt + model_config.json)")
