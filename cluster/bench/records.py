@@ -137,7 +137,3 @@ def _plain(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def is_positive_finite(x: float) -> bool:
-    return math.isfinite(x) and x > 0

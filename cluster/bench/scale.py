@@ -124,10 +124,3 @@ def _student_rows(run: BenchRun, student: str, teacher_sps: float, base: dict, e
     if ingress:
         run.add(SECTION, f"{student} student GPU's upload to the teacher", "Gb/s", [ingress * 8 / 1e9], params=params,
                 kind="model", note="its samples/s × request bytes per sample at 224 px")
-
-
-def summary_lines(records: list) -> list[str]:
-    """Plain sentences for the Markdown, from the model's records."""
-    rows = [r for r in records if r.section == SECTION and r.name.startswith("student GPUs one teacher GPU")
-            and "1 run(s)" in r.name]
-    return [f"- {r.name}: {np.median(r.values):.2f}" for r in rows]
