@@ -12,7 +12,6 @@ Inputs:
 """
 from __future__ import annotations
 
-import numpy as np
 
 from cluster.bench.common import BenchRun
 
