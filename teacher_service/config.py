@@ -35,9 +35,11 @@ class TeacherConfig:
     pool never grows without bound — `target_ongoing_requests`, `upscale_delay_s`,
     `downscale_delay_s`, ...) makes Serve scale the replica count on the requests queued and
     running per replica; `num_replicas` is then ignored. `coalesce_memory_rows` bounds each
-    replica's table of recently answered (view, key) rows (`coalesce.Coalescer`; 0 keeps only
-    in-flight coalescing); it costs up to 4 * embed_dim bytes per row (fp16 image + text), e.g.
-    200 MB for 65 536 rows at D = 768. `max_run_weight` is the largest fair-share weight a caller may claim.
+    replica's table of recently answered rows, keyed by pixel and token digests
+    (`coalesce.Coalescer`; 0 keeps only in-flight coalescing); it costs up to 4 * embed_dim bytes
+    per row (fp16 image + text) plus ~270 bytes for the identity and table entry, e.g. 219 MB
+    for 65 536 rows at D = 768. `max_run_weight` is the largest fair-share weight a run may claim (gRPC callers get
+    the cap of their token, `auth`).
     `routing`: "view_affinity" (default) sends identical requests from different runs to the same
     replica so they coalesce across replicas (`routing.ViewAffinityRouter`); "power_of_two" is
     Serve's default router. `label_selector` / `resources` keep replicas on teacher nodes (node

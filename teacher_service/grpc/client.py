@@ -69,8 +69,8 @@ class TeacherGrpcClient:
         """Features for one mini-batch: uint8 images [B, H, W, 3] and/or int64 tokens [B, L].
 
         `keys` default to "0".."B-1". Returns float16 numpy features, row i for keys[i]. A `view`
-        (see `views.view_identity`) lets the pool answer a (view, key) it computed recently
-        without computing it again.
+        (see `augment.view_identity`) opts into coalescing: the pool answers a sample whose
+        pixels and tokens it computed recently without computing it again.
         """
         b = len(images) if images is not None else len(tokens) if tokens is not None else 0
         keys = [str(i) for i in range(b)] if keys is None else list(keys)
