@@ -55,9 +55,9 @@ class FakeTeacher:
         await self.release.wait()
         if self.fail:
             raise RuntimeError("teacher forward failed")
+        texts = None if req.tokens is None else np.stack([text_features(t) for t in req.tokens])
         return EmbedResponse(keys=list(req.keys), image_features=np.stack([image_features(im) for im in req.images]),
-                             text_features=None if req.tokens is None else np.stack([text_features(t) for t in req.tokens]),
-                             logit_scale=10.0, logit_bias=None, fingerprint="fp")
+                             text_features=texts, logit_scale=10.0, logit_bias=None, fingerprint="fp")
 
     @property
     def computed(self) -> int:
