@@ -96,7 +96,7 @@ class TeacherDeployment:
             self.counters.refused(label, "invalid")
             raise
         size = len(request)
-        self.counters.accepted(label, size)
+        self.counters.accepted(label, size, request.weight)
 
         async def compute(part: EmbedRequest) -> EmbedResponse:
             result = await self._submit((label, part), len(part), arrived, label, float(part.weight))
