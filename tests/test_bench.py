@@ -54,6 +54,19 @@ def test_identity_cost_is_a_positive_time_per_sample_per_repeat():
     assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values)
 
 
+def test_multi_clients_send_new_pixels_every_step_and_equal_ones_across_runs():
+    """The pool coalesces by content: a client repeating its pixels would be answered from recent rows."""
+    import numpy as np
+
+    from cluster.bench.multi import step_views
+    from teacher_service.contract.augment import image_sha256
+
+    base = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    steps = [image_sha256(step_views(base, step)) for step in range(300)]
+    assert len({d for digests in steps for d in digests}) == 300 * 4
+    assert image_sha256(step_views(base.copy(), 7)) == steps[7]
+
+
 def test_wire_bytes_are_uint8_images_and_fp16_embeddings():
     request, response = wire_bytes(8, 224, 77, 768)
     assert 224 * 224 * 3 + 77 * 8 < request < 224 * 224 * 3 + 77 * 8 + 200
