@@ -450,14 +450,18 @@ def test_a_token_table_maps_tokens_to_names_and_weight_caps(tmp_path):
     table = read_token_table(str(token_file(tmp_path / "table", TABLE)), max_weight=100.0)
     assert table == {"tok-capped-1": CallerGrant("capped", 4.0), "tok-capped-2": CallerGrant("capped", 4.0),
                      "tok-wide": CallerGrant("wide", 50.0)}
-    assert read_token_table(str(token_file(tmp_path / "one", "s3cret\n")), 100.0) == {"s3cret": CallerGrant(None, 100.0)}
+    one = read_token_table(str(token_file(tmp_path / "one", "s3cret\n")), 100.0)
+    assert one == {"s3cret": CallerGrant(None, 100.0)}  # a one-token file: as before
     check = TokenCheck(table)
     assert check.check([("authorization", "Bearer tok-wide")]) == CallerGrant("wide", 50.0)
     with pytest.raises(UnauthenticatedError):
         check.check([("authorization", "Bearer capped")])  # a name is not a token
-    bad = {"two fields": ("capped tok-x-secret", "got 2 fields"), "bad name": ("-x 4 tok-x-secret", "caller name"),
-           "weight": ("x four tok-x-secret", "not a number"), "cap": ("x 101 tok-x-secret", r"outside \(0, max_run_weight=100\]"),
-           "duplicate": ("a 1 tok-x-secret\nb 2 tok-x-secret", "already given to 'a'"), "empty": ("# only a comment", "no token")}
+    bad = {"two fields": ("capped tok-x-secret", "got 2 fields"),
+           "bad name": ("-x 4 tok-x-secret", "caller name"),
+           "weight": ("x four tok-x-secret", "not a number"),
+           "cap": ("x 101 tok-x-secret", r"outside \(0, max_run_weight=100\]"),
+           "duplicate": ("a 1 tok-x-secret\nb 2 tok-x-secret", "already given to 'a'"),
+           "empty": ("# only a comment", "no token")}
     for name, (text, message) in bad.items():
         with pytest.raises(ValueError, match=message) as e:
             read_token_table(str(token_file(tmp_path / name.replace(" ", "-"), text)), max_weight=100.0)
