@@ -35,9 +35,11 @@ class TeacherConfig:
     pool never grows without bound — `target_ongoing_requests`, `upscale_delay_s`,
     `downscale_delay_s`, ...) makes Serve scale the replica count on the requests queued and
     running per replica; `num_replicas` is then ignored. `coalesce_memory_rows` bounds each
-    replica's table of recently answered (view, key) rows (`coalesce.Coalescer`; 0 keeps only
-    in-flight coalescing); it costs up to 4 * embed_dim bytes per row (fp16 image + text), e.g.
-    200 MB for 65 536 rows at D = 768. `max_run_weight` is the largest fair-share weight a caller may claim.
+    replica's table of recently answered rows, keyed by pixel and token digests
+    (`coalesce.Coalescer`; 0 keeps only in-flight coalescing); it costs up to 4 * embed_dim bytes
+    per row (fp16 image + text) plus ~270 bytes for the identity and table entry, e.g. 219 MB
+    for 65 536 rows at D = 768. `max_run_weight` is the largest fair-share weight a run may
+    claim (gRPC callers are granted theirs, see `grpc_token_file`).
     `routing`: "view_affinity" (default) sends identical requests from different runs to the same
     replica so they coalesce across replicas (`routing.ViewAffinityRouter`); "power_of_two" is
     Serve's default router. `label_selector` / `resources` keep replicas on teacher nodes (node
@@ -45,8 +47,10 @@ class TeacherConfig:
     `grpc_port` (None: no gRPC) starts the gRPC ingress (`grpc_server`) with the app, bound to
     `grpc_host`: loopback unless set to another address explicitly ("0.0.0.0" / "::" for every
     interface); port 0 takes a free port (reported by the ingress). `grpc_token_file`: a file only
-    its owner can read (chmod 600, on the node that runs the ingress); with it, gRPC calls without
-    that bearer token are refused UNAUTHENTICATED. `grpc_max_request_bytes` bounds one Embed
+    its owner can read (chmod 600, on the node that runs the ingress) holding one token or lines
+    `<caller-name> <max-weight> <token>` (`auth`); with it, gRPC calls without a listed bearer
+    token are refused UNAUTHENTICATED, and a listed token fixes its holder's name and weight cap.
+    Without it every gRPC request runs at weight 1. `grpc_max_request_bytes` bounds one Embed
     message. Per gRPC caller (`caller_limits`): at most `grpc_caller_max_in_flight` Embed rpcs
     unanswered and `grpc_caller_samples_per_s` samples/s (bucket `grpc_caller_burst_samples`,
     default one second's worth); None switches a limit off.
@@ -106,9 +110,9 @@ class TeacherConfig:
             raise ValueError(f"batcher: expected one of {BATCHERS}, got {self.batcher!r}")
         check_placement(self.label_selector, self.resources)
         if self.grpc_token_file:
-            from teacher_service.grpc.auth import read_token_file
+            from teacher_service.grpc.auth import read_token_table
 
-            read_token_file(self.grpc_token_file)  # missing, empty or readable by others: refuse now
+            read_token_table(self.grpc_token_file, self.max_run_weight)  # missing, shared, malformed: refuse now
         self._validate_grpc()
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing: expected one of {ROUTINGS}, got {self.routing!r}")

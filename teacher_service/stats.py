@@ -47,6 +47,7 @@ class _Run:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RUN_COUNTS, 0))
     first_seen: float = 0.0
     window: deque = field(default_factory=deque)  # [second, samples answered] buckets
+    weight: float | None = None  # fair-share weight of the run's latest accepted request
 
 
 def run_label(run: Any) -> str:
@@ -68,7 +69,9 @@ class TeacherCounters:
     samples_requested = samples_computed + samples_coalesced + samples_from_cache once every
     accepted request is answered. Queue wait (arrival →
     forward start) and forward time percentiles are over the last RESERVOIR values; per-run
-    `samples_per_s` is answered samples over the last `window_s` seconds.
+    `samples_per_s` is answered samples over the last `window_s` seconds; per-run `weight` is the
+    fair-share weight its latest accepted request was scheduled at (the weight gRPC callers are
+    granted shows there).
     """
 
     def __init__(self, max_batch_size: int, app_name: str = "", replica: str = "local", window_s: float = 60.0,
@@ -99,11 +102,14 @@ class TeacherCounters:
     def refused(self, label: str, kind: str) -> None:
         self._error(label, kind, in_flight=False)
 
-    def accepted(self, label: str, samples: int) -> None:
+    def accepted(self, label: str, samples: int, weight: float | None = None) -> None:
         with self._lock:
             self._c["samples_requested"] += samples
             self._c["in_flight"] += 1
-            self._run(label).counts["samples_requested"] += samples
+            r = self._run(label)
+            r.counts["samples_requested"] += samples
+            if weight is not None:
+                r.weight = float(weight)
             n = self._c["in_flight"]
         if self.sink:
             self.sink.request(label, samples)
@@ -190,6 +196,8 @@ class TeacherCounters:
             runs = {}
             for label, r in self._runs.items():
                 runs[label] = {**r.counts, "samples_per_s": self._rate(r, now)}
+                if r.weight is not None:
+                    runs[label]["weight"] = r.weight
             waits, forwards = list(self._waits), list(self._forwards)
         out["runs"] = runs
         out["samples_per_s"] = sum(r["samples_per_s"] for r in runs.values())
@@ -284,6 +292,8 @@ def merge_stats(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
             merged = runs.setdefault(label, dict.fromkeys(RUN_SUM_KEYS, 0))
             for k in RUN_SUM_KEYS:
                 merged[k] += r.get(k, 0)
+            if "weight" in r:  # a weight is not summed: the largest any replica scheduled the run at
+                merged["weight"] = max(merged.get("weight", 0.0), r["weight"])
     out["runs"] = runs
     waits = [w for s in snapshots for w in s.get("queue_wait_samples", [])]
     forwards = [f for s in snapshots for f in s.get("forward_samples", [])]

@@ -12,7 +12,7 @@ import pytest
 
 from cluster.bench.config import SECTIONS, preset
 from cluster.bench.cores import plan_cores
-from cluster.bench.pool import wire_bytes
+from cluster.bench.pool import identity_us_per_sample, wire_bytes
 from cluster.bench.records import Record
 from cluster.bench.report import write_outputs
 from teacher_service.affinity import pin_process
@@ -47,6 +47,24 @@ def test_pin_process_pins_this_process():
             pin_process([10_000])
     finally:
         os.sched_setaffinity(0, before)
+
+
+def test_identity_cost_is_a_positive_time_per_sample_per_repeat():
+    values = identity_us_per_sample(side=16, batch=4, context_length=8, repeats=2, rounds=1)
+    assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values)
+
+
+def test_multi_clients_send_new_pixels_every_step_and_equal_ones_across_runs():
+    """The pool coalesces by content: a client repeating its pixels would be answered from recent rows."""
+    import numpy as np
+
+    from cluster.bench.multi import step_views
+    from teacher_service.contract.augment import image_sha256
+
+    base = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    steps = [image_sha256(step_views(base, step)) for step in range(300)]
+    assert len({d for digests in steps for d in digests}) == 300 * 4
+    assert image_sha256(step_views(base.copy(), 7)) == steps[7]
 
 
 def test_wire_bytes_are_uint8_images_and_fp16_embeddings():

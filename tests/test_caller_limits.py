@@ -1,5 +1,6 @@
 """Per-caller admission at the gRPC ingress, on a fake clock: naming callers, the in-flight limit,
-the samples/s token bucket and the bounded caller table (the live flood test is in test_grpc.py)."""
+the samples/s token bucket, the bounded caller table and the weight a caller is granted (the live
+flood and weight tests are in test_grpc.py)."""
 from __future__ import annotations
 
 import pytest
@@ -7,10 +8,12 @@ import pytest
 from teacher_service.grpc.caller_limits import (
     OTHER_CALLERS,
     CallerAdmission,
+    CallerGrant,
     CallerLimitError,
     CallerLimits,
     InvalidCallerError,
     caller_name,
+    grant_weight,
 )
 
 
@@ -88,3 +91,14 @@ def test_limits_name_the_bad_field():
                          ({"max_callers": 0}, "max_callers")):
         with pytest.raises(ValueError, match=name):
             CallerLimits(**fields)
+
+
+def test_weight_is_granted_by_the_server_not_chosen_by_the_caller():
+    for asked in (100.0, 4.0, 0.5, float("nan"), "2"):
+        assert grant_weight(asked, None) == 1.0  # nobody authenticated: weight 1 whatever was asked
+    capped = CallerGrant(name="capped", max_weight=4.0)
+    assert [grant_weight(w, capped) for w in (100.0, 4.0, 2.5, 1)] == [4.0, 4.0, 2.5, 1.0]
+    for malformed in (0.0, -3.0, float("inf"), "2", True):  # passed on for the replica to refuse, naming the field
+        assert grant_weight(malformed, capped) is malformed
+    assert grant_weight(float("nan"), capped) != grant_weight(float("nan"), capped)  # NaN stays NaN
+    assert grant_weight(100.0, CallerGrant(name=None, max_weight=100.0)) == 100.0  # one shared token: as before

@@ -1,27 +1,47 @@
 """Exactly-once computation (coalesce.Coalescer) and weighted fair share (batching.SampleBatcher),
-without Serve: plain asyncio with a fake teacher whose features are a function of the key."""
+without Serve: plain asyncio with a fake teacher whose features are a function of the pixels and
+tokens it is sent (never of the key or view, which are the caller's word)."""
 from __future__ import annotations
 
 import asyncio
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from teacher_service.serve.batching import SampleBatcher
-from teacher_service.serve.coalesce import Coalescer
+from teacher_service.serve.coalesce import Coalescer, sample_identities
 from teacher_service.contract.protocol import EmbedRequest, EmbedResponse
 
 D = 8
+SIDE = 4
+CONTEXT = 8
 
 
-def features(key: str) -> np.ndarray:
-    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+def _vector(data: bytes) -> np.ndarray:
+    seed = int.from_bytes(hashlib.sha256(data).digest()[:4], "little")
     return np.random.default_rng(seed).standard_normal(D).astype(np.float16)
 
 
+def image_features(image: np.ndarray) -> np.ndarray:
+    """The fake teacher's image row: a function of the pixels only."""
+    return _vector(np.ascontiguousarray(image).tobytes())
+
+
+def text_features(row: np.ndarray) -> np.ndarray:
+    """The fake teacher's text row: a function of the token ids (trailing padding ignored, as fitting does)."""
+    return _vector(np.trim_zeros(np.asarray(row, np.int64), "b").tobytes())
+
+
+def pixels_of(key: str) -> np.ndarray:
+    """A sample's pixels in these tests: decided by its key, as a replayable view is."""
+    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+    return np.random.default_rng(seed).integers(0, 255, (SIDE, SIDE, 3), dtype=np.uint8)
+
+
 class FakeTeacher:
-    """Records every sub-request it computes; a forward stays running until `release` is set."""
+    """Records every sub-request it computes (by key); a forward stays running until `release` is set."""
 
     def __init__(self, hold: bool = False, fail: bool = False):
         self.calls: list[list[str]] = []
@@ -35,31 +55,35 @@ class FakeTeacher:
         await self.release.wait()
         if self.fail:
             raise RuntimeError("teacher forward failed")
-        feats = np.stack([features(k) for k in req.keys])
-        return EmbedResponse(keys=list(req.keys), image_features=feats,
-                             text_features=None if req.tokens is None else -feats,
-                             logit_scale=10.0, logit_bias=None, fingerprint="fp")
+        texts = None if req.tokens is None else np.stack([text_features(t) for t in req.tokens])
+        return EmbedResponse(keys=list(req.keys), image_features=np.stack([image_features(im) for im in req.images]),
+                             text_features=texts, logit_scale=10.0, logit_bias=None, fingerprint="fp")
 
     @property
     def computed(self) -> int:
         return sum(len(c) for c in self.calls)
 
 
-def req(keys, view="ns/0", run="a", tokens=True, token_shift=0) -> EmbedRequest:
+def req(keys, view="ns/0", run="a", tokens=True, token_shift=0, images=None) -> EmbedRequest:
+    """A request for `keys`; pixels default to each key's own (`pixels_of`)."""
     n = len(keys)
     toks = np.tile(np.arange(1, 5, dtype=np.int64) + token_shift, (n, 1)) if tokens else None
-    return EmbedRequest(keys=list(keys), images=np.zeros((n, 4, 4, 3), np.uint8), tokens=toks, run=run, view=view)
+    if images is None:
+        images = np.stack([pixels_of(k) for k in keys])
+    return EmbedRequest(keys=list(keys), images=images, tokens=toks, run=run, view=view)
 
 
-def check(resp: EmbedResponse, keys) -> None:
-    assert resp.keys == list(keys)
-    np.testing.assert_array_equal(resp.image_features, np.stack([features(k) for k in keys]))
-    if resp.text_features is not None:
-        np.testing.assert_array_equal(resp.text_features, -np.stack([features(k) for k in keys]))
+def check(resp: EmbedResponse, request: EmbedRequest) -> None:
+    """`resp` is the fake teacher's forward of `request`'s own pixels and tokens, row for row."""
+    assert resp.keys == list(request.keys)
+    np.testing.assert_array_equal(resp.image_features, np.stack([image_features(im) for im in request.images]))
+    if request.tokens is not None:
+        np.testing.assert_array_equal(resp.text_features, np.stack([text_features(t) for t in request.tokens]))
 
 
-def coalescer(memory_rows: int = 1000) -> Coalescer:
-    return Coalescer(memory_rows, logit_scale=10.0, logit_bias=None, fingerprint="fp")
+def coalescer(memory_rows: int = 1000, executor=None) -> Coalescer:
+    return Coalescer(memory_rows, logit_scale=10.0, logit_bias=None, fingerprint="fp", context_length=CONTEXT,
+                     digest_executor=executor)
 
 
 def test_concurrent_overlapping_requests_compute_each_sample_once():
@@ -76,7 +100,7 @@ def test_concurrent_overlapping_requests_compute_each_sample_once():
 
     teacher, ra, ua, rb, ub = asyncio.run(scenario())
     assert teacher.calls == [["k0", "k1", "k2", "k3"], ["k4"]]
-    check(ra, ["k0", "k1", "k2", "k3"]), check(rb, ["k2", "k3", "k4", "k4"])
+    check(ra, req(["k0", "k1", "k2", "k3"])), check(rb, req(["k2", "k3", "k4", "k4"]))
     assert (ua.computed, ua.coalesced, ua.from_cache) == (4, 0, 0)
     assert (ub.computed, ub.coalesced, ub.from_cache) == (1, 3, 0)  # k2, k3 in a's forward; 2nd k4
 
@@ -86,7 +110,7 @@ def test_recent_rows_answer_later_requests_and_are_bounded():
         teacher, co = FakeTeacher(), coalescer(memory_rows=3)
         await co.embed(req(["k0", "k1", "k2"]), teacher)
         resp, again = await co.embed(req(["k2", "k1", "k0"]), teacher)
-        check(resp, ["k2", "k1", "k0"])
+        check(resp, req(["k2", "k1", "k0"]))
         await co.embed(req(["k3"]), teacher)  # evicts the least recently used row (k2)
         _, after = await co.embed(req(["k2", "k3"]), teacher)
         return teacher, co, again, after
@@ -98,8 +122,8 @@ def test_recent_rows_answer_later_requests_and_are_bounded():
 
 
 @pytest.mark.parametrize("other", [
-    {"view": "ns/1"},            # another view of the same key: other pixels
-    {"view": "other-ns/0"},      # other data or recipe
+    {"images": np.stack([pixels_of("x0"), pixels_of("x1")])},  # same view and keys, other pixels
+    {"view": "ns/1", "images": np.stack([pixels_of("y0"), pixels_of("y1")])},  # another view: other pixels
     {"token_shift": 1},          # other tokens (another tokenizer or caption)
     {"tokens": False},           # image-only request: no text row to share
 ])
@@ -114,12 +138,87 @@ def test_samples_that_differ_are_not_shared(other):
     assert (reuse.computed, reuse.coalesced, reuse.from_cache) == (2, 0, 0)
 
 
+WHITE = np.full((2, SIDE, SIDE, 3), 255, np.uint8)  # two equal rows: the attacker's forward computes one
+
+
+@pytest.mark.parametrize("attacker_done", [True, False], ids=["recent-rows", "in-flight"])
+def test_another_callers_view_and_keys_with_other_pixels_change_nobodys_answer(attacker_done):
+    """An attacker sends the victim's view and keys with all-255 pixels, before the victim (its
+    rows recent) or while its forward still runs (in flight): each gets its own pixels' forward."""
+    async def scenario():
+        teacher, co = FakeTeacher(hold=not attacker_done), coalescer()
+        attack, victim = req(["k0", "k1"], run="attacker", images=WHITE), req(["k0", "k1"], run="victim")
+        a = asyncio.create_task(co.embed(attack, teacher))
+        await (a if attacker_done else asyncio.sleep(0))
+        v = asyncio.create_task(co.embed(victim, teacher))
+        await asyncio.sleep(0)
+        teacher.release.set()
+        return teacher, attack, victim, await a, await v
+
+    teacher, attack, victim, (ra, _), (rv, uv) = asyncio.run(scenario())
+    check(ra, attack), check(rv, victim)
+    assert not np.array_equal(ra.image_features, rv.image_features)
+    assert (uv.computed, uv.coalesced, uv.from_cache) == (2, 0, 0) and teacher.calls == [["k0"], ["k0", "k1"]]
+
+
+def test_same_pixels_and_tokens_under_other_keys_and_views_are_computed_once():
+    async def scenario():
+        teacher, co = FakeTeacher(hold=True), coalescer()
+        images = np.stack([pixels_of("k0"), pixels_of("k1")])
+        first = asyncio.create_task(co.embed(req(["k0", "k1"], run="a"), teacher))
+        await asyncio.sleep(0)
+        joins = asyncio.create_task(co.embed(req(["x", "y"], view="other/3", run="b", images=images), teacher))
+        await asyncio.sleep(0)
+        teacher.release.set()
+        await first
+        later = await co.embed(req(["p", "q"], view="ns/9", run="c", images=images[::-1].copy()), teacher)
+        return teacher, await joins, later
+
+    teacher, (rj, uj), (rl, ul) = asyncio.run(scenario())
+    assert teacher.calls == [["k0", "k1"]]
+    assert (uj.computed, uj.coalesced) == (0, 2) and (ul.computed, ul.from_cache) == (0, 2)
+    assert rj.keys == ["x", "y"] and rl.keys == ["p", "q"]  # answered under the caller's own keys
+    check(rj, req(["x", "y"], images=np.stack([pixels_of("k0"), pixels_of("k1")])))
+    check(rl, req(["p", "q"], images=np.stack([pixels_of("k1"), pixels_of("k0")])))
+
+
+def test_identity_is_fingerprint_pixels_with_shape_and_fitted_tokens():
+    one = req(["k0"])
+    base = sample_identities(one, "fp", CONTEXT)
+    padded = EmbedRequest(keys=["other"], images=one.images, view="v",
+                          tokens=np.pad(one.tokens, ((0, 0), (0, 3))))  # equal once fitted to CONTEXT
+    assert sample_identities(padded, "fp", CONTEXT) == base
+    reshaped = EmbedRequest(keys=["k0"], images=one.images.reshape(1, 2, 8, 3), tokens=one.tokens, view="ns/0")
+    assert sample_identities(reshaped, "fp", CONTEXT) != base  # same bytes, other shape
+    assert sample_identities(one, "other-teacher", CONTEXT) != base
+    cut = EmbedRequest(keys=["k0"], images=one.images, tokens=np.array([[1, 2, 3, 9]]), view="ns/0")
+    assert sample_identities(cut, "fp", 2) == sample_identities(  # [1, 9] after fitting, either way
+        EmbedRequest(keys=["k0"], images=one.images, tokens=np.array([[1, 9]]), view="ns/0"), "fp", 2)
+    assert len(base[0][1]) == len(base[0][2]) == 32  # full SHA-256, no truncation
+
+
+def test_hashing_in_an_executor_keeps_identities_and_isolation():
+    async def scenario():
+        teacher = FakeTeacher()
+        with ThreadPoolExecutor(1) as pool:
+            co = coalescer(executor=pool)
+            attack = await co.embed(req(["k0", "k1"], run="attacker", images=WHITE), teacher)
+            victim = await co.embed(req(["k0", "k1"], run="victim"), teacher)
+            again = await co.embed(req(["z0", "z1"], view="ns/7", images=req(["k0", "k1"]).images), teacher)
+        return teacher, attack, victim, again
+
+    teacher, (ra, _), (rv, _), (rg, ug) = asyncio.run(scenario())
+    check(ra, req(["k0", "k1"], images=WHITE)), check(rv, req(["k0", "k1"]))
+    assert ug.from_cache == 2 and teacher.computed == 3
+    np.testing.assert_array_equal(rg.image_features, rv.image_features)
+
+
 def test_requests_without_a_view_pass_through():
     async def scenario():
         teacher, co = FakeTeacher(), coalescer()
         for _ in range(2):
             resp, reuse = await co.embed(req(["k0", "k0"], view=""), teacher)
-            check(resp, ["k0", "k0"])
+            check(resp, req(["k0", "k0"]))
             assert reuse.computed == 2
         return teacher
 
@@ -143,7 +242,7 @@ def test_a_caller_giving_up_does_not_cancel_the_shared_forward_and_its_retry_joi
 
     teacher, (rw, uw), (rr, ur) = asyncio.run(scenario())
     assert teacher.calls == [["k0", "k1"]]  # computed once for the cancelled call, its retry and b
-    check(rw, ["k1"]), check(rr, ["k0", "k1"])
+    check(rw, req(["k1"])), check(rr, req(["k0", "k1"]))
     assert uw.coalesced == 1 and ur.coalesced == 2
 
 

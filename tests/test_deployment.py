@@ -123,3 +123,33 @@ def test_teacher_deployment_batches_and_isolates_errors(ray_cluster, batcher):
     finally:
         serve.delete(APP)
     assert APP not in serve.status().applications
+
+
+@pytest.mark.ray
+def test_a_run_cannot_plant_rows_under_another_runs_view_and_keys(ray_cluster):
+    """Over Serve handles: run "attacker" sends run "victim"'s view and keys with all-255 pixels
+    first; the victim is then answered with the forward of its own pixels (on main: with the
+    attacker's rows). The victim's pixels under other keys and another view come from the
+    replica's recent rows: coalescing follows the content."""
+    import dataclasses
+
+    from tiny_models import running_app, tiny_teacher_overrides
+
+    cfg = TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(), app_name="kd-teacher-integrity",
+                        num_cpus=0.25, torch_threads=1, max_batch_size=64)
+    victim = dataclasses.replace(request(4, seed=31), run="victim", view="ns-integrity/0")
+    attack = dataclasses.replace(victim, run="attacker", images=np.full_like(victim.images, 255))
+    renamed = dataclasses.replace(victim, run="third", view="other-ns/5", keys=[f"x{i}" for i in range(4)])
+    with running_app(cfg) as handle:
+        planted = handle.embed.remote(attack).result(timeout_s=60)
+        got = handle.embed.remote(victim).result(timeout_s=60)
+        before = handle.stats.remote().result(timeout_s=30)
+        again = handle.embed.remote(renamed).result(timeout_s=60)
+        after = handle.stats.remote().result(timeout_s=30)
+    local = TeacherEngine(load_teacher(cfg))
+    want = local.embed(dataclasses.replace(victim, view=""))
+    assert_same(got, want)
+    assert np.abs(planted.image_features.astype(np.float32) - want.image_features.astype(np.float32)).max() > 0.05
+    assert again.keys == renamed.keys and again.image_features.tobytes() == got.image_features.tobytes()
+    assert (after["samples_from_cache"] - before["samples_from_cache"],
+            after["samples_computed"] - before["samples_computed"]) == (4, 0)

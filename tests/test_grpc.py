@@ -2,7 +2,8 @@
 client against the app's gRPC ingress (`grpc_server`, a Ray actor) gets the handle path's bytes,
 INVALID_ARGUMENT with the reason, RESOURCE_EXHAUSTED past the byte limit and the caller's limits,
 Health and Stats; the ingress listens on loopback only unless configured otherwise, refuses
-callers without the token, and goes away with its app."""
+callers without the token, grants each caller its weight (1 without a token, the token's cap with
+one), never lets a caller's view and keys change another caller's answer, and goes away with its app."""
 from __future__ import annotations
 
 import grpc
@@ -245,6 +246,40 @@ def test_grpc_refusals_and_stats(grpc_app):
     assert merged["grpc_ingress"]["address"] == target
 
 
+@pytest.mark.ray
+def test_a_grpc_caller_cannot_plant_rows_under_another_callers_view_and_keys(grpc_app):
+    """The attacker sends the victim's view and keys with all-255 pixels first; the victim is then
+    answered with the teacher's forward of its own pixels (on main: with the attacker's rows)."""
+    import dataclasses
+
+    from teacher_service import TeacherEngine, load_teacher
+    from teacher_service.grpc.client import TeacherGrpcClient
+
+    _, target = grpc_app
+    victim = dataclasses.replace(make_request(4, seed=21), view="ns-integrity/0")
+    with TeacherGrpcClient(target, APP, caller="attacker") as attacker:
+        planted = attacker.embed(np.full_like(victim.images, 255), victim.tokens, victim.keys, view=victim.view)
+    with TeacherGrpcClient(target, APP, caller="victim") as client:
+        got = client.embed(victim.images, victim.tokens, victim.keys, view=victim.view)
+    local = TeacherEngine(load_teacher(TeacherConfig.from_dict(TINY)))
+    assert got.fingerprint == local.teacher.fingerprint  # seeded init: the replica's weights
+    want = local.embed(dataclasses.replace(victim, view=""))
+    for field in ("image_features", "text_features"):
+        np.testing.assert_allclose(getattr(got, field).astype(np.float32), getattr(want, field).astype(np.float32),
+                                   atol=2e-3)
+    assert np.abs(planted.image_features.astype(np.float32) - want.image_features.astype(np.float32)).max() > 0.05
+
+
+@pytest.mark.ray
+def test_an_unauthenticated_grpc_caller_runs_at_weight_one_whatever_it_asks(grpc_app):
+    from teacher_service.grpc.client import TeacherGrpcClient
+
+    _, target = grpc_app
+    with TeacherGrpcClient(target, APP, caller="greedy") as client:
+        client.embed_request(EmbedRequest(keys=["g0", "g1"], tokens=make_request(2).tokens, weight=100.0))
+        assert client.stats()["runs"]["grpc:greedy"]["weight"] == 1.0  # what the replica scheduled it at
+
+
 # ------------------------------------------------------------------------------------ bind address
 def local_addresses() -> list[str]:
     """IPv4 addresses of this machine's interfaces, loopback excluded."""
@@ -401,6 +436,90 @@ def test_token_file_must_be_private_and_nonempty(tmp_path):
             check.check(metadata)
 
 
+TABLE = """# caller  max-weight  token
+capped   4    tok-capped-1
+capped   4    tok-capped-2
+wide     50   tok-wide
+"""
+
+
+def test_a_token_table_maps_tokens_to_names_and_weight_caps(tmp_path):
+    from teacher_service.grpc.auth import TokenCheck, UnauthenticatedError, read_token_table
+    from teacher_service.grpc.caller_limits import CallerGrant
+
+    table = read_token_table(str(token_file(tmp_path / "table", TABLE)), max_weight=100.0)
+    assert table == {"tok-capped-1": CallerGrant("capped", 4.0), "tok-capped-2": CallerGrant("capped", 4.0),
+                     "tok-wide": CallerGrant("wide", 50.0)}
+    one = read_token_table(str(token_file(tmp_path / "one", "s3cret\n")), 100.0)
+    assert one == {"s3cret": CallerGrant(None, 100.0)}  # a one-token file: as before
+    check = TokenCheck(table)
+    assert check.check([("authorization", "Bearer tok-wide")]) == CallerGrant("wide", 50.0)
+    with pytest.raises(UnauthenticatedError):
+        check.check([("authorization", "Bearer capped")])  # a name is not a token
+    bad = {"two fields": ("capped tok-x-secret", "got 2 fields"),
+           "bad name": ("-x 4 tok-x-secret", "caller name"),
+           "weight": ("x four tok-x-secret", "not a number"),
+           "cap": ("x 101 tok-x-secret", r"outside \(0, max_run_weight=100\]"),
+           "duplicate": ("a 1 tok-x-secret\nb 2 tok-x-secret", "already given to 'a'"),
+           "empty": ("# only a comment", "no token")}
+    for name, (text, message) in bad.items():
+        with pytest.raises(ValueError, match=message) as e:
+            read_token_table(str(token_file(tmp_path / name.replace(" ", "-"), text)), max_weight=100.0)
+        assert "secret" not in str(e.value), name  # errors never echo a token
+    with pytest.raises(ValueError, match="max_run_weight=3"):  # a cap over the pool's limit is refused at config time
+        TeacherConfig.from_dict({**TINY, "max_run_weight": 3.0, "grpc_token_file": str(tmp_path / "table")})
+
+
+class RecordingBackend:
+    """Stands in for the teacher app behind the ingress: records the (run, weight) each request reaches it with."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, float]] = []
+
+    async def embed(self, request: EmbedRequest) -> EmbedResponse:
+        self.seen.append((request.run, request.weight))
+        return EmbedResponse(keys=list(request.keys), image_features=None,
+                             text_features=np.zeros((len(request), 4), np.float16), logit_scale=1.0,
+                             logit_bias=None, fingerprint="fake")
+
+
+def reached_backend_as(cfg: TeacherConfig, calls: list[tuple[dict, float]]) -> list[tuple[str, float]]:
+    """Send one request per (client options, weight asked) through a real ingress server; what the backend saw."""
+    import asyncio
+
+    from teacher_service.grpc.client import TeacherGrpcClient
+    from teacher_service.grpc.ingress import TeacherServicer, serve_grpc
+
+    def send(target: str, options: dict, weight: float) -> None:
+        with TeacherGrpcClient(target, **options) as client:
+            client.embed_request(EmbedRequest(keys=["a"], tokens=make_request(1).tokens, weight=weight))
+
+    async def scenario() -> list[tuple[str, float]]:
+        backend = RecordingBackend()
+        server, port = await serve_grpc(TeacherServicer(cfg, backend), "127.0.0.1", 0)
+        try:
+            for options, weight in calls:
+                await asyncio.to_thread(send, f"127.0.0.1:{port}", options, weight)
+        finally:
+            await server.stop(None)
+        return backend.seen
+
+    return asyncio.run(scenario())
+
+
+def test_the_ingress_grants_weights_and_names_from_the_token_not_the_request(tmp_path):
+    open_door = TeacherConfig.from_dict(TINY)
+    assert reached_backend_as(open_door, [({"caller": "greedy"}, 100.0), ({"caller": "modest"}, 0.5)]) == [
+        ("grpc:greedy", 1.0), ("grpc:modest", 1.0)]  # unauthenticated: weight 1 whatever was asked
+    shared = TeacherConfig.from_dict({**TINY, "grpc_token_file": str(token_file(tmp_path / "one", "s3cret"))})
+    assert reached_backend_as(shared, [({"token": "s3cret", "caller": "x"}, 100.0), ({"token": "s3cret"}, 7.0)]) == [
+        ("grpc:x", 100.0), ("grpc:127.0.0.1", 7.0)]  # one shared token: as before (self-named, up to max_run_weight)
+    table = TeacherConfig.from_dict({**TINY, "grpc_token_file": str(token_file(tmp_path / "table", TABLE))})
+    calls = [({"token": "tok-capped-1", "caller": "wide"}, 100.0), ({"token": "tok-capped-2"}, 2.0),
+             ({"token": "tok-wide", "caller": "capped"}, 100.0)]
+    assert reached_backend_as(table, calls) == [("grpc:capped", 4.0), ("grpc:capped", 2.0), ("grpc:wide", 50.0)]
+
+
 @pytest.mark.ray
 def test_grpc_refuses_calls_without_the_bearer_token(ray_cluster, tmp_path):
     from teacher_service.grpc.auth import UnauthenticatedError
@@ -417,6 +536,8 @@ def test_grpc_refuses_calls_without_the_bearer_token(ray_cluster, tmp_path):
         with TeacherGrpcClient(target, app, token="kd-test-token") as client:
             client.wait_ready(timeout_s=60)
             assert client.embed(tokens=make_request(2).tokens).text_features.shape[0] == 2
+            client.embed_request(EmbedRequest(keys=["w"], tokens=make_request(1).tokens, weight=7.0))
+        assert collect_stats(handle)["runs"]["grpc:127.0.0.1"]["weight"] == 7.0  # one shared token: as before
         for token_sent in (None, "wrong"):
             with TeacherGrpcClient(target, app, token=token_sent) as client:
                 for call in (lambda: client.embed(tokens=make_request(2).tokens), client.stats, client.health):
@@ -429,6 +550,26 @@ def test_grpc_refuses_calls_without_the_bearer_token(ray_cluster, tmp_path):
     finally:
         delete_teacher(app)
     assert find_ingress(app) is None  # `kd teacher stop` (delete_teacher) stops the ingress at once
+
+
+@pytest.mark.ray
+def test_a_token_mapped_to_a_cap_is_clamped_to_it_under_its_own_name(ray_cluster, tmp_path):
+    from teacher_service.app import collect_stats, delete_teacher, deploy, get_teacher_handle
+    from teacher_service.grpc.client import TeacherGrpcClient
+    from teacher_service.grpc.ingress import ingress_address
+
+    app = "kd-teacher-grpc-grants"
+    deploy(grpc_teacher(app, grpc_token_file=str(token_file(tmp_path / "table", TABLE))))
+    try:
+        handle = get_teacher_handle(app, timeout_s=300)
+        with TeacherGrpcClient(ingress_address(app), app, token="tok-capped-1", caller="wide") as client:
+            client.wait_ready(timeout_s=60)
+            client.embed_request(EmbedRequest(keys=["c0"], tokens=make_request(1).tokens, weight=100.0))
+            runs = collect_stats(handle)["runs"]
+    finally:
+        delete_teacher(app)
+    assert runs["grpc:capped"]["weight"] == 4.0 and runs["grpc:capped"]["samples"] == 1
+    assert "grpc:wide" not in runs  # the name comes from the token, not from kd-caller
 
 
 # ------------------------------------------------------------------------------------ caller limits

@@ -1,7 +1,8 @@
 """Several student runs as tenants of one teacher pool, on the shared local Ray cluster.
 
 - two concurrent `kd train` runs (started by `kd sweep`, each its own process, like separate
-  Ray jobs) both finish, and the pool's own counters show every (key, view) computed once;
+  Ray jobs) both finish, and the pool's own counters show every (key, view) computed once (the
+  pool identifies samples by pixels and tokens; the runs' equal views make those equal);
 - the same with the embedding cache in hybrid mode, across runs and epochs;
 - weighted fair share measured on a live app under contention;
 - the replica count rising under load and falling after it (Serve autoscaling).
@@ -241,19 +242,22 @@ def test_identical_requests_from_two_runs_meet_on_one_replica(ray_cluster):
 
 
 class Replay(ClosedLoop):
-    """Sends `batches` (lists of keys) in order with view "ns/0", keeping a window of 4 in flight."""
+    """Sends `batches` (lists of keys) in order with view "ns/0", keeping a window of 4 in flight.
+    Batch b's pixels are drawn from seed b: the same in every run, different between batches (the
+    pool identifies samples by their pixels, so equal pixels under other keys would be shared)."""
 
     def __init__(self, handle, run: str, batches: list[list[str]]):
         super().__init__(handle, run, 1.0, window=4)
-        self.images = np.random.default_rng(0).integers(0, 255, self.images.shape, dtype=np.uint8)  # same pixels in every run
+        self.pixels = [np.random.default_rng(b).integers(0, 255, self.images.shape, dtype=np.uint8)
+                       for b in range(len(batches))]
         self.batches, self.answers = batches, []
 
     def run(self) -> None:
         pending = []
         try:
-            for keys in self.batches:
+            for keys, images in zip(self.batches, self.pixels):
                 pending.append(self.handle.embed.remote(EmbedRequest(
-                    keys=keys, images=self.images, tokens=self.tokens, run=self.run_name, view="ns/0")))
+                    keys=keys, images=images, tokens=self.tokens, run=self.run_name, view="ns/0")))
                 if len(pending) >= self.window:
                     self.answers.append(pending.pop(0).result(timeout_s=120))
             self.answers += [p.result(timeout_s=120) for p in pending]

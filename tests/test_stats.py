@@ -166,6 +166,16 @@ def test_merge_pools_replicas():
         merge_stats([])
 
 
+def test_a_runs_weight_is_its_latest_requests_and_merges_as_the_largest():
+    one, two = TeacherCounters(8, replica="r1"), TeacherCounters(8, replica="r2")
+    for counters, weights in ((one, (3.0, 1.0)), (two, (2.0,))):
+        for w in weights:
+            counters.accepted(counters.received("a"), 4, w)
+    counters.accepted(counters.received("unweighted"), 4)
+    assert one.snapshot()["runs"]["a"]["weight"] == 1.0 and "weight" not in two.snapshot()["runs"]["unweighted"]
+    assert merge_stats([one.snapshot(), two.snapshot()])["runs"]["a"]["weight"] == 2.0
+
+
 # ------------------------------------------------------------------------------------ batching
 async def _batches_formed_while_busy(max_batch: int, sizes: list[int]) -> tuple[list[list[int]], list]:
     """First request starts a forward that blocks; `sizes` arrive meanwhile; then it is released."""

@@ -108,9 +108,11 @@ class Gate:
 @ray.remote(num_cpus=0.5)
 def stream_client(app: str, run: str, namespace: str, keys_seed: int, batch: int, image_size: int,
                   context_length: int, seconds: float, gate, prefetch: int = 2) -> int:
-    """One run's request stream: batches with keys fixed by `keys_seed` (runs with the same seed and
-    namespace ask for the same samples) through `RemoteTeacher`, as a student sends them, with no
-    student compute between; returns the samples answered."""
+    """One run's request stream: batches with keys and pixels fixed by `keys_seed` (runs with the
+    same seed and namespace ask for the same samples) through `RemoteTeacher`, as a student sends
+    them, with no student compute between; returns the samples answered. Every step has its own
+    pixels (`step_views`): the pool identifies samples by content, so a step repeating an earlier
+    step's pixels would be answered from the replica's recent rows."""
     from student_trainer.config import TeacherSourceConfig
     from student_trainer.data.batches import Batch
     from student_trainer.teacher.sources import RemoteTeacher
@@ -127,12 +129,20 @@ def stream_client(app: str, run: str, namespace: str, keys_seed: int, batch: int
         for step in range(10**9):
             if time.monotonic() > deadline:
                 return
-            yield Batch([f"s{keys_seed}-{step}-{i}" for i in range(batch)], images, tokens,
+            yield Batch([f"s{keys_seed}-{step}-{i}" for i in range(batch)], step_views(images, step), tokens,
                         np.zeros(batch, np.int64), [""] * batch)
 
     for b, _ in source.stream(batches(), view=0):
         answered += len(b)
     return answered
+
+
+def step_views(images: np.ndarray, step: int) -> np.ndarray:
+    """`images` with `step` written into each view's first 8 bytes: distinct pixels per step, equal
+    across runs that share the base images, for the cost of one copy."""
+    out = images.copy()
+    out.reshape(len(out), -1)[:, :8] = np.frombuffer(np.int64(step).tobytes(), np.uint8)
+    return out
 
 
 def _clients_case(run: BenchRun, n: int, layout: str, case: int, info: dict) -> list[str]:

@@ -1,7 +1,9 @@
 """Section 2: the teacher pool. Embeddings/s against batch size and replica count, served through a
 Serve handle; the same TeacherEngine's direct in-process forward at the same batch size (its
-ratio is the Serve overhead: target served >= 0.90 × direct); and the wire cost per sample of the
-request (uint8 images, int64 tokens) and response (fp16 embeddings) in the proto encoding.
+ratio is the Serve overhead: target served >= 0.90 × direct); the wire cost per sample of the
+request (uint8 images, int64 tokens) and response (fp16 embeddings) in the proto encoding; and
+the time a replica spends per sample on coalescing identities (SHA-256 of the pixels and of the
+fitted tokens, `serve.coalesce.sample_identities`) at 64 and 224 px.
 
 Served: requests of B samples kept `in_flight_per_replica × replicas` outstanding from this
 process, on a pool whose `max_batch_size` is B, so every forward is exactly B samples, as in the
@@ -26,6 +28,8 @@ from cluster.bench.common import BenchRun, teacher_config
 SECTION = "pool"
 APP = "kd-bench-pool"
 KEY_CHARS = 24  # a typical sample key ("digits-1234-0123456789ab")
+IDENTITY_SIDES = (64, 224)  # view sides at which the coalescing hash cost is measured
+IDENTITY_BATCH = 64
 
 
 def make_requests(n: int, batch: int, image_size: int, context_length: int, vocab: int, tag: str,
@@ -99,6 +103,28 @@ def wire_bytes(batch: int, image_size: int, context_length: int, embed_dim: int)
     return (encode_embed_request(request).ByteSize() / batch, encode_embed_reply(response).ByteSize() / batch)
 
 
+def identity_us_per_sample(side: int, batch: int, context_length: int, repeats: int,
+                           rounds: int = 5) -> list[float]:
+    """Microseconds per sample the replica spends computing coalescing identities of a request of
+    `batch` random side×side views with token rows: one value per repeat, each the best of
+    `rounds` passes (the hash's own cost, without scheduler noise)."""
+    from teacher_service.serve.coalesce import sample_identities
+
+    rng = np.random.default_rng(0)
+    request = EmbedRequest(keys=[str(i) for i in range(batch)], view="bench",
+                           images=rng.integers(0, 256, (batch, side, side, 3), dtype=np.uint8),
+                           tokens=rng.integers(1, 49000, (batch, context_length), dtype=np.int64))
+    values = []
+    for _ in range(repeats):
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.perf_counter()
+            sample_identities(request, "bench", context_length)
+            best = min(best, time.perf_counter() - start)
+        values.append(1e6 * best / batch)
+    return values
+
+
 def _direct_rates(run: BenchRun, pb, info_out: dict) -> dict[int, list[float]]:
     base = teacher_config(run, APP, max_batch_size=max(pb.batch_sizes), request_samples=min(pb.batch_sizes))
     actor = DirectForward.options(num_cpus=base.num_cpus, num_gpus=base.num_gpus).remote(base.to_dict())
@@ -154,6 +180,7 @@ def run_pool(run: BenchRun) -> None:
             run.add(SECTION, f"replica scaling (batch {b}, {replicas} vs 1)", "x", scaling, params=params,
                     kind="derived", note="ideal: the replica count, when each replica has its own cores/GPU")
     _record_wire(run, info)
+    _record_identity_cost(run, info)
     best = max(direct, key=lambda b: np.median(direct[b]))
     run.shared.update(teacher_info=info, teacher_direct_rate=float(np.median(direct[best])), teacher_best_batch=best,
                       serve_ratio=float(np.median([s / d for s, d in zip(served.get((1, best), direct[best]),
@@ -175,3 +202,15 @@ def _record_wire(run: BenchRun, info: dict) -> None:
                 note="fp16 image + text embeddings + key")
         wire[label] = (req, resp)
     run.shared["wire_scale"] = wire[list(setups)[1]]
+
+
+def _record_identity_cost(run: BenchRun, info: dict) -> None:
+    """The replica's per-sample hashing cost for coalescing, at 64 and 224 px (a figure, not a pass/fail)."""
+    context = int(info["context_length"])
+    for side in IDENTITY_SIDES:
+        run.log(f"pool: coalescing identity cost at {side} px")
+        values = identity_us_per_sample(side, IDENTITY_BATCH, context, run.cfg.repeats)
+        params = {"image_size": side, "context_length": context, "batch_size": IDENTITY_BATCH,
+                  "hash": "sha256(shape + pixels), sha256(fitted tokens)"}
+        run.add(SECTION, f"coalescing identity cost per sample ({side} px)", "us/sample", values, params=params,
+                note="paid by the replica on requests with a view; best of 5 passes per repeat, on the driver")

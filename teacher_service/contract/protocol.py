@@ -38,11 +38,14 @@ class EmbedRequest:
     share of the teacher under contention (w / sum of the waiting runs' weights). Neither changes
     the result.
 
-    `view` names the view every sample of the request is in: a string that, together with a
-    sample's key, decides its pixels (the client derives it from the data, the view recipe and
-    the view id, see `teacher_service.contract.augment.view_identity`). Requests with a view are coalesced
-    by the replica: a (view, key) already being computed, or computed recently, is answered
-    from that computation instead of running again. Empty: the request is never coalesced.
+    `view` names the view every sample of the request is in (the client derives it from the
+    data, the view recipe and the view id, see `teacher_service.contract.augment.view_identity`).
+    A non-empty view opts the request into coalescing and places it on the replica where the
+    same view and keys go (`serve.routing`); it is a hint, never an identity: the replica
+    identifies each sample by the digest of its pixels and tokens (`serve.coalesce`), so a
+    sample already being computed, or computed recently, by any caller is answered from that
+    computation, and what a caller claims cannot change another caller's answer. Empty: the
+    request is never coalesced.
     """
 
     keys: list[str]

@@ -1,11 +1,15 @@
 """Per-caller admission at the gRPC ingress: who is calling, and may they send this request now.
 
-A caller is the `kd-caller` metadata name when the client sends one, else the host part of its
-peer address (every connection from one machine is one caller). Names are self-declared: they
-separate well-behaved clients (and their fair share on the replicas, where the caller becomes the
-request's run), but a client that holds the token can pick several names. The table of callers is
-bounded (`max_callers`): idle callers are forgotten first, and past the bound new names share one
-"other" entry, so rotating names buys nothing beyond that bound.
+A caller holding a token the token file maps to a name (`auth`) is that name, whatever it
+declares. Otherwise a caller is the `kd-caller` metadata name when the client sends one, else the
+host part of its peer address (every connection from one machine is one caller); such names are
+self-declared: they separate well-behaved clients (and their fair share on the replicas, where
+the caller becomes the request's run), but a client can pick several names. The table of callers
+is bounded (`max_callers`): idle callers are forgotten first, and past the bound new names share
+one "other" entry, so rotating names buys nothing beyond that bound.
+
+The fair-share weight a request runs at is granted, not chosen (`grant_weight`): 1 for a caller
+the server did not authenticate, whatever it asks, and at most its token's cap for one it did.
 
 Two limits per caller, each off when None:
 - `max_in_flight`: Embed rpcs admitted and not answered yet. Bounds what one client can queue in
@@ -17,6 +21,7 @@ limit and when to retry in the message, and counted per reason.
 """
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -28,6 +33,7 @@ CALLER_METADATA = "kd-caller"
 CALLER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,47}")
 OTHER_CALLERS = "other"
 REFUSAL_REASONS = ("in_flight_limit", "rate_limited")
+UNAUTHENTICATED_WEIGHT = 1.0
 
 
 class CallerLimitError(RuntimeError):
@@ -70,6 +76,29 @@ class CallerLimits:
         if self.samples_per_s is None:
             return None
         return float(self.burst_samples) if self.burst_samples is not None else float(self.samples_per_s)
+
+
+@dataclass(frozen=True)
+class CallerGrant:
+    """What a checked token entitles its holder to (`auth.read_token_table`).
+
+    `name`: the caller the holder is, fixed by the server; None for a token shared by several
+    callers (they name themselves). `max_weight`: the largest fair-share weight its requests run at.
+    """
+
+    name: str | None
+    max_weight: float
+
+
+def grant_weight(asked: object, grant: CallerGrant | None) -> object:
+    """The weight a gRPC request runs at: UNAUTHENTICATED_WEIGHT when the server authenticated
+    nobody (`grant` None), whatever was asked; else the ask clamped to the grant's cap. An ask that
+    is not a positive finite number passes through unchanged, for the replica to refuse naming it."""
+    if grant is None:
+        return UNAUTHENTICATED_WEIGHT
+    if isinstance(asked, bool) or not isinstance(asked, (int, float)) or not (math.isfinite(asked) and asked > 0):
+        return asked
+    return min(float(asked), grant.max_weight)
 
 
 @dataclass

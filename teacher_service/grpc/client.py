@@ -34,7 +34,9 @@ class TeacherGrpcClient:
 
     `caller` goes out as `kd-caller` metadata: the name the ingress applies per-caller limits to
     and the run the replicas account and fair-share this client's requests under ("grpc:<caller>");
-    without it the ingress uses the client's host. `app_name`, when set, goes out as
+    without it the ingress uses the client's host, and a token the server's token file maps to a
+    name overrides it. The fair-share weight a request asks for is granted by the server: 1
+    without a token, at most the token's cap with one. `app_name`, when set, goes out as
     ("application", name) and the ingress refuses it NOT_FOUND if it serves another app. `token`,
     when set, is sent as "authorization: Bearer <token>"; a teacher with `grpc_token_file` refuses
     calls without it (UnauthenticatedError). Refusals raise RequestError (INVALID_ARGUMENT),
@@ -69,8 +71,8 @@ class TeacherGrpcClient:
         """Features for one mini-batch: uint8 images [B, H, W, 3] and/or int64 tokens [B, L].
 
         `keys` default to "0".."B-1". Returns float16 numpy features, row i for keys[i]. A `view`
-        (see `views.view_identity`) lets the pool answer a (view, key) it computed recently
-        without computing it again.
+        (see `augment.view_identity`) opts into coalescing: the pool answers a sample whose
+        pixels and tokens it computed recently without computing it again.
         """
         b = len(images) if images is not None else len(tokens) if tokens is not None else 0
         keys = [str(i) for i in range(b)] if keys is None else list(keys)

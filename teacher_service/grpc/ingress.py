@@ -3,13 +3,16 @@
 Why not Serve's gRPC proxy: in ray 2.60 it binds `[::]:<port>` with no host option and its
 options are fixed when Serve starts. This server binds `TeacherConfig.grpc_host` (127.0.0.1
 unless configured otherwise) and `grpc_port`, and per Embed rpc:
-1. checks the bearer token (`auth.TokenCheck`) when the app has `grpc_token_file`;
-2. names the caller (`caller_limits.caller_name`: `kd-caller` metadata, else the peer's host);
+1. checks the bearer token (`auth.TokenCheck`) when the app has `grpc_token_file`, which grants
+   the caller a weight cap and, for a token the file maps to a name, its name;
+2. names the caller (that name, else `caller_limits.caller_name`: `kd-caller` metadata, else the
+   peer's host);
 3. decodes the proto with the byte limit (`grpc_ingress.decode_embed_request`; never pickle);
 4. admits it under the caller's in-flight and samples/s limits (`caller_limits.CallerAdmission`);
-5. forwards it through a DeploymentHandle with `run = "grpc:<caller>"`: the path in-cluster
-   students take, so coalescing, view-affine routing and the replicas' weighted fair share apply,
-   with each caller its own run.
+5. forwards it through a DeploymentHandle with `run = "grpc:<caller>"` and the weight the server
+   grants (`caller_limits.grant_weight`: 1 without a token, at most the token's cap with one): the
+   path in-cluster students take, so coalescing, view-affine routing and the replicas' weighted
+   fair share apply, with each caller its own run and no caller choosing its own share.
 Refusals are answered at once with a status code, the reason as details and the counter kind as
 `kd-refusal` trailing metadata, and counted here (the replicas count what reaches them; the
 teacher's stats add both, `stats.add_ingress`).
@@ -31,7 +34,7 @@ import grpc
 import ray
 
 from teacher_service.grpc.auth import TokenCheck, UnauthenticatedError
-from teacher_service.grpc.caller_limits import CallerAdmission, CallerLimitError, peer_host
+from teacher_service.grpc.caller_limits import CallerAdmission, CallerGrant, CallerLimitError, grant_weight, peer_host
 from teacher_service.grpc.caller_limits import caller_name as name_caller
 from teacher_service.config import TeacherConfig
 from teacher_service.grpc.codec import (
@@ -111,7 +114,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
     def __init__(self, cfg: TeacherConfig, backend: TeacherBackend, clock=time.monotonic):
         self.cfg = cfg
         self.backend = backend
-        self.auth = TokenCheck.from_file(cfg.grpc_token_file)
+        self.auth = TokenCheck.from_file(cfg.grpc_token_file, cfg.max_run_weight)
         self.wire_limits = WireLimits(max_request_bytes=cfg.grpc_max_request_bytes)
         self.admission = CallerAdmission(cfg.caller_limits(), clock)
         self.counters = TeacherCounters(1, cfg.app_name, "grpc-ingress", clock=clock)
@@ -122,14 +125,15 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         run = GRPC_RUN_PREFIX + peer_host(context.peer())  # who to count a refusal under until named
         admitted = None
         try:
-            caller = self._caller(context)
+            caller, grant = self._caller(context)
             run = GRPC_RUN_PREFIX + caller
             decoded = decode_embed_request(request, self.wire_limits)
             admitted = self.admission.admit(caller, len(decoded))
         except (UnauthenticatedError, AppMismatchError, RequestError, CallerLimitError) as e:
             await self._refuse(context, run, e)
         try:
-            response = await self.backend.embed(dataclasses.replace(decoded, run=run))
+            granted = dataclasses.replace(decoded, run=run, weight=grant_weight(decoded.weight, grant))
+            response = await self.backend.embed(granted)
         except Exception as e:  # noqa: BLE001 - answered with a status; the replica counted its own refusals
             await _abort_backend_failure(context, e)
         finally:
@@ -160,16 +164,19 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                 "rss_bytes": rss_bytes(), "uptime_s": time.time() - self._started}
 
     # ---- internals
-    def _caller(self, context: grpc.aio.ServicerContext) -> str:
-        """Token first (an unauthenticated caller's metadata is not trusted), then app and caller name."""
+    def _caller(self, context: grpc.aio.ServicerContext) -> tuple[str, CallerGrant | None]:
+        """(caller name, grant): token first (an unauthenticated caller's metadata is not trusted),
+        then the app, then the name: the token's own, else the declared one. Grant None: no token
+        is configured, so nobody is authenticated."""
         metadata = tuple(context.invocation_metadata() or ())
-        if self.auth is not None:
-            self.auth.check(metadata)
+        grant = self.auth.check(metadata) if self.auth is not None else None
         asked = next((value for key, value in metadata if key == "application"), None)
         if asked not in (None, self.cfg.app_name):
             raise AppMismatchError(f"application: this gRPC port serves teacher app {self.cfg.app_name!r}, "
                                    f"not {asked!r}")
-        return name_caller(metadata, context.peer())
+        if grant is not None and grant.name is not None:
+            return grant.name, grant
+        return name_caller(metadata, context.peer()), grant
 
     async def _check_only(self, context: grpc.aio.ServicerContext) -> None:
         run = GRPC_RUN_PREFIX + peer_host(context.peer())

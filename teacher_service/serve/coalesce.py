@@ -1,15 +1,20 @@
 """Exactly-once teacher computation inside one replica: coalescing identical samples across runs.
 
-Several student runs over the same data ask the teacher for the same (view, key) — a sweep of
-loss weights, or runs restarted from a checkpoint. A sample with a view identity
-(`EmbedRequest.view`) is computed once: a request whose sample is already in a queued or running
-forward waits for that forward ("coalesced"), and one whose sample was answered recently is
-answered from a bounded in-memory table of recent rows ("from cache"). Only the remaining
-samples go to the batcher, as one smaller request.
+Several student runs over the same data ask the teacher for the same samples — a sweep of loss
+weights, or runs restarted from a checkpoint. A request that opts in (a non-empty
+`EmbedRequest.view`) has each sample computed once: a sample already in a queued or running
+forward waits for that forward ("coalesced"), and one answered recently is answered from a
+bounded in-memory table of recent rows ("from cache"). Only the remaining samples go to the
+batcher, as one smaller request.
 
-What identifies a sample is (view, key, modality, image shape, token-row hash): the client
-promises that view and key decide the pixels and caption; shape and tokens are checked here
-because they are cheap, so two runs that tokenise differently never share a row.
+What identifies a sample is what the teacher computes on, digested here by the replica from the
+request itself (`sample_identities`): the teacher's fingerprint, the SHA-256 of the exact pixels
+(shape included) and of the token row after fitting it to the teacher's context length. View and
+keys are the caller's word and are never trusted: they only route (`routing`) and label. So a
+caller that sends another run's view and keys with other pixels gets its own pixels' answer and
+cannot plant rows in anyone else's, and runs whose keys differ but whose pixels agree share one
+forward. The full 256-bit digest (no truncation) makes a crafted collision infeasible even with
+unlimited offline search; see docs/reliability.md for the choice.
 
 Shared forwards are independent tasks: a caller that gives up (timeout, retry) does not cancel a
 computation others wait on, and its retry joins the computation still running.
@@ -17,16 +22,18 @@ computation others wait on, and its retry joins the computation still running.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 
+from teacher_service.contract.augment import image_sha256, token_sha256
 from teacher_service.contract.protocol import EmbedRequest, EmbedResponse
 
 Compute = Callable[[EmbedRequest], Awaitable[EmbedResponse]]
+Identity = tuple[str, bytes | None, bytes | None]  # (teacher fingerprint, pixels sha256, fitted tokens sha256)
 
 
 @dataclass
@@ -48,16 +55,22 @@ class Coalescer:
     """Routes each sample of a request to: the recent-rows table, a running forward, or a new one.
 
     `memory_rows` bounds the recent-rows table (least recently used rows go first); 0 keeps only
-    in-flight coalescing. `meta` fills the response fields when every row came from the table.
+    in-flight coalescing. `fingerprint` and `context_length` are the teacher's: they enter every
+    sample's identity. `digest_executor`, when given, hashes there instead of on the event loop
+    (hashlib releases the GIL on large buffers, so a replica keeps admitting requests meanwhile).
+    `logit_scale` / `logit_bias` fill the response when every row came from the table.
     """
 
-    def __init__(self, memory_rows: int, logit_scale: float, logit_bias: float | None, fingerprint: str):
+    def __init__(self, memory_rows: int, logit_scale: float, logit_bias: float | None, fingerprint: str,
+                 context_length: int, digest_executor: Executor | None = None):
         if memory_rows < 0:
             raise ValueError(f"Coalescer: memory_rows={memory_rows} must be >= 0")
         self.memory_rows = memory_rows
         self.logit_scale, self.logit_bias, self.fingerprint = logit_scale, logit_bias, fingerprint
-        self._pending: dict[Hashable, _Pending] = {}
-        self._recent: OrderedDict[Hashable, tuple[np.ndarray | None, np.ndarray | None]] = OrderedDict()
+        self.context_length = context_length
+        self._digest_executor = digest_executor
+        self._pending: dict[Identity, _Pending] = {}
+        self._recent: OrderedDict[Identity, tuple[np.ndarray | None, np.ndarray | None]] = OrderedDict()
 
     def in_flight_rows(self) -> int:
         return len(self._pending)
@@ -69,10 +82,32 @@ class Coalescer:
         """Answer `request` (already validated), computing only samples nobody has or is computing."""
         if not request.view:
             return await compute(request), Reuse(computed=len(request))
-        ids = sample_identities(request)
+        ids = await self._identities(request)
+        sources, fresh = self._route(ids)  # no await from here to _start: lookups and claims are atomic
+        own = self._start(request, ids, fresh, compute) if fresh else None
+        tasks = {id(p.task): p.task for kind, p in sources if kind == "pending"}
+        if own is not None:
+            tasks[id(own)] = own
+        answers = {k: await asyncio.shield(t) for k, t in tasks.items()}  # shared: never cancel others' work
+        reuse = Reuse(computed=len(fresh),
+                      coalesced=sum(kind in ("pending", "same") for kind, _ in sources),
+                      from_cache=sum(kind == "recent" for kind, _ in sources))
+        return self._assemble(request, sources, answers, own), reuse
+
+    # ---- internals
+    async def _identities(self, request: EmbedRequest) -> list[Identity]:
+        if self._digest_executor is None:
+            return sample_identities(request, self.fingerprint, self.context_length)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._digest_executor, sample_identities, request, self.fingerprint,
+                                          self.context_length)
+
+    def _route(self, ids: list[Identity]) -> tuple[list[tuple[str, object]], list[int]]:
+        """Each sample's source (recent row, pending forward, an earlier row of this request, or
+        fresh) and the rows that need a forward of their own."""
         sources: list[tuple[str, object]] = []
         fresh: list[int] = []
-        first_in_request: dict[Hashable, int] = {}
+        first_in_request: dict[Identity, int] = {}
         for i, ident in enumerate(ids):
             if ident in self._recent:
                 self._recent.move_to_end(ident)
@@ -85,17 +120,8 @@ class Coalescer:
                 first_in_request[ident] = i
                 sources.append(("fresh", len(fresh)))
                 fresh.append(i)
-        own = self._start(request, ids, fresh, compute) if fresh else None
-        tasks = {id(p.task): p.task for kind, p in sources if kind == "pending"}
-        if own is not None:
-            tasks[id(own)] = own
-        answers = {k: await asyncio.shield(t) for k, t in tasks.items()}  # shared: never cancel others' work
-        reuse = Reuse(computed=len(fresh),
-                      coalesced=sum(kind in ("pending", "same") for kind, _ in sources),
-                      from_cache=sum(kind == "recent" for kind, _ in sources))
-        return self._assemble(request, sources, answers, own), reuse
+        return sources, fresh
 
-    # ---- internals
     def _start(self, request: EmbedRequest, ids: list, rows: list[int], compute: Compute) -> asyncio.Future:
         task = asyncio.ensure_future(compute(subset(request, rows)))
         mine = [ids[i] for i in rows]
@@ -139,15 +165,13 @@ class Coalescer:
             fingerprint=any_resp.fingerprint if any_resp else self.fingerprint)
 
 
-def sample_identities(request: EmbedRequest) -> list[Hashable]:
-    """One hashable identity per sample: (view, key, image shape or None, token-row hash or None)."""
-    shape = None if request.images is None else tuple(request.images.shape[1:])
-    if request.tokens is None:
-        tokens = [None] * len(request)
-    else:
-        rows = np.ascontiguousarray(request.tokens, dtype=np.int64)
-        tokens = [hashlib.blake2b(row.tobytes(), digest_size=8).digest() for row in rows]
-    return [(request.view, key, shape, tok) for key, tok in zip(request.keys, tokens)]
+def sample_identities(request: EmbedRequest, fingerprint: str, context_length: int) -> list[Identity]:
+    """One identity per sample, from what the teacher computes on and nothing the caller declares:
+    (fingerprint, SHA-256 of shape + pixels or None, SHA-256 of the fitted token row or None)."""
+    n = len(request)
+    images = [None] * n if request.images is None else image_sha256(request.images)
+    tokens = [None] * n if request.tokens is None else token_sha256(request.tokens, context_length)
+    return [(fingerprint, image, text) for image, text in zip(images, tokens)]
 
 
 def subset(request: EmbedRequest, rows: list[int]) -> EmbedRequest:

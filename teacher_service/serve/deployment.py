@@ -54,9 +54,11 @@ class TeacherDeployment:
         self.teacher = load_teacher(self.cfg)
         self.engine = TeacherEngine(self.teacher, RequestLimits(max_samples=self.cfg.max_request_samples,
                                                                 max_weight=self.cfg.max_run_weight))
-        self.coalescer = Coalescer(self.cfg.coalesce_memory_rows, self.teacher.logit_scale,
-                                   self.teacher.logit_bias, self.teacher.fingerprint)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-forward")
+        self._digests = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-digest")
+        self.coalescer = Coalescer(self.cfg.coalesce_memory_rows, self.teacher.logit_scale,
+                                   self.teacher.logit_bias, self.teacher.fingerprint,
+                                   self.teacher.context_length, digest_executor=self._digests)
         self._clock = time.monotonic
         self._started = time.time()
         self.replica = _replica_id()
@@ -94,7 +96,7 @@ class TeacherDeployment:
             self.counters.refused(label, "invalid")
             raise
         size = len(request)
-        self.counters.accepted(label, size)
+        self.counters.accepted(label, size, request.weight)
 
         async def compute(part: EmbedRequest) -> EmbedResponse:
             result = await self._submit((label, part), len(part), arrived, label, float(part.weight))

@@ -10,6 +10,9 @@ routed like Serve's default (two random candidates, the shorter queue wins).
 
 If the chosen replica is full (max_ongoing_requests), the request goes to the least-loaded of the
 others rather than waiting: a duplicate computation is cheaper than a stalled run.
+
+(view, keys) is only a placement hint: whatever a caller claims there decides where its request
+runs, never what it is answered. The replica identifies samples by their content (`coalesce`).
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 
 def affinity_key(request: object) -> bytes | None:
-    """What identical requests share: their view and keys; None when the request has no view.
+    """Where identical requests should meet: their view and keys (a hint the caller declares, not
+    an identity); None when the request has no view.
 
     Works for the handle's `EmbedRequest` and the gRPC proxy's proto message alike (both have
     `view` and `keys`)."""
