@@ -53,6 +53,8 @@ def methods_to_run(with_siglip: bool, only: Optional[list[str]] = None) -> dict[
     for name in SINGLE:
         rows[f"clip + {name}"] = {"losses": {"clip": 1.0, name: DEFAULT_WEIGHTS[name]}, "teacher": True,
                                   "overrides": {}}
+    rows["clip + icl + kl"] = {"losses": {"clip": 1.0, "icl": DEFAULT_WEIGHTS["icl"], "kl": DEFAULT_WEIGHTS["kl"]},
+                               "teacher": True, "overrides": {}}
     rows["CLIP-KD (clip+crd+icl+fd)"] = {
         "losses": {"clip": 1.0, "crd": DEFAULT_WEIGHTS["crd"], "icl": DEFAULT_WEIGHTS["icl"],
                    "fd": DEFAULT_WEIGHTS["fd"]}, "teacher": True, "overrides": {}}
@@ -224,12 +226,12 @@ def reading_notes(report: dict, base: Optional[float]) -> list[str]:
     gd, gd_clip = _final(report, "clip + gd", "gd_loss"), _final(report, "clip + gd", "clip_loss")
     scale = _row_median(report, "clip + gd", "logit_scale")
     if gd is not None and gd_clip and gd < 1e-2 * gd_clip:
-        at = (f"; this student ends at s = {scale:.1f} (init 1/0.07 = 14.3), where 1e8 corresponds to a "
-              f"weight of about {1e8 / scale ** 4:.0f}" if scale else "")
-        notes.append(f"- GD at weight 1 hardly acts: its weighted loss ends at {gd:.1e} against the CLIP "
-                     f"loss's {gd_clip:.2f}. Weight 1 stands for CLIP-KD's 1e8 only at logit scale s = 100 "
-                     f"(their gradients are s² too small, their MSE s⁴: 1e8/s⁴, see "
-                     f"`losses.DEFAULT_WEIGHTS`){at}.")
+        at = (f"; this student ends at s = {scale:.1f} (init 1/0.07 = 14.3), where their 1e8 would stand for "
+              f"a weight of about {2e8 / (512 * scale ** 4):.2g} at D_t = 512" if scale else "")
+        notes.append(f"- GD hardly acts at its default weight: its weighted loss ends at {gd:.1e} against the CLIP "
+                     f"loss's {gd_clip:.2f}. The default, 1/256, is what CLIP-KD's 1e8 stands for at D_t = 512 and "
+                     f"s = 100 (their gradients are s² too small, their MSE a mean over D and four direction terms: "
+                     f"2e8/(D_t·s⁴); docs/design.md, Loss weights){at}. The paper's own GD was this weak.")
     fd, fd_clip = _final(report, "clip + fd", "fd_loss"), _final(report, "clip + fd", "clip_loss")
     fd_top1 = summary.get("clip + fd", {}).get("zero_shot_top1")
     dt = meta.get("teacher_embed_dim")

@@ -545,30 +545,6 @@ def _embed_scale(value: float | str | None) -> float | None:
     return float(value)
 
 
-def compute_class_centroids(
-    teacher_features: torch.Tensor, labels: torch.Tensor, num_classes: int, per_class: int = 100,
-) -> torch.Tensor:
-    """Embed-KD centroids: mean teacher embedding of the first `per_class` samples of each class.
-
-    Raises ValueError naming the classes that have no sample.
-    """
-    labels = torch.as_tensor(labels).long()
-    if teacher_features.shape[0] != labels.shape[0]:
-        raise ValueError(f"{teacher_features.shape[0]} features but {labels.shape[0]} labels")
-    dtype = torch.promote_types(teacher_features.dtype, torch.float32)  # fp16 wire embeddings
-    centroids = []
-    missing = []
-    for c in range(num_classes):
-        rows = teacher_features[labels == c][:per_class]
-        if rows.shape[0] == 0:
-            missing.append(c)
-            continue
-        centroids.append(rows.to(dtype).mean(dim=0))
-    if missing:
-        raise ValueError(f"classes without samples: {missing[:20]}")
-    return torch.stack(centroids)
-
-
 LOSSES: dict[str, type[nn.Module]] = {
     cls.name: cls
     for cls in (ClipLoss, SigLipLoss, KLDistillLoss, CRDLoss, FDLoss, MFDLoss, ICLLoss, GDLoss, AFDLoss, EmbedKDLoss)
