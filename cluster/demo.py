@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from student_trainer.config import DataConfig, ModelConfig, TeacherSourceConfig, TrainConfig
+from student_trainer.config import (
+    DEFAULT_DISTILL_LOSSES,
+    DataConfig,
+    ModelConfig,
+    TeacherSourceConfig,
+    TrainConfig,
+)
 from student_trainer.factory import resolve_model
 
 STUDENT = "digits-student"
@@ -32,7 +38,7 @@ class DemoConfig:
     workers: int = 2
     batch_size: int = 64
     app_name: str = "kd-demo-teacher"
-    distill_losses: dict = field(default_factory=lambda: {"clip": 1.0, "kl": 1.0, "fd": 2000.0})
+    distill_losses: dict = field(default_factory=lambda: dict(DEFAULT_DISTILL_LOSSES))
 
     def epochs(self) -> tuple[int, int]:
         teacher = self.teacher_epochs or (1 if self.quick else 30)

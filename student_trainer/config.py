@@ -15,6 +15,9 @@ from teacher_service.config import TeacherConfig, check_cores, check_placement
 from teacher_service.private_files import check_under_roots, write_roots
 
 TEACHER_MODES = ("none", "inline", "remote", "cache", "hybrid")
+# The recipe a run with a teacher uses when it names no losses: the one the methods benchmark
+# finds best on the digits task (benchmarks/results/methods.md); the demo uses it too.
+DEFAULT_DISTILL_LOSSES = {"clip": 1.0, "icl": 1.0}
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -93,7 +96,8 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherSourceConfig = field(default_factory=TeacherSourceConfig)
-    losses: dict = field(default_factory=lambda: {"clip": 1.0})
+    # loss name -> weight; left empty: CLIP alone without a teacher, DEFAULT_DISTILL_LOSSES with one
+    losses: dict = field(default_factory=dict)
     loss_options: dict = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=OptimConfig)
     epochs: int = 1
@@ -149,6 +153,8 @@ class TrainConfig:
                              f"{self.checkpoint_every_steps} and {self.max_failures}")
         if not (isinstance(self.teacher.weight, (int, float)) and 0 < self.teacher.weight <= 100):
             raise ValueError(f"teacher.weight: expected a number in (0, 100], got {self.teacher.weight!r}")
+        if not self.losses:
+            self.losses = {"clip": 1.0} if self.teacher.mode == "none" else dict(DEFAULT_DISTILL_LOSSES)
         if not any(w for w in self.losses.values()):
             raise ValueError(f"losses {self.losses!r}: at least one loss needs a nonzero weight")
         return self

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from cluster.cli import build_parser, main
-from student_trainer.config import TrainConfig
+from student_trainer.config import DataConfig, TrainConfig
 from student_trainer.scheduler import warmup_cosine
 
 
@@ -233,3 +233,16 @@ def test_writes_outside_the_configured_roots_are_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("KD_WRITE_ROOTS", str(root))
     with pytest.raises(ValueError, match="KD_WRITE_ROOTS"):
         validate(cfg(tmp_path / "anywhere", roots=()))
+
+
+def test_a_run_that_names_no_losses_gets_clip_alone_or_the_distillation_recipe(tmp_path):
+    from student_trainer.config import DEFAULT_DISTILL_LOSSES, TeacherSourceConfig
+
+    data = DataConfig(train_shards="data/train")
+    assert TrainConfig(run_name="plain", data=data).validate().losses == {"clip": 1.0}
+    remote = TrainConfig(run_name="kd", data=data, teacher=TeacherSourceConfig(mode="remote")).validate()
+    assert remote.losses == DEFAULT_DISTILL_LOSSES and remote.losses is not DEFAULT_DISTILL_LOSSES
+    assert "icl" in DEFAULT_DISTILL_LOSSES  # the benchmark's best method on the digits task
+    named = TrainConfig(run_name="kd", data=data, teacher=TeacherSourceConfig(mode="remote"),
+                        losses={"clip": 1.0, "kl": 1.0})
+    assert named.validate().losses == {"clip": 1.0, "kl": 1.0}
