@@ -18,16 +18,25 @@ TEACHER_MODES = ("none", "inline", "remote", "cache", "hybrid")
 # The recipe a run with a teacher uses when it names no losses: the one the methods benchmark
 # finds best on the digits task (benchmarks/results/methods.md); the demo uses it too.
 DEFAULT_DISTILL_LOSSES = {"clip": 1.0, "icl": 1.0}
+INHERIT_LAYERS = ("interval", "first")  # which teacher blocks an inheriting student takes (student_trainer.inherit)
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 @dataclass
 class ModelConfig:
-    """An open_clip architecture; `overrides` are passed to `open_clip.create_model` as kwargs."""
+    """An open_clip architecture; `overrides` are passed to `open_clip.create_model` as kwargs.
+
+    Where the weights start: random, `pretrained` (an open_clip tag or file), or with
+    `init_from_teacher` the run's teacher's weights cut to the student's shape (TinyCLIP's weight
+    inheritance, `student_trainer.inherit`); `inherit_layers` picks the teacher blocks taken:
+    "interval" (block i·⌊n/k⌋, TinyCLIP's) or "first" (the first k). Only a fresh run inherits.
+    """
 
     name: str = "ViT-B-32"
     pretrained: str | None = None
     overrides: dict = field(default_factory=dict)
+    init_from_teacher: bool = False
+    inherit_layers: str = "interval"
 
 
 @dataclass
@@ -124,6 +133,7 @@ class TrainConfig:
             raise ValueError(f"run_name {self.run_name!r}: use letters, digits, '_', '.', '-' (max 128)")
         if self.teacher.mode not in TEACHER_MODES:
             raise ValueError(f"teacher.mode {self.teacher.mode!r}: expected one of {TEACHER_MODES}")
+        self._validate_init()
         if self.teacher.mode == "inline" and self.teacher.teacher is None:
             raise ValueError("teacher.mode 'inline' needs teacher.teacher (a TeacherConfig)")
         if self.teacher.mode in ("cache", "hybrid") and not self.teacher.cache_path:
@@ -158,6 +168,14 @@ class TrainConfig:
         if not any(w for w in self.losses.values()):
             raise ValueError(f"losses {self.losses!r}: at least one loss needs a nonzero weight")
         return self
+
+    def _validate_init(self) -> None:
+        """The fields of weight inheritance that need nothing but the config (preflight checks the shapes)."""
+        if self.model.inherit_layers not in INHERIT_LAYERS:
+            raise ValueError(f"model.inherit_layers {self.model.inherit_layers!r}: expected one of {INHERIT_LAYERS}")
+        if self.model.init_from_teacher and self.model.pretrained:
+            raise ValueError(f"model.init_from_teacher and model.pretrained ({self.model.pretrained!r}) are both set: "
+                             "the inherited weights would replace the pretrained ones; choose one")
 
     def with_absolute_paths(self) -> TrainConfig:
         """A copy whose local paths are absolute: Ray workers do not run in the driver's directory."""
