@@ -38,11 +38,13 @@ def load_student(directory: str | Path, device: str = "cpu") -> tuple[torch.nn.M
     return model.eval(), model_cfg
 
 
-def provenance(cfg, teacher_info: dict) -> dict:
+def provenance(cfg, teacher_info: dict, init: dict | None = None) -> dict:
     """What a checkpoint was distilled from: the teacher (fingerprint, model, where its outputs came
-    from) and the loss weights. Written beside every checkpoint; resumes and `kd eval` read it."""
+    from), the loss weights, and how the student's weights started (`init`: random, pretrained, or
+    inherited from a teacher with the blocks taken; None for runs resumed from checkpoints written
+    before it was recorded). Written beside every checkpoint; resumes and `kd eval` read it."""
     teacher = cfg.teacher
-    return {"run_name": cfg.run_name, "seed": cfg.seed,
+    return {"run_name": cfg.run_name, "seed": cfg.seed, "init": init,
             "teacher": {"fingerprint": teacher_info.get("fingerprint", ""), "model": teacher_info.get("model"),
                         "mode": teacher.mode, "app_name": teacher.app_name if teacher.mode in ("remote", "hybrid")
                         else None, "cache_path": teacher.cache_path},

@@ -3,12 +3,14 @@
 Ray Train restarts the worker group after a failure (`max_failures`): right for a dead worker or
 replica, wrong for a configuration mistake, which fails the same way every time. Everything a run
 can know is wrong before it trains (shards, loss names, an empty or missing cache, a cache of
-another teacher or recipe, a teacher app that is not deployed, Embed-KD without centroids) is
-refused here with one clear message; `run_training` calls it first.
+another teacher or recipe, a teacher app that is not deployed, Embed-KD without centroids, a
+student that cannot inherit the teacher's weights) is refused here with one clear message;
+`run_training` calls it first.
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from student_trainer.config import TrainConfig
 from student_trainer.data.batches import steps_per_epoch
@@ -32,15 +34,26 @@ def check_run(cfg: TrainConfig) -> None:
         fingerprint = ""
     if fingerprint is not None:  # inline: the worker checks, once it has loaded the teacher
         _check_resume_teacher(cfg, fingerprint)
+    if cfg.model.init_from_teacher and _latest_checkpoint(cfg) is None:  # only a fresh run inherits
+        from student_trainer.inherit import check_inheritable
+
+        check_inheritable(cfg)  # shapes only: a student the teacher's weights cannot initialise fails here
+
+
+def _latest_checkpoint(cfg: TrainConfig) -> Path | None:
+    """The checkpoint a rerun of this run name resumes (None: a fresh run, or storage the driver cannot list)."""
+    from student_trainer.checkpoint import latest_checkpoint
+
+    if "://" in cfg.storage_path:  # cloud storage: the worker finds out when it restores
+        return None
+    return latest_checkpoint(os.path.join(os.path.abspath(os.path.expanduser(cfg.storage_path)), cfg.run_name))
 
 
 def _check_resume_teacher(cfg: TrainConfig, fingerprint: str) -> None:
     """A rerun of a run name resumes its latest checkpoint: refuse it against another teacher."""
-    from student_trainer.checkpoint import check_same_teacher, latest_checkpoint, read_provenance
+    from student_trainer.checkpoint import check_same_teacher, read_provenance
 
-    if "://" in cfg.storage_path:  # cloud storage: the worker checks when it restores the checkpoint
-        return
-    latest = latest_checkpoint(os.path.join(os.path.abspath(os.path.expanduser(cfg.storage_path)), cfg.run_name))
+    latest = _latest_checkpoint(cfg)  # on cloud storage the worker checks when it restores the checkpoint
     if latest is not None:
         check_same_teacher(read_provenance(latest), fingerprint, f"run {cfg.run_name!r} ({latest})",
                            cfg.teacher.allow_teacher_change)

@@ -203,8 +203,8 @@ class Position:
 
 
 def _restore(module: DistillModule, optimizer: torch.optim.Optimizer, fingerprint: str,
-             allow_change: bool = False) -> Position:
-    """Load the latest Ray Train checkpoint, if any, and return its position.
+             allow_change: bool = False) -> tuple[Position, dict | None]:
+    """Load the latest Ray Train checkpoint, if any: its position and recorded provenance.
 
     A run resumed against another teacher would silently mix two teachers' targets: refused.
     """
@@ -212,7 +212,7 @@ def _restore(module: DistillModule, optimizer: torch.optim.Optimizer, fingerprin
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return Position()
+        return Position(), None
     with checkpoint.as_directory() as d:
         module.student.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu",
                                                   weights_only=True))
@@ -223,12 +223,29 @@ def _restore(module: DistillModule, optimizer: torch.optim.Optimizer, fingerprin
     module.losses.load_state_dict(state["losses"])
     optimizer.load_state_dict(state["optimizer"])
     if "next_epoch" not in state:  # written at epoch ends only, before mid-epoch checkpoints existed
-        return Position(int(state["epoch"]) + 1, 0, int(state["step"]))
-    return Position(int(state["next_epoch"]), int(state["next_epoch_step"]), int(state["step"]))
+        return Position(int(state["epoch"]) + 1, 0, int(state["step"])), recorded
+    return Position(int(state["next_epoch"]), int(state["next_epoch_step"]), int(state["step"])), recorded
 
 
-def _report(metrics: dict, module: DistillModule, optimizer, cfg: TrainConfig, position: Position) -> None:
-    """Report `metrics` on every rank; rank 0 adds a checkpoint that resumes at `position`."""
+def _initialise(student: torch.nn.Module, cfg: TrainConfig) -> dict | None:
+    """How a fresh run's weights start, for the provenance: inherited from the teacher when
+    `model.init_from_teacher` (TinyCLIP), else random or pretrained as created. A resumed run
+    (None here) takes its weights and this record from its checkpoint, so it loads no teacher."""
+    import ray.train
+
+    if ray.train.get_checkpoint() is not None:
+        return None
+    if cfg.model.init_from_teacher:
+        from student_trainer.inherit import inherit_from_teacher
+
+        return inherit_from_teacher(student, cfg)
+    return {"from": "pretrained", "pretrained": cfg.model.pretrained} if cfg.model.pretrained else {"from": "random"}
+
+
+def _report(metrics: dict, module: DistillModule, optimizer, cfg: TrainConfig, position: Position,
+            init: dict | None = None) -> None:
+    """Report `metrics` on every rank; rank 0 adds a checkpoint that resumes at `position` (its
+    provenance keeps `init`, how the student's weights started)."""
     import ray.train
 
     if ray.train.get_context().get_world_rank() != 0:
@@ -242,7 +259,7 @@ def _report(metrics: dict, module: DistillModule, optimizer, cfg: TrainConfig, p
                     "teacher_fingerprint": metrics["teacher_fingerprint"]}, Path(d) / TRAIN_STATE_FILE)
         (Path(d) / "metrics.json").write_text(json.dumps(metrics, indent=2))
         teacher = {"fingerprint": metrics["teacher_fingerprint"], "model": metrics.get("teacher_model")}
-        (Path(d) / PROVENANCE_FILE).write_text(json.dumps(provenance(cfg, teacher), indent=2, default=str))
+        (Path(d) / PROVENANCE_FILE).write_text(json.dumps(provenance(cfg, teacher, init), indent=2, default=str))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -385,6 +402,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     student = create_student(cfg.model, device)
+    init = _initialise(student, cfg)
     tokenizer = create_tokenizer(student, cfg.model)
     shards = resolve_shards(cfg.data.train_shards)
     recipe = view_recipe(cfg.data.image_size, cfg.seed)
@@ -397,7 +415,10 @@ def train_loop_per_worker(config: dict) -> None:
     module = DistillModule(student, losses, preprocess_spec(student)).to(device)
     optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    position = _restore(module, optimizer, source.info.get("fingerprint", ""), cfg.teacher.allow_teacher_change)
+    position, recorded = _restore(module, optimizer, source.info.get("fingerprint", ""),
+                                  cfg.teacher.allow_teacher_change)
+    if recorded is not None:
+        init = recorded.get("init")
     ddp = ray.train.torch.prepare_model(module)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -448,7 +469,7 @@ def train_loop_per_worker(config: dict) -> None:
                 raise lost
             if can_lose_teacher and not _every_rank_ok(lost is None, world, device):
                 _stop_for_teacher(lost, metrics_of(sums, skips, epoch, i, first, epoch_start), module, optimizer, cfg,
-                                  Position(epoch, i, step))
+                                  Position(epoch, i, step), init)
                 return
             set_lr(optimizer, warmup_cosine(step, base_lr=cfg.optim.lr,
                                             warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps))
@@ -467,13 +488,13 @@ def train_loop_per_worker(config: dict) -> None:
                       f"loss {float(parts['loss']):.4f}", flush=True)
             if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and i + 1 < steps:
                 _report(metrics_of(sums, skips, epoch, i + 1, first, epoch_start), module, optimizer, cfg,
-                        Position(epoch, i + 1, step))
+                        Position(epoch, i + 1, step), init)
         _report(metrics_of(sums, skips, epoch, steps, first, epoch_start), module, optimizer, cfg,
-                Position(epoch + 1, 0, step))
+                Position(epoch + 1, 0, step), init)
 
 
 def _stop_for_teacher(lost: TeacherUnavailableError | None, metrics: dict, module: DistillModule, optimizer,
-                      cfg: TrainConfig, position: Position) -> None:
+                      cfg: TrainConfig, position: Position, init: dict | None = None) -> None:
     """Checkpoint at `position` (the first step not trained) and report why the run stops; the
     driver raises it (`run_training`), and rerunning the same run name resumes at that step."""
     if lost is None:
@@ -482,7 +503,7 @@ def _stop_for_teacher(lost: TeacherUnavailableError | None, metrics: dict, modul
         f"{lost} The run saved a checkpoint at epoch {position.epoch + 1} step {position.epoch_step} "
         f"(global step {position.step}) and stopped; start the teacher and rerun with run name "
         f"{cfg.run_name!r} to resume there.")
-    _report(metrics, module, optimizer, cfg, position)
+    _report(metrics, module, optimizer, cfg, position, init)
 
 
 def _peak_rss_mb() -> float:

@@ -7,20 +7,28 @@ incompatible pairs are built on the meta device (shapes only).
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from tiny_models import train_shards
 
-from student_trainer.config import ModelConfig
+from student_trainer.config import DataConfig, ModelConfig, OptimConfig, TeacherSourceConfig, TrainConfig
 from student_trainer.factory import create_student, resolve_model
 from student_trainer.inherit import (
     InheritanceError,
     architecture_state,
     block_map,
     inherit_state,
+    teacher_config_for,
 )
+from teacher_service.config import TeacherConfig
 
 VISUAL, TEXT = "visual.transformer.resblocks", "transformer.resblocks"
 TEACHER_ARCH, TEACHER_OVERRIDES = resolve_model(ModelConfig(name="digits-teacher"))
+TEACHER = TeacherConfig(model=TEACHER_ARCH, overrides=TEACHER_OVERRIDES, seed=0, torch_threads=1)
 
 
 def created(name: str, seed: int) -> torch.nn.Module:
@@ -142,3 +150,108 @@ def test_incompatible_pairs_name_the_first_parameter(student_state, teacher_arch
     teacher = architecture_state(*((TEACHER_ARCH, TEACHER_OVERRIDES) if teacher_arch == "digits" else (teacher_arch, {})))
     with pytest.raises(InheritanceError, match=rf"^{first_bad}: .*{why}"):
         inherit_state(student_state(), teacher)
+
+
+# --------------------------------------------------------------------------- configuration and the driver
+def run_cfg(shards: str, storage: Path, mode: str = "none", *, teacher=TEACHER, epochs: int = 1,
+            **model) -> TrainConfig:
+    return TrainConfig(
+        run_name="inherit", storage_path=str(storage),
+        model=ModelConfig(name="digits-student", init_from_teacher=True, **model),
+        data=DataConfig(train_shards=shards, image_size=32, batch_size=8, shuffle_buffer=20),
+        teacher=TeacherSourceConfig(mode=mode, teacher=teacher, cache_path=str(storage / "cache")),
+        losses={"clip": 1.0}, optim=OptimConfig(lr=0.0, warmup_steps=0), epochs=epochs, max_steps_per_epoch=1,
+        num_workers=1, cpus_per_worker=1, torch_threads=1, log_every_steps=0, max_failures=0)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    return train_shards(tmp_path_factory, samples_per_shard=40, name="inherit")
+
+
+def test_config_refuses_pretrained_with_inheritance_and_unknown_layers(shards, tmp_path):
+    with pytest.raises(ValueError, match="model.init_from_teacher and model.pretrained"):
+        run_cfg(shards, tmp_path, pretrained="openai").validate()
+    with pytest.raises(ValueError, match=r"model.inherit_layers 'even'"):
+        run_cfg(shards, tmp_path, inherit_layers="even").validate()
+
+
+def test_the_teacher_config_comes_from_the_run_or_the_cache(shards, tmp_path):
+    from teacher_service.cache.store import make_meta, rows_table, write_table_atomic
+
+    assert teacher_config_for(run_cfg(shards, tmp_path, "remote")).overrides == TEACHER_OVERRIDES
+    with pytest.raises(ValueError, match="needs the teacher's config .* give teacher.teacher"):
+        teacher_config_for(run_cfg(shards, tmp_path, "remote", teacher=None))
+    with pytest.raises(ValueError, match="records none"):
+        teacher_config_for(run_cfg(shards, tmp_path, "hybrid", teacher=None))  # a new cache
+    (tmp_path / "cache").mkdir()
+    meta = make_meta({"fingerprint": "0123456789abcdef", "embed_dim": 4}, {}, kind="shard",
+                     teacher_config={**TEACHER.to_dict(), "seed": 7})
+    write_table_atomic(rows_table(meta, ["k"], 0, np.zeros((1, 4)), np.zeros((1, 4)), [1], [2]),
+                       str(tmp_path / "cache" / "shard.parquet"))
+    recorded = teacher_config_for(run_cfg(shards, tmp_path, "cache", teacher=None))
+    assert (recorded.model, recorded.overrides, recorded.seed, recorded.device) == (
+        TEACHER_ARCH, TEACHER_OVERRIDES, 7, "cpu")
+
+
+def test_the_driver_refuses_an_incompatible_teacher_before_ray(shards, tmp_path):
+    import ray
+
+    from student_trainer.preflight import check_run
+
+    was_up = ray.is_initialized()
+    wide = TeacherConfig(model=TEACHER_ARCH, overrides={**TEACHER_OVERRIDES, "embed_dim": 32})
+    with pytest.raises(InheritanceError, match=r"^text_projection: the student is wider"):
+        check_run(run_cfg(shards, tmp_path, "inline", teacher=wide))
+    with pytest.raises(ValueError, match="needs the teacher's config"):
+        check_run(run_cfg(shards, tmp_path, "none", teacher=None))
+    check_run(run_cfg(shards, tmp_path, "inline"))
+    (tmp_path / "inherit" / "checkpoint_2026-12-02_00-00-00.000000").mkdir(parents=True)
+    check_run(run_cfg(shards, tmp_path, "inline", teacher=wide))  # a resume does not inherit: not checked
+    assert ray.is_initialized() == was_up
+
+
+def test_kd_train_flags_set_inheritance():
+    from cluster.cli import build_parser
+    from cluster.cli.train import train_config_from_args
+
+    args = ["train", "--train-shards", "x", "--init-from-teacher", "--inherit-layers", "first"]
+    cfg = train_config_from_args(build_parser().parse_args(args))
+    assert (cfg.model.init_from_teacher, cfg.model.inherit_layers) == (True, "first")
+    cfg = train_config_from_args(build_parser().parse_args(["train", "--train-shards", "x"]))
+    assert (cfg.model.init_from_teacher, cfg.model.inherit_layers) == (False, "interval")
+
+
+# --------------------------------------------------------------------------- a run (Ray Train)
+def checkpoint_of(result) -> tuple[dict[str, torch.Tensor], dict]:
+    with result.checkpoint.as_directory() as d:
+        return (torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=True),
+                json.loads((Path(d) / "provenance.json").read_text()))
+
+
+@pytest.mark.ray
+def test_a_run_starts_from_the_inherited_weights_and_a_resume_keeps_its_own(ray_cluster, shards, tmp_path):
+    """lr 0 keeps the weights where they started, so the checkpoint after a step shows the start.
+
+    The resume names a teacher whose weights cannot be loaded (a checkpoint file that does not
+    exist): a resume that loaded the teacher again would fail; it restores its checkpoint instead."""
+    from student_trainer.train import run_training
+    from teacher_service.model import load_teacher
+
+    frozen = load_teacher(TEACHER)
+    teacher = frozen.model.state_dict()
+    weights, record = checkpoint_of(run_training(run_cfg(shards, tmp_path)))
+    assert torch.equal(weights[f"{VISUAL}.1.mlp.c_fc.weight"], teacher[f"{VISUAL}.2.mlp.c_fc.weight"][:256, :64])
+    blocks = {VISUAL: {0: 0, 1: 2}, TEXT: {0: 0, 1: 1}}
+    for name, value in weights.items():
+        assert torch.equal(value, expected_tensor(name, value.shape, teacher[expected_source(name, blocks)])), name
+    init = record["init"]
+    assert (init["from"], init["teacher_fingerprint"], init["layers"]) == ("teacher", frozen.fingerprint, "interval")
+    assert init["blocks"] == {VISUAL: [0, 2], TEXT: [0, 1]}
+
+    other = TeacherConfig(model=TEACHER_ARCH, overrides=TEACHER_OVERRIDES, pretrained=str(tmp_path / "gone.pt"))
+    result = run_training(run_cfg(shards, tmp_path, teacher=other, epochs=2))
+    resumed, resumed_record = checkpoint_of(result)
+    assert (result.metrics["step"], result.metrics["resumed_from_step"]) == (2, 1)
+    assert all(torch.equal(resumed[k], v) for k, v in weights.items())
+    assert resumed_record["init"] == init

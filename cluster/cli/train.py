@@ -14,6 +14,7 @@ TRAIN_FLAGS = {
     "student": "model.name", "teacher_mode": "teacher.mode", "app_name": "teacher.app_name",
     "cache_path": "teacher.cache_path", "teacher_patience": "teacher.patience_s",
     "checkpoint_every": "checkpoint_every_steps", "max_failures": "max_failures",
+    "inherit_layers": "model.inherit_layers",
 }
 
 
@@ -35,6 +36,8 @@ def train_config_from_args(args: argparse.Namespace):
         cfg.losses = dict(args.loss)
     if args.allow_teacher_change:
         cfg.teacher.allow_teacher_change = True
+    if args.init_from_teacher:
+        cfg.model.init_from_teacher = True
     if getattr(args, "role_placement", False):
         from cluster.roles import student_placement
 
@@ -87,6 +90,12 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--train-shards", help="shard dir, glob or brace pattern")
     p.add_argument("--val-shards", help="shard dir, glob or brace pattern")
     p.add_argument("--student", help="open_clip architecture or preset (digits-student)")
+    p.add_argument("--init-from-teacher", action="store_true",
+                   help="start a fresh run from the teacher's weights, blocks taken and widths sliced "
+                        "(TinyCLIP weight inheritance); remote runs also need the teacher's config "
+                        "(teacher.teacher in --config), cache runs read it from the cache")
+    p.add_argument("--inherit-layers", choices=["interval", "first"],
+                   help="teacher blocks an inheriting student takes: every n/k-th (interval, default) or the first k")
     p.add_argument("--teacher-mode", choices=["none", "inline", "remote", "cache", "hybrid"],
                    help="teacher source")
     p.add_argument("--app-name", help="teacher Serve app for remote/hybrid mode")
