@@ -4,6 +4,8 @@ Trains the `digits-student` preset on the digits train split with: no teacher (C
 each method alone added to the CLIP task loss (kl, crd, fd, mfd, icl, gd, afd, embed_kd; their
 authors' weights, `student_trainer.losses.DEFAULT_WEIGHTS`), CLIP-KD's combination
 (clip + crd + icl + fd at 1/1/2000), and optionally SigLIP as the task loss with no teacher.
+`--with-inherit` adds, beside each row, the same run with the student initialised from the
+teacher's weights (`model.init_from_teacher`, TinyCLIP's weight inheritance) at the same budget.
 Each student is evaluated on the val split (zero-shot top-1, retrieval R@1 both ways); the table
 goes to `benchmarks/results/methods.md` and `methods.json` (rewritten atomically after each run).
 
@@ -12,6 +14,8 @@ demo's `<workdir>/teacher`), deployed once as a Serve app that every run shares 
 remote`, default) or loaded inside each worker (`inline`). Data defaults to the shards beside it.
 
     python benchmarks/methods.py --teacher-dir /tmp/demo-full/teacher --epochs 10 --seeds 0
+    python benchmarks/methods.py --teacher-dir /tmp/demo-full/teacher --only "clip + icl" --with-inherit \
+        --epochs 5 --seeds 0 1 --out /tmp/inherit/methods.md
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from student_trainer.checkpoint import load_model_config
+from student_trainer.checkpoint import load_model_config, read_provenance
 from student_trainer.config import (
     DataConfig,
     ModelConfig,
@@ -43,10 +47,13 @@ APP = "kd-methods-bench-teacher"
 SINGLE = ("kl", "crd", "fd", "mfd", "icl", "gd", "afd", "embed_kd")
 CLIP_KD_PUBLISHED = ("fd", "mfd", "icl", "crd", "gd", "afd")  # ViT-B/16 → ViT-T/16, zero-shot IN top-1
 SIGLIP_INIT = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}  # open_clip's SigLIP init
+INHERITED = " (init from teacher)"  # suffix of a row whose student starts from the teacher's weights
 
 
-def methods_to_run(with_siglip: bool, only: Optional[list[str]] = None) -> dict[str, dict]:
-    """Row name → {"losses": weights, "teacher": bool, "overrides": model overrides}."""
+def methods_to_run(with_siglip: bool, only: Optional[list[str]] = None,
+                   with_inherit: bool = False) -> dict[str, dict]:
+    """Row name → {"losses": weights, "teacher": bool, "overrides": model overrides, "inherit": bool};
+    with `with_inherit` each row is followed by its twin that starts from the teacher's weights."""
     rows = {"no teacher (clip)": {"losses": {"clip": 1.0}, "teacher": False, "overrides": {}}}
     if with_siglip:
         rows["no teacher (siglip)"] = {"losses": {"siglip": 1.0}, "teacher": False, "overrides": SIGLIP_INIT}
@@ -63,7 +70,14 @@ def methods_to_run(with_siglip: bool, only: Optional[list[str]] = None) -> dict[
         if unknown:
             raise SystemExit(f"unknown --only rows {unknown}; known: {list(rows)}")
         rows = {k: v for k, v in rows.items() if k in only}
-    return rows
+    rows = {k: {**v, "inherit": False} for k, v in rows.items()}
+    if not with_inherit:
+        return rows
+    twinned = {}
+    for name, spec in rows.items():
+        twinned[name] = spec
+        twinned[name + INHERITED] = {**spec, "inherit": True}
+    return twinned
 
 
 def teacher_config(teacher_dir: Path) -> TeacherConfig:
@@ -101,13 +115,14 @@ def find_data(args: argparse.Namespace) -> Path:
 
 def train_cfg(args, data: Path, name: str, spec: dict, seed: int, tcfg: TeacherConfig) -> TrainConfig:
     mode = args.teacher_mode if spec["teacher"] else "none"
+    inherit = bool(spec.get("inherit"))  # the weights come from the teacher's config in every mode
     return TrainConfig(
         run_name=f"methods-{_slug(name)}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}",
         storage_path=str(Path(args.workdir) / "runs"),
-        model=ModelConfig(name=STUDENT, overrides=dict(spec["overrides"])),
+        model=ModelConfig(name=STUDENT, overrides=dict(spec["overrides"]), init_from_teacher=inherit),
         data=DataConfig(train_shards=str(data / "train-*.tar"), val_shards=str(data / "val-*.tar"),
                         image_size=32, batch_size=args.batch_size),
-        teacher=TeacherSourceConfig(mode=mode, app_name=APP, teacher=tcfg if mode == "inline" else None),
+        teacher=TeacherSourceConfig(mode=mode, app_name=APP, teacher=tcfg if mode == "inline" or inherit else None),
         losses=dict(spec["losses"]), epochs=args.epochs, num_workers=args.workers, seed=seed,
         log_every_steps=0, torch_threads=1,
     ).validate()
@@ -128,13 +143,14 @@ def run_one(args, data: Path, name: str, spec: dict, seed: int, tcfg: TeacherCon
     with result.checkpoint.as_directory() as d:
         ev = evaluate_checkpoint(d, str(data / "val-*.tar"))
         scales = final_scales(Path(d))
+        init = (read_provenance(d) or {}).get("init")
     m = result.metrics
     return {
         "seed": seed, "zero_shot_top1": ev["zero_shot_top1"], "zero_shot_top5": ev["zero_shot_top5"],
         "i2t_r1": ev["i2t_r1"], "t2i_r1": ev["t2i_r1"], "val_samples": ev["samples"],
         "samples_per_s": m.get("run_samples_per_s"), "peak_rss_mb": m.get("peak_rss_mb"),
         "peak_gpu_mem_mb": m.get("peak_gpu_mem_mb"), "wall_time_s": round(wall, 1),
-        "teacher_requests": m.get("teacher_requests"), **scales,
+        "teacher_requests": m.get("teacher_requests"), **scales, "init": init,
         "final_losses": {k: v for k, v in m.items() if k.endswith("_loss")},
     }
 
@@ -248,6 +264,7 @@ def reading_notes(report: dict, base: Optional[float]) -> list[str]:
         notes.append(f"- MFD drops 75 % of the student's patches: {kept} of {patches} patches of a 32 px digit "
                      f"at patch size 8 remain (CLIP-KD's ViT-T/16 at 224 px keeps 49 of 196), and the "
                      f"masked view carries the same 2000 weight as FD.")
+    notes += inherit_notes(report)
     sig = summary.get("no teacher (siglip)", {}).get("zero_shot_top1")
     sig_loss = _final(report, "no teacher (siglip)", "siglip_loss")
     n = meta["global_batch"]
@@ -264,6 +281,49 @@ def reading_notes(report: dict, base: Optional[float]) -> list[str]:
                f"negatives by the sigmoid loss." if collapsed else "")
             + " It is a task-loss variant, not a distillation method, and is left out of the ranking.")
     return notes
+
+
+def inherit_notes(report: dict) -> list[str]:
+    """Each row next to its twin that started from the teacher's weights: top-1 and final loss."""
+    notes = []
+    for name in report["summary"]:
+        twin = report["summary"].get(name + INHERITED, {})
+        base = report["summary"][name]
+        if not (twin.get("runs") and base.get("runs")):
+            continue
+        loss, loss_twin = _final_total(report, name), _final_total(report, name + INHERITED)
+        loss_text = (f"; final training loss {loss:.3f} → {loss_twin:.3f}"
+                     if loss is not None and loss_twin is not None else "")
+        notes.append(f"- {name}: starting from the teacher's weights moves zero-shot top-1 "
+                     f"{100 * base['zero_shot_top1']:.1f} → {100 * twin['zero_shot_top1']:.1f} "
+                     f"({100 * (twin['zero_shot_top1'] - base['zero_shot_top1']):+.1f} points; "
+                     f"{_per_seed(report, name)}){loss_text}, at the same budget."
+                     f"{_blocks_text(report['runs'][name + INHERITED])}")
+    return notes
+
+
+def _per_seed(report: dict, name: str) -> str:
+    """'seed s: a → b' for every seed both rows ran: a median of few seeds hides their spread."""
+    top1 = {twin: {r["seed"]: r["zero_shot_top1"] for r in report["runs"][twin] if "zero_shot_top1" in r}
+            for twin in (name, name + INHERITED)}
+    seeds = sorted(set(top1[name]) & set(top1[name + INHERITED]))
+    return ", ".join(f"seed {s}: {100 * top1[name][s]:.1f} → {100 * top1[name + INHERITED][s]:.1f}" for s in seeds)
+
+
+def _final_total(report: dict, name: str) -> Optional[float]:
+    """Median over seeds of the last epoch's summed loss terms (what the optimizer minimised)."""
+    totals = [sum(r["final_losses"].values()) for r in report["runs"].get(name, []) if r.get("final_losses")]
+    return statistics.median(totals) if totals else None
+
+
+def _blocks_text(runs: list[dict]) -> str:
+    init = next((r["init"] for r in runs if (r.get("init") or {}).get("from") == "teacher"), None)
+    if init is None:
+        return ""
+    taken = "; ".join(f"{stack}: blocks {blocks} of {init['teacher_depth'][stack]}"
+                      for stack, blocks in init["blocks"].items())
+    return (f" Inherited ({init['layers']}): {taken}; {init['tensors_sliced']} tensors sliced to the "
+            f"student's widths, {init['tensors_copied']} copied whole.")
 
 
 def render(report: dict) -> str:
@@ -376,6 +436,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--teacher-mode", choices=("remote", "inline"), default="remote")
     parser.add_argument("--with-siglip", action="store_true", help="add SigLIP (no teacher) as a task-loss row")
     parser.add_argument("--only", nargs="+", help="run only these rows (by their table name)")
+    parser.add_argument("--with-inherit", action="store_true",
+                        help=f"follow each row with its twin whose student starts from the teacher's weights "
+                             f"(row name + {INHERITED.strip()!r})")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "methods.md"))
     parser.add_argument("--address", help="Ray cluster address (default: an embedded local cluster)")
     parser.add_argument("--render-only", action="store_true",
@@ -397,7 +460,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     teacher_dir = Path(args.teacher_dir).resolve()
     tcfg = teacher_config(teacher_dir)
     data = find_data(args)
-    methods = methods_to_run(args.with_siglip, args.only)
+    methods = methods_to_run(args.with_siglip, args.only, args.with_inherit)
     out = Path(args.out)
     teacher_eval = evaluate_teacher(tcfg, str(data / "val-*.tar"))
     report = {
