@@ -59,8 +59,11 @@ def read_provenance(directory: str | Path) -> dict | None:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest ``checkpoint_*`` directory of a run (Ray Train names them by time), or None."""
-    found = sorted(Path(run_dir).glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
+    """The newest ``checkpoint_*`` directory of a run (Ray Train names them by time), or None.
+
+    Directories only: Ray Train also writes ``checkpoint_manager_snapshot.json`` there, newer
+    than the checkpoints, and taking it hid the provenance from the driver's resume check."""
+    found = sorted((p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
 
 
