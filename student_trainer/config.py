@@ -75,7 +75,7 @@ class TeacherSourceConfig:
     # fingerprint is refused unless this is set (then the change is recorded in the provenance).
     allow_teacher_change: bool = False
     # How remote/hybrid requests carry images. "always": the pixels (151 KB a 224 px view).
-    # "reference": (shard, key, view, recipe, SHA-256) per sample, ~100 bytes; the teacher regenerates
+    # "reference": (shard, key, view, recipe, SHA-256) per sample, ~36 bytes + key; the teacher regenerates
     # the view and refuses a digest mismatch; needs a teacher whose `shard_roots` hold the shards at
     # the same paths. "auto" (default): references for shards the teacher says it can read
     # (`check_shards`), pixels otherwise and from the first refusal on; with a teacher without

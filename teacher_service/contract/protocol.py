@@ -43,8 +43,8 @@ class ImageRefs:
     `views[i]`, augmented by `recipe` (`augment.view_recipe`: function, version, image_size, seed,
     train). `sha256[i]` is `augment.image_sha256` of the pixels the caller trains on: the teacher
     regenerates the view, refuses the request naming the sample when the digests differ, and
-    otherwise computes on those pixels exactly as if they had been sent. About 70 bytes a sample
-    (plus the key) where a 224 px view is 151 KB: see docs/design.md for when to use it.
+    otherwise computes on those pixels exactly as if they had been sent. About 36 bytes a sample
+    besides its key and tokens, where a 224 px view is 151 KB: docs/cluster.md says when to use it.
     """
 
     shards: list[str]
