@@ -19,6 +19,7 @@ TEACHER_MODES = ("none", "inline", "remote", "cache", "hybrid")
 # finds best on the digits task (benchmarks/results/methods.md); the demo uses it too.
 DEFAULT_DISTILL_LOSSES = {"clip": 1.0, "icl": 1.0}
 INHERIT_LAYERS = ("interval", "first")  # which teacher blocks an inheriting student takes (student_trainer.inherit)
+SEND_PIXELS = ("auto", "always", "reference")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -82,6 +83,13 @@ class TeacherSourceConfig:
     # A checkpoint records the teacher it was distilled from; resuming against another teacher
     # fingerprint is refused unless this is set (then the change is recorded in the provenance).
     allow_teacher_change: bool = False
+    # How remote/hybrid requests carry images. "always": the pixels (151 KB a 224 px view).
+    # "reference": (shard, key, view, recipe, SHA-256) per sample, ~36 bytes + key; the teacher regenerates
+    # the view and refuses a digest mismatch; needs a teacher whose `shard_roots` hold the shards at
+    # the same paths. "auto" (default): references for shards the teacher says it can read
+    # (`check_shards`), pixels otherwise and from the first refusal on; with a teacher without
+    # `shard_roots` that is exactly "always".
+    send_pixels: str = "auto"
 
 
 @dataclass
@@ -136,6 +144,8 @@ class TrainConfig:
         self._validate_init()
         if self.teacher.mode == "inline" and self.teacher.teacher is None:
             raise ValueError("teacher.mode 'inline' needs teacher.teacher (a TeacherConfig)")
+        if self.teacher.send_pixels not in SEND_PIXELS:
+            raise ValueError(f"teacher.send_pixels {self.teacher.send_pixels!r}: expected one of {SEND_PIXELS}")
         if self.teacher.mode in ("cache", "hybrid") and not self.teacher.cache_path:
             raise ValueError(f"teacher.mode {self.teacher.mode!r} needs teacher.cache_path")
         check_placement(self.worker_label_selector, self.worker_resources, "worker_label_selector", "worker_resources")

@@ -4,8 +4,8 @@ Ray Train restarts the worker group after a failure (`max_failures`): right for 
 replica, wrong for a configuration mistake, which fails the same way every time. Everything a run
 can know is wrong before it trains (shards, loss names, an empty or missing cache, a cache of
 another teacher or recipe, a teacher app that is not deployed, Embed-KD without centroids, a
-student that cannot inherit the teacher's weights) is refused here with one clear message;
-`run_training` calls it first.
+student that cannot inherit the teacher's weights, `send_pixels: reference` against a teacher that
+reads no shards) is refused here with one clear message; `run_training` calls it first.
 """
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ def check_run(cfg: TrainConfig) -> None:
     steps_per_epoch(shards, world_size=cfg.num_workers, batch_size=cfg.data.batch_size)
     _check_losses(cfg, source)
     teacher_info = _check_app(cfg) if source.needs_app else None
+    if teacher_info and cfg.teacher.send_pixels == "reference" and not teacher_info.get("by_reference"):
+        raise ValueError(f"teacher.send_pixels 'reference': teacher app {cfg.teacher.app_name!r} reads no shards; "
+                         "deploy it with shard_roots holding the training shards (kd teacher serve --shard-root), "
+                         "or use send_pixels 'auto'")
     cache_fingerprint = _check_cache(cfg, source, teacher_info) if source.needs_cache else None
     fingerprint = (teacher_info or {}).get("fingerprint") or cache_fingerprint
     if source.mode == "none":

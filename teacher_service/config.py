@@ -89,6 +89,11 @@ class TeacherConfig:
     label_selector: dict = field(default_factory=dict)  # node labels replicas need, e.g. {"kd-role": "teacher"}
     resources: dict = field(default_factory=dict)  # custom resources per replica, e.g. {"kd_teacher": 1}
     cpu_affinity: list = field(default_factory=list)  # cores to pin the teacher's process to; empty: none
+    # Requests by reference (`serve.references`): directories of training shards every replica's node
+    # can read at the same paths as the students; empty (default): only pixel requests are served.
+    # `shard_cache_mb` bounds each replica's decoded images of recently read samples.
+    shard_roots: list = field(default_factory=list)
+    shard_cache_mb: float = 256.0
 
     def __post_init__(self) -> None:
         if self.pretrained in ("", "none", "None"):

@@ -23,7 +23,8 @@ SUM_KEYS = ("requests_received", "requests", "requests_cancelled", "errors", "er
             "errors_internal", "samples_requested", "samples_computed",
             "samples_coalesced", "samples_from_cache", "samples", "batches", "batch_requests",
             "batch_fill_sum", "forward_s", "in_flight", "samples_per_s", "coalesce_in_flight_rows",
-            "coalesce_recent_rows")
+            "coalesce_recent_rows", "reference_requests", "reference_samples", "reference_refused",
+            "reference_index_builds", "reference_image_cache_hits", "reference_resolve_s")
 RUN_COUNTS = ("requests_received", "requests", "errors", "samples_requested", "samples_computed",
               "samples_coalesced", "samples_from_cache", "samples")
 RUN_SUM_KEYS = (*RUN_COUNTS, "samples_per_s")

@@ -12,7 +12,7 @@ import pytest
 
 from cluster.bench.config import SECTIONS, preset
 from cluster.bench.cores import plan_cores
-from cluster.bench.pool import identity_us_per_sample, wire_bytes
+from cluster.bench.pool import identity_us_per_sample, reference_us_per_sample, reference_wire_bytes, wire_bytes
 from cluster.bench.records import Record
 from cluster.bench.report import write_outputs
 from teacher_service.affinity import pin_process
@@ -71,6 +71,14 @@ def test_wire_bytes_are_uint8_images_and_fp16_embeddings():
     request, response = wire_bytes(8, 224, 77, 768)
     assert 224 * 224 * 3 + 77 * 8 < request < 224 * 224 * 3 + 77 * 8 + 200
     assert 2 * 768 * 2 < response < 2 * 768 * 2 + 100
+
+
+def test_requests_by_reference_are_small_and_their_cost_is_measured():
+    """A sample by reference: its key, tokens and ~45 bytes (shard index, view, SHA-256), at any side."""
+    for side in (64, 224):
+        assert 77 * 8 + 32 < reference_wire_bytes(8, side, 77) < 77 * 8 + 32 + 24 + 80
+    values = reference_us_per_sample(side=16, batch=4, repeats=2, rounds=1)
+    assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values)
 
 
 def test_presets_validate():

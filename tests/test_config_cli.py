@@ -1,6 +1,7 @@
 """Run configuration round trips and the `kd` command line surface."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -32,6 +33,7 @@ def test_unknown_keys_are_named():
     ({"run_name": "bad name/.."}, "run_name"),
     ({"teacher": {"mode": "sometimes"}}, "teacher.mode"),
     ({"teacher": {"mode": "inline"}}, "teacher.teacher"),
+    ({"teacher": {"mode": "remote", "send_pixels": "never"}}, "teacher.send_pixels"),
     ({"epochs": 0}, "epochs"),
     ({"losses": {"clip": 0.0}}, "losses"),
 ])
@@ -203,6 +205,8 @@ def test_teacher_serve_flags_pick_a_fixed_or_an_autoscaled_pool(tmp_path):
     assert scaled["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 5}
     with pytest.raises(ValueError, match="max_replicas explicitly"):
         cfg("--autoscale", '{"min_replicas": 2}')
+    assert cfg().shard_roots == [] and cfg("--shard-root", "data", "--shard-root", "/mnt/shards").shard_roots == [
+        os.path.abspath("data"), "/mnt/shards"]
 
 
 def test_writes_outside_the_configured_roots_are_refused(tmp_path, monkeypatch):

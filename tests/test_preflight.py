@@ -100,3 +100,15 @@ def test_resuming_against_another_teacher_is_refused_naming_both(ray_cluster, sh
     (checkpoint / "provenance.json").write_text(json.dumps({"teacher": {"fingerprint": fingerprint}}))
     cfg.teacher.allow_teacher_change = False
     check_run(cfg)  # the same teacher resumes
+
+
+def test_references_only_against_a_teacher_that_reads_no_shards_are_refused(shards, tmp_path, monkeypatch):
+    import student_trainer.preflight as preflight
+
+    monkeypatch.setattr(preflight, "_check_app", lambda cfg: {"fingerprint": "fp", "by_reference": False})
+    cfg = cfg_for(shards, tmp_path, "remote", {"clip": 1.0, "kl": 1.0})
+    cfg.teacher.send_pixels = "reference"
+    with pytest.raises(ValueError, match="reads no shards"):
+        check_run(cfg)
+    cfg.teacher.send_pixels = "auto"  # auto sends pixels to such a teacher
+    check_run(cfg)

@@ -44,13 +44,16 @@ def storage(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def teacher_app(ray_cluster):
-    """Deploy the tiny teacher once; yields its info dict; deletes the app afterwards."""
+def teacher_app(ray_cluster, shards):
+    """Deploy the tiny teacher once, reading this module's shards (requests by reference); yields
+    its info dict; deletes the app afterwards."""
+    import dataclasses
+
     from ray import serve
 
     from teacher_service.app import deploy
 
-    handle = deploy(TEACHER_CFG)
+    handle = deploy(dataclasses.replace(TEACHER_CFG, shard_roots=[str(shards)]))
     try:
         yield handle.info.remote().result(timeout_s=120)
     finally:
@@ -68,7 +71,8 @@ def train_cfg(shards: Path, storage: Path, run_name: str, *, mode: str = "remote
                         batch_size=BATCH, shuffle_buffer=50),
         teacher=TeacherSourceConfig(mode=mode, app_name=teacher.pop("app_name", APP),
                                     teacher=TEACHER_CFG if mode == "inline" else None,
-                                    **{"timeout_s": 60.0, "retries": 1, "prefetch": 2, **teacher}),
+                                    **{"timeout_s": 60.0, "retries": 1, "prefetch": 2, "send_pixels": "always",
+                                       **teacher}),
         losses=losses or {"clip": 1.0, "kl": 1.0, "fd": 100.0},
         optim=OptimConfig(lr=1e-3, warmup_steps=1),
         epochs=epochs,
@@ -221,3 +225,23 @@ def test_bad_samples_are_skipped_and_counted_in_epoch_metrics(tmp_path, storage,
         "data_skipped_missing_caption": 2, "data_skipped_undecodable_image": 2, "data_skipped_truncated_image": 2,
         "data_skipped_empty_caption": 2, "data_skipped_corrupt_tar": 1, "data_skipped_total": 9}
     assert m["data_caption_truncated"] == 0
+
+
+def test_run_by_reference_trains_like_the_pixel_run(first_run, shards, storage, teacher_app):
+    """The same run with `send_pixels: auto` against a teacher that reads the shards: every sample
+    goes by reference, the replica regenerates and checks each view, and the run trains to the
+    loss of the pixel run (`first_run`, same seed and data)."""
+    from ray import serve
+
+    from student_trainer.train import run_training
+
+    before = serve.get_app_handle(APP).stats.remote().result(timeout_s=30)
+    m = run_training(train_cfg(shards, storage, "remote-kd-byref", send_pixels="auto")).metrics
+    pixels = first_run[1].metrics
+    assert m["teacher_samples_by_reference"] == m["teacher_samples"] == STEPS * BATCH
+    assert pixels["teacher_samples_by_reference"] == 0
+    for name in ("loss", "clip_loss", "kl_loss", "fd_loss"):
+        assert m[name] == pytest.approx(pixels[name], rel=1e-5), name
+    after = serve.get_app_handle(APP).stats.remote().result(timeout_s=30)
+    assert after["reference_samples"] - before.get("reference_samples", 0) >= STEPS * BATCH
+    assert after["reference_refused"] == 0

@@ -3,7 +3,10 @@ Serve handle; the same TeacherEngine's direct in-process forward at the same bat
 ratio is the Serve overhead: target served >= 0.90 × direct); the wire cost per sample of the
 request (uint8 images, int64 tokens) and response (fp16 embeddings) in the proto encoding; and
 the time a replica spends per sample on coalescing identities (SHA-256 of the pixels and of the
-fitted tokens, `serve.coalesce.sample_identities`) at 64 and 224 px.
+fitted tokens, `serve.coalesce.sample_identities`) at 64 and 224 px; and for requests by
+reference (`contract.protocol.ImageRefs`) their wire bytes per sample at 64 and 224 px and the
+replica's extra cost per sample of turning them into pixels (read, decode, augment, digest check)
+at 64 px.
 
 Served: requests of B samples kept `in_flight_per_replica × replicas` outstanding from this
 process, on a pool whose `max_batch_size` is B, so every forward is exactly B samples, as in the
@@ -30,6 +33,9 @@ APP = "kd-bench-pool"
 KEY_CHARS = 24  # a typical sample key ("digits-1234-0123456789ab")
 IDENTITY_SIDES = (64, 224)  # view sides at which the coalescing hash cost is measured
 IDENTITY_BATCH = 64
+REFERENCE_SIDES = (64, 224)  # view sides at which request bytes by reference are reported
+REFERENCE_COST_SIDE = 64  # view side at which the replica's read + decode + augment cost is measured
+SHARD_PATH = "/data/datasets/train-000123.tar"  # a typical absolute shard path (per request, not per sample)
 
 
 def make_requests(n: int, batch: int, image_size: int, context_length: int, vocab: int, tag: str,
@@ -101,6 +107,62 @@ def wire_bytes(batch: int, image_size: int, context_length: int, embed_dim: int)
     response = EmbedResponse(keys=keys, image_features=emb, text_features=emb, logit_scale=100.0,
                              logit_bias=None, fingerprint="0" * 16)
     return (encode_embed_request(request).ByteSize() / batch, encode_embed_reply(response).ByteSize() / batch)
+
+
+def reference_wire_bytes(batch: int, image_size: int, context_length: int, shards: int = 2) -> float:
+    """Request bytes per sample by reference in the proto encoding: key, tokens, view, and per
+    sample a shard index, a view id and a 32-byte SHA-256 (paths and recipe once per request)."""
+    from teacher_service.contract.augment import image_refs, view_recipe
+
+    keys = [f"{i:0{KEY_CHARS}d}" for i in range(batch)]
+    views = np.zeros((batch, image_size, image_size, 3), np.uint8)
+    paths = [SHARD_PATH.replace("123", f"{i % shards:03d}") for i in range(batch)]
+    refs = image_refs(views, paths, 1_000, view_recipe(image_size, 2**31 - 1))
+    request = EmbedRequest(keys=keys, tokens=np.zeros((batch, context_length), np.int64), run="run-name",
+                           view="v" * 64, image_refs=refs)
+    return encode_embed_request(request).ByteSize() / batch
+
+
+def reference_us_per_sample(side: int, batch: int, repeats: int, rounds: int = 3) -> list[float]:
+    """Microseconds per sample a replica spends resolving a request by reference: read the sample
+    through its shard index, decode it, `augment_view` it and check its SHA-256, with the decoded
+    image cache off (every sample decoded) and the index built (once per shard in a real run).
+    Source images: digits shards rendered as PNG at `side` px (`kd data digits`). One value per
+    repeat, each the best of `rounds` passes."""
+    import tempfile
+
+    from student_trainer.data.write_shards import write_digits_shards
+    from teacher_service.serve.references import ViewResolver
+
+    with tempfile.TemporaryDirectory(prefix="kd-bench-refs-") as tmp:
+        write_digits_shards(tmp, image_size=side, samples_per_shard=batch)
+        request = _reference_request(tmp, side, batch)
+        resolver = ViewResolver([tmp], cache_bytes=0)
+        resolver.resolve(request)  # builds the shard indexes
+        values = []
+        for _ in range(repeats):
+            best = float("inf")
+            for _ in range(rounds):
+                start = time.perf_counter()
+                resolver.resolve(request)
+                best = min(best, time.perf_counter() - start)
+            values.append(1e6 * best / batch)
+    return values
+
+
+def _reference_request(shard_dir: str, side: int, batch: int) -> EmbedRequest:
+    """A request by reference to the first `batch` samples of the shards in `shard_dir` (view 1, seed 0)."""
+    import glob
+    import itertools
+
+    from teacher_service.contract.augment import augment_view, image_refs, view_recipe
+    from teacher_service.shards import read_samples
+
+    shards = sorted(glob.glob(f"{shard_dir}/train-*.tar"))
+    samples = list(itertools.islice(read_samples(shards), batch))
+    images = np.stack([augment_view(s["image"], s["__key__"], 1, 0, side) for s in samples])
+    refs = image_refs(images, [s["__url__"] for s in samples], 1, view_recipe(side, 0))
+    return EmbedRequest(keys=[s["__key__"] for s in samples], image_refs=refs, view="bench")
 
 
 def identity_us_per_sample(side: int, batch: int, context_length: int, repeats: int,
@@ -181,6 +243,7 @@ def run_pool(run: BenchRun) -> None:
                     kind="derived", note="ideal: the replica count, when each replica has its own cores/GPU")
     _record_wire(run, info)
     _record_identity_cost(run, info)
+    _record_references(run, info)
     best = max(direct, key=lambda b: np.median(direct[b]))
     run.shared.update(teacher_info=info, teacher_direct_rate=float(np.median(direct[best])), teacher_best_batch=best,
                       serve_ratio=float(np.median([s / d for s, d in zip(served.get((1, best), direct[best]),
@@ -214,3 +277,23 @@ def _record_identity_cost(run: BenchRun, info: dict) -> None:
                   "hash": "sha256(shape + pixels), sha256(fitted tokens)"}
         run.add(SECTION, f"coalescing identity cost per sample ({side} px)", "us/sample", values, params=params,
                 note="paid by the replica on requests with a view; best of 5 passes per repeat, on the driver")
+
+
+def _record_references(run: BenchRun, info: dict) -> None:
+    """Requests by reference: bytes per sample on the wire next to the pixel request's, and what
+    the replica pays per sample to regenerate the view (figures, not pass/fail)."""
+    context = int(run.cfg.scale.context_length)
+    for side in REFERENCE_SIDES:
+        pixels, _ = wire_bytes(64, side, context, int(info["embed_dim"]))
+        params = {"image_size": side, "context_length": context, "encoding": "proto, batch of 64",
+                  "pixel_request_bytes": round(pixels, 1)}
+        run.add(SECTION, f"wire request bytes/sample by reference ({side} px)", "bytes",
+                [reference_wire_bytes(64, side, context)], params=params, kind="derived",
+                note=f"key + int64 tokens ({8 * context} B) + shard index, view, SHA-256; pixels: {pixels:.0f} B")
+    run.log(f"pool: cost of resolving references at {REFERENCE_COST_SIDE} px")
+    values = reference_us_per_sample(REFERENCE_COST_SIDE, IDENTITY_BATCH, run.cfg.repeats)
+    params = {"image_size": REFERENCE_COST_SIDE, "batch_size": IDENTITY_BATCH, "image_cache": "off",
+              "source": "digits PNG at the view size"}
+    run.add(SECTION, f"replica cost per sample by reference ({REFERENCE_COST_SIDE} px)", "us/sample", values,
+            params=params, note="read via the shard index + decode + augment_view + SHA-256 check; best of 3 "
+                                "passes per repeat, on the driver")

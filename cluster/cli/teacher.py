@@ -18,6 +18,8 @@ def teacher_config_from_args(args: argparse.Namespace):
     updates = {SERVE_FLAGS[flag]: value for flag, value in given(args, SERVE_FLAGS).items()}
     if args.replicas is not None and getattr(args, "autoscale", None) is None:
         updates["autoscaling"] = None  # --replicas asks for a fixed pool, also over a config that autoscales
+    if getattr(args, "shard_root", None):  # replicas do not run in this directory
+        updates["shard_roots"] = [os.path.abspath(os.path.expanduser(root)) for root in args.shard_root]
     if getattr(args, "role_placement", False):
         from cluster.roles import teacher_placement
 
@@ -115,6 +117,9 @@ def add_parser(sub, fmt) -> None:
                         "0.0.0.0 or :: for every interface, then also set --grpc-token-file)")
     p.add_argument("--grpc-token-file",
                    help="owner-only (chmod 600) file with the bearer token gRPC callers must send")
+    p.add_argument("--shard-root", action="append", metavar="DIR",
+                   help="a directory of training shards every replica's node reads at the students' paths: "
+                        "students may then send references instead of pixels (teacher.send_pixels; repeatable)")
     add_address(p)
     p.add_argument("--block", action="store_true",
                    help="keep this command running (always so with an embedded cluster)")

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import webdataset as wds
 
-from teacher_service.contract.augment import augment_view
+from teacher_service.contract.augment import augment_view, view_recipe
 from teacher_service.shards import (
     NoUsableSamplesError,
     ReaderLimits,
@@ -31,15 +31,31 @@ from teacher_service.shards import (
 from teacher_service.shards.reader import decoded_samples, raw_samples
 
 
+@dataclass(frozen=True)
+class ViewOrigin:
+    """Where a batch's views come from: sample i is view ``view`` of sample ``keys[i]`` of shard
+    ``shards[i]``, made by ``recipe`` (`view_recipe`). A teacher that reads the same shards can
+    regenerate the views from this instead of receiving their pixels (`contract.protocol.ImageRefs`)."""
+
+    shards: list[str]
+    view: int
+    recipe: dict
+
+    def take(self, rows) -> ViewOrigin:
+        return ViewOrigin([self.shards[i] for i in rows], self.view, self.recipe)
+
+
 @dataclass
 class Batch:
-    """One batch: uint8 ``[B, S, S, 3]`` views, int64 ``[B, L]`` tokens, int64 labels (-1: unlabeled)."""
+    """One batch: uint8 ``[B, S, S, 3]`` views, int64 ``[B, L]`` tokens, int64 labels (-1: unlabeled),
+    and where the views come from (None for batches not read from shards)."""
 
     keys: list[str]
     images: np.ndarray
     tokens: np.ndarray
     labels: np.ndarray
     captions: list[str]
+    origin: ViewOrigin | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -211,6 +227,7 @@ def _make_batch(samples: list[dict], *, image_size: int, view: int, seed: int, t
         tokens=tokens,
         labels=np.asarray([s["cls"] for s in samples], dtype=np.int64),
         captions=captions,
+        origin=ViewOrigin([s["__url__"] for s in samples], view, view_recipe(image_size, seed, train)),
     )
 
 

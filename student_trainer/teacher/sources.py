@@ -54,6 +54,7 @@ class TeacherStats:
 
     requests: int = 0
     samples: int = 0
+    samples_by_reference: int = 0  # answered from references to the shards, not sent pixels
     retries: int = 0
     wait_s: float = 0.0  # time the training loop spent blocked on teacher results
     fingerprints: set = field(default_factory=set)
@@ -61,6 +62,7 @@ class TeacherStats:
 
     def as_metrics(self) -> dict:
         metrics = {"teacher_requests": self.requests, "teacher_samples": self.samples,
+                   "teacher_samples_by_reference": self.samples_by_reference,
                    "teacher_retries": self.retries, "teacher_wait_s": round(self.wait_s, 4)}
         if self.cache is not None:
             metrics.update(self.cache.as_metrics())
@@ -141,6 +143,9 @@ class RemoteTeacher(TeacherSource):
     flight; a saturated pool makes `result()` wait longer (Serve queues, never drops). With a
     `view_namespace`, requests carry `view_identity(namespace, view)` so the pool computes a
     sample that other runs (or this run's retries) also ask for only once.
+
+    `cfg.send_pixels` decides whether a batch read from shards (`Batch.origin`) goes as pixels or
+    as references the teacher regenerates the views from (`request_for`).
     """
 
     mode, needs_app, can_lose_teacher, computes_centroids = "remote", True, True, True
@@ -155,6 +160,11 @@ class RemoteTeacher(TeacherSource):
         self.info = self._call(lambda: self.handle.info.remote(), "info")
         self.embed_dim = int(self.info["embed_dim"])
         self.stats = TeacherStats(fingerprints={self.info["fingerprint"]})  # answers must match info
+        self._shards: dict[str, str] = {}  # shard → "" where the teacher reads it, else why not (check_shards)
+        self._refs_refused = False  # "auto": the pool refused a request by reference; pixels from then on
+        if cfg.send_pixels == "reference" and not self.info.get("by_reference"):
+            raise ValueError(f"teacher.send_pixels 'reference': teacher app {cfg.app_name!r} reads no shards; "
+                             "deploy it with shard_roots holding the training shards, or use 'auto'")
 
     def _call(self, submit, what: str):
         """Submit and wait, re-submitting on failure; RequestError (our bug, not theirs) is not retried.
@@ -222,7 +232,7 @@ class RemoteTeacher(TeacherSource):
             if batch is None or len(batch) == 0:
                 window.append((tag, None, None, None))
                 return True
-            request = make_request(batch, self.run, view_id, self.cfg.weight)
+            request = self.request_for(batch, view_id)
             window.append((tag, batch, request, self.handle.embed.remote(request)))
             self.stats.requests += 1
             self.stats.samples += len(batch.keys)
@@ -239,11 +249,61 @@ class RemoteTeacher(TeacherSource):
                 yield tag, None
                 continue
             start = time.perf_counter()
-            first = [pending]
-            resp = self._call(lambda: first.pop() if first else self.handle.embed.remote(request), "embed")
+            resp = self._answer(batch, request, pending)
             self.stats.wait_s += time.perf_counter() - start
             self._check(resp, batch)
             yield tag, TeacherOutputs.from_response(resp)
+
+    def request_for(self, batch: Batch, view_id: str = "") -> EmbedRequest:
+        """The batch's request: by reference where `send_pixels` and the teacher allow, else pixels."""
+        if not self._by_reference(batch):
+            return make_request(batch, self.run, view_id, self.cfg.weight)
+        from teacher_service.contract.augment import image_refs
+
+        origin = batch.origin
+        refs = image_refs(batch.images, [os.path.abspath(p) for p in origin.shards], origin.view, origin.recipe)
+        return EmbedRequest(keys=list(batch.keys), tokens=batch.tokens, run=self.run, view=view_id,
+                            weight=self.cfg.weight, image_refs=refs)
+
+    def _by_reference(self, batch: Batch) -> bool:
+        mode = self.cfg.send_pixels
+        if mode == "always" or (mode == "auto" and (self._refs_refused or not self.info.get("by_reference"))):
+            return False
+        if batch.origin is None:
+            if mode == "reference":
+                raise ValueError("teacher.send_pixels 'reference': a batch without its shard origin (Batch.origin)")
+            return False
+        return mode == "reference" or self._teacher_reads(batch.origin.shards)
+
+    def _teacher_reads(self, shards: list[str]) -> bool:
+        """Whether the pool can read every one of `shards` (asked once per shard, with its size)."""
+        paths = sorted({os.path.abspath(p) for p in shards})
+        unknown = [p for p in paths if p not in self._shards]
+        if unknown:
+            sizes = [_file_size(p) for p in unknown]
+            answer = self._call(lambda: self.handle.check_shards.remote(unknown, sizes), "check_shards")
+            for path in unknown:
+                self._shards[path] = answer.get(path, "no answer")
+                if self._shards[path]:
+                    log.info("teacher cannot read shard %s (%s): its samples go as pixels", path, self._shards[path])
+        return not any(self._shards[p] for p in paths)
+
+    def _answer(self, batch: Batch, request: EmbedRequest, pending) -> EmbedResponse:
+        """The response to `request` (already submitted as `pending`). Under "auto", a request by
+        reference the pool refuses is re-sent as pixels, and so is every later batch."""
+        first = [pending]
+        try:
+            resp = self._call(lambda: first.pop() if first else self.handle.embed.remote(request), "embed")
+        except Exception as exc:
+            if request.image_refs is None or self.cfg.send_pixels != "auto" or not _is_request_error(exc):
+                raise
+            log.warning("teacher refused a request by reference, sending pixels from now on: %s", exc)
+            self._refs_refused = True
+            pixels = make_request(batch, self.run, request.view, self.cfg.weight)
+            return self._call(lambda: self.handle.embed.remote(pixels), "embed")
+        if request.image_refs is not None:
+            self.stats.samples_by_reference += len(batch)
+        return resp
 
     def _check(self, resp: EmbedResponse, batch: Batch) -> None:
         if list(resp.keys) != list(batch.keys):
@@ -254,6 +314,13 @@ class RemoteTeacher(TeacherSource):
                 f"teacher fingerprint changed during the run: {sorted(self.stats.fingerprints)}; "
                 "the teacher app was redeployed with other weights"
             )
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1
 
 
 def _cancel(pending) -> None:
@@ -275,7 +342,8 @@ def _is_request_error(exc: BaseException) -> bool:
 
 def _take(batch: Batch, rows: np.ndarray) -> Batch:
     return Batch(keys=[batch.keys[i] for i in rows], images=batch.images[rows], tokens=batch.tokens[rows],
-                 labels=batch.labels[rows], captions=[batch.captions[i] for i in rows])
+                 labels=batch.labels[rows], captions=[batch.captions[i] for i in rows],
+                 origin=None if batch.origin is None else batch.origin.take(rows))
 
 
 @dataclass

@@ -3,10 +3,17 @@ preprocessing and replayable augmented views (`augment`: (key, view, seed, recip
 
 Light by design (numpy, PIL, torch for preprocessing only): students import it without Serve.
 """
-from teacher_service.contract.augment import augment_view, image_digests, token_digests, view_recipe
+from teacher_service.contract.augment import augment_view, image_digests, image_refs, token_digests, view_recipe
 from teacher_service.contract.preprocess import PreprocessSpec, fit_context, preprocess_spec, to_model_input
-from teacher_service.contract.protocol import EmbedRequest, EmbedResponse, RequestError, RequestLimits, validate_request
+from teacher_service.contract.protocol import (
+    EmbedRequest,
+    EmbedResponse,
+    ImageRefs,
+    RequestError,
+    RequestLimits,
+    validate_request,
+)
 
-__all__ = ["EmbedRequest", "EmbedResponse", "PreprocessSpec", "RequestError", "RequestLimits", "augment_view",
-           "fit_context", "image_digests", "preprocess_spec", "to_model_input", "token_digests", "validate_request",
-           "view_recipe"]
+__all__ = ["EmbedRequest", "EmbedResponse", "ImageRefs", "PreprocessSpec", "RequestError", "RequestLimits",
+           "augment_view", "fit_context", "image_digests", "image_refs", "preprocess_spec", "to_model_input",
+           "token_digests", "validate_request", "view_recipe"]

@@ -158,6 +158,23 @@ def token_digests(tokens: np.ndarray, context_length: int) -> np.ndarray:
     return _as_u64(token_sha256(tokens, context_length))
 
 
+def image_refs(images: np.ndarray, shards: list[str], views, recipe: dict):
+    """`protocol.ImageRefs` for views a caller holds: sample i is view ``views[i]`` (or ``views``
+    for all) of the sample keyed like request row i in ``shards[i]``, made by ``recipe``.
+
+    The digests are computed here from ``images``, the pixels the caller trains on, so a teacher
+    that regenerates anything else refuses instead of answering for other pixels."""
+    from teacher_service.contract.protocol import ImageRefs
+
+    distinct = list(dict.fromkeys(shards))
+    position = {path: i for i, path in enumerate(distinct)}
+    n = len(shards)
+    views = np.broadcast_to(np.asarray(views, dtype=np.int64), (n,)).copy()
+    digests = np.frombuffer(b"".join(image_sha256(images)), dtype=np.uint8).reshape(n, 32).copy()
+    return ImageRefs(shards=distinct, shard_index=np.asarray([position[p] for p in shards], dtype=np.int32),
+                     views=views, sha256=digests, recipe={k: recipe[k] for k in RECIPE_VIEW_FIELDS})
+
+
 def view_namespace(recipe: dict, data_id: str) -> str:
     """A short digest of what, besides (key, view), decides a sample's pixels and caption: the
     view recipe and the data (e.g. the sorted shard paths). Runs with equal namespaces send the

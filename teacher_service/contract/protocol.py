@@ -30,6 +30,36 @@ class RequestLimits:
     max_weight: float = 100.0       # largest fair-share weight a caller may claim
 
 
+REF_RECIPE_FIELDS = ("function", "version", "image_size", "seed", "train")
+MAX_SHARD_PATH_CHARS = 4096
+SHA256_BYTES = 32
+
+
+@dataclass
+class ImageRefs:
+    """Each sample's view named instead of sent: the teacher regenerates it from a shard it can read.
+
+    Sample i is the sample `keys[i]` of the request in shard `shards[shard_index[i]]`, in view
+    `views[i]`, augmented by `recipe` (`augment.view_recipe`: function, version, image_size, seed,
+    train). `sha256[i]` is `augment.image_sha256` of the pixels the caller trains on: the teacher
+    regenerates the view, refuses the request naming the sample when the digests differ, and
+    otherwise computes on those pixels exactly as if they had been sent. About 36 bytes a sample
+    besides its key and tokens, where a 224 px view is 151 KB: docs/cluster.md says when to use it.
+    """
+
+    shards: list[str]
+    shard_index: np.ndarray  # int [b]
+    views: np.ndarray        # int64 [b]
+    sha256: np.ndarray       # uint8 [b, 32]
+    recipe: dict
+
+    def __len__(self) -> int:
+        try:
+            return len(self.shard_index)
+        except TypeError:
+            return 0
+
+
 @dataclass
 class EmbedRequest:
     """One mini-batch: `keys[i]` names sample i; images uint8 [b, H, W, 3], tokens int [b, L].
@@ -46,6 +76,9 @@ class EmbedRequest:
     sample already being computed, or computed recently, by any caller is answered from that
     computation, and what a caller claims cannot change another caller's answer. Empty: the
     request is never coalesced.
+
+    `image_refs` replaces `images` for a teacher that reads the caller's shards (`ImageRefs`):
+    the replica turns it into the same uint8 pixels before anything else sees the request.
     """
 
     keys: list[str]
@@ -54,6 +87,7 @@ class EmbedRequest:
     run: str = ""
     view: str = ""
     weight: float = 1.0
+    image_refs: ImageRefs | None = None
 
     def __len__(self) -> int:
         """Number of samples; never raises, so Serve's batch_size_fn is safe on any request."""
@@ -89,10 +123,15 @@ def validate_request(req, limits: RequestLimits) -> None:
         raise RequestError(f"run: expected str, got {type(req.run).__name__}")
     _check_view(req.view)
     _check_weight(req.weight, limits)
-    if req.images is None and req.tokens is None:
+    refs = getattr(req, "image_refs", None)
+    if req.images is None and req.tokens is None and refs is None:
         raise RequestError("images/tokens: request carries neither images nor tokens")
+    if req.images is not None and refs is not None:
+        raise RequestError("images/image_refs: send the pixels or references to them, not both")
     if req.images is not None:
         _check_images(req.images, b, limits)
+    if refs is not None:
+        _check_image_refs(refs, b, limits)
     if req.tokens is not None:
         _check_tokens(req.tokens, b, limits)
 
@@ -165,3 +204,47 @@ def _check_tokens(tokens, b: int, limits: RequestLimits) -> None:
     empty = np.flatnonzero(row_max == 0)
     if empty.size:
         raise RequestError(f"tokens: row {int(empty[0])} is all padding (no EOT token)")
+
+
+def _check_image_refs(refs, b: int, limits: RequestLimits) -> None:
+    """Shapes, types and ranges only: whether the shards exist and hold the views is the replica's
+    check (`serve.references`)."""
+    if not isinstance(refs, ImageRefs):
+        raise RequestError(f"image_refs: expected ImageRefs, got {type(refs).__name__}")
+    _check_ref_shards(refs.shards, b)
+    _check_int_column(refs.shard_index, b, "image_refs.shard_index")
+    if b and (refs.shard_index.min() < 0 or refs.shard_index.max() >= len(refs.shards)):
+        raise RequestError(f"image_refs.shard_index: entries must be in [0, {len(refs.shards)})")
+    _check_int_column(refs.views, b, "image_refs.views")
+    digest = refs.sha256
+    if not isinstance(digest, np.ndarray) or digest.dtype != np.uint8 or digest.shape != (b, SHA256_BYTES):
+        got = f"{digest.dtype} {digest.shape}" if isinstance(digest, np.ndarray) else type(digest).__name__
+        raise RequestError(f"image_refs.sha256: expected uint8 [{b}, {SHA256_BYTES}], got {got}")
+    _check_ref_recipe(refs.recipe, limits)
+
+
+def _check_ref_shards(shards, b: int) -> None:
+    if not isinstance(shards, (list, tuple)) or not 1 <= len(shards) <= b:
+        raise RequestError(f"image_refs.shards: expected a list of 1..{b} shard paths")
+    for path in shards:
+        if not isinstance(path, str) or not path or len(path) > MAX_SHARD_PATH_CHARS or "\x00" in path:
+            raise RequestError(f"image_refs.shards: {str(path)[:80]!r} is not a shard path "
+                               f"(a non-empty str of at most {MAX_SHARD_PATH_CHARS} characters)")
+
+
+def _check_int_column(values, b: int, name: str) -> None:
+    if not isinstance(values, np.ndarray) or not np.issubdtype(values.dtype, np.integer) or values.shape != (b,):
+        got = f"{values.dtype} {values.shape}" if isinstance(values, np.ndarray) else type(values).__name__
+        raise RequestError(f"{name}: expected an integer array [{b}], got {got}")
+
+
+def _check_ref_recipe(recipe, limits: RequestLimits) -> None:
+    if not isinstance(recipe, dict) or any(name not in recipe for name in REF_RECIPE_FIELDS):
+        raise RequestError(f"image_refs.recipe: expected a view recipe with {REF_RECIPE_FIELDS}, got {recipe!r}")
+    size, seed = recipe["image_size"], recipe["seed"]
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 1 <= size <= limits.max_image_side:
+        raise RequestError(f"image_refs.recipe: image_size {size!r} outside 1..max_image_side={limits.max_image_side}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise RequestError(f"image_refs.recipe: seed {seed!r} is not an int")
+    if not isinstance(recipe["train"], bool) or not all(isinstance(recipe[k], str) for k in ("function", "version")):
+        raise RequestError(f"image_refs.recipe: train must be a bool, function and version str; got {recipe!r}")

@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 
 from teacher_service.grpc.proto import teacher_pb2 as pb
-from teacher_service.contract.protocol import EmbedRequest, EmbedResponse, RequestError
+from teacher_service.contract.protocol import SHA256_BYTES, EmbedRequest, EmbedResponse, ImageRefs, RequestError
 
 SERVICE_NAME = "kd.teacher.v1.TeacherService"
 DEFAULT_GRPC_PORT = 9000
@@ -84,7 +84,30 @@ def encode_embed_request(request: EmbedRequest) -> pb.EmbedRequest:
         msg.images.CopyFrom(tensor_to_proto(request.images))
     if request.tokens is not None:
         msg.tokens.CopyFrom(tensor_to_proto(request.tokens))
+    if request.image_refs is not None:
+        msg.image_refs.CopyFrom(encode_image_refs(request.image_refs))
     return msg
+
+
+def encode_image_refs(refs: ImageRefs) -> pb.ImageRefs:
+    """Protocol ImageRefs → proto: the recipe's five fields, the digests as one byte string."""
+    r = refs.recipe
+    return pb.ImageRefs(shards=list(refs.shards), shard_index=[int(i) for i in refs.shard_index],
+                        views=[int(v) for v in refs.views], sha256=np.ascontiguousarray(refs.sha256).tobytes(),
+                        augment_function=r["function"], augment_version=r["version"],
+                        image_size=int(r["image_size"]), seed=int(r["seed"]), train=bool(r["train"]))
+
+
+def decode_image_refs(msg: pb.ImageRefs) -> ImageRefs:
+    """Proto → protocol ImageRefs; a digest string that is not 32 bytes a sample is refused here."""
+    n = len(msg.shard_index)
+    if len(msg.sha256) != SHA256_BYTES * n:
+        raise RequestError(f"image_refs.sha256: {len(msg.sha256)} bytes for {n} samples, expected {SHA256_BYTES * n}")
+    recipe = {"function": msg.augment_function, "version": msg.augment_version, "image_size": msg.image_size,
+              "seed": msg.seed, "train": msg.train}
+    return ImageRefs(shards=list(msg.shards), shard_index=np.asarray(msg.shard_index, dtype=np.int64),
+                     views=np.asarray(msg.views, dtype=np.int64),
+                     sha256=np.frombuffer(msg.sha256, dtype=np.uint8).reshape(n, SHA256_BYTES).copy(), recipe=recipe)
 
 
 def decode_embed_request(msg: pb.EmbedRequest, limits: WireLimits = WireLimits()) -> EmbedRequest:
@@ -101,8 +124,9 @@ def decode_embed_request(msg: pb.EmbedRequest, limits: WireLimits = WireLimits()
                                    "split it into smaller requests")
     images = tensor_from_proto(msg.images, "images", limits.max_dims) if msg.HasField("images") else None
     tokens = tensor_from_proto(msg.tokens, "tokens", limits.max_dims) if msg.HasField("tokens") else None
+    refs = decode_image_refs(msg.image_refs) if msg.HasField("image_refs") else None
     return EmbedRequest(keys=list(msg.keys), images=images, tokens=tokens, run=msg.run, view=msg.view,
-                        weight=msg.weight if msg.weight != 0 else 1.0)
+                        weight=msg.weight if msg.weight != 0 else 1.0, image_refs=refs)
 
 
 def encode_embed_reply(response: EmbedResponse) -> pb.EmbedReply:

@@ -30,6 +30,7 @@ from teacher_service.serve.batching import Queued, SampleBatcher
 from teacher_service.serve.coalesce import Coalescer
 from teacher_service.config import TeacherConfig
 from teacher_service.serve.engine import TeacherEngine
+from teacher_service.serve.references import ViewResolver
 from teacher_service.model import load_teacher
 from teacher_service.contract.protocol import EmbedRequest, EmbedResponse, RequestError, RequestLimits
 from teacher_service.stats import (
@@ -52,9 +53,11 @@ class TeacherDeployment:
     def __init__(self, config: dict):
         self.cfg = TeacherConfig.from_dict(config)
         self.teacher = load_teacher(self.cfg)
+        self.views = view_resolver(self.cfg)
         self.engine = TeacherEngine(self.teacher, RequestLimits(max_samples=self.cfg.max_request_samples,
-                                                                max_weight=self.cfg.max_run_weight))
+                                                                max_weight=self.cfg.max_run_weight), self.views)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-forward")
+        self._views_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-views")
         self._digests = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-digest")
         self.coalescer = Coalescer(self.cfg.coalesce_memory_rows, self.teacher.logit_scale,
                                    self.teacher.logit_bias, self.teacher.fingerprint,
@@ -78,20 +81,31 @@ class TeacherDeployment:
         return {**self.teacher.info(), "app_name": self.cfg.app_name,
                 "max_batch_size": self.cfg.max_batch_size,
                 "max_request_samples": self.cfg.max_request_samples,
+                "by_reference": self.views is not None,
                 "replica": self.replica, "uptime_s": time.time() - self._started}
+
+    async def check_shards(self, paths: list[str], sizes: list[int] | None = None) -> dict[str, str]:
+        """Path → "" where this replica can regenerate views of the shard, else why not (a caller
+        deciding whether to send references, `send_pixels: auto`)."""
+        if self.views is None:
+            return {p: "this teacher reads no shards (its shard_roots are empty)" for p in paths}
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._views_pool, self.views.check_shards, list(paths), sizes)
 
     async def stats(self, include_samples: bool = False) -> dict[str, Any]:
         """This replica's counters (`TeacherCounters.snapshot`); `collect_stats` merges all replicas."""
         return {**self.counters.snapshot(include_samples), "fingerprint": self.teacher.fingerprint,
                 "model": self.cfg.model, "uptime_s": time.time() - self._started,
                 "coalesce_in_flight_rows": self.coalescer.in_flight_rows(),
-                "coalesce_recent_rows": self.coalescer.recent_rows(), "rss_bytes": rss_bytes()}
+                "coalesce_recent_rows": self.coalescer.recent_rows(), "rss_bytes": rss_bytes(),
+                **(self.views.stats if self.views is not None else {})}
 
     # ---- internals
     async def _embed(self, request: EmbedRequest, arrived: float) -> EmbedResponse:
         label = self.counters.received(getattr(request, "run", None))
         try:
             self.engine.validate(request)
+            request = await self._materialize(request)
         except RequestError:
             self.counters.refused(label, "invalid")
             raise
@@ -115,6 +129,14 @@ class TeacherDeployment:
         self.counters.reused(label, reuse.coalesced, reuse.from_cache)
         self.counters.answered(label, size)
         return result
+
+    async def _materialize(self, request: EmbedRequest) -> EmbedRequest:
+        """Pixels for a request by reference, read and checked off the event loop (decode and
+        augment take ~0.1-1 ms a sample); from here on it is a pixel request like any other."""
+        if request.image_refs is None:
+            return request
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._views_pool, self.engine.materialize, request)
 
     async def _submit(self, payload: tuple, size: int, arrived: float, run: str = "", weight: float = 1.0):
         """payload = (run label, request); `run`/`weight` drive the fill batcher's fair share."""
@@ -144,6 +166,15 @@ class TeacherDeployment:
         return results
 
 
+def view_resolver(cfg: TeacherConfig) -> ViewResolver | None:
+    """The replica's reader of shards named by reference; None (pixels only) without shard_roots."""
+    if not cfg.shard_roots:
+        return None
+    if not cfg.shard_cache_mb >= 0:
+        raise ValueError(f"shard_cache_mb: expected a size in MB >= 0, got {cfg.shard_cache_mb!r}")
+    return ViewResolver(cfg.shard_roots, cache_bytes=int(cfg.shard_cache_mb * 2**20))
+
+
 def _replica_id() -> str:
     try:
         return serve.get_replica_context().replica_id.unique_id
@@ -164,7 +195,8 @@ def _ray_sink(app_name: str, replica: str) -> MetricsSink | None:
 
 # ============================================================================================ apps
 def build_app(cfg: TeacherConfig):
-    """The Serve application for `cfg` (not yet running)."""
+    """The Serve application for `cfg` (not yet running); a bad shard_roots fails here, not in a replica."""
+    view_resolver(cfg)
     return TeacherDeployment.options(**cfg.serve_options()).bind(cfg.to_dict())
 
 

@@ -28,8 +28,11 @@ class TeacherEngine:
     max_batch_samples (largest forward), forward_s (time in preprocessing + forward).
     """
 
-    def __init__(self, teacher: FrozenTeacher, limits: RequestLimits | None = None):
+    def __init__(self, teacher: FrozenTeacher, limits: RequestLimits | None = None, views=None):
+        """`views` (a `references.ViewResolver`) lets requests name their views by reference;
+        without one such requests are refused."""
         self.teacher = teacher
+        self.views = views
         limits = limits or RequestLimits()
         if limits.vocab_size is None:
             limits = dataclasses.replace(limits, vocab_size=teacher.vocab_size)
@@ -46,6 +49,21 @@ class TeacherEngine:
             self._count(errors=1)
             raise
 
+    def materialize(self, request: EmbedRequest) -> EmbedRequest:
+        """`request` with pixels in place of image references (a validated request; counts refusals).
+
+        The replica calls this before coalescing, so the rest of the path only ever sees pixels."""
+        if getattr(request, "image_refs", None) is None:
+            return request
+        try:
+            if self.views is None:
+                raise RequestError("image_refs: this teacher reads no shards (its shard_roots are empty); "
+                                   "send pixels")
+            return self.views.resolve(request)
+        except RequestError:
+            self._count(errors=1)
+            raise
+
     def embed(self, request: EmbedRequest) -> EmbedResponse:
         """Answer one request; raises RequestError when it is invalid, TeacherOutputError when the
         teacher's features for it are not finite."""
@@ -57,11 +75,13 @@ class TeacherEngine:
     def embed_many(self, requests: list[EmbedRequest]) -> list[EmbedResponse | RequestError | TeacherOutputError]:
         """One slot per request: its EmbedResponse, the RequestError that refused it, or a
         TeacherOutputError when its features came out NaN/Inf (the other requests are unaffected)."""
+        requests = list(requests)  # references are replaced by pixels in this copy, not the caller's list
         results: list[EmbedResponse | RequestError | None] = [None] * len(requests)
         valid: list[int] = []
         for i, req in enumerate(requests):
             try:
                 self.validate(req)
+                requests[i] = req = self.materialize(req)
                 valid.append(i)
             except RequestError as e:
                 results[i] = e

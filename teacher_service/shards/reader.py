@@ -13,7 +13,7 @@ import lzma
 import re
 import tarfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from teacher_service.shards.images import MAX_IMAGE_PIXELS, ImageDecodeError, decode_rgb8
@@ -146,17 +146,20 @@ def member_name(member: tarfile.TarInfo) -> tuple[str, str] | None:
     return (match.group(1), match.group(2).lower()) if match else None
 
 
-def _add_member(sample: dict, tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, limits: ReaderLimits) -> None:
-    """Read one member into ``sample``; a duplicate or oversized one marks the sample bad, unread."""
+def add_member(sample: dict, ext: str, size: int, read: Callable[[], bytes], limits: ReaderLimits) -> None:
+    """Read one member into ``sample``; a duplicate or oversized one marks the sample bad, unread.
+
+    ``read`` returns the member's bytes: the streaming reader extracts them from the tar, the
+    teacher's shard index (`shards.index`) seeks to them, and both keep a sample by these rules."""
     limit = limits.max_caption_bytes if ext == "txt" else limits.max_member_bytes
     if ext in sample:
         sample.setdefault("__bad__", ("duplicate_member", f"a second {ext!r} member"))
-    elif member.size > limit:
+    elif size > limit:
         reason = "caption_too_long" if ext == "txt" else "member_too_large"
-        sample.setdefault("__bad__", (reason, f"{ext!r} member of {member.size} bytes, limit {limit}"))
+        sample.setdefault("__bad__", (reason, f"{ext!r} member of {size} bytes, limit {limit}"))
         sample[ext] = None
     else:
-        sample[ext] = tar.extractfile(member).read()
+        sample[ext] = read()
 
 
 def raw_samples(url: str, skips: SkipCounts, limits: ReaderLimits, count_tar_errors: bool) -> Iterator[dict]:
@@ -178,7 +181,7 @@ def raw_samples(url: str, skips: SkipCounts, limits: ReaderLimits, count_tar_err
                     current = None
                 if current is None:
                     current = {"__key__": named[0], "__url__": url, "__local_path__": url}
-                _add_member(current, tar, member, named[1], limits)
+                add_member(current, named[1], member.size, lambda: tar.extractfile(member).read(), limits)
             _check_clean_end(tar)
     except TAR_ERRORS as exc:
         if count_tar_errors:
