@@ -350,8 +350,9 @@ def test_bind_address_comes_from_config_and_only_explicitly_leaves_loopback():
 
     flags = ["teacher", "serve", "--grpc-port", "9000"]
     assert teacher_config_from_args(build_parser().parse_args(flags)).grpc_host == "127.0.0.1"
-    wide = teacher_config_from_args(build_parser().parse_args([*flags, "--grpc-host", "0.0.0.0"]))
+    wide = teacher_config_from_args(build_parser().parse_args([*flags, "--grpc-host", "0.0.0.0", "--grpc-insecure"]))
     assert (wide.grpc_host, wide.grpc_port, wide.grpc_is_loopback()) == ("0.0.0.0", 9000, False)
+    # without --grpc-insecure it needs TLS and a token: tests/test_grpc_tls.py
 
 
 def test_a_port_in_use_is_an_error_naming_the_address():
