@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 from cluster.roles import STUDENT_RESOURCE
+from own_processes import stop_own_processes
 
 IDLE_TIMEOUT_MIN = 0.1  # 6 s: the autoscaler removes a node idle for this long
 TRAIN_TIMEOUT_S = 240
@@ -54,21 +54,6 @@ def autoscaling_config(gcs_address: str) -> dict:
         "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
         "rsync_exclude": [], "rsync_filter": [],
     }
-
-
-def stop_own_processes(marker: str) -> None:
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
-            continue
-        try:
-            cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline:
-            try:
-                os.kill(int(pid_dir.name), signal.SIGKILL)
-            except OSError:
-                pass
 
 
 def main(workdir: str) -> None:
