@@ -37,6 +37,7 @@ from teacher_service.cache.store import (
 )
 from teacher_service.contract.augment import image_digests, token_digests, view_recipe
 from teacher_service.shards import decode_rgb8
+from reliability_record import record
 
 D = 8
 PRE = {"image_size": [32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
@@ -457,6 +458,9 @@ def test_appender_killed_mid_write_leaves_only_whole_files(tmp_path):
     np.testing.assert_array_equal(rows["text_digest"], expected["tdig"])
     leftovers = [n for n in os.listdir(root) if ".tmp-" in n]
     assert leftovers == writing  # the torn file is still there, and the reader skipped it
+    record("cache_appender_killed", {"whole_files": len(files), "rows_per_file": 4000, "rows_served": len(cache),
+                                     "rows_equal_to_written": len(keys), "duplicates": cache.duplicates,
+                                     "tmp_files_at_kill": len(writing), "tmp_files_left_unread": len(leftovers)})
     print(f"appender killed after {len(files)} whole files; {len(leftovers)} unfinished tmp file(s) left unread")
     # compaction sweeps what a dead writer left once it is old enough not to be a write in progress
     for name in leftovers:

@@ -23,6 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from teacher_service import EmbedRequest, EmbedResponse, TeacherConfig
+from reliability_record import record
 
 TINY = {"model": "ViT-B-32", "pretrained": None, "precision": "fp32", "device": "cpu", "seed": 0,
         "torch_threads": 1,
@@ -395,6 +396,7 @@ def test_health_over_the_real_tls_ingress_follows_the_app(ray_cluster, pki, tmp_
                 seen.append(status)
             time.sleep(0.2)
         print(f"health of {app} after serve.delete: {' -> '.join(seen)}")
+        record("grpc_health_after_delete", {"app": app, "health_after_serve_delete": seen})
         assert seen[-1] == "gone" and "SERVING" not in seen[1:]  # never SERVING again once it changed
     finally:
         if app in serve.status().applications:

@@ -316,7 +316,8 @@ def test_precompute_killed_between_shards_resumes_without_loss_or_duplicates(tmp
         table = pq.read_table(path, page_checksum_verification=True)
         keys = {s["__key__"] for s in read_samples([shard])}
         pairs = list(zip(table.column("key").to_pylist(), table.column("view").to_pylist()))
-        assert len(pairs) == len(set(pairs)) == len(keys) * KILL_VIEWS == read_meta(str(path))["writer"]["samples"] * KILL_VIEWS
+        samples = read_meta(str(path))["writer"]["samples"]
+        assert len(pairs) == len(set(pairs)) == len(keys) * KILL_VIEWS == samples * KILL_VIEWS
         assert {k for k, _ in pairs} == keys and {v for _, v in pairs} == set(range(KILL_VIEWS))
     opened = EmbeddingCache.open(str(cache))
     assert len(opened) == 100 * KILL_SHARDS * KILL_VIEWS and opened.duplicates == 0
