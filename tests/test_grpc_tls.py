@@ -359,6 +359,7 @@ def test_health_over_the_real_tls_ingress_follows_the_app(ray_cluster, pki, tmp_
 
     from ray import serve
 
+    from cluster.cli.teacher import grpc_banner
     from teacher_service.app import deploy
     from teacher_service.grpc.client import TlsOptions
     from teacher_service.grpc.ingress import WATCH_INTERVAL_S, find_ingress, ingress_addresses
@@ -367,12 +368,16 @@ def test_health_over_the_real_tls_ingress_follows_the_app(ray_cluster, pki, tmp_
     token.write_text("kd-tls-token")
     token.chmod(0o600)
     app = "kd-teacher-grpc-tls"
-    deploy(tls_config(pki, mutual=True, app_name=app, num_cpus=0.25, max_batch_size=64, grpc_health_port=0,
-                      grpc_token_file=str(token)))
+    cfg = tls_config(pki, mutual=True, app_name=app, num_cpus=0.25, max_batch_size=64, grpc_health_port=0,
+                     grpc_token_file=str(token))
+    deploy(cfg)
     try:
         addresses = ingress_addresses(app)
         plain = addresses["health"]
         assert plain and plain != addresses["grpc"]
+        banner = grpc_banner(cfg)  # what `kd teacher serve` prints
+        assert f"on {addresses['grpc']} (this machine only; mutual TLS; bearer token required)" in banner
+        assert f"grpc.health.v1 alone, plaintext, on {plain}" in banner
         deadline = time.monotonic() + 300
         while health_check(plain, app) != SERVING:
             assert time.monotonic() < deadline, "the app never became SERVING"
