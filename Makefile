@@ -1,5 +1,7 @@
 # Two entry points for a fresh machine: `make demo` and `make test` (each creates .venv first).
 # `make bench` runs the benchmark suite (BENCH_PRESET=smoke|cpu|gpu, default cpu) into benchmarks/results.
+# `make reliability` reruns the fault and limit tests whose figures docs/reliability.md quotes and
+# writes those figures to benchmarks/results/reliability/*.json (one pytest per file: one Ray cluster at a time).
 PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
@@ -7,7 +9,15 @@ BENCH_STAMP := $(VENV)/.installed-bench
 BENCH_PRESET ?= cpu
 BENCH_ARGS ?=
 
-.PHONY: venv demo test bench clean
+RELIABILITY_TESTS = \
+	tests/test_cache.py::test_appender_killed_mid_write_leaves_only_whole_files \
+	tests/test_precompute.py::test_precompute_killed_between_shards_resumes_without_loss_or_duplicates \
+	"tests/test_grpc.py::test_ingress_listens_on_loopback_only tests/test_grpc.py::test_a_flooding_caller_is_refused_while_a_light_caller_is_answered" \
+	tests/test_grpc_tls.py::test_health_over_the_real_tls_ingress_follows_the_app \
+	tests/test_faults.py \
+	tests/test_soak.py
+
+.PHONY: venv demo test bench reliability clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +39,11 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(VENV)/bin/kd bench --preset $(BENCH_PRESET) --out benchmarks/results $(BENCH_ARGS)
+
+reliability: $(STAMP)
+	for tests in $(RELIABILITY_TESTS); do \
+	  KD_RELIABILITY_OUT=benchmarks/results/reliability $(VENV)/bin/python -m pytest -q -s $$tests || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) kd-demo

@@ -12,6 +12,11 @@ TEACHER_ROLE = "teacher"
 STUDENT_ROLE = "student"
 TEACHER_RESOURCE = "kd_teacher"
 STUDENT_RESOURCE = "kd_student"
+# Kubernetes: the node that hosts the teacher's gRPC ingress (cluster/configs/kuberay/teacher-grpc.yaml).
+# The job that deploys the teacher asks for this resource, so its driver, and with it the ingress
+# (pinned to the driver's node), runs there.
+GRPC_ROLE = "grpc"
+GRPC_RESOURCE = "kd_grpc"
 
 
 def teacher_placement() -> dict:

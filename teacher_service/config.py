@@ -19,6 +19,7 @@ BATCHERS = ("fill", "serve")
 ROUTINGS = ("view_affinity", "power_of_two")
 VIEW_AFFINITY_ROUTER = "teacher_service.serve.routing.ViewAffinityRouter"
 DEFAULT_GRPC_MAX_REQUEST_BYTES = 64 * 2**20
+GRPC_FILE_FIELDS = ("grpc_token_file", "grpc_tls_cert_file", "grpc_tls_key_file", "grpc_tls_client_ca_file")
 
 
 @dataclass
@@ -50,7 +51,13 @@ class TeacherConfig:
     its owner can read (chmod 600, on the node that runs the ingress) holding one token or lines
     `<caller-name> <max-weight> <token>` (`auth`); with it, gRPC calls without a listed bearer
     token are refused UNAUTHENTICATED, and a listed token fixes its holder's name and weight cap.
-    Without it every gRPC request runs at weight 1. `grpc_max_request_bytes` bounds one Embed
+    Without it every gRPC request runs at weight 1. `grpc_tls_cert_file` + `grpc_tls_key_file`
+    (PEM; the key owner-only) make the ingress speak TLS only; `grpc_tls_client_ca_file` also
+    requires every caller to present a certificate that CA signed (mutual TLS). A `grpc_host` off
+    loopback is refused without both TLS and a token file unless `grpc_insecure` is set (then the
+    ingress logs a warning). `grpc_health_port` (None: none) adds a plaintext listener serving only
+    grpc.health.v1.Health (SERVING / NOT_SERVING of this app), for probes that cannot speak TLS or
+    send a token, such as Kubernetes' `grpc:` probe. `grpc_max_request_bytes` bounds one Embed
     message. Per gRPC caller (`caller_limits`): at most `grpc_caller_max_in_flight` Embed rpcs
     unanswered and `grpc_caller_samples_per_s` samples/s (bucket `grpc_caller_burst_samples`,
     default one second's worth); None switches a limit off.
@@ -86,6 +93,11 @@ class TeacherConfig:
     grpc_caller_max_in_flight: int | None = 64
     grpc_caller_samples_per_s: float | None = None
     grpc_caller_burst_samples: int | None = None
+    grpc_tls_cert_file: str | None = None  # PEM certificate (chain) the ingress presents; TLS on with the key
+    grpc_tls_key_file: str | None = None  # its PEM private key: owner-only (chmod 600), like the token file
+    grpc_tls_client_ca_file: str | None = None  # PEM CA: callers must present a certificate it signed (mTLS)
+    grpc_insecure: bool = False  # allow a non-loopback grpc_host without TLS and a token (logs a warning)
+    grpc_health_port: int | None = None  # plaintext listener serving grpc.health.v1 only; None: none
     label_selector: dict = field(default_factory=dict)  # node labels replicas need, e.g. {"kd-role": "teacher"}
     resources: dict = field(default_factory=dict)  # custom resources per replica, e.g. {"kd_teacher": 1}
     cpu_affinity: list = field(default_factory=list)  # cores to pin the teacher's process to; empty: none
@@ -101,8 +113,9 @@ class TeacherConfig:
         elif isinstance(self.pretrained, str) and os.path.exists(os.path.expanduser(self.pretrained)):
             # a local checkpoint: replicas do not run in the deploying process's directory
             self.pretrained = os.path.abspath(os.path.expanduser(self.pretrained))
-        if self.grpc_token_file:
-            self.grpc_token_file = os.path.abspath(os.path.expanduser(self.grpc_token_file))
+        for name in GRPC_FILE_FIELDS:
+            if getattr(self, name):
+                setattr(self, name, os.path.abspath(os.path.expanduser(getattr(self, name))))
         self.validate()
 
     def validate(self) -> None:
@@ -179,10 +192,74 @@ class TeacherConfig:
         _require(isinstance(self.grpc_max_request_bytes, int) and self.grpc_max_request_bytes >= 1,
                  "grpc_max_request_bytes", self.grpc_max_request_bytes, "an int >= 1")
         self.caller_limits()  # checks the per-caller fields, naming the bad one
+        self._validate_grpc_health_port()
+        self._validate_tls()
+        self._validate_exposure()
+
+    def _validate_grpc_health_port(self) -> None:
+        if self.grpc_health_port is None:
+            return
+        _require(isinstance(self.grpc_health_port, int) and 0 <= self.grpc_health_port <= 65535,
+                 "grpc_health_port", self.grpc_health_port, "an int in 0..65535 (0: a free port) or None")
+        if self.grpc_port is None:
+            raise ValueError("grpc_health_port: set grpc_port too (the health port reports the gRPC ingress)")
+        if self.grpc_health_port and self.grpc_health_port == self.grpc_port:
+            raise ValueError(f"grpc_health_port: {self.grpc_health_port} is grpc_port too; give another port")
+
+    def _validate_tls(self) -> None:
+        """Cert and key come together; a client CA needs them; the key is owner-only. Checked here so
+        a bad file is an error at config time, not a gRPC start failure inside the ingress actor."""
+        from teacher_service.private_files import check_owner_only
+
+        cert, key, client_ca = self.grpc_tls_cert_file, self.grpc_tls_key_file, self.grpc_tls_client_ca_file
+        if bool(cert) != bool(key):
+            missing = "grpc_tls_key_file (--grpc-tls-key)" if cert else "grpc_tls_cert_file (--grpc-tls-cert)"
+            raise ValueError(f"{missing}: TLS needs both the certificate and its private key")
+        if client_ca and not cert:
+            raise ValueError("grpc_tls_client_ca_file (--grpc-tls-client-ca): mutual TLS needs the server's own "
+                             "grpc_tls_cert_file and grpc_tls_key_file too")
+        if key:
+            check_owner_only(key, "grpc_tls_key_file")
+            _require_pem(key, "grpc_tls_key_file", "PRIVATE KEY-----")
+        for name, path in (("grpc_tls_cert_file", cert), ("grpc_tls_client_ca_file", client_ca)):
+            if path:
+                _require_pem(path, name, "-----BEGIN CERTIFICATE-----")
+
+    def _validate_exposure(self) -> None:
+        """An ingress off loopback needs TLS (or the token travels in clear text) and a token (or anyone
+        who reaches the address uses the teacher), unless the operator says grpc_insecure."""
+        if not isinstance(self.grpc_insecure, bool):
+            raise ValueError(f"grpc_insecure: expected true or false, got {self.grpc_insecure!r}")
+        missing = self.grpc_exposure_gaps()
+        if missing and not self.grpc_insecure:
+            raise ValueError(f"grpc_host {self.grpc_host!r} is not a loopback address: serving gRPC off this machine "
+                             f"needs {' and '.join(missing)}; or pass --grpc-insecure (grpc_insecure: true) to "
+                             "serve it without them anyway")
+
+    def grpc_exposure_gaps(self) -> list[str]:
+        """What an ingress reachable from other machines lacks (TLS, a token); empty on loopback."""
+        if self.grpc_port is None or self.grpc_is_loopback():
+            return []
+        gaps = []
+        if not self.grpc_tls_enabled():
+            gaps.append("TLS (--grpc-tls-cert and --grpc-tls-key; grpc_tls_cert_file, grpc_tls_key_file)")
+        if not self.grpc_token_file:
+            gaps.append("a bearer token (--grpc-token-file; grpc_token_file)")
+        return gaps
+
+    def grpc_tls_enabled(self) -> bool:
+        return bool(self.grpc_tls_cert_file and self.grpc_tls_key_file)
 
     def grpc_is_loopback(self) -> bool:
         """True when the ingress is reachable from this machine only."""
         return ipaddress.ip_address(self.grpc_host).is_loopback
+
+    def replica_dict(self) -> dict:
+        """`to_dict` without the gRPC ingress's settings: replicas do not use them, and its files (token,
+        TLS key) live on the ingress's node only, so a replica elsewhere must not be asked to read them."""
+        return dataclasses.asdict(dataclasses.replace(
+            self, grpc_port=None, grpc_health_port=None, grpc_host="127.0.0.1", grpc_insecure=False,
+            **{name: None for name in GRPC_FILE_FIELDS}))
 
     def caller_limits(self):
         """The per-caller limits of the gRPC ingress (`caller_limits.CallerLimits`)."""
@@ -272,6 +349,17 @@ def check_cores(cores: Any, name: str = "cpu_affinity") -> None:
     if not isinstance(cores, (list, tuple)) or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
                                                       for c in cores) or len(set(cores)) != len(cores):
         raise ValueError(f"{name}: expected a list of distinct CPU core ids >= 0, got {cores!r}")
+
+
+def _require_pem(path: str, name: str, marker: str) -> None:
+    """The file exists, is readable and holds a PEM block with `marker` (e.g. "PRIVATE KEY-----")."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read(1 << 20)
+    except OSError as e:
+        raise ValueError(f"{name} {path!r}: {e.strerror}") from e
+    if marker not in text:
+        raise ValueError(f"{name} {path!r} holds no PEM block with {marker.strip('-')!r}")
 
 
 def _require(ok: bool, name: str, value: Any, what: str) -> None:

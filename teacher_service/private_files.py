@@ -8,6 +8,7 @@ a checkpoint, pyarrow writing Parquet) run with umask 077 (`private_umask`).
 from __future__ import annotations
 
 import os
+import stat
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -31,6 +32,22 @@ def make_private_dir(path: str) -> str:
 def make_private(path: str) -> None:
     """Restrict an existing file to its owner (0600)."""
     os.chmod(path, FILE_MODE)
+
+
+def check_owner_only(path: str, field: str) -> os.stat_result:
+    """Refuse (ValueError naming `field`) a missing file or one that group or others may access.
+
+    For secrets (bearer tokens, TLS private keys): anyone else on the machine who can read one can
+    impersonate the teacher or its callers, so a shared file is an error, not a warning.
+    """
+    try:
+        info = os.stat(path)
+    except OSError as e:
+        raise ValueError(f"{field} {path!r}: {e.strerror}") from e
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ValueError(f"{field} {path!r} is readable by other users (mode {stat.filemode(info.st_mode)}); "
+                         f"chmod 600 it")
+    return info
 
 
 def private_umask() -> int:

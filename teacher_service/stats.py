@@ -321,7 +321,8 @@ def add_ingress(stats: dict[str, Any], ingress: dict[str, Any]) -> dict[str, Any
         merged = out["runs"].setdefault(label, dict.fromkeys(RUN_SUM_KEYS, 0))
         for key in ("requests_received", "errors"):
             merged[key] = merged.get(key, 0) + r.get(key, 0)
-    out["grpc_ingress"] = {k: ingress.get(k) for k in ("address", "callers_in_flight", "rss_bytes", "uptime_s")}
+    out["grpc_ingress"] = {k: ingress.get(k) for k in ("address", "callers_in_flight", "rss_bytes", "uptime_s",
+                                                        "health_serving")}
     return out
 
 

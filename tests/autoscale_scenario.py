@@ -1,9 +1,10 @@
 """The Ray autoscaler adding a student node for a student run that asks for student resources no
 node has, and removing it when idle — with Ray's fake multi-node provider, on this machine.
 
-Starts its own head (`ray start --head --autoscaling-config`, provider `fake_multinode`, its own
-port and temp dir), runs a 1-worker student run whose worker asks for `kd_student`, records the
-node count every 0.5 s, and prints a JSON report as its last line. It stops only its own
+Starts its own head (`ray start --head --autoscaling-config`, provider `fake_multinode`, on a
+free port that its nodes are told to join, and its own temp dir), runs a 1-worker student run
+whose worker asks for `kd_student`, records the node count every 0.5 s, and prints a JSON report
+as its last line. It stops only its own
 processes (those whose command line names its temp dir): `ray stop` would also kill any other
 Ray cluster on the machine, such as the test session's.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,19 +21,28 @@ import time
 from pathlib import Path
 
 from cluster.roles import STUDENT_RESOURCE
+from own_processes import stop_own_processes
 
 IDLE_TIMEOUT_MIN = 0.1  # 6 s: the autoscaler removes a node idle for this long
-FAKE_PROVIDER_PORT = 6379  # fake_multinode launches `ray start --address=<head ip>:6379` nodes
 TRAIN_TIMEOUT_S = 240
 
 
-def autoscaling_config() -> dict:
-    """Ray's fake_multinode example config, with a CPU-only head and a scale-from-zero student type."""
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def autoscaling_config(gcs_address: str) -> dict:
+    """Ray's fake_multinode example config, with a CPU-only head and a scale-from-zero student type.
+
+    `gcs_address`: where the provider's nodes join the head. Without it they join <node ip>:6379,
+    which would tie the scenario to Ray's default port (taken whenever another cluster runs here)."""
     return {
         "cluster_name": "kd-fake", "max_workers": 1, "upscaling_speed": 1.0,
         "idle_timeout_minutes": IDLE_TIMEOUT_MIN,
         "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True},
+                     "disable_launch_config_check": True, "gcs_address": gcs_address},
         "head_node_type": "ray.head.default",
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
@@ -47,33 +56,16 @@ def autoscaling_config() -> dict:
     }
 
 
-def stop_own_processes(marker: str) -> None:
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
-            continue
-        try:
-            cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline:
-            try:
-                os.kill(int(pid_dir.name), signal.SIGKILL)
-            except OSError:
-                pass
-
-
 def main(workdir: str) -> None:
     import ray
+    import ray._private.services
 
     work = Path(workdir)
     temp = Path(tempfile.mkdtemp(prefix="kdas-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     config = work / "autoscaling.json"
-    config.write_text(json.dumps(autoscaling_config()))
-    port = FAKE_PROVIDER_PORT  # the fake provider starts its nodes against the head at this port
-    with socket.socket() as probe:
-        if probe.connect_ex(("127.0.0.1", port)) == 0:
-            print(json.dumps({"skipped": f"port {port} is taken; the fake provider's nodes can only join a head there"}))
-            return
+    port = free_port()
+    node_ip = ray._private.services.get_node_ip_address()  # what the head registers; the provider's default host
+    config.write_text(json.dumps(autoscaling_config(f"{node_ip}:{port}")))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local test cluster: no token for head or driver
     env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1"}
     ray_cli = str(Path(sys.executable).with_name("ray"))  # the venv's, which may not be on PATH

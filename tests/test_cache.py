@@ -37,6 +37,7 @@ from teacher_service.cache.store import (
 )
 from teacher_service.contract.augment import image_digests, token_digests, view_recipe
 from teacher_service.shards import decode_rgb8
+from reliability_record import record
 
 D = 8
 PRE = {"image_size": [32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
@@ -400,10 +401,38 @@ for batch in range(10**6):
 """
 
 
-def test_appender_killed_mid_write_leaves_only_whole_files(tmp_path):
-    """SIGKILL a process that keeps appending (no chance to clean up): the next reader opens the
-    cache, sees only whole append files, and every row it serves is the row that was written."""
+def _stopped(pid: int) -> bool:
+    """True once the process is in the stopped state (SIGSTOP is delivered asynchronously)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+def kill_mid_write(proc, root, timeout_s: float = 30.0) -> list[str]:
+    """SIGKILL `proc` while it is writing a file: SIGSTOP it once a temporary file shows up, check
+    (while it cannot run) that one is still there, then kill it; else let it go on and try again.
+    Returns the temporary files that existed at the moment of the kill."""
     import signal
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not any(".tmp-" in n for n in os.listdir(root)):
+            continue
+        proc.send_signal(signal.SIGSTOP)
+        while not _stopped(proc.pid):
+            time.sleep(0.001)
+        writing = sorted(n for n in os.listdir(root) if ".tmp-" in n)
+        if writing:
+            proc.send_signal(signal.SIGKILL)
+            return writing
+        proc.send_signal(signal.SIGCONT)  # it had just renamed the file: catch the next one
+    raise AssertionError(f"never caught the writer mid-write in {timeout_s:.0f} s")
+
+
+def test_appender_killed_mid_write_leaves_only_whole_files(tmp_path):
+    """SIGKILL a process that keeps appending (no chance to clean up) while it writes a file: the
+    next reader opens the cache, sees only whole append files, and every row it serves is the row
+    that was written; the file being written at the kill is left over and never read."""
     import subprocess
     import sys
     import time
@@ -413,12 +442,10 @@ def test_appender_killed_mid_write_leaves_only_whole_files(tmp_path):
                             stdout=subprocess.PIPE, text=True)
     flushed = [proc.stdout.readline() for _ in range(3)]  # three whole files are on disk...
     assert all(line.strip() for line in flushed), flushed
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not any(".tmp-" in n for n in os.listdir(root)):
-        pass  # ...kill it as soon as a fourth is being written (or after 10 s, wherever it is)
-    proc.send_signal(signal.SIGKILL)
+    writing = kill_mid_write(proc, root)  # ...and the kill lands while a further one is being written
     proc.wait(timeout=30)
     proc.stdout.close()
+    assert len(writing) == 1 and f".tmp-{proc.pid}-" in writing[0], writing
 
     cache = EmbeddingCache.open(str(root), teacher_info=info(), recipe=RECIPE)
     files = row_files(str(root))
@@ -430,6 +457,10 @@ def test_appender_killed_mid_write_leaves_only_whole_files(tmp_path):
     np.testing.assert_array_equal(rows["image_emb"], expected["image"])
     np.testing.assert_array_equal(rows["text_digest"], expected["tdig"])
     leftovers = [n for n in os.listdir(root) if ".tmp-" in n]
+    assert leftovers == writing  # the torn file is still there, and the reader skipped it
+    record("cache_appender_killed", {"whole_files": len(files), "rows_per_file": 4000, "rows_served": len(cache),
+                                     "rows_equal_to_written": len(keys), "duplicates": cache.duplicates,
+                                     "tmp_files_at_kill": len(writing), "tmp_files_left_unread": len(leftovers)})
     print(f"appender killed after {len(files)} whole files; {len(leftovers)} unfinished tmp file(s) left unread")
     # compaction sweeps what a dead writer left once it is old enough not to be a write in progress
     for name in leftovers:

@@ -10,8 +10,8 @@ import pytest
 import ray
 import yaml
 
-from cluster.roles import (ROLE_LABEL, STUDENT_RESOURCE, STUDENT_ROLE, TEACHER_RESOURCE, TEACHER_ROLE,
-                           student_placement, teacher_placement)
+from cluster.roles import (GRPC_RESOURCE, GRPC_ROLE, ROLE_LABEL, STUDENT_RESOURCE, STUDENT_ROLE, TEACHER_RESOURCE,
+                           TEACHER_ROLE, student_placement, teacher_placement)
 from teacher_service.config import TeacherConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "cluster" / "configs"
@@ -95,8 +95,7 @@ def test_kuberay_jobs_target_the_long_lived_cluster():
         assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster}
         assert "rayClusterSpec" not in job["spec"]  # attach, never create a cluster per job
         yaml.safe_load(job["spec"]["runtimeEnvYAML"])
-    assert "serve deploy" in teacher["spec"]["entrypoint"]
-    assert teacher["spec"]["entrypoint"].endswith("serve_teacher_cluster.yaml")
+    assert teacher["spec"]["entrypoint"].startswith("kd teacher serve --config /mnt/kd/configs/serve_teacher_cluster.yaml")
     entry = student["spec"]["entrypoint"]
     assert f"--app-name {APP}" in entry and "--role-placement" in entry and "--run-name RUN_NAME" in entry
 
@@ -158,3 +157,72 @@ def test_submission_waits_for_a_starting_cluster_s_job_agent():
 
     with pytest.raises(RuntimeError, match="bad runtime env"):
         submit_job(Broken(), submission_id="x")
+
+
+def _entrypoint_args(job: dict):
+    """The `kd ...` entrypoint of a RayJob, parsed by the kd CLI's own parser."""
+    import shlex
+
+    from cluster.cli import build_parser
+
+    words = shlex.split(job["spec"]["entrypoint"])
+    assert words[0] == "kd"
+    return build_parser().parse_args(words[1:])
+
+
+def test_no_raycluster_pod_waits_for_the_teacher_app():
+    """KubeRay submits RayJobs only to a RayCluster whose every pod is Ready: a probe waiting for
+    the teacher on any RayCluster pod would block the RayJob that deploys the teacher."""
+    spec = load(KUBERAY / "raycluster.yaml")["spec"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        for container in group["template"]["spec"]["containers"]:
+            assert not {"readinessProbe", "livenessProbe", "startupProbe"} & set(container), container["name"]
+            assert not [p for p in container.get("ports", []) if p["name"].startswith("grpc")]
+
+
+def test_kuberay_grpc_node_serves_the_ingress_its_probe_checks(tmp_path):
+    """teacher-grpc.yaml's pod is the node the teacher's deploy job runs on (kd_grpc), exposes the
+    ports that job's flags bind, and is Ready only while grpc.health.v1 says the app is SERVING
+    (Kubernetes' grpc probe, on the plaintext health port since the kubelet cannot speak TLS)."""
+    from cluster.cli.teacher import teacher_config_from_args
+    from test_grpc_tls import make_pki
+
+    deployment, service = yaml.safe_load_all((KUBERAY / "teacher-grpc.yaml").read_text())
+    assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
+    pod = deployment["spec"]["template"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (node,) = pod["spec"]["containers"]
+    assert node["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
+    start = node["command"][-1]
+    assert "ray start --address=kd-head-svc:6379" in start and "--block" in start
+    assert f"--labels={ROLE_LABEL}={GRPC_ROLE}" in start
+    assert json.loads(start.split("--resources=")[1].split("'")[1]) == {GRPC_RESOURCE: 1}
+    ports = {p["name"]: p["containerPort"] for p in node["ports"]}
+
+    job = load(KUBERAY / "rayjob-teacher.yaml")
+    assert json.loads(job["spec"]["entrypointResources"]) == {GRPC_RESOURCE: 1}  # the deploy runs on this node
+    args = _entrypoint_args(job)
+    assert (args.grpc_port, args.grpc_health_port, args.grpc_host) == (ports["grpc"], ports["grpc-health"], "0.0.0.0")
+    assert not args.grpc_insecure
+    app = TeacherConfig.from_yaml(CONFIGS / "serve_teacher_cluster.yaml").app_name
+    probe = node["readinessProbe"]
+    assert probe["grpc"] == {"port": ports["grpc-health"], "service": app}  # a number: grpc probes take no port name
+    assert "grpc" not in node["livenessProbe"]  # restarting the node cannot bring the ingress back
+    assert service["spec"]["ports"] == [{"name": "grpc", "port": ports["grpc"], "targetPort": "grpc"}]
+
+    mount = next(m["mountPath"] for m in node["volumeMounts"] if m["name"] == "grpc-private")
+    secret_files = {"grpc_tls_cert": "tls.crt", "grpc_tls_key": "tls.key", "grpc_tls_client_ca": "ca.crt",
+                    "grpc_token_file": "token"}
+    assert {flag: getattr(args, flag) for flag in secret_files} == {
+        flag: f"{mount}/{name}" for flag, name in secret_files.items()}
+    # the same flags over real files pass the config's rules (TLS and a token off loopback)
+    pki = make_pki(tmp_path)
+    token = tmp_path / "token"
+    token.write_text("t")
+    token.chmod(0o600)
+    for flag, path in zip(secret_files, (pki.server_cert, pki.server_key, pki.ca, str(token))):
+        setattr(args, flag, path)
+    args.config = str(CONFIGS / "serve_teacher_cluster.yaml")
+    cfg = teacher_config_from_args(args)
+    assert cfg.grpc_exposure_gaps() == [] and cfg.grpc_tls_client_ca_file == pki.ca and cfg.app_name == app

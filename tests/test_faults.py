@@ -16,6 +16,7 @@ import pytest
 
 from student_trainer.config import DataConfig, ModelConfig, OptimConfig, TeacherSourceConfig, TrainConfig
 from teacher_service.config import TeacherConfig
+from reliability_record import record
 from tiny_models import running_app, tiny_teacher_overrides, train_shards
 
 pytestmark = pytest.mark.ray
@@ -133,6 +134,11 @@ def test_replicas_killed_mid_run_lose_and_repeat_no_step(shards, app, control, t
     assert killed["step"] == control.metrics["step"] == EPOCHS * STEPS
     assert killed["teacher_samples"] == EPOCHS * STEPS * BATCH  # each batch asked once (re-sends count as retries)
     assert killed["loss"] == pytest.approx(control.metrics["loss"], rel=1e-6, abs=1e-6)
+    record("replicas_killed_mid_run", {"samples_answered_before_kill": answered, "samples": EPOCHS * STEPS * BATCH,
+                                       "steps": killed["step"], "teacher_samples": killed["teacher_samples"],
+                                       "teacher_retries": killed["teacher_retries"],
+                                       "teacher_wait_s": round(killed["teacher_wait_s"], 2),
+                                       "final_loss": killed["loss"], "final_loss_uninterrupted": control.metrics["loss"]})
     print(f"replicas killed after {answered} of {EPOCHS * STEPS * BATCH} samples: "
           f"{killed['teacher_retries']} retried call(s), {killed['teacher_wait_s']:.1f} s waiting; final loss {killed['loss']:.6f} "
           f"vs uninterrupted {control.metrics['loss']:.6f}")
@@ -178,6 +184,10 @@ def test_teacher_gone_past_patience_checkpoints_stops_and_resumes(shards, contro
     assert resumed["step"] == EPOCHS * STEPS
     worst = weights_gap(result, control)
     assert worst <= 1e-5, f"weights differ from the uninterrupted run's by up to {worst}"
+    record("teacher_gone_past_patience", {"samples_answered_before_delete": answered, "patience_s": 3,
+                                          "stopped_after_s": round(waited, 1), "stopped_at_step": stopped["step"],
+                                          "resumed_from_step": resumed["resumed_from_step"], "steps": resumed["step"],
+                                          "max_weight_difference_vs_uninterrupted": worst})
     print(f"app deleted after {answered} samples; the run stopped {waited:.1f} s later at global step "
           f"{stopped['step']}, resumed there: final weights within {worst:.1e} of the uninterrupted run's")
 
@@ -214,6 +224,8 @@ def test_hybrid_run_carries_on_from_its_cache_with_the_teacher_gone(shards, tmp_
     metrics = outcome["value"]
     assert filled["teacher_samples"] == 200 and filled["step"] == 8
     assert metrics["step"] == 4 * 8 and metrics["teacher_samples"] == 0
+    record("hybrid_teacher_gone", {"steps": metrics["step"], "teacher_samples_after_fill": metrics["teacher_samples"],
+                                   "fill_teacher_samples": filled["teacher_samples"]})
     print(f"hybrid run trained {metrics['step']} steps from its cache; the app was deleted after its first checkpoint")
 
 
@@ -259,6 +271,9 @@ def test_student_worker_killed_restarts_at_the_last_checkpoint(shards, app, tmp_
     # the epoch's mean loss covers only the steps after the restart; the weights cover all of them
     worst = weights_gap(outcome["value"], control_result)
     assert worst <= 1e-5, f"weights differ from the uninterrupted run's by up to {worst}"
+    record("student_worker_killed", {"checkpoint_step_before_kill": mid_epoch["step"], "resumed_from_step": resumed,
+                                     "steps_per_epoch": per_epoch, "steps": metrics["step"],
+                                     "max_weight_difference_vs_uninterrupted": worst})
     print(f"worker killed after the checkpoint at step {mid_epoch['step']}: group restarted at step "
           f"{resumed} (epoch 2, step {resumed - per_epoch} of {per_epoch}); final weights within {worst:.1e} "
           f"of the uninterrupted run's")

@@ -29,6 +29,7 @@ from teacher_service.grpc.codec import (
 from teacher_service.grpc.proto import generate
 from teacher_service.grpc.proto import teacher_pb2 as pb
 from teacher_service.grpc.proto import teacher_pb2_grpc as pb_grpc
+from reliability_record import record
 
 RPCS = {"Embed", "Stats", "Health"}
 
@@ -323,6 +324,8 @@ def test_ingress_listens_on_loopback_only(grpc_app):
     assert listening and {as_ipv4(ip) for ip in listening} == {"127.0.0.1"}, listening  # gRPC may say ::ffff:127.0.0.1
     assert connects("127.0.0.1", port)
     others = ["127.0.0.2", *local_addresses()]
+    record("grpc_loopback_only", {"target": target, "listening": sorted({as_ipv4(ip) for ip in listening}),
+                                  "refused_on": others})
     print(f"ingress on {target}; not reachable on {others}")
     for address in others:
         assert not connects(address, port), f"the ingress answered on {address}:{port}"
@@ -350,8 +353,9 @@ def test_bind_address_comes_from_config_and_only_explicitly_leaves_loopback():
 
     flags = ["teacher", "serve", "--grpc-port", "9000"]
     assert teacher_config_from_args(build_parser().parse_args(flags)).grpc_host == "127.0.0.1"
-    wide = teacher_config_from_args(build_parser().parse_args([*flags, "--grpc-host", "0.0.0.0"]))
+    wide = teacher_config_from_args(build_parser().parse_args([*flags, "--grpc-host", "0.0.0.0", "--grpc-insecure"]))
     assert (wide.grpc_host, wide.grpc_port, wide.grpc_is_loopback()) == ("0.0.0.0", 9000, False)
+    # without --grpc-insecure it needs TLS and a token: tests/test_grpc_tls.py
 
 
 def test_a_port_in_use_is_an_error_naming_the_address():
@@ -645,6 +649,12 @@ def test_a_flooding_caller_is_refused_while_a_light_caller_is_answered(ray_clust
         stop.set()
         delete_teacher(app)
     latencies = sorted(light["latencies"])
+    record("grpc_caller_limits", {"flood_threads": FLOOD_THREADS, "flood_answered": flood["answered"],
+                                  "flood_refused_rate_limited": flood["rate_limited"],
+                                  "flood_refused_in_flight_limit": flood["in_flight_limit"],
+                                  "light_answered": len(latencies), "light_sent": 16,
+                                  "light_p50_ms": round(1000 * latencies[len(latencies) // 2]),
+                                  "light_max_ms": round(1000 * latencies[-1])})
     print(f"flood: {flood['answered']} answered, {flood['rate_limited']} refused rate_limited, "
           f"{flood['in_flight_limit']} refused in_flight_limit; light: {len(latencies)}/16 answered, "
           f"latency p50 {1000 * latencies[len(latencies) // 2]:.0f} ms, max {1000 * latencies[-1]:.0f} ms")

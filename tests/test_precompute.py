@@ -229,3 +229,107 @@ def test_cli_precompute_through_a_running_app_then_audit(ray_cluster, shards, en
     info = json.loads(capsys.readouterr().out)
     assert info["rows"] == 100 and info["views"] == [0] and info["embed_dim"] == 48
     assert 4 * 48 <= info["bytes_per_row"] <= 4 * 48 + 200
+
+
+# a teacher slow enough (~2 s a shard of 100 samples x 4 views here) that `kd precompute` is
+# caught between its first and its last shard file
+SLOW_TEACHER = {"embed_dim": 48, "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 192, "layers": 4,
+                                                "head_width": 32},
+                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+KILL_SHARDS, KILL_VIEWS = 6, 4
+
+
+def _kd_precompute(work: Path, ray_tmp: str, log: str):
+    """`python -m cluster.cli precompute` over KILL_SHARDS shards in its own process and its own
+    embedded Ray cluster (temp dir `ray_tmp`, so its processes can be found and stopped)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "cluster.cli", "precompute", "--teacher-config", str(work / "teacher.yaml"),
+           "--shards", str(work / "data" / f"train-{{000000..{KILL_SHARDS - 1:06d}}}.tar"), "--out",
+           str(work / "cache"), "--views", str(KILL_VIEWS), "--seed", str(SEED), "--batch-size", "50", "--json"]
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": "",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    with open(work / f"{log}.out", "w") as out, open(work / f"{log}.err", "w") as err:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=err, cwd=work)
+
+
+def _kill_between_shards(proc, cache: Path, timeout_s: float = 300.0) -> dict[str, tuple[int, int]]:
+    """SIGKILL `proc` once at least one shard file exists and not all: SIGSTOP it at the first
+    file, list the files while it cannot run, then kill it. Returns {file: (inode, mtime_ns)}."""
+    import signal
+    import time
+
+    from test_cache import _stopped
+
+    deadline = time.monotonic() + timeout_s
+    while not (cache.is_dir() and any(n.endswith(".parquet") for n in os.listdir(cache))):
+        assert proc.poll() is None, f"kd precompute ended (rc {proc.returncode}) before writing a shard"
+        assert time.monotonic() < deadline, "no shard file after the timeout"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGSTOP)
+    while not _stopped(proc.pid):
+        time.sleep(0.001)
+    done = {n: ((cache / n).stat().st_ino, (cache / n).stat().st_mtime_ns)
+            for n in os.listdir(cache) if n.endswith(".parquet")}
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    return done
+
+
+def test_precompute_killed_between_shards_resumes_without_loss_or_duplicates(tmp_path):
+    """SIGKILL a running `kd precompute` (its driver; no chance to clean up) after some shard
+    files exist, then rerun it: the rerun skips exactly the finished shards (left untouched),
+    computes the rest, and the cache then holds every sample x view once, each file whole; a
+    temporary file the kill left is never read."""
+    import shutil
+    import tempfile
+
+    from own_processes import stop_own_processes
+    from reliability_record import record
+    from student_trainer.data.write_shards import write_digits_shards
+    from teacher_service.shards import read_samples
+
+    write_digits_shards(tmp_path / "data", image_size=32, samples_per_shard=100)
+    TeacherConfig(model="ViT-B-32", overrides=SLOW_TEACHER, num_cpus=0.5, torch_threads=1).to_yaml(
+        tmp_path / "teacher.yaml")
+    shards = [str(tmp_path / "data" / f"train-{i:06d}.tar") for i in range(KILL_SHARDS)]
+    cache = tmp_path / "cache"
+    ray_tmp = tempfile.mkdtemp(prefix="kdpk-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    try:
+        done = _kill_between_shards(_kd_precompute(tmp_path, ray_tmp, "killed"), cache)
+        leftovers = sorted(n for n in os.listdir(cache) if ".tmp-" in n)
+        stray = stop_own_processes(ray_tmp)  # the killed driver's cluster, if it outlived it (counted, recorded)
+        assert 0 < len(done) < KILL_SHARDS, done
+        rerun = _kd_precompute(tmp_path, ray_tmp, "rerun")
+        assert rerun.wait(timeout=600) == 0, (tmp_path / "rerun.err").read_text()[-3000:]
+    finally:
+        stop_own_processes(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    summary = json.loads((tmp_path / "rerun.out").read_text())
+    finished = {str(tmp_path / "data" / n.replace(".parquet", ".tar")) for n in done}
+    assert set(summary["skipped"]) == finished and summary["recomputed"] == []
+    assert sorted(summary["computed"] + summary["skipped"]) == shards
+    assert summary["rows"] == 100 * KILL_VIEWS * (KILL_SHARDS - len(done))
+    assert {n: ((cache / n).stat().st_ino, (cache / n).stat().st_mtime_ns) for n in done} == done  # untouched
+    # every shard file whole (checksums verified) with exactly its samples x views, nothing twice
+    for shard in shards:
+        path = cache / os.path.basename(shard).replace(".tar", ".parquet")
+        table = pq.read_table(path, page_checksum_verification=True)
+        keys = {s["__key__"] for s in read_samples([shard])}
+        pairs = list(zip(table.column("key").to_pylist(), table.column("view").to_pylist()))
+        samples = read_meta(str(path))["writer"]["samples"]
+        assert len(pairs) == len(set(pairs)) == len(keys) * KILL_VIEWS == samples * KILL_VIEWS
+        assert {k for k, _ in pairs} == keys and {v for _, v in pairs} == set(range(KILL_VIEWS))
+    opened = EmbeddingCache.open(str(cache))
+    assert len(opened) == 100 * KILL_SHARDS * KILL_VIEWS and opened.duplicates == 0
+    assert all(f.endswith(".parquet") for f in opened.files) and len(opened.files) == KILL_SHARDS
+    assert sorted(n for n in os.listdir(cache) if ".tmp-" in n) == leftovers  # what the kill left, unread
+    figures = {"shards": KILL_SHARDS, "views": KILL_VIEWS, "samples_per_shard": 100,
+               "shard_files_at_kill": len(done), "tmp_files_left_by_kill": len(leftovers),
+               "stray_processes_after_kill": len(stray), "rerun_skipped": len(summary["skipped"]),
+               "rerun_computed": len(summary["computed"]), "rerun_recomputed": len(summary["recomputed"]),
+               "rows_in_cache": len(opened), "duplicate_rows": opened.duplicates}
+    record("precompute_killed", figures)
+    print(f"kd precompute killed with {len(done)}/{KILL_SHARDS} shard files written; rerun skipped "
+          f"{len(summary['skipped'])}, computed {len(summary['computed'])}; cache {len(opened)} rows, 0 duplicates")

@@ -20,7 +20,10 @@ MEMORY_TOLERANCE_MIB = 32.0  # allocator noise over 16 s; a leak of one 16-sampl
 
 
 def test_soak_serves_every_client_without_errors_or_memory_growth(ray_cluster):
+    from reliability_record import record
+
     report = run_soak(TEACHER, SOAK)
+    record("soak_20s", report)
     print(format_report(report))
     students, grpc = report["students"], report["grpc"]
     assert students["errors"] == 0 and grpc["errors"] == 0, (students["error_examples"], grpc["error_examples"])

@@ -10,7 +10,9 @@ from cluster.cli.args import add_address, add_teacher_model_args, given, json_ar
 SERVE_FLAGS = {"model": "model", "pretrained": "pretrained", "overrides": "overrides", "precision": "precision",
                "app_name": "app_name", "replicas": "num_replicas", "num_cpus": "num_cpus", "num_gpus": "num_gpus",
                "max_batch_size": "max_batch_size", "autoscale": "autoscaling", "grpc_port": "grpc_port",
-               "grpc_host": "grpc_host", "grpc_token_file": "grpc_token_file"}
+               "grpc_host": "grpc_host", "grpc_token_file": "grpc_token_file", "grpc_tls_cert": "grpc_tls_cert_file",
+               "grpc_tls_key": "grpc_tls_key_file", "grpc_tls_client_ca": "grpc_tls_client_ca_file",
+               "grpc_insecure": "grpc_insecure", "grpc_health_port": "grpc_health_port"}
 
 
 def teacher_config_from_args(args: argparse.Namespace):
@@ -56,11 +58,15 @@ def cmd_teacher_serve(args: argparse.Namespace) -> int:
 
 def grpc_banner(cfg) -> str:
     """Where the gRPC ingress listens and who can reach it."""
-    from teacher_service.grpc.ingress import ingress_address
+    from teacher_service.grpc.ingress import ingress_addresses
 
+    addresses = ingress_addresses(cfg.app_name) or {}
     reach = "this machine only" if cfg.grpc_is_loopback() else "every host that can reach this address"
     token = "bearer token required" if cfg.grpc_token_file else "no token required"
-    return (f"gRPC: TeacherService (Embed/Stats/Health) on {ingress_address(cfg.app_name)} ({reach}; {token}); "
+    tls = ("mutual TLS" if cfg.grpc_tls_client_ca_file else "TLS") if cfg.grpc_tls_enabled() else "plaintext"
+    health = f"; grpc.health.v1 alone, plaintext, on {addresses['health']}" if addresses.get("health") else ""
+    return (f"gRPC: TeacherService (Embed/Stats/Health) and grpc.health.v1 on {addresses.get('grpc')} "
+            f"({reach}; {tls}; {token}){health}; "
             f"per caller at most {cfg.grpc_caller_max_in_flight or 'unlimited'} in flight, "
             f"{cfg.grpc_caller_samples_per_s or 'unlimited'} samples/s")
 
@@ -114,12 +120,22 @@ def add_parser(sub, fmt) -> None:
                         "(0: a free port, printed); the ingress runs on this node and stops with the app")
     p.add_argument("--grpc-host",
                    help="address the gRPC ingress binds (default 127.0.0.1: this machine only; "
-                        "0.0.0.0 or :: for every interface, then also set --grpc-token-file)")
+                        "0.0.0.0 or :: for every interface, which needs --grpc-tls-cert/--grpc-tls-key and "
+                        "--grpc-token-file, or --grpc-insecure)")
     p.add_argument("--grpc-token-file",
                    help="owner-only (chmod 600) file with the bearer token gRPC callers must send")
     p.add_argument("--shard-root", action="append", metavar="DIR",
                    help="a directory of training shards every replica's node reads at the students' paths: "
                         "students may then send references instead of pixels (teacher.send_pixels; repeatable)")
+    p.add_argument("--grpc-tls-cert", help="PEM certificate (chain) the gRPC ingress presents: TLS only")
+    p.add_argument("--grpc-tls-key", help="owner-only (chmod 600) PEM private key of --grpc-tls-cert")
+    p.add_argument("--grpc-tls-client-ca",
+                   help="PEM CA: require every gRPC caller to present a certificate it signed (mutual TLS)")
+    p.add_argument("--grpc-insecure", action="store_true", default=None,
+                   help="allow a non-loopback --grpc-host without TLS and a token (logs a warning)")
+    p.add_argument("--grpc-health-port", type=int,
+                   help="also serve grpc.health.v1 alone, in plaintext, on this port (for Kubernetes' grpc "
+                        "probe, which cannot speak TLS); it tells only SERVING or NOT_SERVING")
     add_address(p)
     p.add_argument("--block", action="store_true",
                    help="keep this command running (always so with an embedded cluster)")

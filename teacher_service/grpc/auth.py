@@ -21,11 +21,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-import os
-import stat
 from collections.abc import Iterable
 
 from teacher_service.grpc.caller_limits import CALLER_PATTERN, CallerGrant
+from teacher_service.private_files import check_owner_only
 
 
 class UnauthenticatedError(PermissionError):
@@ -34,13 +33,7 @@ class UnauthenticatedError(PermissionError):
 
 def read_token_file(path: str) -> str:
     """The file's text (surrounding whitespace stripped); refuses a missing, empty or shared file."""
-    try:
-        info = os.stat(path)
-    except OSError as e:
-        raise ValueError(f"grpc_token_file {path!r}: {e.strerror}") from e
-    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ValueError(f"grpc_token_file {path!r} is readable by other users (mode {stat.filemode(info.st_mode)}); "
-                         f"chmod 600 it")
+    check_owner_only(path, "grpc_token_file")
     with open(path, encoding="utf-8") as f:
         token = f.read().strip()
     if not token:

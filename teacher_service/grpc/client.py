@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import grpc
@@ -24,9 +25,44 @@ from teacher_service.grpc.codec import (
 from teacher_service.grpc.proto import teacher_pb2 as pb
 from teacher_service.grpc.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.contract.protocol import EmbedRequest, EmbedResponse, RequestError
+from teacher_service.private_files import check_owner_only
 
 DEFAULT_MAX_RECEIVE_BYTES = 256 * 2**20  # gRPC's client default (4 MiB) is too small for big batches
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """How a client speaks TLS to the ingress: PEM file paths, read when the channel is made.
+
+    `root_ca`: the CA that signed the server's certificate (None: gRPC's bundled public roots);
+    `client_cert` / `client_key`: this client's certificate and key, for a server that requires
+    mutual TLS (the key must be owner-only, as on the server); `server_name`: the name to check the
+    server's certificate against when `target` is an address the certificate does not list.
+    """
+
+    root_ca: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if bool(self.client_cert) != bool(self.client_key):
+            raise ValueError("TlsOptions: client_cert and client_key come together (mutual TLS needs both)")
+        if self.client_key:
+            check_owner_only(self.client_key, "client_key")
+        return grpc.ssl_channel_credentials(root_certificates=_read(self.root_ca), private_key=_read(self.client_key),
+                                            certificate_chain=_read(self.client_cert))
+
+    def channel_options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
 
 
 class TeacherGrpcClient:
@@ -44,19 +80,24 @@ class TeacherGrpcClient:
     (RESOURCE_EXHAUSTED, over this caller's in-flight or samples/s limit: retry later) or
     UnauthenticatedError (UNAUTHENTICATED) with the server's reason, and the gRPC status as
     `.code`; other failures raise grpc.RpcError.
+
+    TLS (`TlsOptions`, or `tls_root_ca=` etc.): the server's certificate is checked against
+    `root_ca` (a PEM file; gRPC's bundled public roots when None) and the name in `target` (or
+    `server_name`); `client_cert` + `client_key` answer a server that requires mutual TLS. Without
+    TLS the channel is plaintext, and a TLS-only ingress fails the call UNAVAILABLE.
     """
 
     def __init__(self, target: str = "127.0.0.1:9000", app_name: str | None = None, *,
                  token: str | None = None, caller: str | None = None, timeout_s: float = 60.0,
-                 max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
+                 max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES, tls: TlsOptions | None = None,
                  channel: grpc.Channel | None = None):
         self.target = target
         self.app_name = app_name
         self.timeout_s = timeout_s
-        self._channel = channel or grpc.insecure_channel(target, options=[
-            ("grpc.max_send_message_length", -1),
-            ("grpc.max_receive_message_length", max_receive_bytes),
-        ])
+        options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", max_receive_bytes)]
+        if channel is None and tls is not None:
+            channel = grpc.secure_channel(target, tls.credentials(), options=options + tls.channel_options())
+        self._channel = channel or grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.TeacherServiceStub(self._channel)
         self._metadata: tuple[tuple[str, str], ...] = ()
         if app_name:

@@ -17,6 +17,14 @@ Refusals are answered at once with a status code, the reason as details and the 
 `kd-refusal` trailing metadata, and counted here (the replicas count what reaches them; the
 teacher's stats add both, `stats.add_ingress`).
 
+With `grpc_tls_cert_file` / `grpc_tls_key_file` the port speaks TLS only (`server_credentials`),
+and with `grpc_tls_client_ca_file` it also requires a client certificate that CA signed. The same
+port serves the standard grpc.health.v1.Health (`AppHealth`: services "", the app's name and
+TeacherService's full name), unauthenticated since it tells only SERVING / NOT_SERVING:
+SERVING while Serve lists the app and a replica answered within the last poll (an Embed, or an
+`info` probe); `grpc_health_port` serves that Health alone in plaintext, for probes that cannot
+speak TLS (Kubernetes' `grpc:` probe).
+
 The actor is named "<app>-grpc" in namespace "kd-teacher", detached (it outlives the command that
 started it, like the app), pinned to the node that started it (so 127.0.0.1 means that machine),
 and stops itself when its app is deleted. `teacher_service.app.deploy` starts it when `grpc_port` is set
@@ -32,6 +40,8 @@ from typing import Any, NoReturn, Protocol
 
 import grpc
 import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
 from teacher_service.grpc.auth import TokenCheck, UnauthenticatedError
 from teacher_service.grpc.caller_limits import CallerAdmission, CallerGrant, CallerLimitError, grant_weight, peer_host
@@ -59,6 +69,8 @@ INGRESS_NAMESPACE = "kd-teacher"
 GRPC_RUN_PREFIX = "grpc:"
 WATCH_INTERVAL_S = 2.0
 APP_GONE_POLLS = 2  # consecutive polls without the app before the ingress stops itself
+PROBE_TIMEOUT_S = 10.0  # an idle app whose replicas do not answer `info` within this is NOT_SERVING
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TeacherService"].full_name
 MAX_GRPC_MESSAGE = 2**31 - 1
 
 
@@ -119,6 +131,8 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         self.admission = CallerAdmission(cfg.caller_limits(), clock)
         self.counters = TeacherCounters(1, cfg.app_name, "grpc-ingress", clock=clock)
         self.address = ""
+        self.last_answer: float | None = None  # clock time a replica last answered through this ingress
+        self._clock = clock
         self._started = time.time()
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedReply:
@@ -134,6 +148,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         try:
             granted = dataclasses.replace(decoded, run=run, weight=grant_weight(decoded.weight, grant))
             response = await self.backend.embed(granted)
+            self.last_answer = self._clock()
         except Exception as e:  # noqa: BLE001 - answered with a status; the replica counted its own refusals
             await _abort_backend_failure(context, e)
         finally:
@@ -211,27 +226,107 @@ async def _abort_backend_failure(context: grpc.aio.ServicerContext, error: Excep
     await context.abort(code, details[:MAX_DETAILS_CHARS])
 
 
-async def serve_grpc(servicer: TeacherServicer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Start a grpc.aio server for `servicer` on host:port; returns it and the bound port.
+# ============================================================================================== health
+class AppHealth:
+    """grpc.health.v1 for one app: one status for "", the app's name and TeacherService, NOT_SERVING
+    until the first check passes. A readiness probe asks "can this port answer Embed now?", so
+    the status follows the app (listed by Serve, a replica answering), not just this process."""
 
-    SO_REUSEPORT is off, so a port another server holds is an error rather than silently shared.
-    gRPC's own receive limit is twice the request limit: up to there a large request reaches the
-    decoder and is refused with our message (counted `errors_too_large`); beyond it gRPC refuses
-    it before reading it (RESOURCE_EXHAUSTED, not counted).
+    def __init__(self, app_name: str):
+        self.servicer = health_aio.HealthServicer()
+        self.services = ("", app_name, SERVICE_NAME)
+        self.serving: bool | None = None
+
+    async def set(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in self.services:
+            await self.servicer.set(service, status)
+        if serving != self.serving:
+            log.info("gRPC health of %r: %s", self.services[1], "SERVING" if serving else "NOT_SERVING")
+        self.serving = serving
+
+    async def update(self, listed: bool, servicer: TeacherServicer, clock=time.monotonic) -> bool:
+        """Set the status from one poll: the app listed, and a replica answered since the last poll
+        (an Embed through this ingress) or answers an `info` probe now. Returns it."""
+        recent = servicer.last_answer is not None and clock() - servicer.last_answer < WATCH_INTERVAL_S
+        serving = listed and (recent or await _answers(servicer.backend))
+        await self.set(serving)
+        return serving
+
+    async def shutdown(self) -> None:
+        """NOT_SERVING for good (callers see it during the stop's grace period)."""
+        await self.servicer.enter_graceful_shutdown()
+        self.serving = False
+
+
+async def _answers(backend: TeacherBackend) -> bool:
+    try:
+        await asyncio.wait_for(backend.info(), PROBE_TIMEOUT_S)
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure means the app does not answer
+        log.debug("gRPC health: the teacher app did not answer info(): %s: %s", type(e).__name__, e)
+        return False
+
+
+# ============================================================================================== server
+def server_credentials(cfg: TeacherConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the config's PEM files (None: plaintext). With a client CA every caller
+    must present a certificate it signed; the handshake fails otherwise, before any rpc."""
+    if not cfg.grpc_tls_enabled():
+        return None
+    with open(cfg.grpc_tls_key_file, "rb") as f:
+        key = f.read()
+    with open(cfg.grpc_tls_cert_file, "rb") as f:
+        chain = f.read()
+    client_ca = None
+    if cfg.grpc_tls_client_ca_file:
+        with open(cfg.grpc_tls_client_ca_file, "rb") as f:
+            client_ca = f.read()
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+async def serve_grpc(servicer: TeacherServicer, host: str, port: int,
+                     health: AppHealth | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start a grpc.aio server for `servicer` (and `health`) on host:port; returns it and the bound port.
+
+    TLS when the servicer's config has a certificate and key (`server_credentials`). SO_REUSEPORT
+    is off, so a port another server holds is an error rather than silently shared. gRPC's own
+    receive limit is twice the request limit: up to there a large request reaches the decoder and
+    is refused with our message (counted `errors_too_large`); beyond it gRPC refuses it before
+    reading it (RESOURCE_EXHAUSTED, not counted).
     """
     limit = min(MAX_GRPC_MESSAGE, 2 * servicer.wire_limits.max_request_bytes)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", -1)])
     pb_grpc.add_TeacherServiceServicer_to_server(servicer, server)
+    if health is not None:
+        health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    bound = _listen(server, host, port, server_credentials(servicer.cfg))
+    await server.start()
+    return server, bound
+
+
+async def serve_health(health: AppHealth, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server with grpc.health.v1.Health alone (no TeacherService, so nothing to protect
+    but the app's status): for probes that cannot speak TLS, such as Kubernetes' `grpc:` probe."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    bound = _listen(server, host, port, None)
+    await server.start()
+    return server, bound
+
+
+def _listen(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
     address = bind_address(host, port)
     try:
-        bound = server.add_insecure_port(address)
+        bound = (server.add_insecure_port(address) if credentials is None
+                 else server.add_secure_port(address, credentials))
     except RuntimeError as e:
         raise GrpcBindError(f"gRPC ingress: cannot listen on {address}: {e}") from e
     if not bound:
         raise GrpcBindError(f"gRPC ingress: cannot listen on {address} (in use, or not an address of this node)")
-    await server.start()
-    return server, bound
+    return bound
 
 
 # =============================================================================================== actor
@@ -242,42 +337,66 @@ class GrpcIngress:
     def __init__(self, config: dict):
         self.cfg = TeacherConfig.from_dict(config)
         self.servicer = TeacherServicer(self.cfg, ServeBackend(self.cfg.app_name))
-        self.server: grpc.aio.Server | None = None
+        self.health = AppHealth(self.cfg.app_name)
+        self.servers: list[grpc.aio.Server] = []
+        self.health_address = ""
         self._watch: asyncio.Task | None = None
 
     async def start(self) -> str:
-        """Listen; returns the bound "host:port"."""
-        self.server, port = await serve_grpc(self.servicer, self.cfg.grpc_host, int(self.cfg.grpc_port or 0))
-        self.servicer.address = bind_address(self.cfg.grpc_host, port)
-        self._watch = asyncio.get_running_loop().create_task(self._stop_when_app_is_gone())
+        """Listen (and on the health port when configured); returns the bound "host:port"."""
+        host = self.cfg.grpc_host
+        await self.health.set(False)  # until the first poll finds the app answering
+        server, port = await serve_grpc(self.servicer, host, int(self.cfg.grpc_port or 0), self.health)
+        self.servers.append(server)
+        self.servicer.address = bind_address(host, port)
+        if self.cfg.grpc_health_port is not None:
+            server, port = await serve_health(self.health, host, self.cfg.grpc_health_port)
+            self.servers.append(server)
+            self.health_address = bind_address(host, port)
+        self._watch = asyncio.get_running_loop().create_task(self._follow_app())
         return self.servicer.address
 
     async def address(self) -> str:
         return self.servicer.address
 
+    async def addresses(self) -> dict[str, str]:
+        """{"grpc": host:port, "health": host:port or ""}."""
+        return {"grpc": self.servicer.address, "health": self.health_address}
+
     async def stats(self) -> dict[str, Any]:
-        return self.servicer.snapshot()
+        return {**self.servicer.snapshot(), "health_serving": self.health.serving}
 
     async def stop(self, grace_s: float = 1.0) -> None:
-        """Stop listening (the port is free when this returns); the actor itself is killed by the caller."""
-        if self.server is not None:
-            await self.server.stop(grace_s)
+        """NOT_SERVING, then stop listening (the ports are free when this returns); the actor itself is
+        killed by the caller."""
+        await self.health.shutdown()
+        await asyncio.gather(*(server.stop(grace_s) for server in self.servers))
 
-    async def _stop_when_app_is_gone(self) -> None:
-        from ray import serve
-
+    async def _follow_app(self) -> None:
+        """Every WATCH_INTERVAL_S: the health status follows the app; after APP_GONE_POLLS polls
+        without the app in Serve's status, stop listening and end this actor."""
         missing = 0
         while missing < APP_GONE_POLLS:
+            listed = await self._app_listed()
+            if listed is not None:
+                missing = 0 if listed else missing + 1
+                await self.health.update(listed, self.servicer)
             await asyncio.sleep(WATCH_INTERVAL_S)
-            try:
-                apps = (await asyncio.to_thread(serve.status)).applications
-            except Exception as e:  # noqa: BLE001 - a busy or restarting controller is no reason to stop
-                log.warning("gRPC ingress: cannot read Serve status: %s", e)
-                continue
-            missing = missing + 1 if self.cfg.app_name not in apps else 0
         log.warning("gRPC ingress: teacher app %r is gone; stopping", self.cfg.app_name)
         await self.stop()
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    async def _app_listed(self) -> bool | None:
+        """Whether Serve lists the app (and is not deleting it); None when Serve's status is unreadable."""
+        from ray import serve
+
+        try:
+            apps = (await asyncio.to_thread(serve.status)).applications
+        except Exception as e:  # noqa: BLE001 - a busy or restarting controller is no reason to stop
+            log.warning("gRPC ingress: cannot read Serve status: %s", e)
+            return None
+        app = apps.get(self.cfg.app_name)
+        return app is not None and not str(app.status).endswith("DELETING")
 
 
 # ============================================================================================ lifecycle
@@ -300,9 +419,7 @@ def start_ingress(cfg: TeacherConfig, timeout_s: float = 60.0) -> str:
     if cfg.grpc_port is None:
         raise ValueError(f"teacher app {cfg.app_name!r}: grpc_port is None, so there is no gRPC ingress to start")
     stop_ingress(cfg.app_name, timeout_s)
-    if not cfg.grpc_is_loopback() and not cfg.grpc_token_file:
-        log.warning("gRPC ingress of %r listens on %s without grpc_token_file: anyone who reaches that address "
-                    "can use the teacher", cfg.app_name, cfg.grpc_host)
+    warn_if_exposed(cfg)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = GrpcIngress.options(name=ingress_name(cfg.app_name), namespace=INGRESS_NAMESPACE, lifetime="detached",
                                 scheduling_strategy=here).remote(cfg.to_dict())
@@ -314,6 +431,18 @@ def start_ingress(cfg: TeacherConfig, timeout_s: float = 60.0) -> str:
     except BaseException:
         ray.kill(actor, no_restart=True)
         raise
+
+
+def warn_if_exposed(cfg: TeacherConfig) -> str | None:
+    """Log (and return) a warning when the ingress is reachable off this machine without TLS or a
+    token: only possible with `grpc_insecure`, which config validation requires for it."""
+    gaps = cfg.grpc_exposure_gaps()
+    if not gaps:
+        return None
+    message = (f"gRPC ingress of {cfg.app_name!r} listens on {cfg.grpc_host} without {' and without '.join(gaps)} "
+               "(grpc_insecure): anyone who reaches that address can use the teacher and read what it sends")
+    log.warning(message)
+    return message
 
 
 def stop_ingress(app_name: str, timeout_s: float = 30.0) -> bool:
@@ -338,6 +467,12 @@ def ingress_address(app_name: str, timeout_s: float = 30.0) -> str | None:
     """Where the app's ingress listens ("host:port"), or None when it has none."""
     actor = find_ingress(app_name)
     return None if actor is None else ray.get(actor.address.remote(), timeout=timeout_s)
+
+
+def ingress_addresses(app_name: str, timeout_s: float = 30.0) -> dict[str, str] | None:
+    """{"grpc": host:port, "health": host:port or ""} of the app's ingress, or None when it has none."""
+    actor = find_ingress(app_name)
+    return None if actor is None else ray.get(actor.addresses.remote(), timeout=timeout_s)
 
 
 def ingress_stats(app_name: str, timeout_s: float = 30.0) -> dict[str, Any] | None:

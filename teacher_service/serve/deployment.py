@@ -197,7 +197,7 @@ def _ray_sink(app_name: str, replica: str) -> MetricsSink | None:
 def build_app(cfg: TeacherConfig):
     """The Serve application for `cfg` (not yet running); a bad shard_roots fails here, not in a replica."""
     view_resolver(cfg)
-    return TeacherDeployment.options(**cfg.serve_options()).bind(cfg.to_dict())
+    return TeacherDeployment.options(**cfg.serve_options()).bind(cfg.replica_dict())
 
 
 def app_builder(args: dict):

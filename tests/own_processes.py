@@ -1,0 +1,33 @@
+"""Find and stop the processes a test started, by a marker in their command line (e.g. a Ray temp
+dir only they use): `ray stop` or killing by name would also hit other clusters on the machine."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+
+def own_processes(marker: str) -> list[int]:
+    """Pids (not this process) whose command line contains `marker`."""
+    found = []
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
+            continue
+        try:
+            cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            found.append(int(pid_dir.name))
+    return found
+
+
+def stop_own_processes(marker: str) -> list[int]:
+    """SIGKILL every process `own_processes(marker)` finds; returns their pids."""
+    pids = own_processes(marker)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return pids
