@@ -113,8 +113,8 @@ def test_cache_source_serves_exact_rows_and_refuses_misses(shards, precomputed):
     outs = list(source.stream(batches, view=1))
     cache = EmbeddingCache.open(str(precomputed))
     want = cache.fetch(cache.locate(batches[1].keys, 1))
-    np.testing.assert_array_equal(outs[1][1]["image_features"], want["image_emb"])
-    assert outs[1][1]["logit_scale"] == pytest.approx(cache.meta["teacher"]["logit_scale"])
+    np.testing.assert_array_equal(outs[1][1].image_features, want["image_emb"])
+    assert outs[1][1].logit_scale == pytest.approx(cache.meta["teacher"]["logit_scale"])
     assert source.stats.cache.hits == 2 * BATCH and source.stats.requests == 0
     # the epoch-1 pixels looked up as view 0: digests catch it instead of serving wrong targets
     with pytest.raises(CacheMismatchError, match="other pixels"):
@@ -174,8 +174,8 @@ def test_hybrid_fills_then_serves_repeated_views_from_cache(shards, teacher_app,
     assert source.stats.requests == STEPS and app_samples(teacher_app) - start == STEPS * BATCH
     assert source.stats.cache.hits == STEPS * BATCH
     for (_, a), (_, b) in zip(first, second):
-        np.testing.assert_array_equal(a["image_features"], b["image_features"])
-        np.testing.assert_array_equal(a["text_features"], b["text_features"])
+        np.testing.assert_array_equal(a.image_features, b.image_features)
+        np.testing.assert_array_equal(a.text_features, b.text_features)
     # the next run finds them on disk; a new view goes to the pool
     rerun = make_teacher_source(cfg, run="rerun", recipe=view_recipe(32, 0))
     list(rerun.stream(batches, view=0))
