@@ -5,6 +5,8 @@ The working directory (default: the current one) is uploaded as the job's `worki
 data, caches, checkpoints and virtual environments (Ray refuses more than 512 MiB and honours
 .gitignore; these excludes keep a repository with local shards under that). The entrypoint runs
 `python -m cluster.cli ...` inside it, so the code a job runs is the code that was submitted.
+`--working-dir local:///abs/path` runs the jobs in a directory every node already has (shared
+storage, the image) instead: nothing is uploaded.
 Every submission gets a unique id naming its kind and run (`kd-train-<run>-<8 hex>`); a student
 run's name must still be unique across runs, since reusing one resumes that run.
 """
@@ -38,19 +40,34 @@ def job_client(address: Optional[str]):
                          "(the dashboard port; `ray dashboard CLUSTER.yaml` forwards it)") from e
 
 
+IN_PLACE = "local://"
+
+
+def working_dir_path(working_dir: str) -> Path:
+    """The directory `working_dir` names: a path here, or the on-node path of a `local://` URI."""
+    return Path(working_dir[len(IN_PLACE):]) if working_dir.startswith(IN_PLACE) else Path(working_dir).resolve()
+
+
 def runtime_env(working_dir: str, env_vars: Optional[dict] = None) -> dict:
-    """The job's runtime env: the uploaded working dir without data/caches/checkpoints."""
-    path = Path(working_dir).resolve()
+    """The job's runtime env: the uploaded working dir without data/caches/checkpoints, or, for
+    `local:///abs/path` (a directory every node already has at that path: shared storage, the
+    container image), that directory in place, uploaded nowhere."""
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", **(env_vars or {})}}
+    path = working_dir_path(working_dir)
+    if working_dir.startswith(IN_PLACE):
+        if not path.is_absolute():
+            raise SystemExit(f"kd submit: --working-dir {working_dir!r}: a local:// directory must be absolute "
+                             "(local:///shared/project)")
+        return {"working_dir": IN_PLACE + str(path), **env}
     if not path.is_dir():
         raise SystemExit(f"kd submit: --working-dir {working_dir!r} is not a directory")
-    return {"working_dir": str(path), "excludes": list(EXCLUDES),
-            "env_vars": {"TOKENIZERS_PARALLELISM": "false", **(env_vars or {})}}
+    return {"working_dir": str(path), "excludes": list(EXCLUDES), **env}
 
 
 def job_path(path: str, working_dir: str) -> str:
     """`path` as the job sees it: relative to the uploaded working dir when inside it, else as given
     (absolute: on storage every node mounts). A relative path outside the working dir is refused."""
-    p, wd = Path(path), Path(working_dir).resolve()
+    p, wd = Path(path), working_dir_path(working_dir)
     if not p.exists():
         raise SystemExit(f"kd submit: {path!r} does not exist here")
     resolved = p.resolve()

@@ -79,8 +79,12 @@ def kd(*argv: str) -> str:
 
 
 def submit(address: str, *flags: str) -> str:
-    """`kd submit ...`; returns the submission id it printed."""
-    text = kd("submit", *flags, "--address", address, "--working-dir", str(ROOT), "--python", sys.executable,
+    """`kd submit ...`; returns the submission id it printed. The working dir is used in place
+    (`local://`): this cluster's three raylets share one machine and so one runtime-resources
+    folder, and Ray 2.60 re-extracts an uploaded working dir there (rmtree, then unzip) whenever
+    another raylet first sets it up: a job started earlier then imports from a half-written tree
+    (ModuleNotFoundError for a module that exists)."""
+    text = kd("submit", *flags, "--address", address, "--working-dir", f"local://{ROOT}", "--python", sys.executable,
               "--role-placement")
     return text.split("submitted ", 1)[1].split(":", 1)[0]
 

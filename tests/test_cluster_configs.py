@@ -136,6 +136,19 @@ def test_submission_keeps_data_out_and_paths_inside_the_working_dir(tmp_path):
     assert a != b and a.startswith("kd-train-my-run-1-")
 
 
+def test_an_in_place_working_dir_is_named_not_uploaded(tmp_path):
+    """`--working-dir local:///abs/path`: Ray runs the job in that directory on every node (shared
+    storage, the image), so nothing is excluded or uploaded and paths inside it stay relative."""
+    from cluster.submit import job_path, runtime_env
+
+    env = runtime_env(f"local://{tmp_path}")
+    assert env["working_dir"] == f"local://{tmp_path}" and "excludes" not in env
+    (tmp_path / "run.yaml").write_text("{}")
+    assert job_path(str(tmp_path / "run.yaml"), f"local://{tmp_path}") == "run.yaml"
+    with pytest.raises(SystemExit, match="must be absolute"):
+        runtime_env("local://relative/dir")
+
+
 def test_submission_waits_for_a_starting_cluster_s_job_agent():
     from cluster.submit import submit_job
 

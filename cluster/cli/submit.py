@@ -84,7 +84,9 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--app-name", help="teacher: Serve application name (default: the config's)")
     p.add_argument("--role-placement", action="store_true",
                    help="teacher replicas only on kd-role=teacher nodes, student workers only on kd-role=student")
-    p.add_argument("--working-dir", default=".", help="directory uploaded as the job's working_dir")
+    p.add_argument("--working-dir", default=".",
+                   help="directory uploaded as the job's working_dir, or local:///abs/path: a directory every "
+                        "node already has at that path (shared storage, the image), used in place")
     p.add_argument("--python", default="python", help="the Python interpreter on the cluster that has the "
                                                       "dependencies installed")
     p.add_argument("--submission-id", help="job id (default: kd-<kind>-<name>-<8 hex>, unique)")
