@@ -37,6 +37,7 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
         return f"connected to Ray cluster at {address}"
     cpus = num_cpus or default_local_cpus()
     ray.init(
+        address="local",  # a new cluster even when another runs here (else Ray joins that one and refuses num_cpus)
         num_cpus=cpus,
         include_dashboard=False,
         object_store_memory=(object_store_mb or 1024) * 2**20,

@@ -23,6 +23,7 @@ def ray_cluster():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # our own, even when another cluster runs on this machine
             num_cpus=8,
             include_dashboard=False,
             object_store_memory=512 * 1024 * 1024,

@@ -51,3 +51,20 @@ def test_quick_demo_writes_a_complete_report(ray_cluster, tmp_path):
     assert "data" in reusable_teacher(teacher_dir, teacher_identity(cfg, data_dir, 1))
     (teacher_dir / "demo_teacher.json").unlink()
     assert "records no" in reusable_teacher(teacher_dir, identity)
+
+
+def test_an_embedded_cluster_starts_even_when_another_runs_here(ray_cluster):
+    """`kd demo` / `kd train` without --address start their own cluster; with another one running on
+    the machine (here the session's), Ray's default would join it and refuse num_cpus."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    code = ("from cluster.local import init_ray; import ray; print(init_ray(quiet=True)); "
+            "print('GCS', ray.get_runtime_context().gcs_address); ray.shutdown()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "started an embedded local Ray cluster" in proc.stdout
+    own = proc.stdout.split("GCS ", 1)[1].split()[0]
+    assert own != ray_cluster.get_runtime_context().gcs_address
