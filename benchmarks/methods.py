@@ -1,21 +1,28 @@
-"""Distillation methods compared under one budget: the same student, data, epochs, batch and seed.
+"""Distillation methods compared under one budget: the same student, data, epochs, batch and seeds.
 
 Trains the `digits-student` preset on the digits train split with: no teacher (CLIP loss only),
-each method alone added to the CLIP task loss (kl, crd, fd, mfd, icl, gd, afd, embed_kd; their
-authors' weights, `student_trainer.losses.DEFAULT_WEIGHTS`), CLIP-KD's combination
-(clip + crd + icl + fd at 1/1/2000), and optionally SigLIP as the task loss with no teacher.
-`--with-inherit` adds, beside each row, the same run with the student initialised from the
-teacher's weights (`model.init_from_teacher`, TinyCLIP's weight inheritance) at the same budget.
-Each student is evaluated on the val split (zero-shot top-1, retrieval R@1 both ways); the table
-goes to `benchmarks/results/methods.md` and `methods.json` (rewritten atomically after each run).
+each method alone added to the CLIP task loss (kl, crd, fd, mfd, icl, gd, afd, embed_kd), CLIP-KD's
+combination (clip + crd + icl + fd), clip + icl + kl, and optionally SigLIP as the task loss.
+The runs go out `--concurrent` at a time as separate `kd train` processes on one shared teacher
+pool (`cluster.sweep.run_sweep`, what `kd sweep` runs), the runs of one seed together, so the
+pool coalesces the views they share; the report gives its computed/answered ratio.
+
+Weights come in two steps, to fit a 2-core machine: a calibration run over a grid of factors of
+each method's default weight (`student_trainer.losses.DEFAULT_WEIGHTS`) on a few seeds writes the
+best factor per method (`--grid 0.25 1 4 --choose cal.json`); the report run uses them on more
+seeds (`--weights-from cal.json`). Each student is evaluated on the val split (zero-shot top-1 and
+top-5, retrieval R@1 both ways): mean and 95 % Student-t interval over seeds, and the gain over the
+no-teacher run paired by seed. Table: `--out` (.md, .json beside it, rewritten atomically after
+each group), bar chart: the same name with .png.
 
 The teacher is a trained student-format checkpoint (model.pt + model_config.json, e.g. the
-demo's `<workdir>/teacher`), deployed once as a Serve app that every run shares (`--teacher-mode
-remote`, default) or loaded inside each worker (`inline`). Data defaults to the shards beside it.
+demo's `<workdir>/teacher`), deployed once as a Serve app that every run shares.
 
-    python benchmarks/methods.py --teacher-dir /tmp/demo-full/teacher --epochs 10 --seeds 0
-    python benchmarks/methods.py --teacher-dir /tmp/demo-full/teacher --only "clip + icl" --with-inherit \
-        --epochs 5 --seeds 0 1 --out /tmp/inherit/methods.md
+    python benchmarks/methods.py --teacher-dir /tmp/kd-demo-full/teacher --epochs 10 --seeds 0 1 \
+        --grid 0.25 1 4 --choose benchmarks/results/methods_calibration.json \
+        --out benchmarks/results/methods_calibration.md
+    python benchmarks/methods.py --teacher-dir /tmp/kd-demo-full/teacher --epochs 10 --seeds 0 1 2 3 4 \
+        --weights-from benchmarks/results/methods_calibration.json --out benchmarks/results/methods.md
 """
 from __future__ import annotations
 
@@ -50,21 +57,34 @@ SIGLIP_INIT = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}  # 
 INHERITED = " (init from teacher)"  # suffix of a row whose student starts from the teacher's weights
 
 
-def methods_to_run(with_siglip: bool, only: Optional[list[str]] = None,
-                   with_inherit: bool = False) -> dict[str, dict]:
-    """Row name → {"losses": weights, "teacher": bool, "overrides": model overrides, "inherit": bool};
-    with `with_inherit` each row is followed by its twin that starts from the teacher's weights."""
+def _factor_name(name: str, factor: float) -> str:
+    return name if factor == 1 else f"{name} ×{factor:g}"
+
+
+def methods_to_run(with_siglip: bool, only: Optional[list[str]] = None, with_inherit: bool = False,
+                   grid: tuple[float, ...] = (1.0,), chosen: Optional[dict[str, float]] = None) -> dict[str, dict]:
+    """Row name → {"losses": weights, "teacher": bool, "overrides": model overrides, "inherit": bool}.
+
+    Each single method runs at its default weight times every factor of `grid` (rows
+    `clip + fd ×0.25`, ...), or at the factor `chosen` for it by a calibration run (rows `clip + fd`);
+    CLIP-KD's combination takes its members' chosen factors. With `with_inherit` each row is
+    followed by its twin that starts from the teacher's weights."""
+    chosen = chosen or {}
     rows = {"no teacher (clip)": {"losses": {"clip": 1.0}, "teacher": False, "overrides": {}}}
     if with_siglip:
         rows["no teacher (siglip)"] = {"losses": {"siglip": 1.0}, "teacher": False, "overrides": SIGLIP_INIT}
     for name in SINGLE:
-        rows[f"clip + {name}"] = {"losses": {"clip": 1.0, name: DEFAULT_WEIGHTS[name]}, "teacher": True,
-                                  "overrides": {}}
-    rows["clip + icl + kl"] = {"losses": {"clip": 1.0, "icl": DEFAULT_WEIGHTS["icl"], "kl": DEFAULT_WEIGHTS["kl"]},
+        factors = (chosen[name],) if name in chosen else grid
+        for factor in factors:
+            row = f"clip + {name}" if name in chosen else _factor_name(f"clip + {name}", factor)
+            rows[row] = {"losses": {"clip": 1.0, name: DEFAULT_WEIGHTS[name] * factor}, "teacher": True,
+                         "overrides": {}, "method": name, "factor": factor}
+    rows["clip + icl + kl"] = {"losses": {"clip": 1.0, "icl": DEFAULT_WEIGHTS["icl"] * chosen.get("icl", 1.0),
+                                          "kl": DEFAULT_WEIGHTS["kl"] * chosen.get("kl", 1.0)},
                                "teacher": True, "overrides": {}}
     rows["CLIP-KD (clip+crd+icl+fd)"] = {
-        "losses": {"clip": 1.0, "crd": DEFAULT_WEIGHTS["crd"], "icl": DEFAULT_WEIGHTS["icl"],
-                   "fd": DEFAULT_WEIGHTS["fd"]}, "teacher": True, "overrides": {}}
+        "losses": {"clip": 1.0, **{m: DEFAULT_WEIGHTS[m] * chosen.get(m, 1.0) for m in ("crd", "icl", "fd")}},
+        "teacher": True, "overrides": {}}
     if only:
         unknown = sorted(set(only) - set(rows))
         if unknown:
@@ -78,6 +98,19 @@ def methods_to_run(with_siglip: bool, only: Optional[list[str]] = None,
         twinned[name] = spec
         twinned[name + INHERITED] = {**spec, "inherit": True}
     return twinned
+
+
+def choose_factors(report: dict) -> dict[str, dict]:
+    """Per method, the grid factor with the highest mean zero-shot top-1 over the seeds run (ties:
+    the factor nearest the authors' weight, 1), with every factor's mean for the record."""
+    by_method: dict[str, dict[float, float]] = {}
+    for name, spec in report["methods"].items():
+        s = report["summary"].get(name, {})
+        if spec.get("method") and s.get("runs"):
+            by_method.setdefault(spec["method"], {})[spec["factor"]] = s["zero_shot_top1"]
+    return {m: {"factor": max(scores, key=lambda f: (scores[f], -abs(math.log(f)))),
+                "mean_top1_by_factor": {f"{f:g}": round(v, 4) for f, v in sorted(scores.items())}}
+            for m, scores in by_method.items()}
 
 
 def teacher_config(teacher_dir: Path) -> TeacherConfig:
@@ -114,7 +147,7 @@ def find_data(args: argparse.Namespace) -> Path:
 
 
 def train_cfg(args, data: Path, name: str, spec: dict, seed: int, tcfg: TeacherConfig) -> TrainConfig:
-    mode = args.teacher_mode if spec["teacher"] else "none"
+    mode = spec.get("mode", args.teacher_mode) if spec["teacher"] else "none"
     inherit = bool(spec.get("inherit"))  # the weights come from the teacher's config in every mode
     return TrainConfig(
         run_name=f"methods-{_slug(name)}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -122,7 +155,8 @@ def train_cfg(args, data: Path, name: str, spec: dict, seed: int, tcfg: TeacherC
         model=ModelConfig(name=STUDENT, overrides=dict(spec["overrides"]), init_from_teacher=inherit),
         data=DataConfig(train_shards=str(data / "train-*.tar"), val_shards=str(data / "val-*.tar"),
                         image_size=32, batch_size=args.batch_size),
-        teacher=TeacherSourceConfig(mode=mode, app_name=APP, teacher=tcfg if mode == "inline" or inherit else None),
+        teacher=TeacherSourceConfig(mode=mode, app_name=APP, teacher=tcfg if mode == "inline" or inherit else None,
+                                    cache_path=spec.get("cache_path")),
         losses=dict(spec["losses"]), epochs=args.epochs, num_workers=args.workers, seed=seed,
         log_every_steps=0, torch_threads=1,
     ).validate()
@@ -132,27 +166,49 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
 
 
-def run_one(args, data: Path, name: str, spec: dict, seed: int, tcfg: TeacherConfig) -> dict:
-    from student_trainer.evaluate import evaluate_checkpoint
-    from student_trainer.train import run_training
+def run_group(args, data: Path, items: list[tuple[str, dict, int]], tcfg: TeacherConfig,
+              address: str) -> list[dict]:
+    """Every (row, spec, seed) of `items` as its own `kd train` process, all at once on the shared
+    teacher pool (`cluster.sweep.run_sweep`: what `kd sweep` runs), then each checkpoint evaluated
+    here. A run that fails is recorded with its error; the others keep their results."""
+    from cluster.sweep import run_sweep
 
-    cfg = train_cfg(args, data, name, spec, seed, tcfg)
-    start = time.perf_counter()
-    result = run_training(cfg)
-    wall = time.perf_counter() - start
-    with result.checkpoint.as_directory() as d:
-        ev = evaluate_checkpoint(d, str(data / "val-*.tar"))
-        scales = final_scales(Path(d))
-        init = (read_provenance(d) or {}).get("init")
-    m = result.metrics
+    cfgs = [train_cfg(args, data, name, spec, seed, tcfg) for name, spec, seed in items]
+    paths = []
+    for cfg in cfgs:
+        path = Path(args.workdir) / "configs" / f"{cfg.run_name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cfg.to_yaml(path)
+        paths.append(str(path))
+    outcomes = run_sweep(paths, address)
+    return [_evaluated(cfg, outcome, data, seed) for cfg, outcome, (_, _, seed) in zip(cfgs, outcomes, items)]
+
+
+def _evaluated(cfg: TrainConfig, outcome, data: Path, seed: int) -> dict:
+    from student_trainer.checkpoint import latest_checkpoint
+    from student_trainer.evaluate import evaluate_checkpoint
+
+    checkpoint = latest_checkpoint(Path(cfg.storage_path) / cfg.run_name)
+    if outcome.returncode != 0 or checkpoint is None:
+        return {"seed": seed, "error": f"kd train exited {outcome.returncode} (run {cfg.run_name})"}
+    ev = evaluate_checkpoint(checkpoint, str(data / "val-*.tar"))
+    m = outcome.metrics or {}
     return {
-        "seed": seed, "zero_shot_top1": ev["zero_shot_top1"], "zero_shot_top5": ev["zero_shot_top5"],
-        "i2t_r1": ev["i2t_r1"], "t2i_r1": ev["t2i_r1"], "val_samples": ev["samples"],
+        "seed": seed, "run_name": cfg.run_name, **{k: ev[k] for k in EVAL_KEYS}, "val_samples": ev["samples"],
         "samples_per_s": m.get("run_samples_per_s"), "peak_rss_mb": m.get("peak_rss_mb"),
-        "peak_gpu_mem_mb": m.get("peak_gpu_mem_mb"), "wall_time_s": round(wall, 1),
-        "teacher_requests": m.get("teacher_requests"), **scales, "init": init,
+        "wall_time_s": outcome.wall_time_s, "teacher_requests": m.get("teacher_requests"),
+        **final_scales(checkpoint), "init": (read_provenance(checkpoint) or {}).get("init"),
         "final_losses": {k: v for k, v in m.items() if k.endswith("_loss")},
     }
+
+
+def pool_counts(app: str) -> dict:
+    """The pool's answered / computed / coalesced samples and forward seconds so far."""
+    from teacher_service.app import collect_stats, get_teacher_handle
+
+    stats = collect_stats(get_teacher_handle(app))
+    return {k: stats.get(k, 0) for k in ("samples", "samples_requested", "samples_computed", "samples_coalesced",
+                                         "samples_from_cache", "forward_s")}
 
 
 def final_scales(checkpoint_dir: Path) -> dict:
@@ -167,17 +223,37 @@ def final_scales(checkpoint_dir: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- report
-METRICS = ("zero_shot_top1", "i2t_r1", "t2i_r1", "samples_per_s", "peak_rss_mb")
+EVAL_KEYS = ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "t2i_r1")
+METRICS = (*EVAL_KEYS, "samples_per_s", "peak_rss_mb")
+BASELINE = "no teacher (clip)"
 
 
-def summarise(runs: list[dict]) -> dict:
+def interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and its two-sided 95 % Student-t interval (a single value: that value, no width)."""
+    from scipy.stats import t
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, mean, mean
+    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def summarise(runs: list[dict], baseline: Optional[list[dict]] = None) -> dict:
+    """Mean, 95 % interval, min and max of every metric over seeds; with the baseline's runs, the
+    gain over it paired by seed (same seed: same data order, views and initialisation)."""
     ok = [r for r in runs if "error" not in r]
-    out = {"runs": len(ok), "errors": [r["error"] for r in runs if "error" in r]}
+    out = {"runs": len(ok), "seeds": [r["seed"] for r in ok], "errors": [r["error"] for r in runs if "error" in r]}
     for key in METRICS:
         values = [r[key] for r in ok if r.get(key) is not None]
         if values:
-            out[key] = statistics.median(values)
+            out[key], out[f"{key}_lo"], out[f"{key}_hi"] = interval(values)
             out[f"{key}_min"], out[f"{key}_max"] = min(values), max(values)
+    base = {r["seed"]: r for r in (baseline or []) if "error" not in r}
+    for key in EVAL_KEYS:
+        gains = [r[key] - base[r["seed"]][key] for r in ok if r["seed"] in base and r.get(key) is not None]
+        if gains:
+            out[f"gain_{key}"], out[f"gain_{key}_lo"], out[f"gain_{key}_hi"] = interval(gains)
     return out
 
 
@@ -185,12 +261,13 @@ def _pct(v: Optional[float]) -> str:
     return "—" if v is None else f"{100 * v:.1f}"
 
 
-def _cell(s: dict, key: str, pct: bool) -> str:
+def _cell(s: dict, key: str, pct: bool, signed: bool = False) -> str:
+    """`mean [lo, hi]` (95 % interval over seeds) in percent or units; just the mean for one seed."""
     if key not in s:
         return "—"
-    fmt = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.0f}")
-    if s["runs"] > 1 and s[f"{key}_min"] != s[f"{key}_max"]:
-        return f"{fmt(s[key])} ({fmt(s[key + '_min'])}–{fmt(s[key + '_max'])})"
+    fmt = (lambda v: f"{100 * v:{'+' if signed else ''}.1f}") if pct else (lambda v: f"{v:.0f}")
+    if s["runs"] > 1 and s[f"{key}_lo"] != s[f"{key}_hi"]:
+        return f"{fmt(s[key])} [{fmt(s[key + '_lo'])}, {fmt(s[key + '_hi'])}]"
     return fmt(s[key])
 
 
@@ -328,7 +405,7 @@ def _blocks_text(runs: list[dict]) -> str:
 
 def render(report: dict) -> str:
     summary, meta = report["summary"], report["meta"]
-    base = summary.get("no teacher (clip)", {}).get("zero_shot_top1")
+    base = summary.get(BASELINE, {}).get("zero_shot_top1")
     seeds = meta["seeds"]
     lines = [
         "# Distillation methods on the digits task, one budget",
@@ -348,28 +425,32 @@ def render(report: dict) -> str:
         f"i2t R@1 {_pct(meta.get('teacher_eval', {}).get('i2t_r1'))}, "
         f"t2i R@1 {_pct(meta.get('teacher_eval', {}).get('t2i_r1'))}.",
         "",
-        "| run | losses (weights) | zero-shot top-1 % | Δ vs no teacher | i2t R@1 % | t2i R@1 % | samples/s | peak RSS MB | load |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | losses (weights) | zero-shot top-1 % | gain vs no teacher, paired (points) | top-5 % | "
+        "i2t R@1 % | t2i R@1 % | gain in i2t R@1 | samples/s | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
         losses = ", ".join(f"{k} {v:g}" for k, v in report["methods"][name]["losses"].items())
         if s["runs"] == 0:
             status = f"failed: {s['errors'][0][:80]}" if s["errors"] else "not run yet"
-            lines.append(f"| {name} | {losses} | {status} | | | | | | |")
+            lines.append(f"| {name} | {losses} | {status} | | | | | | | |")
             continue
-        delta = "" if base is None or name == "no teacher (clip)" else f"{100 * (s['zero_shot_top1'] - base):+.1f}"
-        lines.append(f"| {name} | {losses} | {_cell(s, 'zero_shot_top1', True)} | {delta} | "
-                     f"{_cell(s, 'i2t_r1', True)} | {_cell(s, 't2i_r1', True)} | "
-                     f"{_cell(s, 'samples_per_s', False)} | {_cell(s, 'peak_rss_mb', False)} | "
-                     f"{_load(report['runs'][name])} |")
+        lines.append(f"| {name} | {losses} | {_cell(s, 'zero_shot_top1', True)} | "
+                     f"{_cell(s, 'gain_zero_shot_top1', True, signed=True) if name != BASELINE else ''} | "
+                     f"{_cell(s, 'zero_shot_top5', True)} | {_cell(s, 'i2t_r1', True)} | {_cell(s, 't2i_r1', True)} | "
+                     f"{_cell(s, 'gain_i2t_r1', True, signed=True) if name != BASELINE else ''} | "
+                     f"{_cell(s, 'samples_per_s', False)} | {s['runs']} |")
     n = meta.get("val_samples") or 0
     se = 100 * math.sqrt(base * (1 - base) / n) if base is not None and n else None
     lines += ["", "## How much to trust this", ""]
     if len(seeds) == 1:
         lines.append("- One seed per run: the seed-to-seed spread is not measured here, so the table "
-                     "gives single values, not medians.")
+                     "gives single values.")
     else:
-        lines.append(f"- Median over seeds {seeds}, (min–max) in brackets.")
+        lines.append(f"- Mean over seeds {seeds} with its 95 % Student-t interval in brackets. The gain "
+                     f"columns pair each run with the no-teacher run of the same seed (same data order, "
+                     f"views and initialisation) and give the mean difference and its interval: an "
+                     f"interval that excludes 0 is a gain (or loss) the seeds agree on.")
     if se is not None:
         lines.append(f"- Evaluation noise alone: with {n} val images the standard error of a top-1 near "
                      f"{100 * base:.0f} % is about {se:.1f} points, so differences under ~{2 * se:.0f} points "
@@ -384,6 +465,9 @@ def render(report: dict) -> str:
                  f"Total benchmark wall time: {meta.get('wall_time_s', 0) / 60:.1f} min.")
     if meta.get("postscript"):
         lines.append(f"- {meta['postscript']}")
+    lines += pool_lines(meta)
+    lines += calibration_lines(meta)
+    lines += cost_lines(report)
     lines.append("- `clip + embed_kd` asks the teacher only once, for its class centroids "
                  "(100 center views per class), not per batch.")
     notes = reading_notes(report, base)
@@ -391,6 +475,152 @@ def render(report: dict) -> str:
         lines += ["", "## Reading the numbers", "", *notes]
     lines += ["", *ranking_note(summary, base)]
     return "\n".join(lines) + "\n"
+
+
+def pool_lines(meta: dict) -> list[str]:
+    """The shared pool's work: runs of one seed ran at once and asked for the same views."""
+    pool = meta.get("pool")
+    if not pool or not pool.get("samples"):
+        return []
+    ratio = pool["samples_computed"] / pool["samples"]
+    return [f"- One teacher pool served every run, {meta.get('concurrent', 1)} `kd train` processes at a time "
+            f"(`cluster.sweep.run_sweep`, what `kd sweep` runs; the runs of one seed together). It answered "
+            f"{pool['samples']:,} samples and computed {pool['samples_computed']:,}: computed/answered = "
+            f"{ratio:.3f} ({pool['samples_coalesced']:,} answered by coalescing identical views across runs, "
+            f"{pool['forward_s']:.0f} s of teacher forwards)."]
+
+
+def calibration_lines(meta: dict) -> list[str]:
+    """Which weight each method runs at, and the calibration it came from."""
+    cal = meta.get("calibration")
+    if not cal:
+        return []
+    lines = ["", "## Weights", "", f"Chosen on seeds {cal.get('seeds')} from the grid ×{cal.get('grid')} of each "
+             f"method's default weight (`{cal.get('file')}`): the factor with the best mean zero-shot top-1.", "",
+             "| method | chosen factor | mean top-1 % by factor |", "|---|---|---|"]
+    for method, c in cal["methods"].items():
+        by = ", ".join(f"×{f}: {100 * v:.1f}" for f, v in c["mean_top1_by_factor"].items())
+        lines.append(f"| {method} | ×{c['factor']:g} | {by} |")
+    return lines
+
+
+COST_MODES = ("remote", "hybrid", "cache", "inline")
+
+
+def run_costs(args, data: Path, row: str, spec: dict, tcfg: TeacherConfig, address: str) -> dict[str, list[dict]]:
+    """`row`'s recipe in every teacher mode, one run at a time, with the teacher-seconds each spent:
+    the pool's forward seconds during the run (remote, hybrid), the precompute's teacher seconds
+    (cache: paid once per seed and view set, before training), the workers' time blocked in the
+    teacher's forward (inline: rank 0's `teacher_wait_s` × workers). Hybrid runs twice per seed on
+    one cache: cold (every sample a miss), then warm (the same views, now cached)."""
+    from teacher_service.cache.precompute import precompute
+
+    out: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        for mode in args.cost_modes:
+            cache = Path(args.workdir) / "cost-caches" / f"{mode}-s{seed}"
+            passes = ("hybrid (cold)", "hybrid (warm)") if mode == "hybrid" else (mode,)
+            pre_s = 0.0
+            if mode == "cache":
+                summary = precompute([str(p) for p in sorted(data.glob("train-*.tar"))], str(cache),
+                                     views=args.epochs, teacher=tcfg, image_size=32, seed=seed, progress=False)
+                pre_s = summary.teacher_s
+            for label in passes:
+                before = pool_counts(APP)
+                run_spec = {**spec, "mode": mode, "cache_path": str(cache) if mode in ("cache", "hybrid") else None}
+                row_out = run_group(args, data, [(f"{row} [{label}]", run_spec, seed)], tcfg, address)[0]
+                after = pool_counts(APP)
+                pool_s = after["forward_s"] - before["forward_s"]
+                inline_s = (row_out.get("teacher_wait_s") or 0.0) * args.workers
+                row_out["teacher_s"] = round({"cache": pre_s, "inline": inline_s}.get(mode, pool_s), 2)
+                row_out["mode"] = label
+                out.setdefault(label, []).append(row_out)
+                print(f"    cost {label} seed {seed}: teacher {row_out['teacher_s']} s, top-1 "
+                      f"{row_out.get('zero_shot_top1')}", flush=True)
+    return out
+
+
+def cost_lines(report: dict) -> list[str]:
+    cost = report.get("cost")
+    if not cost:
+        return []
+    lines = ["", f"## What each teacher mode buys ({report['meta']['cost_row']})", "",
+             "| mode | zero-shot top-1 % | teacher-seconds per run | wall s per run | seeds |", "|---|---|---|---|---|"]
+    for label, runs in cost.items():
+        s = summarise(runs)
+        teacher = [r["teacher_s"] for r in runs if "teacher_s" in r]
+        wall = [r["wall_time_s"] for r in runs if r.get("wall_time_s")]
+        lines.append(f"| {label} | {_cell(s, 'zero_shot_top1', True)} | "
+                     f"{statistics.fmean(teacher):.1f} | {statistics.fmean(wall):.0f} | {s['runs']} |" if teacher and wall
+                     else f"| {label} | failed | | | |")
+    lines += ["", "Teacher-seconds: the pool's forward seconds during the run (remote, hybrid), the precompute's "
+              "(cache; paid once, before training, for all its epochs' views), the workers' time in the "
+              "teacher's forward (inline). All on the same CPU cores here; on a cluster remote and hybrid spend "
+              "them on the teacher's node, inline on every student worker."]
+    return lines
+
+
+def plot_cost(report: dict, path: Path) -> None:
+    """Student top-1 against teacher-seconds, one point per mode (mean over seeds, 95 % interval)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, runs in report.get("cost", {}).items():
+        ok = [r for r in runs if "teacher_s" in r and "zero_shot_top1" in r]
+        if not ok:
+            continue
+        mean, lo, hi = interval([100 * r["zero_shot_top1"] for r in ok])
+        t = statistics.fmean(r["teacher_s"] for r in ok)
+        ax.errorbar([t], [mean], yerr=[[mean - lo], [hi - mean]], fmt="o", capsize=3, label=label)
+    base = report["summary"].get(BASELINE, {}).get("zero_shot_top1")
+    if base is not None:
+        ax.axhline(100 * base, color="0.3", linestyle="--", label="no teacher")
+    ax.set_xlabel("teacher-seconds per student run")
+    ax.set_ylabel("zero-shot top-1 %")
+    ax.set_title(report["meta"]["cost_row"])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Zero-shot top-1 per row: mean with its 95 % interval, the no-teacher mean and the teacher."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(n, s) for n, s in report["summary"].items() if s.get("runs")]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+    means = [100 * s["zero_shot_top1"] for _, s in rows]
+    errs = [[100 * (s["zero_shot_top1"] - s["zero_shot_top1_lo"]) for _, s in rows],
+            [100 * (s["zero_shot_top1_hi"] - s["zero_shot_top1"]) for _, s in rows]]
+    ax.barh(range(len(rows)), means, xerr=errs, color=["0.6" if n == BASELINE else "C0" for n, _ in rows], capsize=3)
+    ax.set_yticks(range(len(rows)), [n for n, _ in rows])
+    ax.invert_yaxis()
+    base = report["summary"].get(BASELINE, {}).get("zero_shot_top1")
+    if base is not None:
+        ax.axvline(100 * base, color="0.3", linestyle="--", label="no teacher (mean)")
+    teacher = report["meta"].get("teacher_eval", {}).get("zero_shot_top1")
+    if teacher is not None:
+        ax.axvline(100 * teacher, color="C3", linestyle=":", label="teacher")
+    meta = report["meta"]
+    ax.set_xlabel(f"zero-shot top-1 % on digits val (mean, 95 % interval over seeds {meta['seeds']})")
+    ax.set_title(f"{STUDENT}, {meta['epochs']} epochs, teacher {meta['teacher_model']}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -401,7 +631,8 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def save(report: dict, out: Path) -> None:
-    report["summary"] = {name: summarise(runs) for name, runs in report["runs"].items()}
+    baseline = report["runs"].get(BASELINE)
+    report["summary"] = {name: summarise(runs, baseline) for name, runs in report["runs"].items()}
     write_atomic(out.with_suffix(".json"), json.dumps(report, indent=2, default=str))
     write_atomic(out, render(report))
 
@@ -441,6 +672,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
                              f"(row name + {INHERITED.strip()!r})")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "methods.md"))
     parser.add_argument("--address", help="Ray cluster address (default: an embedded local cluster)")
+    parser.add_argument("--concurrent", type=int, default=2,
+                        help="student runs at once on the shared pool (each a `kd train` process, as `kd sweep`)")
+    parser.add_argument("--grid", type=float, nargs="+", default=[1.0],
+                        help="factors of each method's default weight to run (calibration), e.g. 0.25 1 4")
+    parser.add_argument("--choose", help="after the runs, write each method's best grid factor to this JSON")
+    parser.add_argument("--weights-from", help="run each method at the factor a --choose file picked")
+    parser.add_argument("--cost-row", help="also run this row in every --cost-modes mode, one run at a time, "
+                                           "and report teacher-seconds against accuracy (OUT_cost.png)")
+    parser.add_argument("--cost-modes", nargs="+", choices=COST_MODES, default=list(COST_MODES))
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite the .md from the existing .json (no training)")
     args = parser.parse_args(argv)
@@ -460,7 +700,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     teacher_dir = Path(args.teacher_dir).resolve()
     tcfg = teacher_config(teacher_dir)
     data = find_data(args)
-    methods = methods_to_run(args.with_siglip, args.only, args.with_inherit)
+    calibration = json.loads(Path(args.weights_from).read_text()) if args.weights_from else None
+    chosen = {m: c["factor"] for m, c in calibration["methods"].items()} if calibration else None
+    methods = methods_to_run(args.with_siglip, args.only, args.with_inherit, tuple(args.grid), chosen)
     out = Path(args.out)
     teacher_eval = evaluate_teacher(tcfg, str(data / "val-*.tar"))
     report = {
@@ -475,33 +717,54 @@ def main(argv: Optional[list[str]] = None) -> dict:
             "teacher_eval": {k: v for k, v in teacher_eval.items() if k != "fingerprint"},
             "student_params": count_parameters(create_student(ModelConfig(name=STUDENT))),
             "data_dir": str(data),
-            "load_avg_1m_start": round(os.getloadavg()[0], 2),
+            "load_avg_1m_start": round(os.getloadavg()[0], 2), "concurrent": args.concurrent,
+            "calibration": {**calibration, "file": args.weights_from} if calibration else None,
             **model_facts(teacher_dir),
         },
         "methods": methods, "runs": {name: [] for name in methods},
     }
     bench_start = time.perf_counter()
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
     if args.teacher_mode == "remote":
         deploy(tcfg).info.remote().result(timeout_s=300)
+    items = [(name, spec, seed) for seed in args.seeds for name, spec in methods.items()]
+    groups = [items[i:i + args.concurrent] for i in range(0, len(items), args.concurrent)]
     try:
-        for seed in args.seeds:
-            for name, spec in methods.items():
-                print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed} ...", flush=True)
-                try:
-                    row = run_one(args, data, name, spec, seed, tcfg)
-                except Exception as exc:  # one failed method must not lose the others' results
-                    row = {"seed": seed, "error": f"{type(exc).__name__}: {exc}"}
+        start_counts = pool_counts(APP) if args.teacher_mode == "remote" else None
+        for group in groups:
+            print(f"[{time.strftime('%H:%M:%S')}] " + "; ".join(f"{n} seed {sd}" for n, _, sd in group), flush=True)
+            for (name, _, _), row in zip(group, run_group(args, data, group, tcfg, address)):
                 row["load_avg_1m"] = round(os.getloadavg()[0], 2)
                 report["runs"][name].append(row)
                 report["meta"]["val_samples"] = row.get("val_samples", report["meta"].get("val_samples"))
-                report["meta"]["wall_time_s"] = round(time.perf_counter() - bench_start, 1)
-                report["meta"]["load_avg_1m_runs"] = report["meta"].get("load_avg_1m_runs", []) + [
-                    round(os.getloadavg()[0], 2)]
-                save(report, out)
-                print(f"    {json.dumps({k: v for k, v in row.items() if k != 'final_losses'})}", flush=True)
+                print(f"    {name}: {json.dumps({k: v for k, v in row.items() if k in EVAL_KEYS or k == 'error'})}",
+                      flush=True)
+            report["meta"]["wall_time_s"] = round(time.perf_counter() - bench_start, 1)
+            if start_counts is not None:
+                now = pool_counts(APP)
+                report["meta"]["pool"] = {k: round(now[k] - start_counts[k], 3) for k in now}
+            save(report, out)
     finally:
         if args.teacher_mode == "remote":
             serve.delete(APP)
+    if args.cost_row:
+        if args.cost_row not in methods:
+            raise SystemExit(f"--cost-row {args.cost_row!r} is not one of the rows run: {list(methods)}")
+        deploy(tcfg).info.remote().result(timeout_s=300)
+        try:
+            report["meta"]["cost_row"] = args.cost_row
+            report["cost"] = run_costs(args, data, args.cost_row, methods[args.cost_row], tcfg, address)
+            save(report, out)
+            plot_cost(report, out.with_name(out.stem + "_cost.png"))
+        finally:
+            serve.delete(APP)
+    if args.choose:
+        picked = {"seeds": args.seeds, "grid": args.grid, "epochs": args.epochs, "from": str(out),
+                  "methods": choose_factors(report)}
+        write_atomic(Path(args.choose), json.dumps(picked, indent=2))
+    plot(report, out.with_suffix(".png"))
     print(render(report))
     return report
 

@@ -1,0 +1,52 @@
+"""The quality benchmark's arithmetic (benchmarks/methods.py): intervals, seed-paired gains, the
+weight grid and the choice of weights — restated here by hand, no Ray."""
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("methods", Path(__file__).resolve().parents[1] / "benchmarks" / "methods.py")
+methods = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(methods)
+
+
+def test_interval_is_the_student_t_95_percent_interval_of_the_mean():
+    values = [0.80, 0.86, 0.83]
+    mean = sum(values) / 3
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)
+    t_975_df2 = 4.302652729911275  # table value
+    assert methods.interval(values) == pytest.approx((mean, mean - t_975_df2 * sd / math.sqrt(3),
+                                                      mean + t_975_df2 * sd / math.sqrt(3)))
+    assert methods.interval([0.5]) == (0.5, 0.5, 0.5)
+
+
+def test_gains_are_paired_by_seed_and_failed_runs_are_left_out():
+    base = [{"seed": s, "zero_shot_top1": v, "zero_shot_top5": 1, "i2t_r1": 0, "t2i_r1": 0}
+            for s, v in [(0, 0.60), (1, 0.40), (2, 0.65)]]
+    runs = [{"seed": 2, "zero_shot_top1": 0.85, "zero_shot_top5": 1, "i2t_r1": 0, "t2i_r1": 0},
+            {"seed": 0, "zero_shot_top1": 0.80, "zero_shot_top5": 1, "i2t_r1": 0, "t2i_r1": 0},
+            {"seed": 1, "error": "kd train exited 1"}]
+    s = methods.summarise(runs, base)
+    assert s["runs"] == 2 and s["errors"] == ["kd train exited 1"]
+    assert s["gain_zero_shot_top1"] == pytest.approx(0.20)  # (0.85-0.65 + 0.80-0.60) / 2, not vs seed 1
+    assert s["gain_zero_shot_top1_lo"] == pytest.approx(0.20) == s["gain_zero_shot_top1_hi"]  # no spread
+    assert s["zero_shot_top1"] == pytest.approx(0.825)
+
+
+def test_the_grid_runs_every_factor_and_the_choice_keeps_the_best_one():
+    rows = methods.methods_to_run(False, grid=(0.25, 1.0, 4.0))
+    fd = {n: r for n, r in rows.items() if r.get("method") == "fd"}
+    assert set(fd) == {"clip + fd ×0.25", "clip + fd", "clip + fd ×4"}
+    assert fd["clip + fd ×4"]["losses"]["fd"] == 4 * methods.DEFAULT_WEIGHTS["fd"]
+    report = {"methods": fd, "summary": {"clip + fd ×0.25": {"runs": 2, "zero_shot_top1": 0.7},
+                                         "clip + fd": {"runs": 2, "zero_shot_top1": 0.6},
+                                         "clip + fd ×4": {"runs": 0}}}
+    assert methods.choose_factors(report)["fd"]["factor"] == 0.25
+    chosen = methods.methods_to_run(False, chosen={"fd": 0.25, "icl": 2.0})
+    assert chosen["clip + fd"]["losses"]["fd"] == 0.25 * methods.DEFAULT_WEIGHTS["fd"]
+    assert chosen["CLIP-KD (clip+crd+icl+fd)"]["losses"] == {
+        "clip": 1.0, "crd": methods.DEFAULT_WEIGHTS["crd"], "icl": 2.0 * methods.DEFAULT_WEIGHTS["icl"],
+        "fd": 0.25 * methods.DEFAULT_WEIGHTS["fd"]}
