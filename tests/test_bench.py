@@ -137,5 +137,8 @@ def test_smoke_run_of_every_section(ray_cluster, tmp_path):
     assert any(n.startswith("served / direct") for n in names)
     assert any(n.startswith("answered without own forward (shared, 2 run(s))") for n in names)
     assert all(r["kind"] == "model" or r["kind"] == "derived" for r in doc["records"] if r["section"] == "scale")
+    fed = {r["name"].rsplit("(", 1)[1]: r for r in doc["records"] if "NIC keeps fed" in r["name"]}
+    assert set(fed) == {"pixels)", "by reference)"}  # by reference, far fewer bytes: far more GPUs per NIC
+    assert fed["by reference)"]["median"] > 10 * fed["pixels)"]["median"]
     md = (out / "bench.md").read_text()
     assert "not a measurement" in md and "Smoke run" in md

@@ -87,13 +87,19 @@ def run_scale(run: BenchRun) -> None:
             kind="model", note=note)
     for student in sc.students:
         _student_rows(run, student, teacher_sps, base, eff, note)
+    from cluster.bench.pool import reference_wire_bytes
+
+    ref_bytes = reference_wire_bytes(64, sc.image_size, sc.context_length)
     for gbps in sc.link_gbps:
         link = gbps * 1e9 / 8
-        fed = link / (teacher_sps * req_bytes)
-        run.add(SECTION, f"{sc.teacher} teacher GPUs one {gbps:g} Gb/s NIC keeps fed", "GPUs", [fed],
-                params={**base, "link_gbps": gbps, "request_bytes_per_sample": round(req_bytes)}, kind="model",
-                target=f">= {sc.gpus_per_node} (one node's GPUs)",
-                note=f"below {sc.gpus_per_node}: the network, not the GPUs, limits a {sc.gpus_per_node}-GPU teacher node")
+        for form, per_sample in (("pixels", req_bytes), ("by reference", ref_bytes)):
+            fed = link / (teacher_sps * per_sample)
+            run.add(SECTION, f"{sc.teacher} teacher GPUs one {gbps:g} Gb/s NIC keeps fed ({form})", "GPUs", [fed],
+                    params={**base, "link_gbps": gbps, "request_bytes_per_sample": round(per_sample)}, kind="model",
+                    target=f">= {sc.gpus_per_node} (one node's GPUs)",
+                    note=f"below {sc.gpus_per_node}: the network, not the GPUs, limits a {sc.gpus_per_node}-GPU "
+                         "teacher node" + ("; by reference the teacher reads the shards from shared storage "
+                                           "instead (its read bandwidth is not modelled)" if form != "pixels" else ""))
 
 
 def _student_rows(run: BenchRun, student: str, teacher_sps: float, base: dict, eff: float | None,
