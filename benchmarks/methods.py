@@ -197,6 +197,7 @@ def _evaluated(cfg: TrainConfig, outcome, data: Path, seed: int) -> dict:
         "seed": seed, "run_name": cfg.run_name, **{k: ev[k] for k in EVAL_KEYS}, "val_samples": ev["samples"],
         "samples_per_s": m.get("run_samples_per_s"), "peak_rss_mb": m.get("peak_rss_mb"),
         "wall_time_s": outcome.wall_time_s, "teacher_requests": m.get("teacher_requests"),
+        "teacher_wait_s": m.get("teacher_wait_s"),
         **final_scales(checkpoint), "init": (read_provenance(checkpoint) or {}).get("init"),
         "final_losses": {k: v for k, v in m.items() if k.endswith("_loss")},
     }
@@ -486,8 +487,9 @@ def pool_lines(meta: dict) -> list[str]:
     return [f"- One teacher pool served every run, {meta.get('concurrent', 1)} `kd train` processes at a time "
             f"(`cluster.sweep.run_sweep`, what `kd sweep` runs; the runs of one seed together). It answered "
             f"{pool['samples']:,} samples and computed {pool['samples_computed']:,}: computed/answered = "
-            f"{ratio:.3f} ({pool['samples_coalesced']:,} answered by coalescing identical views across runs, "
-            f"{pool['forward_s']:.0f} s of teacher forwards)."]
+            f"{ratio:.3f}: {pool['samples_coalesced']:,} joined an identical request in flight and "
+            f"{pool['samples_from_cache']:,} came from the replicas' table of recent rows (another run had "
+            f"asked for the same view), {pool['forward_s']:.0f} s of teacher forwards in all."]
 
 
 def calibration_lines(meta: dict) -> list[str]:
@@ -526,6 +528,7 @@ def run_costs(args, data: Path, row: str, spec: dict, tcfg: TeacherConfig, addre
                                      views=args.epochs, teacher=tcfg, image_size=32, seed=seed, progress=False)
                 pre_s = summary.teacher_s
             for label in passes:
+                fresh_pool(tcfg)  # no recent rows from the previous pass: each pass pays for its own views
                 before = pool_counts(APP)
                 run_spec = {**spec, "mode": mode, "cache_path": str(cache) if mode in ("cache", "hybrid") else None}
                 row_out = run_group(args, data, [(f"{row} [{label}]", run_spec, seed)], tcfg, address)[0]
@@ -538,6 +541,17 @@ def run_costs(args, data: Path, row: str, spec: dict, tcfg: TeacherConfig, addre
                 print(f"    cost {label} seed {seed}: teacher {row_out['teacher_s']} s, top-1 "
                       f"{row_out.get('zero_shot_top1')}", flush=True)
     return out
+
+
+def fresh_pool(tcfg: TeacherConfig) -> None:
+    """The benchmark's teacher app, redeployed: replicas without the previous runs' recent rows."""
+    from ray import serve
+
+    from teacher_service.app import deploy
+
+    if APP in serve.status().applications:
+        serve.delete(APP)
+    deploy(tcfg).info.remote().result(timeout_s=300)
 
 
 def cost_lines(report: dict) -> list[str]:
@@ -752,7 +766,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.cost_row:
         if args.cost_row not in methods:
             raise SystemExit(f"--cost-row {args.cost_row!r} is not one of the rows run: {list(methods)}")
-        deploy(tcfg).info.remote().result(timeout_s=300)
         try:
             report["meta"]["cost_row"] = args.cost_row
             report["cost"] = run_costs(args, data, args.cost_row, methods[args.cost_row], tcfg, address)
