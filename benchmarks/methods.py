@@ -518,7 +518,7 @@ def run_costs(args, data: Path, row: str, spec: dict, tcfg: TeacherConfig, addre
     from teacher_service.cache.precompute import precompute
 
     out: dict[str, list[dict]] = {}
-    for seed in args.seeds:
+    for seed in args.cost_seeds or args.seeds:
         for mode in args.cost_modes:
             cache = Path(args.workdir) / "cost-caches" / f"{mode}-s{seed}"
             passes = ("hybrid (cold)", "hybrid (warm)") if mode == "hybrid" else (mode,)
@@ -695,6 +695,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--cost-row", help="also run this row in every --cost-modes mode, one run at a time, "
                                            "and report teacher-seconds against accuracy (OUT_cost.png)")
     parser.add_argument("--cost-modes", nargs="+", choices=COST_MODES, default=list(COST_MODES))
+    parser.add_argument("--cost-seeds", type=int, nargs="+", help="seeds of the cost runs (default: --seeds)")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite the .md from the existing .json (no training)")
     args = parser.parse_args(argv)
