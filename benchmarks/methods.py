@@ -664,6 +664,9 @@ def rerender(out: Path) -> dict:
         for row, load in zip(rows, loads):
             row.setdefault("load_avg_1m", load)
     save(report, out)
+    plot(report, out.with_suffix(".png"))
+    if report.get("cost"):
+        plot_cost(report, out.with_name(out.stem + "_cost.png"))
     print(out.read_text())
     return report
 
@@ -696,6 +699,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                            "and report teacher-seconds against accuracy (OUT_cost.png)")
     parser.add_argument("--cost-modes", nargs="+", choices=COST_MODES, default=list(COST_MODES))
     parser.add_argument("--cost-seeds", type=int, nargs="+", help="seeds of the cost runs (default: --seeds)")
+    parser.add_argument("--cost-only", action="store_true", help="only the cost runs (no table runs)")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite the .md from the existing .json (no training)")
     args = parser.parse_args(argv)
@@ -744,7 +748,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     address = ray.get_runtime_context().gcs_address
     if args.teacher_mode == "remote":
         deploy(tcfg).info.remote().result(timeout_s=300)
-    items = [(name, spec, seed) for seed in args.seeds for name, spec in methods.items()]
+    items = [] if args.cost_only else [(name, spec, seed) for seed in args.seeds for name, spec in methods.items()]
     groups = [items[i:i + args.concurrent] for i in range(0, len(items), args.concurrent)]
     try:
         start_counts = pool_counts(APP) if args.teacher_mode == "remote" else None
