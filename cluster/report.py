@@ -138,6 +138,8 @@ def plot_curves(runs: list[RunHistory], path: Path) -> Path | None:
     rows = [("loss", None)] + ([("evaluation", EVAL_METRICS)]
                                if any(r.series(k)[0] for r in runs for k in EVAL_METRICS) else [])
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(len(rows), len(runs), figsize=(4.2 * len(runs), 3.2 * len(rows)),
                              sharey="row", squeeze=False)
     for col, run in enumerate(runs):
@@ -149,7 +151,10 @@ def plot_curves(runs: list[RunHistory], path: Path) -> Path | None:
                     ax.plot(steps, values, marker="o", markersize=3, label=key)
             ax.set_title(f"{run.name}: {title}", fontsize=8)
             ax.set_xlabel("step")
-            ax.xaxis.get_major_locator().set_params(integer=True)
+            lo, hi = ax.get_xlim()
+            if hi - lo < 2:  # one report: widen the axis so its ticks are whole steps
+                ax.set_xlim((lo + hi) / 2 - 1, (lo + hi) / 2 + 1)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
             ax.legend(fontsize=6)
     return save_png(fig, path)
 
