@@ -145,8 +145,22 @@ def scrape(app: str) -> dict[str, list[str]]:
     return found
 
 
+def watch_status(app: str, monkeypatch, capsys) -> None:
+    """`kd teacher status --watch` against the live app: two frames of the merged counters, no real sleep."""
+    import cluster.cli.teacher as teacher_cli
+    from cluster.cli import main
+
+    real_watch = teacher_cli.watch
+    monkeypatch.setattr(teacher_cli, "watch", lambda render, every_s: real_watch(
+        render, every_s, iterations=2, sleep=lambda s: None))
+    assert main(["teacher", "status", "--app-name", app, "--watch", "0.5"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("every 0.5 s, Ctrl-C stops") == 2 and text.count(f"teacher app {app!r}") == 2
+    assert "status unavailable" not in text
+
+
 @pytest.mark.ray
-def test_teacher_metrics_reach_the_metrics_export_port(ray_cluster, monkeypatch):
+def test_teacher_metrics_reach_the_metrics_export_port(ray_cluster, monkeypatch, capsys):
     import numpy as np
 
     from teacher_service import EmbedRequest, RequestError, TeacherConfig
@@ -169,6 +183,7 @@ def test_teacher_metrics_reach_the_metrics_export_port(ray_cluster, monkeypatch)
                          "ray_kd_teacher_queue_wait_s_bucket", "ray_kd_teacher_forward_s_bucket",
                          "ray_kd_teacher_batch_fill_ratio_count", "ray_kd_teacher_run_samples_per_s",
                          "ray_kd_teacher_in_flight", "ray_kd_teacher_errors_total"}
+        watch_status(app, monkeypatch, capsys)
         deadline, found = time.monotonic() + 90, {}  # Ray exports every few seconds
         while time.monotonic() < deadline and not after_request <= set(found):
             time.sleep(2)
