@@ -31,13 +31,15 @@ class RunHistory:
     name: str
     path: Path
     points: list[dict] = field(default_factory=list)
+    evaluation: dict = field(default_factory=dict)  # of the latest checkpoint, when `kd report --val-shards` ran it
 
     def final(self) -> dict:
-        """The last value of every metric (a metric absent from the last report keeps its last value)."""
+        """The last value of every metric (a metric absent from the last report keeps its last value),
+        and the latest checkpoint's evaluation on top."""
         out: dict = {}
         for p in self.points:
             out.update(p)
-        return out
+        return {**out, **self.evaluation}
 
     def series(self, key: str) -> tuple[list[float], list[float]]:
         pts = [(p["step"], p[key]) for p in self.points if key in p]
@@ -87,6 +89,28 @@ def load_run(run_dir: Path) -> RunHistory:
     for p in _checkpoint_points(run_dir) + _event_points(run_dir):
         by_step.setdefault(p["step"], {}).update(p)
     return RunHistory(run_dir.name, run_dir, [by_step[s] for s in sorted(by_step)])
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The run's newest kept checkpoint: the snapshot's latest, else the last `checkpoint_<time>` name."""
+    snapshot = run_dir / SNAPSHOT
+    if snapshot.is_file():
+        latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+        if latest and (run_dir / latest).is_dir():
+            return run_dir / latest
+    kept = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    return kept[-1] if kept else None
+
+
+def evaluate_runs(runs: list[RunHistory], val_shards: str, limit: int | None = None) -> None:
+    """Zero-shot and retrieval figures of each run's latest checkpoint on `val_shards` (runs report
+    none while training; a sweep's bars then compare runs on the same split)."""
+    from student_trainer.evaluate import evaluate_checkpoint
+
+    for run in runs:
+        checkpoint = latest_checkpoint(run.path)
+        if checkpoint is not None:
+            run.evaluation = _numbers(evaluate_checkpoint(checkpoint, val_shards, limit=limit))
 
 
 def is_run_dir(path: Path) -> bool:
@@ -182,12 +206,16 @@ def plot_finals(entries: dict[str, dict], baseline: str | None, path: Path) -> P
     return save_png(fig, path)
 
 
-def write_report(paths: list[Path], out: Path, baseline: str | None = None) -> dict:
+def write_report(paths: list[Path], out: Path, baseline: str | None = None, val_shards: str | None = None,
+                 eval_limit: int | None = None) -> dict:
     """Draw the runs found under `paths` into `out` and record them in `out/report.json`, keeping
-    what a report.json there already says (the demo's models, baseline and gains)."""
+    what a report.json there already says (the demo's models, baseline and gains). With
+    `val_shards`, each run's latest checkpoint is evaluated first."""
     paths = [Path(p) for p in paths]
     out = Path(out)
     runs = [load_run(p) for p in find_runs(paths)]
+    if val_shards:
+        evaluate_runs(runs, val_shards, eval_limit)
     models, found_baseline = known_models([*paths, out])
     baseline = baseline or found_baseline
     existing = json.loads((out / REPORT_JSON).read_text()) if (out / REPORT_JSON).is_file() else {}

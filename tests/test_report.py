@@ -28,7 +28,8 @@ def fake_run(root: Path, name: str, steps: list[int], kept: int = 2) -> Path:
         m = _metrics(step, 10.0 - step)
         (ckpt / "metrics.json").write_text(json.dumps(m))
         results.append({"version": 0, "checkpoint_dir_name": ckpt.name, "metrics": m})
-    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({"checkpoint_results": results}))
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({"checkpoint_results": results,
+                                                                      "latest_checkpoint_result": results[-1]}))
     return run
 
 
@@ -122,3 +123,21 @@ def test_sweep_pictures_land_next_to_the_runs(tmp_path, capsys):
     assert out is not None and out.parent == tmp_path.resolve()
     assert set(json.loads((out / "report.json").read_text())["runs"]) == {"a", "b"}
     assert "learning_curves.png" in capsys.readouterr().out
+
+
+def test_val_shards_evaluate_each_runs_latest_checkpoint(tmp_path, monkeypatch):
+    import student_trainer.evaluate
+
+    fake_run(tmp_path / "runs", "a", [2, 4]), fake_run(tmp_path / "runs", "b", [2, 4])
+    evaluated = []
+
+    def evaluate_checkpoint(directory, shards, *, limit=None, device="cpu"):
+        evaluated.append((Path(directory).name, shards, limit))
+        return {"zero_shot_top1": 0.5 if Path(directory).parent.name == "a" else 0.25, "params": 7, "note": "x"}
+
+    monkeypatch.setattr(student_trainer.evaluate, "evaluate_checkpoint", evaluate_checkpoint)
+    doc = write_report([tmp_path / "runs"], tmp_path / "out", baseline="b", val_shards="val-*.tar", eval_limit=9)
+    # the snapshot's latest (the second checkpoint written), once per run, with the limit passed on
+    assert evaluated == [("checkpoint_2026-12-02_10-00-01.000000", "val-*.tar", 9)] * 2
+    assert doc["runs"]["a"]["final"]["zero_shot_top1"] == 0.5 and doc["runs"]["b"]["final"]["zero_shot_top1"] == 0.25
+    assert doc["runs"]["a"]["final"]["loss"] == 6.0 and "note" not in doc["runs"]["a"]["final"]

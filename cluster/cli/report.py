@@ -8,7 +8,8 @@ from pathlib import Path
 def cmd_report(args: argparse.Namespace) -> int:
     from cluster.report import write_report
 
-    doc = write_report([Path(p) for p in args.run_dirs], Path(args.out), baseline=args.baseline)
+    doc = write_report([Path(p) for p in args.run_dirs], Path(args.out), baseline=args.baseline,
+                       val_shards=args.val_shards, eval_limit=args.eval_limit)
     print(f"{len(doc['runs'])} run(s): {', '.join(doc['runs'])}")
     for name in doc["plots"]:
         print(f"wrote {Path(args.out) / name}")
@@ -27,4 +28,7 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--out", default="kd-report", help="folder for the PNGs and report.json (an existing "
                                                       "report.json there is kept and extended)")
     p.add_argument("--baseline", help="name of the run or model drawn as the baseline")
+    p.add_argument("--val-shards", help="evaluate each run's latest checkpoint on these shards first (zero-shot "
+                                        "top-1/top-5, retrieval R@1 bars), e.g. 'data/val-*.tar'")
+    p.add_argument("--eval-limit", type=int, help="evaluate at most this many validation samples")
     p.set_defaults(func=cmd_report)
