@@ -174,6 +174,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from teacher_service.app import deploy
 
     from cluster.local import init_ray
+    from cluster.report import write_report
 
     demo_start = time.perf_counter()
     workdir = Path(cfg.workdir)
@@ -231,6 +232,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     tmp = workdir / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, workdir / "report.json")
+    report = write_report([Path(c.storage_path) / c.run_name for c in (distill_cfg, base_cfg)], workdir)  # PNGs
     print("\n" + format_table(rows) + "\n", flush=True)
     d, b = report["models"]["student_distilled"], report["models"]["student_baseline"]
     _say(f"distilled vs baseline zero-shot top-1: {d['zero_shot_top1']:.4f} vs {b['zero_shot_top1']:.4f} "

@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from cluster.report import write_sweep_report
 from student_trainer.config import TrainConfig
 
 
@@ -75,6 +76,7 @@ def run_sweep(paths: list[str], address: str, extra_args: list[str] | None = Non
             summary = _last_json(lines) if code == 0 else None
             outcomes.append(RunOutcome(cfg.run_name, code, round(time.perf_counter() - start, 1),
                                        (summary or {}).get("metrics")))
+        write_sweep_report(configs)  # PNG learning curves and final metrics of the runs (cluster.report)
         return outcomes
     finally:
         for proc in procs:

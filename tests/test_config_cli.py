@@ -54,7 +54,7 @@ def test_warmup_cosine_shape():
 
 
 SUBCOMMANDS = [["data", "digits"], ["data", "folder"], ["teacher", "serve"], ["teacher", "status"],
-               ["teacher", "stop"], ["train"], ["eval"], ["demo"], ["sweep"]]
+               ["teacher", "stop"], ["train"], ["eval"], ["demo"], ["sweep"], ["report"]]
 
 
 @pytest.mark.parametrize("words", [[]] + SUBCOMMANDS, ids=lambda w: " ".join(w) or "kd")

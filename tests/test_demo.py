@@ -30,6 +30,10 @@ def test_quick_demo_writes_a_complete_report(ray_cluster, tmp_path):
         assert report["gain_over_baseline"][metric] == pytest.approx(gap, abs=1e-4)
     assert report["teacher_fingerprint"] and report["distill_losses"] == cfg.distill_losses
     assert report["epochs"] == {"teacher": 1, "student": 1} and report["demo_wall_time_s"] > 0
+    # the pictures (cluster.report): both students' curves, the three models' bars with the baseline
+    assert report["plots"] == ["learning_curves.png", "final_metrics.png"]
+    assert all((tmp_path / "demo" / p).stat().st_size > 1000 for p in report["plots"])
+    assert sorted(r.split("-")[1] for r in report["runs"]) == ["baseline", "distill"]
 
     # every student checkpoint records what it was distilled from
     from student_trainer.checkpoint import read_provenance

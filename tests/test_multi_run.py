@@ -116,6 +116,8 @@ def test_two_concurrent_runs_compute_each_key_view_once(shards, teacher_app, tmp
 
     for o in outcomes:
         assert o.metrics["teacher_samples"] == len(pairs)  # each run asked for everything it trained on
+    pictures = list((tmp_path / "runs").glob("sweep-*/learning_curves.png"))  # kd sweep draws its runs
+    assert len(pictures) == 1 and (pictures[0].parent / "final_metrics.png").is_file()
     computed = after["samples_computed"] - before["samples_computed"]
     reused = (after["samples_coalesced"] - before["samples_coalesced"]
               + after["samples_from_cache"] - before["samples_from_cache"])

@@ -3,11 +3,11 @@ installed: `pip install -e '.[bench]'`; without it the JSON and Markdown are sti
 report says the plots were skipped). Every file is written atomically."""
 from __future__ import annotations
 
-import io
 from collections import defaultdict
 from pathlib import Path
 
 from cluster.bench.records import Record, finite_json, write_atomic
+from cluster.plots import pyplot, save_png
 
 TITLES = {
     "students": "1. Student side, by teacher mode",
@@ -83,10 +83,7 @@ def _series(records: list[Record], section: str, prefix: str) -> list[Record]:
 def plots(records: list[Record], out: Path, stem: str) -> tuple[list[str], str | None]:
     """PNG files written (names relative to `out`), or ([], why they were skipped)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return [], "plots skipped: matplotlib is not installed (pip install -e '.[bench]')"
     written = []
@@ -96,12 +93,7 @@ def plots(records: list[Record], out: Path, stem: str) -> tuple[list[str], str |
         if not draw(records, ax):
             plt.close(fig)
             continue
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        path = write_atomic(out / f"{stem}_{name}.png", buf.getvalue())
-        written.append(path.name)
+        written.append(save_png(fig, out / f"{stem}_{name}.png").name)
     return written, None
 
 

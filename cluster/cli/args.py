@@ -43,6 +43,14 @@ def weight_arg(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"--loss {text!r}: expected NAME or NAME=WEIGHT") from exc
 
 
+def positive_seconds(text: str) -> float:
+    """``--watch`` seconds: a positive number."""
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 # the open_clip model flags, in one wording for `teacher serve`, `precompute` and `cache audit`
 MODEL_FLAGS = ("model", "pretrained", "overrides", "precision")
 

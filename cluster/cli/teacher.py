@@ -4,8 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Optional, TextIO
 
-from cluster.cli.args import add_address, add_teacher_model_args, given, json_arg, teacher_config
+from cluster.cli.args import (add_address, add_teacher_model_args, given, json_arg, positive_seconds,
+                              teacher_config)
 
 SERVE_FLAGS = {"model": "model", "pretrained": "pretrained", "overrides": "overrides", "precision": "precision",
                "app_name": "app_name", "replicas": "num_replicas", "num_cpus": "num_cpus", "num_gpus": "num_gpus",
@@ -48,7 +53,6 @@ def cmd_teacher_serve(args: argparse.Namespace) -> int:
                   "To deploy and return, start a cluster (`ray start --head`) and pass --address auto")
         print("serving; Ctrl-C stops this command and the app with it")
         try:
-            import time
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
@@ -78,10 +82,43 @@ def cmd_teacher_status(args: argparse.Namespace) -> int:
 
     init_ray(args.address or "auto", quiet=True)
     handle = get_teacher_handle(args.app_name, timeout_s=30)
-    info = handle.info.remote().result(timeout_s=args.timeout)
-    stats = collect_stats(handle, timeout_s=args.timeout)  # every replica, merged
-    print(json.dumps({"info": info, "stats": stats}, indent=2, default=str) if args.json
-          else format_stats(info, stats))
+
+    def render() -> str:
+        info = handle.info.remote().result(timeout_s=args.timeout)
+        stats = collect_stats(handle, timeout_s=args.timeout)  # every replica, merged
+        return (json.dumps({"info": info, "stats": stats}, indent=2, default=str) if args.json
+                else format_stats(info, stats))
+
+    if args.watch is not None:
+        return watch(render, args.watch)
+    print(render())
+    return 0
+
+
+CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen (ANSI)
+
+
+def watch(render: Callable[[], str], every_s: float, iterations: Optional[int] = None,
+          sleep: Callable[[float], None] = time.sleep, out: Optional[TextIO] = None) -> int:
+    """Redraw `render()` every `every_s` seconds until Ctrl-C (or `iterations`, which tests pass with
+    a `sleep` that does not sleep). A failed refresh (a replica restarting, a timeout) is shown and
+    the next one tried: a watch is for watching the pool through such moments."""
+    out = out or sys.stdout
+    clear = CLEAR if out.isatty() else ""
+    done = 0
+    try:
+        while iterations is None or done < iterations:
+            try:
+                text = render()
+            except Exception as exc:  # noqa: BLE001 - shown to the user, who keeps watching
+                text = f"status unavailable: {exc!r}"
+            out.write(f"{clear}{time.strftime('%H:%M:%S')}  every {every_s:g} s, Ctrl-C stops\n{text}\n")
+            out.flush()
+            done += 1
+            if iterations is None or done < iterations:
+                sleep(every_s)
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -148,4 +185,6 @@ def add_parser(sub, fmt) -> None:
         if name == "status":
             p.add_argument("--json", action="store_true", help="print the merged counters as JSON")
             p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the replicas")
+            p.add_argument("--watch", nargs="?", const=2.0, type=positive_seconds, metavar="SECONDS",
+                           help="refresh the status in the terminal every SECONDS (default 2) until Ctrl-C")
         p.set_defaults(func=func)
