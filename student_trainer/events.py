@@ -1,0 +1,107 @@
+"""TensorBoard event files of a run, under `<storage_path>/<run_name>/tensorboard/`.
+
+Rank 0 alone writes (the ranks train one model; eight copies of its curves would only disagree
+in noise). A resumed run appends a new event file to the same directory, its steps continuing
+the global step, so TensorBoard draws one curve across restarts. Tags:
+
+- every optimizer step: `loss/total`, `loss/<name>` per loss term, `train/lr`,
+  `train/logit_scale`, `train/samples_per_s`, `teacher/wait_s`;
+- at every report (epoch ends, checkpoints): `teacher/<counter>` (requests, samples, retries,
+  cache hits ...), `data/<counter>` (skipped samples by reason, skipped total),
+  `epoch/train_samples_per_s`, `epoch/run_samples_per_s`, `epoch/time_s`;
+- per evaluation (`log_eval`): `eval/<metric>` (zero-shot top-1/5, retrieval R@k).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from student_trainer.progress import StepSnapshot
+
+TENSORBOARD_DIR = "tensorboard"
+EVAL_METRICS = ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+_PER_STEP = {"teacher_wait_s"}  # rank 0's counter, already drawn at every step
+_EPOCH_METRICS = {"train_samples_per_s": "epoch/train_samples_per_s",
+                  "run_samples_per_s": "epoch/run_samples_per_s", "epoch_time_s": "epoch/time_s"}
+
+log = logging.getLogger(__name__)
+
+
+def tensorboard_dir(storage_path: str, run_name: str) -> str:
+    """Where a run's event files go (a local or mounted storage path; a URI is joined with '/')."""
+    if "://" in storage_path:
+        return f"{storage_path.rstrip('/')}/{run_name}/{TENSORBOARD_DIR}"
+    return str(Path(storage_path) / run_name / TENSORBOARD_DIR)
+
+
+def _writer(log_dir: str):
+    """A SummaryWriter, or None with one warning where it cannot write (e.g. a URI scheme
+    tensorboard cannot open): curves are worth a warning, never a failed run."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=log_dir, flush_secs=30)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("no TensorBoard event files for this run (%s: %s)", log_dir, exc)
+        return None
+
+
+class RunEvents:
+    """Rank 0's event file; on other ranks (or without a writer) every call does nothing."""
+
+    def __init__(self, log_dir: str | None) -> None:
+        self.log_dir = log_dir
+        self._w = _writer(log_dir) if log_dir else None
+
+    @classmethod
+    def for_rank(cls, storage_path: str, run_name: str, rank: int) -> RunEvents:
+        return cls(tensorboard_dir(storage_path, run_name) if rank == 0 else None)
+
+    def step(self, s: StepSnapshot) -> None:
+        """The per-step curves."""
+        if self._w is None:
+            return
+        for name, value in s.losses.items():
+            self._w.add_scalar("loss/total" if name == "loss" else f"loss/{name.removesuffix('_loss')}",
+                               value, s.step)
+        for tag, value in (("train/lr", s.lr), ("train/logit_scale", s.logit_scale),
+                           ("train/samples_per_s", s.samples_per_s), ("teacher/wait_s", s.teacher_wait_s)):
+            self._w.add_scalar(tag, value, s.step)
+
+    def report(self, step: int, metrics: Mapping) -> None:
+        """What Ray Train is told at a report: teacher and skip counters, epoch throughput."""
+        if self._w is None:
+            return
+        for key, value in metrics.items():
+            tag = _report_tag(key)
+            if tag and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._w.add_scalar(tag, value, step)
+        self._w.flush()
+
+    def close(self) -> None:
+        if self._w is not None:
+            self._w.close()
+            self._w = None
+
+
+def _report_tag(key: str) -> str | None:
+    if key in _PER_STEP:
+        return None
+    if key in _EPOCH_METRICS:
+        return _EPOCH_METRICS[key]
+    for prefix in ("teacher_", "data_"):
+        if key.startswith(prefix):
+            return f"{prefix[:-1]}/{key[len(prefix):]}"
+    return None
+
+
+def log_eval(log_dir: str, step: int, metrics: Mapping) -> None:
+    """Add one evaluation's zero-shot and retrieval metrics (`eval/<metric>`) at `step`."""
+    writer = _writer(log_dir)
+    if writer is None:
+        return
+    for name in EVAL_METRICS:
+        if isinstance(metrics.get(name), (int, float)):
+            writer.add_scalar(f"eval/{name}", metrics[name], step)
+    writer.close()
