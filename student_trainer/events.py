@@ -13,6 +13,7 @@ the global step, so TensorBoard draws one curve across restarts. Tags:
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -105,3 +106,18 @@ def log_eval(log_dir: str, step: int, metrics: Mapping) -> None:
         if isinstance(metrics.get(name), (int, float)):
             writer.add_scalar(f"eval/{name}", metrics[name], step)
     writer.close()
+
+
+def log_checkpoint_eval(checkpoint_dir: str | Path, metrics: Mapping) -> str | None:
+    """Join an evaluation of a run's checkpoint (`<run>/checkpoint_*`, as Ray Train stores them) to
+    the run's event files, at the step the checkpoint holds (its `metrics.json`). Returns the
+    event directory, or None for a checkpoint outside a run with event files (a copied one)."""
+    checkpoint = Path(checkpoint_dir)
+    events_dir, reported = checkpoint.parent / TENSORBOARD_DIR, checkpoint / "metrics.json"
+    if not events_dir.is_dir() or not reported.is_file():
+        return None
+    step = json.loads(reported.read_text()).get("step")
+    if step is None:
+        return None
+    log_eval(str(events_dir), int(step), metrics)
+    return str(events_dir)

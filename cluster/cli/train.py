@@ -69,8 +69,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.checkpoint:
         from student_trainer.checkpoint import read_provenance
 
+        from student_trainer.events import log_checkpoint_eval
+
         metrics = evaluate_checkpoint(args.checkpoint, args.shards, limit=args.limit)
         metrics["provenance"] = read_provenance(args.checkpoint)  # the teacher and losses it was distilled with
+        metrics["tensorboard"] = log_checkpoint_eval(args.checkpoint, metrics)  # a run's checkpoint: eval/* curves
     else:
         from teacher_service.config import TeacherConfig
 
