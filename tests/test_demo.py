@@ -31,6 +31,17 @@ def test_quick_demo_writes_a_complete_report(ray_cluster, tmp_path):
     assert report["teacher_fingerprint"] and report["distill_losses"] == cfg.distill_losses
     assert report["epochs"] == {"teacher": 1, "student": 1} and report["demo_wall_time_s"] > 0
 
+    # every run's TensorBoard files hold its training curves and the demo's evaluation of it
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for name in ("teacher", "student_distilled", "student_baseline"):
+        run = json.loads((tmp_path / "demo" / name / "run_metrics.json").read_text())
+        events = EventAccumulator(run["tensorboard"])
+        events.Reload()
+        assert {"loss/total", "loss/clip", "train/lr", "eval/zero_shot_top1"} <= set(events.Tags()["scalars"]), name
+        top1 = events.Scalars("eval/zero_shot_top1")
+        assert [(e.step, round(e.value, 4)) for e in top1] == [(run["step"], round(report["models"][name]["zero_shot_top1"], 4))]
+
     # every student checkpoint records what it was distilled from
     from student_trainer.checkpoint import read_provenance
 
