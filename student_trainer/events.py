@@ -2,14 +2,16 @@
 
 Rank 0 alone writes (the ranks train one model; eight copies of its curves would only disagree
 in noise). A resumed run appends a new event file to the same directory, its steps continuing
-the global step, so TensorBoard draws one curve across restarts. Tags:
+the global step, so TensorBoard draws one curve across restarts. A tag is `<when>/<key>`: when it
+is written, and the quantity's key in the run's metrics (`metrics.json`, Ray Train's results), so a
+reader that drops the prefix (`kd report`) finds the same names everywhere:
 
-- every optimizer step: `loss/total`, `loss/<name>` per loss term, `train/lr`,
-  `train/logit_scale`, `train/samples_per_s`, `teacher/wait_s`;
-- at every report (epoch ends, checkpoints): `teacher/<counter>` (requests, samples, retries,
-  cache hits ...), `data/<counter>` (skipped samples by reason, skipped total),
-  `epoch/train_samples_per_s`, `epoch/run_samples_per_s`, `epoch/time_s`;
-- per evaluation (`log_eval`): `eval/<metric>` (zero-shot top-1/5, retrieval R@k).
+- `train/` every optimizer step: `loss` (the total), `<name>_loss` per loss term, `lr`,
+  `logit_scale`, `samples_per_s`, `teacher_wait_s` (rank 0's);
+- `epoch/` at every report (epoch ends, checkpoints): the `teacher_*` counters (requests, samples,
+  retries, wait, cache hits ...), the `data_*` counters (skipped samples by reason, in total),
+  `train_samples_per_s`, `run_samples_per_s`, `epoch_time_s`;
+- `eval/` per evaluation (`log_eval`): zero-shot top-1/5, retrieval R@1/5/10 both ways.
 """
 from __future__ import annotations
 
@@ -22,9 +24,8 @@ from student_trainer.progress import StepSnapshot
 
 TENSORBOARD_DIR = "tensorboard"
 EVAL_METRICS = ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
-_PER_STEP = {"teacher_wait_s"}  # rank 0's counter, already drawn at every step
-_EPOCH_METRICS = {"train_samples_per_s": "epoch/train_samples_per_s",
-                  "run_samples_per_s": "epoch/run_samples_per_s", "epoch_time_s": "epoch/time_s"}
+_EPOCH_METRICS = ("train_samples_per_s", "run_samples_per_s", "epoch_time_s")
+_EPOCH_PREFIXES = ("teacher_", "data_")
 
 log = logging.getLogger(__name__)
 
@@ -63,21 +64,18 @@ class RunEvents:
         """The per-step curves."""
         if self._w is None:
             return
-        for name, value in s.losses.items():
-            self._w.add_scalar("loss/total" if name == "loss" else f"loss/{name.removesuffix('_loss')}",
-                               value, s.step)
-        for tag, value in (("train/lr", s.lr), ("train/logit_scale", s.logit_scale),
-                           ("train/samples_per_s", s.samples_per_s), ("teacher/wait_s", s.teacher_wait_s)):
-            self._w.add_scalar(tag, value, s.step)
+        scalars = {**s.losses, "lr": s.lr, "logit_scale": s.logit_scale, "samples_per_s": s.samples_per_s,
+                   "teacher_wait_s": s.teacher_wait_s}
+        for key, value in scalars.items():
+            self._w.add_scalar(f"train/{key}", value, s.step)
 
     def report(self, step: int, metrics: Mapping) -> None:
         """What Ray Train is told at a report: teacher and skip counters, epoch throughput."""
         if self._w is None:
             return
         for key, value in metrics.items():
-            tag = _report_tag(key)
-            if tag and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._w.add_scalar(tag, value, step)
+            if _at_reports(key) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._w.add_scalar(f"epoch/{key}", value, step)
         self._w.flush()
 
     def close(self) -> None:
@@ -86,15 +84,10 @@ class RunEvents:
             self._w = None
 
 
-def _report_tag(key: str) -> str | None:
-    if key in _PER_STEP:
-        return None
-    if key in _EPOCH_METRICS:
-        return _EPOCH_METRICS[key]
-    for prefix in ("teacher_", "data_"):
-        if key.startswith(prefix):
-            return f"{prefix[:-1]}/{key[len(prefix):]}"
-    return None
+def _at_reports(key: str) -> bool:
+    """Counters and throughput, drawn where the run reports; the loss means of a report are left
+    out (the `train/` curves hold every step's losses)."""
+    return key in _EPOCH_METRICS or key.startswith(_EPOCH_PREFIXES)
 
 
 def log_eval(log_dir: str, step: int, metrics: Mapping) -> None:

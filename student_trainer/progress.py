@@ -169,10 +169,10 @@ class ProgressLine:
         if self._bar is None:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=s.total_steps, initial=s.start_step, desc=f"[{self.run_name}]",
-                             file=self.stream, dynamic_ncols=True, bar_format="{desc} {bar:20} {postfix}")
+            self._bar = tqdm(total=s.total_steps, initial=s.start_step, file=self.stream, dynamic_ncols=True,
+                             bar_format="{desc} {bar:20}")  # the text carries its own rate and ETA
         self._bar.n = s.step
-        self._bar.set_postfix_str(format_progress(s), refresh=True)
+        self._bar.set_description_str(f"[{self.run_name}] {format_progress(s)}", refresh=True)
 
     def close(self) -> None:
         if self._bar is not None:

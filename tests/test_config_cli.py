@@ -297,6 +297,16 @@ def test_progress_line_off_a_terminal_prints_per_epoch_and_then_every_few_second
     assert out.getvalue().splitlines() == [f"[run-a] {format_progress(_snapshot(1))}",
                                            f"[run-a] {format_progress(_snapshot(11, epoch=2))}", "[run-a] done"]
 
+    bar = io.StringIO()  # on a terminal: one bar redrawn in place, then the summary
+    line = ProgressLine("run-a", stream=bar, live=True)
+    for step in range(1, 21):
+        line.update(_snapshot(step, epoch=1 if step <= 10 else 2))
+    line.summary = "[run-a] done"
+    line.close()
+    drawn = bar.getvalue().split("\n")
+    assert drawn[-2:] == ["[run-a] done", ""] and drawn[0].count("\r") >= 20
+    assert drawn[0].rsplit("\r", 1)[-1].startswith(f"[run-a] {format_progress(_snapshot(20, epoch=2))} ####")
+
 
 def test_quiet_console_keeps_warnings_on_the_console_and_everything_in_files(tmp_path):
     import io

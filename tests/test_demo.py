@@ -38,7 +38,7 @@ def test_quick_demo_writes_a_complete_report(ray_cluster, tmp_path):
         run = json.loads((tmp_path / "demo" / name / "run_metrics.json").read_text())
         events = EventAccumulator(run["tensorboard"])
         events.Reload()
-        assert {"loss/total", "loss/clip", "train/lr", "eval/zero_shot_top1"} <= set(events.Tags()["scalars"]), name
+        assert {"train/loss", "train/clip_loss", "train/lr", "eval/zero_shot_top1"} <= set(events.Tags()["scalars"]), name
         top1 = events.Scalars("eval/zero_shot_top1")
         assert [(e.step, round(e.value, 4)) for e in top1] == [(run["step"], round(report["models"][name]["zero_shot_top1"], 4))]
 

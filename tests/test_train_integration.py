@@ -230,7 +230,7 @@ def test_bad_samples_are_skipped_and_counted_in_epoch_metrics(tmp_path, storage,
         "data_skipped_empty_caption": 2, "data_skipped_corrupt_tar": 1, "data_skipped_total": 9}
     assert m["data_caption_truncated"] == 0
     scalars = event_scalars(storage / "bad-samples")  # the event file counts the skips by reason too
-    assert scalars["data/skipped_total"] == [(2, 9)] and scalars["data/skipped_corrupt_tar"] == [(2, 1)]
+    assert scalars["epoch/data_skipped_total"] == [(2, 9)] and scalars["epoch/data_skipped_corrupt_tar"] == [(2, 1)]
 
 
 def test_run_by_reference_trains_like_the_pixel_run(first_run, shards, storage, teacher_app):
@@ -276,17 +276,17 @@ def test_event_files_hold_every_curve_across_a_resume(first_run, resumed_run, st
     log_eval(str(storage / cfg.run_name / "tensorboard"), 2 * STEPS, {"zero_shot_top1": 0.25, "i2t_r1": 0.125})
     scalars = event_scalars(storage / cfg.run_name)
     every_step = list(range(1, 2 * STEPS + 1))  # 3 steps, then 3 more after the resume: one curve
-    for tag in ("loss/total", "loss/clip", "loss/kl", "loss/fd", "train/lr", "train/logit_scale",
-                "train/samples_per_s", "teacher/wait_s"):
+    for tag in ("train/loss", "train/clip_loss", "train/kl_loss", "train/fd_loss", "train/lr", "train/logit_scale",
+                "train/samples_per_s", "train/teacher_wait_s"):
         assert [step for step, _ in scalars[tag]] == every_step, tag
-    total = dict(scalars["loss/total"])
-    parts = [dict(scalars[f"loss/{name}"]) for name in ("clip", "kl", "fd")]
+    total = dict(scalars["train/loss"])
+    parts = [dict(scalars[f"train/{name}_loss"]) for name in ("clip", "kl", "fd")]
     assert total[1] == pytest.approx(sum(p[1] for p in parts), rel=1e-4)
     assert dict(scalars["train/logit_scale"])[1] == pytest.approx(1 / 0.07, rel=0.01)
-    for tag in ("teacher/requests", "teacher/samples", "teacher/retries", "teacher/wait_s",
-                "data/skipped_total", "epoch/train_samples_per_s", "epoch/run_samples_per_s"):
-        assert tag in scalars, tag
-    assert dict(scalars["teacher/requests"])[STEPS] == STEPS
+    for tag in ("epoch/teacher_requests", "epoch/teacher_samples", "epoch/teacher_retries", "epoch/teacher_wait_s",
+                "epoch/data_skipped_total", "epoch/train_samples_per_s", "epoch/run_samples_per_s"):
+        assert [step for step, _ in scalars[tag]] == [STEPS, 2 * STEPS], tag  # one point per epoch
+    assert dict(scalars["epoch/teacher_requests"])[STEPS] == STEPS
     assert scalars["eval/zero_shot_top1"] == [(2 * STEPS, 0.25)] and scalars["eval/i2t_r1"] == [(2 * STEPS, 0.125)]
 
 
