@@ -34,6 +34,7 @@ class DemoConfig:
     teacher_epochs: Optional[int] = None
     student_epochs: Optional[int] = None
     address: Optional[str] = None
+    verbose: bool = False  # Ray's INFO logs, per-step lines and Serve's access log on the console
     seed: int = 0
     workers: int = 2
     batch_size: int = 64
@@ -63,12 +64,14 @@ def _run_cfg(cfg: DemoConfig, name: str, model: str, epochs: int, teacher: Teach
     ).validate()
 
 
-def _train(train_cfg: TrainConfig, out_dir: Path) -> dict:
-    """Train, copy the final student checkpoint to `out_dir`, return its last metrics + wall time."""
+def _train(train_cfg: TrainConfig, out_dir: Path, verbose: bool = False) -> dict:
+    """Train, copy the final student checkpoint to `out_dir`, return its last metrics + wall time
+    (and where the run's TensorBoard event files are, for its evaluation to join them)."""
+    from student_trainer.events import tensorboard_dir
     from student_trainer.train import run_training
 
     start = time.perf_counter()
-    result = run_training(train_cfg)
+    result = run_training(train_cfg, verbose=verbose)
     wall = time.perf_counter() - start
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -78,6 +81,7 @@ def _train(train_cfg: TrainConfig, out_dir: Path) -> dict:
     os.replace(tmp, out_dir)
     metrics = dict(result.metrics or {})
     metrics["wall_time_s"] = round(wall, 1)
+    metrics["tensorboard"] = tensorboard_dir(train_cfg.with_absolute_paths().storage_path, train_cfg.run_name)
     (out_dir / "run_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     return metrics
 
@@ -128,7 +132,7 @@ def _ensure_teacher(cfg: DemoConfig, stamp: str, epochs: int, data_dir: Path) ->
     _say(f"training a {TEACHER} CLIP teacher for {epochs} epochs on the train split ({why_not})")
     run = _run_cfg(cfg, f"demo-teacher-{stamp}", TEACHER, epochs, TeacherSourceConfig(mode="none"),
                    {"clip": 1.0})
-    metrics = _train(run, teacher_dir)
+    metrics = _train(run, teacher_dir, cfg.verbose)
     (teacher_dir / TEACHER_STAMP).write_text(json.dumps(identity, indent=2))
     return teacher_dir, metrics
 
@@ -165,6 +169,15 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _log_eval(metrics: dict, evaluation: dict) -> None:
+    """Add an evaluation to the TensorBoard files of the run it evaluates, at the run's last step
+    (a teacher reused from an older demo run is evaluated where that run's files are)."""
+    from student_trainer.events import log_eval
+
+    if metrics.get("tensorboard") and "step" in metrics:
+        log_eval(metrics["tensorboard"], int(metrics["step"]), evaluation)
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole demo; returns the report (also written to `<workdir>/report.json`)."""
     from ray import serve
@@ -181,7 +194,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     teacher_epochs, student_epochs = cfg.epochs()
-    _say(init_ray(cfg.address, quiet=False))
+    _say(init_ray(cfg.address, quiet=False, verbose=cfg.verbose))
 
     data_dir = _ensure_data(cfg)
     val = str(data_dir / "val-*.tar")
@@ -190,7 +203,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     teacher_cfg = _teacher_config(cfg, teacher_dir)
     _say(f"deploying the teacher as Serve app {cfg.app_name!r}")
-    handle = deploy(teacher_cfg)
+    handle = deploy(teacher_cfg, access_log=cfg.verbose)
     info = handle.info.remote().result(timeout_s=300)
     _say(f"teacher fingerprint {info['fingerprint']}, embed_dim {info['embed_dim']}")
 
@@ -200,22 +213,24 @@ def run_demo(cfg: DemoConfig) -> dict:
         distill_cfg = _run_cfg(cfg, f"demo-distill-{stamp}", STUDENT, student_epochs,
                                TeacherSourceConfig(mode="remote", app_name=cfg.app_name),
                                dict(cfg.distill_losses))
-        distill_metrics = _train(distill_cfg, workdir / "student_distilled")
+        distill_metrics = _train(distill_cfg, workdir / "student_distilled", cfg.verbose)
     finally:
         serve.delete(cfg.app_name)
 
     _say(f"training the same {STUDENT} without a teacher, same budget")
     base_cfg = _run_cfg(cfg, f"demo-baseline-{stamp}", STUDENT, student_epochs,
                         TeacherSourceConfig(mode="none"), {"clip": 1.0})
-    base_metrics = _train(base_cfg, workdir / "student_baseline")
+    base_metrics = _train(base_cfg, workdir / "student_baseline", cfg.verbose)
 
     _say("evaluating teacher, distilled student and baseline on the val split")
     rows = []
     teacher_eval = evaluate_teacher(teacher_cfg, val)
     rows.append(_row("teacher", teacher_metrics, teacher_eval, teacher_eval.pop("params")))
+    _log_eval(teacher_metrics, teacher_eval)
     for name, metrics in [("student_distilled", distill_metrics), ("student_baseline", base_metrics)]:
         evaluation = evaluate_checkpoint(workdir / name, val)
         rows.append(_row(name, metrics, evaluation, evaluation.pop("params")))
+        _log_eval(metrics, evaluation)
 
     models = {r["model"]: {k: v for k, v in r.items() if k != "model"} for r in rows}
     report = {

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import logging
 import math
 import tempfile
 import time
@@ -45,14 +46,18 @@ from student_trainer.config import TrainConfig
 from student_trainer.data.batches import Batch, eval_set, steps_per_epoch, train_batches
 from teacher_service.shards import SkipCounts, load_dataset_info, resolve_shards
 from student_trainer.distributed import average_gradients, sum_over_ranks
+from student_trainer.events import RunEvents, tensorboard_dir
 from student_trainer.factory import create_student, create_tokenizer, embed_dim
 from student_trainer.losses import OPTION_DEFAULTS, LossSet, accumulated_backward, build_losses
 from student_trainer.masking import encode_image_masked, patch_noise
+from student_trainer.progress import (VERBOSE_KEY, ProgressPoster, StepSnapshot, format_summary,
+                                      quiet_worker_console, watch_run)
 from student_trainer.scheduler import set_lr, warmup_cosine
 from student_trainer.teacher.outputs import TeacherOutputs
 from student_trainer.teacher.sources import NoTeacher, make_teacher_source
 
 TRAIN_STATE_FILE = "train_state.pt"
+log = logging.getLogger(__name__)
 _MAX_LOGIT_SCALE = math.log(100.0)
 
 
@@ -387,11 +392,14 @@ def optimizer_steps_per_epoch(cfg: TrainConfig, shards: list[str], world: int) -
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker. `config` is `TrainConfig.to_dict()`, plus the driver's
+    console choice under `VERBOSE_KEY` (absent: verbose, as a hand-built trainer expects)."""
     import ray.train
     import ray.train.torch
 
-    cfg = TrainConfig.from_dict(config)
+    cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k != VERBOSE_KEY})
+    if not config.get(VERBOSE_KEY, True):
+        quiet_worker_console()
     private_umask()  # checkpoints this worker writes (and Ray Train copies to storage) are owner-only
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -432,6 +440,8 @@ def train_loop_per_worker(config: dict) -> None:
     total_steps = steps * cfg.epochs
     run_start = time.perf_counter()
     step, samples_done = position.step, 0
+    events = RunEvents.for_rank(cfg.storage_path, cfg.run_name, rank)
+    progress = ProgressPoster.for_rank(cfg.run_name, rank)
 
     def metrics_of(sums: dict, skips: SkipCounts, epoch: int, done: int, first: int, started: float) -> dict:
         elapsed = time.perf_counter() - started
@@ -468,8 +478,10 @@ def train_loop_per_worker(config: dict) -> None:
             if lost is not None and not can_lose_teacher:
                 raise lost
             if can_lose_teacher and not _every_rank_ok(lost is None, world, device):
-                _stop_for_teacher(lost, metrics_of(sums, skips, epoch, i, first, epoch_start), module, optimizer, cfg,
-                                  Position(epoch, i, step), init)
+                metrics = metrics_of(sums, skips, epoch, i, first, epoch_start)
+                events.report(step, metrics)
+                events.close()
+                _stop_for_teacher(lost, metrics, module, optimizer, cfg, Position(epoch, i, step), init)
                 return
             set_lr(optimizer, warmup_cosine(step, base_lr=cfg.optim.lr,
                                             warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps))
@@ -483,14 +495,35 @@ def train_loop_per_worker(config: dict) -> None:
             samples_done += sum(len(b.keys) for b, _ in group) * world
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-            if rank == 0 and cfg.log_every_steps and step % cfg.log_every_steps == 0:
-                print(f"[{cfg.run_name}] epoch {epoch + 1}/{cfg.epochs} step {i + 1}/{steps} "
-                      f"loss {float(parts['loss']):.4f}", flush=True)
+            if rank == 0:
+                snapshot = _snapshot(cfg, module, optimizer, parts, Position(epoch, i + 1, step), steps,
+                                     position.step, time.perf_counter() - run_start, samples_done,
+                                     source.stats.wait_s)
+                events.step(snapshot)
+                progress.post(snapshot)
+            if rank == 0 and cfg.log_every_steps and step % cfg.log_every_steps == 0:  # console with --verbose
+                log.info("[%s] epoch %d/%d step %d/%d loss %.4f", cfg.run_name, epoch + 1, cfg.epochs, i + 1,
+                         steps, float(parts["loss"]))
             if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and i + 1 < steps:
-                _report(metrics_of(sums, skips, epoch, i + 1, first, epoch_start), module, optimizer, cfg,
-                        Position(epoch, i + 1, step), init)
-        _report(metrics_of(sums, skips, epoch, steps, first, epoch_start), module, optimizer, cfg,
-                Position(epoch + 1, 0, step), init)
+                metrics = metrics_of(sums, skips, epoch, i + 1, first, epoch_start)
+                events.report(step, metrics)
+                _report(metrics, module, optimizer, cfg, Position(epoch, i + 1, step), init)
+        metrics = metrics_of(sums, skips, epoch, steps, first, epoch_start)
+        events.report(step, metrics)
+        _report(metrics, module, optimizer, cfg, Position(epoch + 1, 0, step), init)
+    events.close()
+
+
+def _snapshot(cfg: TrainConfig, module: DistillModule, optimizer, parts: dict, at: Position, steps: int,
+              start_step: int, elapsed_s: float, samples_done: int, teacher_wait_s: float) -> StepSnapshot:
+    """Rank 0's view after an optimizer step, for the progress line and the event file (`at`: the
+    epoch, the steps of it trained, the global step)."""
+    return StepSnapshot(
+        step=at.step, total_steps=steps * cfg.epochs, start_step=start_step, epoch=at.epoch + 1,
+        epochs=cfg.epochs, epoch_step=at.epoch_step, steps=steps, elapsed_s=round(elapsed_s, 3),
+        samples_per_s=round(samples_done / max(elapsed_s, 1e-9), 3), teacher_wait_s=round(teacher_wait_s, 4),
+        lr=float(optimizer.param_groups[0]["lr"]), logit_scale=float(module.student.logit_scale.detach().exp()),
+        losses={k: float(v) for k, v in parts.items() if k == "loss" or k.endswith("_loss")})
 
 
 def _stop_for_teacher(lost: TeacherUnavailableError | None, metrics: dict, module: DistillModule, optimizer,
@@ -512,9 +545,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def build_trainer(cfg: TrainConfig):
-    """A TorchTrainer for `cfg`; the same run name + storage path resumes (Train V2 semantics)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def build_trainer(cfg: TrainConfig, verbose: bool = True):
+    """A TorchTrainer for `cfg`; the same run name + storage path resumes (Train V2 semantics).
+
+    Not `verbose`: Ray Train's own INFO lines (one per report and rank) and the workers' INFO logs
+    stay in Ray's log files (`ray-train-*.log` under the session's logs/train); warnings show."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = cfg.validate().with_absolute_paths()
@@ -523,13 +559,14 @@ def build_trainer(cfg: TrainConfig):
         make_private_dir(storage)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg.to_dict(),
+        train_loop_config={**cfg.to_dict(), VERBOSE_KEY: verbose},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=worker_resources(cfg),
                                      label_selector=dict(cfg.worker_label_selector) or None),
         run_config=RunConfig(name=cfg.run_name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
     )
 
 
@@ -542,15 +579,21 @@ def worker_resources(cfg: TrainConfig) -> dict:
     return resources
 
 
-def run_training(cfg: TrainConfig):
+def run_training(cfg: TrainConfig, verbose: bool = False):
     """Train (or resume) and return the Ray Train `Result` (metrics from the last epoch).
 
     The configuration is checked on the driver first (`preflight.check_run`): a mistake fails
-    once, here, instead of in every worker and again after every restart."""
+    once, here, instead of in every worker and again after every restart. While it trains, one
+    progress line (stderr), then a summary line; `verbose` also lets the workers' INFO logs through."""
     from student_trainer.preflight import check_run
 
     check_run(cfg)
-    result = build_trainer(cfg).fit()
+    start = time.perf_counter()
+    with watch_run(cfg.run_name, verbose=verbose) as line:
+        result = build_trainer(cfg, verbose).fit()
+        if not result.error:
+            line.summary = format_summary(cfg.run_name, dict(result.metrics or {}), time.perf_counter() - start,
+                                          tensorboard_dir(cfg.with_absolute_paths().storage_path, cfg.run_name))
     if result.error:
         raise result.error
     if result.metrics and result.metrics.get("stopped"):

@@ -23,14 +23,19 @@ class TeacherUnavailableError(RuntimeError):
     """No running teacher app of the requested name."""
 
 
-def deploy(cfg: TeacherConfig) -> DeploymentHandle:
+def deploy(cfg: TeacherConfig, access_log: bool = True) -> DeploymentHandle:
     """Start (or update) the detached, named teacher app and return its handle once it runs.
+
+    `access_log=False` drops Serve's per-request lines ("CALL embed OK 341.7ms"), which a driver
+    that deployed the app would otherwise print once per request (`kd demo` without --verbose);
+    requests and latencies stay counted in `collect_stats` and Serve's metrics.
 
     With `cfg.grpc_port` set, also (re)starts the app's gRPC ingress on this node
     (`grpc.ingress.start_ingress`; `grpc.ingress.ingress_address(app)` says where it listens);
     without, stops an ingress a previous deploy of the app started.
     """
-    handle = serve.run(build_app(cfg), name=cfg.app_name, route_prefix=None, blocking=False)
+    handle = serve.run(build_app(cfg), name=cfg.app_name, route_prefix=None, blocking=False,
+                       logging_config=None if access_log else {"enable_access_log": False})
     if cfg.grpc_port is not None:
         start_ingress(cfg)
     else:

@@ -104,14 +104,27 @@ def test_kd_data_digits_then_eval_a_checkpoint(tmp_path, capsys):
     capsys.readouterr()
 
     cfg = ModelConfig(name="digits-student")
-    save_student(create_student(cfg), cfg, tmp_path / "ckpt")
-    assert main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--shards",
+    checkpoint = tmp_path / "run" / "checkpoint_000001"  # where Ray Train stores a run's checkpoints
+    save_student(create_student(cfg), cfg, checkpoint)
+    (checkpoint / "metrics.json").write_text(json.dumps({"step": 7}))
+    (tmp_path / "run" / "tensorboard").mkdir()
+    assert main(["eval", "--checkpoint", str(checkpoint), "--shards",
                  str(data / "val-*.tar"), "--limit", "40"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["samples"] == 40
     for key in ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "t2i_r1"):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["zero_shot_top5"] >= metrics["zero_shot_top1"]
+
+    # the evaluation joins the run's TensorBoard curves at the checkpoint's step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert metrics["tensorboard"] == str(tmp_path / "run" / "tensorboard")
+    events = EventAccumulator(metrics["tensorboard"])
+    events.Reload()
+    assert {"eval/zero_shot_top1", "eval/i2t_r1", "eval/t2i_r10"} <= set(events.Tags()["scalars"])
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("eval/zero_shot_top1")] == [
+        (7, round(metrics["zero_shot_top1"], 4))]
 
 
 def test_kd_eval_needs_exactly_one_model(tmp_path, capsys):
@@ -250,3 +263,69 @@ def test_a_run_that_names_no_losses_gets_clip_alone_or_the_distillation_recipe(t
     named = TrainConfig(run_name="kd", data=data, teacher=TeacherSourceConfig(mode="remote"),
                         losses={"clip": 1.0, "kl": 1.0})
     assert named.validate().losses == {"clip": 1.0, "kl": 1.0}
+
+
+@pytest.mark.parametrize("command", [["train"], ["demo"], ["sweep", "a.yaml"],
+                                     ["precompute", "--shards", "s", "--out", "o"]])
+def test_commands_that_run_ray_work_are_quiet_unless_verbose(command):
+    assert build_parser().parse_args(command).verbose is False
+    assert build_parser().parse_args(command + ["--verbose"]).verbose is True
+    assert build_parser().parse_args(command + ["-v"]).verbose is True
+
+
+def _snapshot(step: int, epoch: int = 1):
+    from student_trainer.progress import StepSnapshot
+
+    return StepSnapshot(step=step, total_steps=20, start_step=0, epoch=epoch, epochs=2, epoch_step=(step - 1) % 10 + 1,
+                        steps=10, elapsed_s=2.0 * step, samples_per_s=64.0, teacher_wait_s=0.5 * step,
+                        losses={"loss": 3.0, "clip_loss": 2.0, "kl_loss": 1.0})
+
+
+def test_progress_line_off_a_terminal_prints_per_epoch_and_then_every_few_seconds():
+    import io
+
+    from student_trainer.progress import ProgressLine, format_progress
+
+    assert format_progress(_snapshot(5)) == ("epoch 1/2 step 5/10 | 64.0 samples/s | loss 3.0000 | "
+                                             "teacher wait 2.5s (25%) | ETA 0:30")
+    out = io.StringIO()
+    line = ProgressLine("run-a", stream=out, every_s=3600, live=False)
+    for step in range(1, 21):
+        line.update(_snapshot(step, epoch=1 if step <= 10 else 2))
+    line.summary = "[run-a] done"
+    line.close()
+    assert out.getvalue().splitlines() == [f"[run-a] {format_progress(_snapshot(1))}",
+                                           f"[run-a] {format_progress(_snapshot(11, epoch=2))}", "[run-a] done"]
+
+    bar = io.StringIO()  # on a terminal: one bar redrawn in place, then the summary
+    line = ProgressLine("run-a", stream=bar, live=True)
+    for step in range(1, 21):
+        line.update(_snapshot(step, epoch=1 if step <= 10 else 2))
+    line.summary = "[run-a] done"
+    line.close()
+    drawn = bar.getvalue().split("\n")
+    assert drawn[-2:] == ["[run-a] done", ""] and drawn[0].count("\r") >= 20
+    assert drawn[0].rsplit("\r", 1)[-1].startswith(f"[run-a] {format_progress(_snapshot(20, epoch=2))} ####")
+
+
+def test_quiet_console_keeps_warnings_on_the_console_and_everything_in_files(tmp_path):
+    import io
+    import logging
+
+    from student_trainer.progress import quiet_console
+
+    logger = logging.getLogger("kd-test-quiet")
+    console, file = logging.StreamHandler(io.StringIO()), logging.FileHandler(tmp_path / "all.log")
+    logger.addHandler(console), logger.addHandler(file)
+    logger.setLevel(logging.INFO)
+    try:
+        quiet_console("kd-test-quiet")
+        quiet_console("kd-test-quiet")  # twice: still one filter
+        logger.info("Reporting training result 1: {...}")
+        logger.warning("teacher slow")
+        logger.warning("No pretrained weights loaded for model 'x'. Model initialized randomly.")
+    finally:
+        logger.removeHandler(console), logger.removeHandler(file)
+        file.close()
+    assert console.stream.getvalue().splitlines() == ["teacher slow"] and len(console.filters) == 1
+    assert len((tmp_path / "all.log").read_text().splitlines()) == 3

@@ -35,6 +35,17 @@ def test_quick_demo_writes_a_complete_report(ray_cluster, tmp_path):
     assert all((tmp_path / "demo" / p).stat().st_size > 1000 for p in report["plots"])
     assert sorted(r.split("-")[1] for r in report["runs"]) == ["baseline", "distill"]
 
+    # every run's TensorBoard files hold its training curves and the demo's evaluation of it
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for name in ("teacher", "student_distilled", "student_baseline"):
+        run = json.loads((tmp_path / "demo" / name / "run_metrics.json").read_text())
+        events = EventAccumulator(run["tensorboard"])
+        events.Reload()
+        assert {"train/loss", "train/clip_loss", "train/lr", "eval/zero_shot_top1"} <= set(events.Tags()["scalars"]), name
+        top1 = events.Scalars("eval/zero_shot_top1")
+        assert [(e.step, round(e.value, 4)) for e in top1] == [(run["step"], round(report["models"][name]["zero_shot_top1"], 4))]
+
     # every student checkpoint records what it was distilled from
     from student_trainer.checkpoint import read_provenance
 

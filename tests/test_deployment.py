@@ -126,6 +126,41 @@ def test_teacher_deployment_batches_and_isolates_errors(ray_cluster, batcher):
 
 
 @pytest.mark.ray
+def test_access_log_is_off_unless_asked_for(ray_cluster):
+    """`deploy(access_log=False)` (`kd demo` without --verbose): the replica writes no per-request
+    "CALL ..." line, to its log file or to the console Ray forwards to the deploying driver (Serve
+    filters both handlers with the same flag); deployed again with it on, the lines are back."""
+    import time
+
+    from ray import serve
+    from ray._private.worker import _global_node
+
+    from teacher_service.app import deploy
+
+    app = "kd-teacher-access-log"
+    cfg = TeacherConfig.from_dict({**yaml_args(), "app_name": app, "num_cpus": 0.5, "autoscaling": None})
+    logs = Path(_global_node.get_session_dir_path()) / "logs" / "serve"
+
+    def access_lines() -> int:
+        return sum(p.read_text(errors="replace").count("CALL info") for p in logs.glob(f"replica_{app}_*.log"))
+
+    try:
+        handle = deploy(cfg, access_log=False)
+        for _ in range(3):
+            handle.info.remote().result(timeout_s=120)
+        assert list(logs.glob(f"replica_{app}_*.log")), "the replica keeps its log file, only without access lines"
+        assert access_lines() == 0
+        handle = deploy(cfg, access_log=True)
+        handle.info.remote().result(timeout_s=120)
+        deadline = time.monotonic() + 30
+        while access_lines() == 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert access_lines() >= 1
+    finally:
+        serve.delete(app)
+
+
+@pytest.mark.ray
 def test_a_run_cannot_plant_rows_under_another_runs_view_and_keys(ray_cluster):
     """Over Serve handles: run "attacker" sends run "victim"'s view and keys with all-255 pixels
     first; the victim is then answered with the forward of its own pixels (on main: with the

@@ -7,6 +7,10 @@ resume test continues the first run, the evaluation test reads the resumed check
 from __future__ import annotations
 
 import math
+import os
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -225,6 +229,8 @@ def test_bad_samples_are_skipped_and_counted_in_epoch_metrics(tmp_path, storage,
         "data_skipped_missing_caption": 2, "data_skipped_undecodable_image": 2, "data_skipped_truncated_image": 2,
         "data_skipped_empty_caption": 2, "data_skipped_corrupt_tar": 1, "data_skipped_total": 9}
     assert m["data_caption_truncated"] == 0
+    scalars = event_scalars(storage / "bad-samples")  # the event file counts the skips by reason too
+    assert scalars["epoch/data_skipped_total"] == [(2, 9)] and scalars["epoch/data_skipped_corrupt_tar"] == [(2, 1)]
 
 
 def test_run_by_reference_trains_like_the_pixel_run(first_run, shards, storage, teacher_app):
@@ -245,3 +251,76 @@ def test_run_by_reference_trains_like_the_pixel_run(first_run, shards, storage, 
     after = serve.get_app_handle(APP).stats.remote().result(timeout_s=30)
     assert after["reference_samples"] - before.get("reference_samples", 0) >= STEPS * BATCH
     assert after["reference_refused"] == 0
+
+
+def event_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a run's TensorBoard event files: tag -> [(step, value)], read back the way
+    TensorBoard reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert files, f"no event files under {run_dir / 'tensorboard'}"
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in files:  # one file per process that trained: the first run, then its resume
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return scalars
+
+
+def test_event_files_hold_every_curve_across_a_resume(first_run, resumed_run, storage):
+    from student_trainer.events import log_eval
+
+    cfg = first_run[0]
+    log_eval(str(storage / cfg.run_name / "tensorboard"), 2 * STEPS, {"zero_shot_top1": 0.25, "i2t_r1": 0.125})
+    scalars = event_scalars(storage / cfg.run_name)
+    every_step = list(range(1, 2 * STEPS + 1))  # 3 steps, then 3 more after the resume: one curve
+    for tag in ("train/loss", "train/clip_loss", "train/kl_loss", "train/fd_loss", "train/lr", "train/logit_scale",
+                "train/samples_per_s", "train/teacher_wait_s"):
+        assert [step for step, _ in scalars[tag]] == every_step, tag
+    total = dict(scalars["train/loss"])
+    parts = [dict(scalars[f"train/{name}_loss"]) for name in ("clip", "kl", "fd")]
+    assert total[1] == pytest.approx(sum(p[1] for p in parts), rel=1e-4)
+    assert dict(scalars["train/logit_scale"])[1] == pytest.approx(1 / 0.07, rel=0.01)
+    for tag in ("epoch/teacher_requests", "epoch/teacher_samples", "epoch/teacher_retries", "epoch/teacher_wait_s",
+                "epoch/data_skipped_total", "epoch/train_samples_per_s", "epoch/run_samples_per_s"):
+        assert [step for step, _ in scalars[tag]] == [STEPS, 2 * STEPS], tag  # one point per epoch
+    assert dict(scalars["epoch/teacher_requests"])[STEPS] == STEPS
+    assert scalars["eval/zero_shot_top1"] == [(2 * STEPS, 0.25)] and scalars["eval/i2t_r1"] == [(2 * STEPS, 0.125)]
+
+
+def _kd_train(shards: Path, storage: Path, run_name: str, *flags: str) -> subprocess.Popen:
+    """`kd train` as a user runs it (a process of its own, attached to the session's cluster),
+    with a per-step line asked for every step; stdout and stderr together."""
+    import ray
+
+    cfg = train_cfg(shards, storage, run_name, mode="none", losses={"clip": 1.0})
+    cfg.log_every_steps = 1
+    cfg.to_yaml(storage / f"{run_name}.yaml")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "cluster.cli", "train", "--config", str(storage / f"{run_name}.yaml"),
+           "--address", ray.get_runtime_context().gcs_address, *flags]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=root)
+
+
+def test_kd_train_shows_progress_not_per_step_logs_unless_verbose(shards, storage, ray_cluster):
+    """Without --verbose: a progress line and a summary, none of Ray Train's per-report metric
+    dicts or the workers' per-step lines (both ranks would print them); with it, both come back."""
+    runs = {"console-quiet": _kd_train(shards, storage, "console-quiet"),
+            "console-verbose": _kd_train(shards, storage, "console-verbose", "--verbose")}
+    out = {name: proc.communicate(timeout=600)[0] for name, proc in runs.items()}
+    for name, proc in runs.items():
+        assert proc.returncode == 0, out[name][-4000:]
+    quiet, verbose = out["console-quiet"], out["console-verbose"]
+    per_step = r"\[{}\] epoch 1/1 step \d/{} loss \d"
+    assert "Reporting training result" not in quiet, quiet
+    assert not re.search(per_step.format("console-quiet", STEPS), quiet), quiet
+    assert re.search(rf"\[console-quiet\] epoch 1/1 step \d/{STEPS} \| [\d.]+ samples/s \| loss [\d.]+ \| "
+                     r"teacher wait [\d.]+s \(\d+%\) \| ETA", quiet), quiet
+    assert re.search(r"\[console-quiet\] done in .*TensorBoard: tensorboard --logdir .*console-quiet/tensorboard",
+                     quiet), quiet
+    assert verbose.count("Reporting training result") >= 2, verbose  # one per rank
+    assert re.search(per_step.format("console-verbose", STEPS), verbose), verbose
+    print(f"kd train output: {len(quiet.splitlines())} lines quiet, {len(verbose.splitlines())} with --verbose")

@@ -23,6 +23,16 @@ def add_address(p: argparse.ArgumentParser, kind: str = "embedded") -> None:
     p.add_argument("--address", help=ADDRESS_HELP[kind])
 
 
+VERBOSE_HELP = ("also show what Ray logs at INFO: Ray Train's per-report metric lines, the workers' per-step "
+                "lines and model messages, Serve's access log; without it, one progress line per run, "
+                "warnings and errors (the rest stays in Ray's log files, /tmp/ray/session_latest/logs)")
+
+
+def add_verbose(p: argparse.ArgumentParser) -> None:
+    """``-v/--verbose``: one wording for every command that runs Ray work and is quiet by default."""
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+
+
 def json_arg(text: str) -> dict:
     """A JSON object given on the command line."""
     try:

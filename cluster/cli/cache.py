@@ -9,7 +9,8 @@ import argparse
 import os
 import sys
 
-from cluster.cli.args import MODEL_FLAGS, add_address, add_teacher_model_args, given, print_result, teacher_config
+from cluster.cli.args import (MODEL_FLAGS, add_address, add_teacher_model_args, add_verbose, given, print_result,
+                              teacher_config)
 
 
 def _teacher_args(p: argparse.ArgumentParser, *, required_hint: str) -> None:
@@ -44,7 +45,9 @@ def cmd_precompute(args: argparse.Namespace) -> int:
                                     image_size=args.image_size, num_classes=args.num_classes, seed=args.seed)
         print_result({"centroids": path, "per_class": args.class_centroids}, args.json)
         return 0
-    print(init_ray(args.address), file=sys.stderr)
+    import ray.data  # noqa: F401 - configures its logger, which init_ray then quiets unless --verbose
+
+    print(init_ray(args.address, verbose=args.verbose), file=sys.stderr)
     num_cpus = args.num_cpus if args.num_cpus is not None else (teacher.num_cpus if teacher else 0.25)
     num_gpus = args.num_gpus if args.num_gpus is not None else (teacher.num_gpus if teacher else 0.0)
     summary = precompute(shards, args.out, views=args.views, teacher=teacher, app_name=app_name,
@@ -130,6 +133,7 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--num-gpus", type=float, help="GPUs per teacher actor (default: the teacher config's)")
     add_address(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")
+    add_verbose(p)
     p.set_defaults(func=cmd_precompute)
 
     cache = sub.add_parser("cache", formatter_class=fmt, help="inspect, audit and compact an embedding cache")

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import argparse
 
-from cluster.cli.args import add_address
+from cluster.cli.args import add_address, add_verbose
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from cluster.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(workdir=args.workdir, quick=args.quick, teacher_epochs=args.teacher_epochs,
-                     student_epochs=args.student_epochs, address=args.address)
+                     student_epochs=args.student_epochs, address=args.address,
+                     verbose=args.verbose)
     run_demo(cfg)
     return 0
 
@@ -25,4 +26,5 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--student-epochs", type=int, help="epochs for each student")
     p.add_argument("--quick", action="store_true", help="tiny budget (smoke test)")
     add_address(p)
+    add_verbose(p)
     p.set_defaults(func=cmd_demo)

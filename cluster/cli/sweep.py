@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cluster.cli.args import add_address
+from cluster.cli.args import add_address, add_verbose
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -16,9 +16,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for path in args.configs:
         if not Path(path).is_file():
             raise FileNotFoundError(f"sweep config {path!r} does not exist")
-    print(init_ray(args.address))
+    print(init_ray(args.address, verbose=args.verbose))
     address = ray.get_runtime_context().gcs_address
-    outcomes = run_sweep(args.configs, address)
+    outcomes = run_sweep(args.configs, address, ["--verbose"] if args.verbose else None)
     print(f"\n{'run':32} {'exit':>4} {'wall s':>7} {'samples/s':>10} {'teacher samples':>16}")
     for o in outcomes:
         m = o.metrics or {}
@@ -34,4 +34,5 @@ def add_parser(sub, fmt) -> None:
                                    "teacher app their configs name. Run names must be unique.")
     p.add_argument("configs", nargs="+", metavar="CONFIG", help="TrainConfig YAML files")
     add_address(p)
+    add_verbose(p)
     p.set_defaults(func=cmd_sweep)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cluster.cli.args import add_address, weight_arg
+from cluster.cli.args import add_address, add_verbose, weight_arg
 
 # flag → TrainConfig field (dotted for nested configs); a flag left out keeps the config's value
 TRAIN_FLAGS = {
@@ -53,8 +53,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = train_config_from_args(args)
     check_run(cfg)  # what can be checked without Ray fails here, before a cluster starts
-    print(init_ray(args.address))
-    result = run_training(cfg)
+    print(init_ray(args.address, verbose=args.verbose))
+    result = run_training(cfg, verbose=args.verbose)
     print(json.dumps({"run_name": cfg.run_name, "checkpoint": result.checkpoint.path
                       if result.checkpoint else None, "metrics": result.metrics}, indent=2,
                      default=str))
@@ -69,8 +69,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.checkpoint:
         from student_trainer.checkpoint import read_provenance
 
+        from student_trainer.events import log_checkpoint_eval
+
         metrics = evaluate_checkpoint(args.checkpoint, args.shards, limit=args.limit)
         metrics["provenance"] = read_provenance(args.checkpoint)  # the teacher and losses it was distilled with
+        metrics["tensorboard"] = log_checkpoint_eval(args.checkpoint, metrics)  # a run's checkpoint: eval/* curves
     else:
         from teacher_service.config import TeacherConfig
 
@@ -123,6 +126,7 @@ def add_parser(sub, fmt) -> None:
                    help="resume a run's checkpoint with another teacher than the one it was distilled from "
                         "(refused otherwise, naming both fingerprints)")
     add_address(p)
+    add_verbose(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", formatter_class=fmt, help="zero-shot and retrieval metrics",
