@@ -121,6 +121,7 @@ class BenchConfig:
     address: str | None = None
     workdir: str | None = None  # data, caches and runs; None: a temporary directory (one machine only)
     seed: int = 0
+    verbose: bool = False  # Serve access logs and Ray INFO lines on the console (kd bench --verbose)
 
     def validate(self) -> BenchConfig:
         unknown = sorted(set(self.sections) - set(SECTIONS))

@@ -175,7 +175,7 @@ def _train_case(run: BenchRun, n: int, layout: str, case: int) -> list[str]:
         cfg.to_yaml(path)
         paths.append(str(path))
         names.append(cfg.run_name)
-    outcomes = run_sweep(paths, ray.get_runtime_context().gcs_address)
+    outcomes = run_sweep(paths, ray.get_runtime_context().gcs_address, ["--verbose"] if run.cfg.verbose else None)
     failed = [o.run_name for o in outcomes if o.returncode != 0]
     if failed:
         raise RuntimeError(f"multi: kd train failed for {failed}")
@@ -200,7 +200,7 @@ def run_multi(run: BenchRun) -> None:
     mb = run.cfg.multi
     tcfg = teacher_config(run, APP, max_batch_size=4 * mb.batch_size, request_samples=mb.batch_size)
     run.log(f"multi: deploying teacher {run.cfg.models.teacher} (app {APP}), students as {mb.students}")
-    handle = deploy(tcfg)
+    handle = deploy(tcfg, access_log=run.cfg.verbose)
     info = handle.info.remote().result(timeout_s=600)
     results: dict[tuple[str, int], list[dict]] = {}
     case = 0

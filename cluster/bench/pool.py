@@ -209,7 +209,7 @@ def _served_rates(run: BenchRun, pb, info: dict) -> dict[tuple[int, int], list[f
         for b in pb.batch_sizes:
             cfg = teacher_config(run, APP, max_batch_size=b, request_samples=b, replicas=replicas)
             run.log(f"pool: deploying {replicas} replica(s) with max_batch_size {b}")
-            handle = deploy(cfg)
+            handle = deploy(cfg, access_log=run.cfg.verbose)
             handle.info.remote().result(timeout_s=600)
             in_flight = pb.in_flight_per_replica * replicas
             for rep in range(run.cfg.repeats):

@@ -74,7 +74,7 @@ def run_students(run: BenchRun) -> None:
     modes = [m for m in MODES if m in sb.modes]  # hybrid before cache: cache may read what hybrid filled
     tcfg = teacher_config(run, APP, max_batch_size=4 * sb.batch_size, request_samples=sb.batch_size)
     run.log(f"students: deploying teacher {run.cfg.models.teacher} (app {APP})")
-    handle = deploy(tcfg)
+    handle = deploy(tcfg, access_log=run.cfg.verbose)
     handle.info.remote().result(timeout_s=600)
     caches: dict = {}
     if "cache" in modes and sb.precompute:

@@ -5,7 +5,7 @@ import argparse
 import shlex
 import sys
 
-from cluster.cli.args import add_address
+from cluster.cli.args import add_address, add_verbose
 from cluster.bench.config import MODES, PRESETS, SECTIONS, preset
 
 DESCRIPTION = """\
@@ -35,7 +35,7 @@ records the load average at start and end)."""
 
 
 OPTIONS = ("preset", "repeats", "sections", "modes", "multi_students", "out", "workdir", "no_pin", "teacher_cores", "student_cores",
-           "address")
+           "address", "verbose")
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -64,7 +64,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.multi_students:
         cfg.multi.students = args.multi_students
     cfg.out, cfg.address, cfg.workdir = args.out, args.address, args.workdir
-    cfg.pin_cores = not args.no_pin
+    cfg.pin_cores, cfg.verbose = not args.no_pin, args.verbose
     cfg.teacher_cores, cfg.student_cores = args.teacher_cores, args.student_cores
     result = run_suite(cfg, command=command_line(args))
     for section, error in result["errors"].items():
@@ -89,4 +89,5 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--teacher-cores", type=int, help="cores for the teacher (default: half)")
     p.add_argument("--student-cores", type=int, help="cores for the students (default: the rest)")
     add_address(p)
+    add_verbose(p)
     p.set_defaults(func=cmd_bench)
