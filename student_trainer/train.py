@@ -49,7 +49,7 @@ from student_trainer.factory import create_student, create_tokenizer, embed_dim
 from student_trainer.losses import OPTION_DEFAULTS, LossSet, accumulated_backward, build_losses
 from student_trainer.masking import encode_image_masked, patch_noise
 from student_trainer.scheduler import set_lr, warmup_cosine
-from student_trainer.teacher.outputs import TeacherOutputs
+from student_trainer.teacher.outputs import merge_outputs
 from student_trainer.teacher.sources import NoTeacher, make_teacher_source
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -411,7 +411,8 @@ def train_loop_per_worker(config: dict) -> None:
     options = _loss_options(cfg, source, tokenizer, shards)
     centroids = options.get("class_centroids")
     teacher_dim = source.embed_dim or (int(centroids.shape[1]) if centroids is not None else embed_dim(student))
-    losses = build_losses(cfg.losses, student_dim=embed_dim(student), teacher_dim=teacher_dim, options=options)
+    losses = build_losses(cfg.losses, student_dim=embed_dim(student), teacher_dim=teacher_dim, options=options,
+                          teacher_dims=getattr(source, "embed_dims", None))  # several: one head per teacher
     module = DistillModule(student, losses, preprocess_spec(student)).to(device)
     optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
@@ -444,7 +445,7 @@ def train_loop_per_worker(config: dict) -> None:
             "train_samples_per_s": round((done - first) * cfg.accum_steps * cfg.data.batch_size * world
                                          / max(elapsed, 1e-9), 3),
             "run_samples_per_s": round(samples_done / max(time.perf_counter() - run_start, 1e-9), 3),
-            "world_size": world, "teacher_mode": cfg.teacher.mode,
+            "world_size": world, "teacher_mode": source.mode,
             "teacher_fingerprint": source.info.get("fingerprint", ""), "teacher_model": source.info.get("model"),
             "peak_rss_mb": round(_peak_rss_mb(), 1),
         })
@@ -473,7 +474,7 @@ def train_loop_per_worker(config: dict) -> None:
                 return
             set_lr(optimizer, warmup_cosine(step, base_lr=cfg.optim.lr,
                                             warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps))
-            merged = TeacherOutputs.merge([t for _, t in group])
+            merged = merge_outputs([t for _, t in group])  # one teacher's or an ensemble's
             teacher = merged.to_tensors(device) if merged is not None else None
             parts = train_step(module, optimizer, [_as_tensors(b, device) for b, _ in group], teacher,
                                seed=mask_seed(cfg.seed, step, rank), ddp=ddp, scaler=scaler,

@@ -23,6 +23,12 @@ def add_address(p: argparse.ArgumentParser, kind: str = "embedded") -> None:
     p.add_argument("--address", help=ADDRESS_HELP[kind])
 
 
+def add_app_names(p: argparse.ArgumentParser, help_text: str) -> None:
+    """``--app-name``, repeatable: one teacher app, or several (an ensemble's pools) in order."""
+    p.add_argument("--app-name", dest="app_name", action="append", metavar="APP",
+                   help=f"{help_text} (repeat for several teachers: --app-name a --app-name b)")
+
+
 def json_arg(text: str) -> dict:
     """A JSON object given on the command line."""
     try:

@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 
-from cluster.cli.args import add_address, add_teacher_model_args, given, json_arg, teacher_config
+from cluster.cli.args import add_address, add_app_names, add_teacher_model_args, given, json_arg, teacher_config
 
 SERVE_FLAGS = {"model": "model", "pretrained": "pretrained", "overrides": "overrides", "precision": "precision",
                "app_name": "app_name", "replicas": "num_replicas", "num_cpus": "num_cpus", "num_gpus": "num_gpus",
@@ -77,11 +77,18 @@ def cmd_teacher_status(args: argparse.Namespace) -> int:
     from teacher_service.stats import format_stats
 
     init_ray(args.address or "auto", quiet=True)
-    handle = get_teacher_handle(args.app_name, timeout_s=30)
-    info = handle.info.remote().result(timeout_s=args.timeout)
-    stats = collect_stats(handle, timeout_s=args.timeout)  # every replica, merged
-    print(json.dumps({"info": info, "stats": stats}, indent=2, default=str) if args.json
-          else format_stats(info, stats))
+    apps = args.app_name or ["kd-teacher"]
+    pools = {}
+    for app in apps:  # an ensemble's run uses several pools: each, in the order given
+        handle = get_teacher_handle(app, timeout_s=30)
+        info = handle.info.remote().result(timeout_s=args.timeout)
+        pools[app] = {"info": info, "stats": collect_stats(handle, timeout_s=args.timeout)}  # every replica, merged
+    if args.json:
+        print(json.dumps(pools[apps[0]] if len(apps) == 1 else pools, indent=2, default=str))
+    elif len(apps) == 1:
+        print(format_stats(**pools[apps[0]]))
+    else:
+        print("\n\n".join(f"== teacher app {app!r}\n{format_stats(**pool)}" for app, pool in pools.items()))
     return 0
 
 
@@ -105,7 +112,7 @@ def add_parser(sub, fmt) -> None:
                                      "deploy into a running cluster (e.g. after `ray start --head`).")
     p.add_argument("--config", help="TeacherConfig YAML (flags below override it)")
     add_teacher_model_args(p)
-    p.add_argument("--app-name", help="Serve application name (default kd-teacher)")
+    p.add_argument("--app-name", help="Serve application name (default kd-teacher)")  # one app per serve
     p.add_argument("--replicas", type=int, help="number of replicas (a fixed pool)")
     p.add_argument("--autoscale", type=json_arg, metavar="JSON",
                    help='autoscale the pool instead: Serve autoscaling_config as JSON, max_replicas required, '
@@ -143,7 +150,10 @@ def add_parser(sub, fmt) -> None:
     for name, func, text in [("status", cmd_teacher_status, "print the teacher's info and counters"),
                              ("stop", cmd_teacher_stop, "delete the teacher app and its gRPC ingress")]:
         p = t_sub.add_parser(name, formatter_class=fmt, help=text, description=text)
-        p.add_argument("--app-name", default="kd-teacher", help="Serve application name")
+        if name == "status":
+            add_app_names(p, "Serve application name (default kd-teacher)")
+        else:
+            p.add_argument("--app-name", default="kd-teacher", help="Serve application name")
         add_address(p, "running")
         if name == "status":
             p.add_argument("--json", action="store_true", help="print the merged counters as JSON")

@@ -25,7 +25,7 @@ from teacher_service.contract.protocol import EmbedRequest, EmbedResponse, Reque
 
 from student_trainer.config import TeacherSourceConfig
 from student_trainer.data.batches import Batch
-from student_trainer.teacher.outputs import TeacherOutputs
+from student_trainer.teacher.outputs import EnsembleOutputs, TeacherOutputs, ensemble_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -586,12 +586,109 @@ def source_class(mode: str) -> type[TeacherSource]:
         raise ValueError(f"teacher mode {mode!r}: expected one of {sorted(SOURCES)}") from None
 
 
-def make_teacher_source(cfg: TeacherSourceConfig, run: str, device: str | None = None,
-                        recipe: dict | None = None, view_namespace: str = "") -> TeacherSource:
-    """The teacher source for `cfg.mode`. `recipe` (`teacher_service.contract.augment.view_recipe(image_size,
-    seed)`) lets the cache modes refuse a cache built for other views before the first batch;
-    `view_namespace` (`teacher_service.contract.augment.view_namespace`) lets the pool coalesce the remote
-    and hybrid sources' requests with other runs'."""
+# ---------------------------------------------------------------------------------------------
+# several teachers at once
+
+
+class EnsembleStats:
+    """An ensemble's counters: the teachers' summed (the keys a single teacher reports) and each
+    teacher's requests, samples and wait under `teacher_<name>_*`."""
+
+    def __init__(self, names: list[str], members: list[TeacherStats]) -> None:
+        self.names, self.members = names, members
+
+    @property
+    def fingerprints(self) -> set:
+        return set().union(*(m.fingerprints for m in self.members))
+
+    def as_metrics(self) -> dict:
+        metrics: dict = {}
+        for name, stats in zip(self.names, self.members):
+            own = stats.as_metrics()
+            for key, value in own.items():
+                metrics[key] = round(metrics.get(key, 0) + value, 4)
+            for key in ("requests", "samples", "wait_s"):
+                metrics[f"teacher_{name}_{key}"] = own[f"teacher_{key}"]
+        return metrics
+
+
+class MultiTeacher(TeacherSource):
+    """Several teachers at once (an ensemble): each batch goes to every teacher's own source, and
+    the loop gets one `TeacherOutputs` per teacher (`EnsembleOutputs`, own width, scale and bias).
+
+    Each teacher keeps what its source does alone: the remote ones their prefetch window (so every
+    pool has its next batches in flight while one trains), retries and patience; a teacher lost for
+    good stops the run as a single one would. A teacher with `labels` is asked only for the samples
+    of those classes (per-sample teacher choice); its outputs are spread back over the batch with
+    `answered` marking its rows, and a batch with none of them does not reach it.
+    """
+
+    mode = "ensemble"
+
+    def __init__(self, configs: list[TeacherSourceConfig], sources: list[TeacherSource]) -> None:
+        self.configs, self.sources = configs, sources
+        self.names = [c.name for c in configs]
+        self.weights = [float(c.loss_weight) for c in configs]
+        self.labels = [None if c.labels is None else np.asarray(c.labels, dtype=np.int64) for c in configs]
+        for flag in ("needs_app", "needs_cache", "can_lose_teacher"):
+            setattr(self, flag, any(getattr(src, flag) for src in sources))
+        self.computes_centroids = False  # Embed-KD centroids come from one teacher; preflight refuses an ensemble
+        self.embed_dims = [int(src.embed_dim) for src in sources]
+        teachers = [{"name": n, **src.info} for n, src in zip(self.names, sources)]
+        self.info = {"fingerprint": ensemble_fingerprint({t["name"]: t.get("fingerprint", "") for t in teachers}),
+                     "model": "+".join(str(t.get("model")) for t in teachers), "teachers": teachers}
+        self.stats = EnsembleStats(self.names, [src.stats for src in sources])
+
+    def rows_for(self, batch: Batch, i: int) -> np.ndarray | None:
+        """The rows of `batch` teacher i answers (None: all of them)."""
+        if self.labels[i] is None:
+            return None
+        return np.flatnonzero(np.isin(batch.labels, self.labels[i]))
+
+    def _routed(self, batches: Iterable[Batch], i: int) -> Iterator[Batch]:
+        """Teacher i's share of each batch; batches with none of its rows are left out."""
+        for batch in batches:
+            rows = self.rows_for(batch, i)
+            if rows is None:
+                yield batch
+            elif rows.size:
+                yield _take(batch, rows)
+
+    def _unanswered(self, i: int, size: int) -> TeacherOutputs:
+        """Teacher i's outputs for a batch it was not asked about: zeros, no row answered."""
+        info, dim = self.sources[i].info, self.embed_dims[i]
+        bias = info.get("logit_bias")
+        zeros = np.zeros((size, dim), np.float16)
+        return TeacherOutputs(zeros, zeros.copy(), float(info.get("logit_scale") or 1.0),
+                              None if bias is None else float(bias), info.get("fingerprint", ""),
+                              answered=np.zeros(size, bool))
+
+    def stream(self, batches: Iterable[Batch], view: int | None = None
+               ) -> Iterator[tuple[Batch, EnsembleOutputs]]:
+        copies = itertools.tee(batches, len(self.sources) + 1)
+        streams = [src.stream(self._routed(copies[i + 1], i), view=view) for i, src in enumerate(self.sources)]
+        try:
+            for batch in copies[0]:
+                yield batch, EnsembleOutputs(tuple(self._answer(batch, i, s) for i, s in enumerate(streams)),
+                                             tuple(self.names), tuple(self.weights))
+        finally:
+            for stream in streams:
+                stream.close()  # a hybrid teacher flushes its appended misses
+
+    def _answer(self, batch: Batch, i: int, stream: Iterator) -> TeacherOutputs:
+        rows = self.rows_for(batch, i)
+        if rows is not None and rows.size == 0:
+            return self._unanswered(i, len(batch))
+        asked, outputs = next(stream)
+        if rows is None:
+            return outputs
+        if list(asked.keys) != [batch.keys[r] for r in rows]:
+            raise RuntimeError(f"teacher {self.names[i]!r} answered another batch than the one training")
+        return outputs.spread(rows, len(batch))
+
+
+def _make_one(cfg: TeacherSourceConfig, run: str, device: str | None, recipe: dict | None,
+              view_namespace: str) -> TeacherSource:
     cls = source_class(cfg.mode)
     if cls is NoTeacher:
         return NoTeacher()
@@ -602,3 +699,15 @@ def make_teacher_source(cfg: TeacherSourceConfig, run: str, device: str | None =
     if cls is CachedTeacher:
         return CachedTeacher(cfg, run, recipe)
     return HybridTeacher(cfg, run, recipe, view_namespace=view_namespace)
+
+
+def make_teacher_source(cfg: TeacherSourceConfig, run: str, device: str | None = None,
+                        recipe: dict | None = None, view_namespace: str = "") -> TeacherSource:
+    """The teacher source for `cfg.mode`, or a `MultiTeacher` over `cfg.sources` when it lists
+    several. `recipe` (`teacher_service.contract.augment.view_recipe(image_size, seed)`) lets the
+    cache modes refuse a cache built for other views before the first batch; `view_namespace`
+    (`teacher_service.contract.augment.view_namespace`) lets the pool coalesce the remote and
+    hybrid sources' requests with other runs'."""
+    members = cfg.members()
+    sources = [_make_one(m, run, device, recipe, view_namespace) for m in members]
+    return MultiTeacher(members, sources) if cfg.is_ensemble else sources[0]
