@@ -213,8 +213,8 @@ class TrainConfig:
     def _validate_teachers(self) -> None:
         """Every teacher's fields (each `teacher.sources` entry on its own), and an ensemble's names."""
         members = self.teacher.members()
-        for member in members:
-            _validate_source(member, f"teacher.sources[{member.name}]." if self.teacher.sources else "teacher.")
+        for i, member in enumerate(members):
+            _validate_source(member, f"teacher.sources[{i}]." if self.teacher.sources else "teacher.")
         names = [m.name for m in members]
         bad = [n for n in names if self.teacher.sources and not _RUN_NAME.match(n)]
         if bad:
@@ -274,7 +274,7 @@ class TrainConfig:
 
 
 def _validate_source(t: TeacherSourceConfig, p: str) -> None:
-    """One teacher's fields; errors name the field with prefix `p` ("teacher." or "teacher.sources[NAME].")."""
+    """One teacher's fields; errors name the field with prefix `p` ("teacher." or "teacher.sources[i].")."""
     if t.mode not in TEACHER_MODES:
         raise ValueError(f"{p}mode {t.mode!r}: expected one of {TEACHER_MODES}")
     if t.mode == "inline" and t.teacher is None:
