@@ -333,3 +333,40 @@ def test_checkpoints_record_every_teacher_and_resume_refuses_a_changed_one():
     with pytest.raises(TeacherChangedError, match=r"c: None -> 'fc'"):
         check_same_teacher(record, "a=fa,b=fb,c=fc", "run", allow_change=False)
     check_same_teacher(record, "a=fa,b=fc", "run", allow_change=True)
+
+
+def test_a_samples_metadata_picks_its_teachers(tmp_path):
+    """`teacher` in the captions file → the sample's JSON → Batch.teachers → only those teachers asked."""
+    from PIL import Image
+
+    from student_trainer.data.batches import train_batches
+    from student_trainer.data.write_shards import write_folder_shards
+    from teacher_service.shards import resolve_shards
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rows = ["image,caption,label,teacher"]
+    picks = {0: "a", 1: "b", 2: "a;b", 3: ""}
+    for i in range(8):
+        Image.fromarray(np.full((12, 12, 3), i * 20, np.uint8)).save(images / f"{i}.png")
+        rows.append(f"{i}.png,picture {i},{i % 2},{picks[i % 4]}")
+    (images / "captions.csv").write_text("\n".join(rows) + "\n")
+    write_folder_shards(images, images / "captions.csv", tmp_path / "shards")
+    batch = next(train_batches(resolve_shards(str(tmp_path / "shards")), rank=0, world_size=1, batch_size=8,
+                               image_size=8, epoch=0, seed=0, tokenizer=_tokens, shuffle_buffer=1))
+    expect = {"a": ("a",), "b": ("b",), "a;b": ("a", "b"), "": None}
+    assert batch.teachers == [expect[picks[int(c.split()[1]) % 4]] for c in batch.captions]
+
+    configs = [TeacherSourceConfig(mode="remote", name="a"),
+               TeacherSourceConfig(mode="remote", name="b", labels=[1])]  # metadata wins over labels
+    sources = [_Recording(6, "fa"), _Recording(4, "fb")]
+    _, out = next(MultiTeacher(configs, sources).stream([batch], view=0))
+    wanted = {"a": [p is None or "a" in p for p in batch.teachers],
+              "b": [("b" in p) if p is not None else lab == 1 for p, lab in zip(batch.teachers, batch.labels)]}
+    for name, source, member in zip("ab", sources, out.members):
+        assert source.asked == [[k for k, w in zip(batch.keys, wanted[name]) if w]]
+        assert member.answered.tolist() == wanted[name]
+
+
+def _tokens(captions: list[str]) -> np.ndarray:
+    return np.ones((len(captions), 4), np.int64)

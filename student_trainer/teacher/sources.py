@@ -343,7 +343,8 @@ def _is_request_error(exc: BaseException) -> bool:
 def _take(batch: Batch, rows: np.ndarray) -> Batch:
     return Batch(keys=[batch.keys[i] for i in rows], images=batch.images[rows], tokens=batch.tokens[rows],
                  labels=batch.labels[rows], captions=[batch.captions[i] for i in rows],
-                 origin=None if batch.origin is None else batch.origin.take(rows))
+                 origin=None if batch.origin is None else batch.origin.take(rows),
+                 teachers=None if batch.teachers is None else [batch.teachers[i] for i in rows])
 
 
 @dataclass
@@ -619,7 +620,8 @@ class MultiTeacher(TeacherSource):
     Each teacher keeps what its source does alone: the remote ones their prefetch window (so every
     pool has its next batches in flight while one trains), retries and patience; a teacher lost for
     good stops the run as a single one would. A teacher with `labels` is asked only for the samples
-    of those classes (per-sample teacher choice); its outputs are spread back over the batch with
+    of those classes, and a sample whose metadata names teachers (`teacher` in its JSON) only those
+    (per-sample teacher choice); its outputs are spread back over the batch with
     `answered` marking its rows, and a batch with none of them does not reach it.
     """
 
@@ -640,10 +642,16 @@ class MultiTeacher(TeacherSource):
         self.stats = EnsembleStats(self.names, [src.stats for src in sources])
 
     def rows_for(self, batch: Batch, i: int) -> np.ndarray | None:
-        """The rows of `batch` teacher i answers (None: all of them)."""
-        if self.labels[i] is None:
-            return None
-        return np.flatnonzero(np.isin(batch.labels, self.labels[i]))
+        """The rows of `batch` teacher i answers (None: all of them). A sample whose metadata names
+        teachers (`Batch.teachers`) goes to those; any other to the teachers whose `labels` hold its
+        label, and to those without labels."""
+        if batch.teachers is None:
+            return None if self.labels[i] is None else np.flatnonzero(np.isin(batch.labels, self.labels[i]))
+        name = self.names[i]
+        by_label = np.ones(len(batch), bool) if self.labels[i] is None else np.isin(batch.labels, self.labels[i])
+        chosen = [name in pick if pick is not None else bool(own) for pick, own in zip(batch.teachers, by_label)]
+        rows = np.flatnonzero(chosen)
+        return None if rows.size == len(batch) else rows
 
     def _routed(self, batches: Iterable[Batch], i: int) -> Iterator[Batch]:
         """Teacher i's share of each batch; batches with none of its rows are left out."""
