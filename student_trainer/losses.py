@@ -582,8 +582,9 @@ class EmbedKDLoss(DistillLoss):
 
 
 def _refuse_routing(teacher: Mapping | None, loss: str) -> None:
-    """GD and AFD need every teacher row (and single-teacher KL/CRD has no partial target): refused."""
-    if isinstance(teacher, Mapping) and teacher.get("answered") is not None:
+    """GD and AFD need every teacher row (and single-teacher KL/CRD has no partial target): a
+    teacher that left rows unanswered is refused (an all-True mask, as ensembles send, is fine)."""
+    if isinstance(teacher, Mapping) and teacher.get("answered") is not None and not bool(teacher["answered"].all()):
         raise ValueError(f"loss {loss!r} does not take per-sample teacher choice (teacher labels); "
                          "kl, crd (with several teachers), fd, mfd and icl do")
 
@@ -644,7 +645,7 @@ class EnsembleDistributionLoss(DistillLoss):
         covered = (mix.sum(0) > 0).to(like.dtype)
         mix = mix / mix.sum(0).clamp(min=1e-12)
         if self.average == "logits":
-            if any(p[2] is not None for p in parts):
+            if any(p[2] is not None and not bool(p[2].all()) for p in parts):
                 raise ValueError("ensemble_average 'logits' needs every teacher on every sample; "
                                  "with teacher labels use 'probs'")
             return sum(m[:, None] * p[direction] for m, p in zip(mix, parts)).softmax(dim=1), covered

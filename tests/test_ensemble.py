@@ -296,7 +296,7 @@ def test_each_teacher_is_asked_only_for_its_samples():
     assert sources[1].asked == [["b0-1", "b0-3"], ["b2-0", "b2-1", "b2-3"]]  # batch 1 has none of its labels
     first = got[0][1]
     assert isinstance(first, EnsembleOutputs) and first.names == ("all", "odd") and first.weights == (1.0, 2.0)
-    assert first.members[0].answered is None
+    assert first.members[0].answered.all()  # every teacher of an ensemble says which rows it answered
     assert first.members[1].answered.tolist() == [False, True, False, True]
     assert first.members[1].image_features[:, 0].tolist() == [0, 1, 0, 2]  # its answers, on their rows
     assert got[1][1].members[1].answered.tolist() == [False] * 4

@@ -103,3 +103,26 @@ def test_one_run_distills_from_two_pools_of_different_widths(shards, apps, tmp_p
     assert main(["teacher", "status", "--app-name", APPS[0], "--app-name", APPS[1], "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [report[a]["stats"]["runs"][run]["samples"] for a in APPS] == [pools[0]["samples"], expected_low]
+
+
+def test_an_app_and_a_cache_of_another_teacher_train_together(shards, apps, tmp_path):
+    """One teacher served, one precomputed (each its own width): the cache answers every sample with
+    no pool behind it, the app the rest of the ensemble; both teachers are in the checkpoint."""
+    from student_trainer.checkpoint import PROVENANCE_FILE
+    from student_trainer.train import run_training
+    from teacher_service.cache.precompute import precompute
+    from teacher_service.shards import resolve_shards
+
+    cache = tmp_path / "narrow-cache"
+    precompute(resolve_shards(shards), str(cache), views=1, teacher=_teacher("unused", 32), image_size=32, seed=0,
+               num_cpus=0.5, batch_size=50, progress=False)
+    sources = [{"name": "wide", "app_name": APPS[0]}, {"name": "cached", "mode": "cache", "cache_path": str(cache)}]
+    cfg = ensemble_cfg(shards, tmp_path / "runs", "ensemble-cache-run", sources)
+    cfg.num_workers, cfg.data.num_views = 1, 1
+    result = run_training(cfg)
+    metrics = result.metrics
+    assert np.isfinite(metrics["loss"])
+    assert metrics["teacher_cache_hits"] == STEPS * BATCH and metrics["teacher_cache_misses"] == 0
+    assert metrics["teacher_wide_samples"] == STEPS * BATCH and metrics["teacher_cached_samples"] == 0
+    record = json.loads((Path(result.checkpoint.path) / PROVENANCE_FILE).read_text())
+    assert [(t["name"], t["mode"]) for t in record["teachers"]] == [("wide", "remote"), ("cached", "cache")]

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -688,8 +688,8 @@ class MultiTeacher(TeacherSource):
         if rows is not None and rows.size == 0:
             return self._unanswered(i, len(batch))
         asked, outputs = next(stream)
-        if rows is None:
-            return outputs
+        if rows is None:  # a mask on every teacher of every batch: all ranks then gather the same tensors
+            return replace(outputs, answered=np.ones(len(batch), bool))
         if list(asked.keys) != [batch.keys[r] for r in rows]:
             raise RuntimeError(f"teacher {self.names[i]!r} answered another batch than the one training")
         return outputs.spread(rows, len(batch))
