@@ -157,9 +157,13 @@ def _answered(d: Mapping, like: torch.Tensor) -> torch.Tensor | None:
     return None if value is None else torch.as_tensor(value, device=like.device).to(like.dtype)
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` [B] over the rows of `mask` (0 with none, still part of the graph)."""
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor, all_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """This rank's share of the mean of `values` [B] over the rows of `mask`: Σ mask·values over
+    (rows counted on all ranks, `all_mask` gathered, / world size), so the ranks' mean is the
+    global batch's masked mean, as for the unmasked losses. 0 when no row counts (still in the graph)."""
+    all_mask = mask if all_mask is None else all_mask
+    per_rank = all_mask.sum() * mask.numel() / all_mask.numel()
+    return (values * mask).sum() / per_rank.clamp(min=1e-12)
 
 
 def _mask_columns(logits: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
@@ -365,8 +369,10 @@ class FDLoss(DistillLoss):
         t_text = _teacher(teacher, "text_features", self.name, text)
         rows = _answered(teacher, image)
         if rows is not None:  # per-sample teacher choice: the MSE over the rows this teacher answered
+            all_rows = _gathered(teacher, "answered", rows, with_grad=False)
+
             def mse(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return _masked_mean((x - t).pow(2).mean(dim=1), rows)
+                return _masked_mean((x - t).pow(2).mean(dim=1), rows, all_rows)
 
             loss = mse(self.projection(image, "image"), t_image) + mse(self.projection(text, "text"), t_text)
             return {f"{self.name}_loss": loss}
@@ -434,7 +440,8 @@ class ICLLoss(_ScaledProjectionLoss):
             labels = _local_labels(image.shape[0], image.device)
 
             def ce(logits: torch.Tensor) -> torch.Tensor:
-                return _masked_mean(F.cross_entropy(_mask_columns(logits, columns), labels, reduction="none"), rows)
+                return _masked_mean(F.cross_entropy(_mask_columns(logits, columns), labels, reduction="none"), rows,
+                                    columns)
 
             return {"icl_loss": (ce(scale * image @ all_t_text.T) + ce(scale * text @ all_t_image.T)) / 2}
         return {"icl_loss": _contrastive(image, text, all_t_image, all_t_text, scale)}
@@ -638,12 +645,15 @@ class EnsembleDistributionLoss(DistillLoss):
         return per_image, per_text, rows, columns
 
     def _target(self, parts: list, weights: list[float], direction: int, like: torch.Tensor):
-        """The combined target [B, N] and the rows it covers ([B] float)."""
+        """The combined target [B, N], the rows it covers ([B] float) and those of all ranks ([N])."""
         ones = torch.ones(like.shape[0], device=like.device, dtype=like.dtype)
         rows = [ones if p[2] is None else p[2] for p in parts]
         mix = torch.stack([w * r for w, r in zip(weights, rows)])  # [T, B]
         covered = (mix.sum(0) > 0).to(like.dtype)
+        columns = [None if p[3] is None else w * p[3] for w, p in zip(weights, parts)]
+        all_covered = None if any(c is None for c in columns) else (sum(columns) > 0).to(like.dtype)
         mix = mix / mix.sum(0).clamp(min=1e-12)
+        covered = (covered, all_covered)
         if self.average == "logits":
             if any(p[2] is not None and not bool(p[2].all()) for p in parts):
                 raise ValueError("ensemble_average 'logits' needs every teacher on every sample; "
@@ -666,7 +676,7 @@ class EnsembleDistributionLoss(DistillLoss):
             per_row = -(target * log_q).sum(1)
             if self.name == "crd":
                 per_row = torch.xlogy(target, target).sum(1) + per_row
-            total = total + _masked_mean(per_row, covered)
+            total = total + _masked_mean(per_row, *covered)
         return {f"{self.name}_loss": total / 2}
 
 
