@@ -51,3 +51,22 @@ def test_quick_demo_writes_a_complete_report(ray_cluster, tmp_path):
     assert "data" in reusable_teacher(teacher_dir, teacher_identity(cfg, data_dir, 1))
     (teacher_dir / "demo_teacher.json").unlink()
     assert "records no" in reusable_teacher(teacher_dir, identity)
+
+
+def test_quick_demo_with_two_teachers_adds_an_ensemble_student(ray_cluster, tmp_path):
+    """`kd demo --teachers 2`: a second teacher (next seed, own app), and a student distilled from both."""
+    from cluster.demo import DemoConfig, run_demo
+    from student_trainer.checkpoint import read_provenance
+
+    cfg = DemoConfig(workdir=str(tmp_path / "demo"), quick=True, app_name="kd-demo-test2", teachers=2)
+    report = run_demo(cfg)
+    assert set(report["models"]) == {"teacher", "teacher_2", "student_distilled", "student_ensemble",
+                                     "student_baseline"}
+    first, second = report["teacher_fingerprints"]
+    assert first == report["teacher_fingerprint"] and second != first  # another seed, another teacher
+    for metric in METRICS:
+        gap = report["models"]["student_ensemble"][metric] - report["models"]["student_baseline"][metric]
+        assert report["ensemble_gain_over_baseline"][metric] == pytest.approx(gap, abs=1e-4)
+    ensemble = read_provenance(tmp_path / "demo" / "student_ensemble")
+    assert [t["fingerprint"] for t in ensemble["teachers"]] == [first, second]
+    assert [t["app_name"] for t in ensemble["teachers"]] == ["kd-demo-test2", "kd-demo-test2-2"]
