@@ -370,3 +370,30 @@ def test_a_samples_metadata_picks_its_teachers(tmp_path):
 
 def _tokens(captions: list[str]) -> np.ndarray:
     return np.ones((len(captions), 4), np.int64)
+
+
+def test_every_pool_has_its_prefetch_window_in_flight_while_a_batch_trains(monkeypatch):
+    """Two remote teachers (scripted Serve handles): while batch t trains, each pool already holds the
+    requests for t+1 .. t+prefetch, as one remote teacher alone does; a lost one stops the stream."""
+    import teacher_service.app as app
+    from test_teacher_client import FakeHandle, make_batches
+
+    from student_trainer.teacher.sources import make_teacher_source
+    from teacher_service.app import TeacherUnavailableError
+
+    handles = {"a": FakeHandle("fp-a"), "b": FakeHandle("fp-b")}
+    monkeypatch.setattr(app, "get_teacher_handle", lambda name, timeout_s=60.0: handles[name])
+    cfg = TeacherSourceConfig(mode="remote", prefetch=2, timeout_s=5.0, sources=[{"app_name": "a"}, {"app_name": "b"}])
+    multi = make_teacher_source(cfg, run="ens")
+    n, prefetch = 6, 2
+    for t, (batch, out) in enumerate(multi.stream(make_batches(n), view=0)):
+        assert [m.fingerprint for m in out.members] == ["fp-a", "fp-b"]
+        for handle in handles.values():
+            assert handle.outstanding == min(prefetch, n - 1 - t)  # t+1 .. t+prefetch in flight, in both pools
+    assert [h.max_outstanding for h in handles.values()] == [prefetch + 1, prefetch + 1]
+
+    handles["b"].script = lambda call_no, request: TimeoutError("no answer")  # one pool stops answering
+    cfg.patience_s, cfg.retries = 0.0, 0
+    monkeypatch.setattr("student_trainer.teacher.sources.time.sleep", lambda s: None)
+    with pytest.raises(TeacherUnavailableError, match="teacher app 'b'"):
+        list(make_teacher_source(cfg, run="ens").stream(make_batches(n), view=0))
