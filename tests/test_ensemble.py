@@ -397,3 +397,29 @@ def test_every_pool_has_its_prefetch_window_in_flight_while_a_batch_trains(monke
     monkeypatch.setattr("student_trainer.teacher.sources.time.sleep", lambda s: None)
     with pytest.raises(TeacherUnavailableError, match="teacher app 'b'"):
         list(make_teacher_source(cfg, run="ens").stream(make_batches(n), view=0))
+
+
+def test_both_pools_get_their_first_window_before_either_is_waited_on(monkeypatch):
+    """Remote teachers of an ensemble send their first prefetch windows at once (`eager`), so the
+    first batch of an epoch waits for the slowest pool, not for the pools one after another."""
+    import teacher_service.app as app
+    from test_teacher_client import FakeHandle, make_batches
+
+    from student_trainer.teacher.sources import make_teacher_source
+
+    handles = {"a": FakeHandle("fp-a"), "b": FakeHandle("fp-b")}
+    monkeypatch.setattr(app, "get_teacher_handle", lambda name, timeout_s=60.0: handles[name])
+    waited_on_a_with_b_sent = []
+    real = handles["a"]._embed
+
+    def embed_a(request):
+        response = real(request)
+        result = response.result
+        response.result = lambda timeout_s=None: (waited_on_a_with_b_sent.append(len(handles["b"].sent)),
+                                                  result(timeout_s))[1]
+        return response
+
+    handles["a"].embed.fn = embed_a
+    cfg = TeacherSourceConfig(mode="remote", prefetch=2, sources=[{"app_name": "a"}, {"app_name": "b"}])
+    list(make_teacher_source(cfg, run="ens").stream(make_batches(5), view=0))
+    assert waited_on_a_with_b_sent[0] == 3  # b's batches 0..2 were out when a's batch 0 was first awaited

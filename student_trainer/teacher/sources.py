@@ -84,6 +84,7 @@ class TeacherSource:
     needs_cache = False
     can_lose_teacher = False
     computes_centroids = False
+    submits_ahead = False  # whether stream() takes eager=True (requests out before the first next())
     embed_dim: int | None = None
     info: dict = {}
     stats: TeacherStats
@@ -149,6 +150,7 @@ class RemoteTeacher(TeacherSource):
     """
 
     mode, needs_app, can_lose_teacher, computes_centroids = "remote", True, True, True
+    submits_ahead = True  # stream(..., eager=True) sends its first window at once
 
     def __init__(self, cfg: TeacherSourceConfig, run: str, view_namespace: str = "") -> None:
         from teacher_service.app import get_teacher_handle
@@ -202,10 +204,11 @@ class RemoteTeacher(TeacherSource):
             f"{last!r}. Is it deployed? (`kd teacher serve` / `kd teacher status`)"
         ) from last
 
-    def stream(self, batches: Iterable[Batch], view: int | None = None
+    def stream(self, batches: Iterable[Batch], view: int | None = None, eager: bool = False
                ) -> Iterator[tuple[Batch, TeacherOutputs]]:
-        for batch, outputs in self.stream_parts(((batch, batch) for batch in batches), view):
-            yield batch, outputs
+        """`eager`: the first window's requests go out now, not at the first `next()` (see `stream_parts`)."""
+        return ((batch, outputs) for batch, outputs in
+                self.stream_parts(((batch, batch) for batch in batches), view, eager=eager))
 
     def view_id(self, view: int | None) -> str:
         """The requests' view identity; empty (no coalescing) without a namespace or a view id."""
@@ -213,12 +216,14 @@ class RemoteTeacher(TeacherSource):
 
         return view_identity(self.view_namespace, view) if self.view_namespace and view is not None else ""
 
-    def stream_parts(self, items: Iterable[tuple[Any, Batch | None]], view: int | None = None
-                     ) -> Iterator[tuple[Any, TeacherOutputs | None]]:
+    def stream_parts(self, items: Iterable[tuple[Any, Batch | None]], view: int | None = None,
+                     eager: bool = False) -> Iterator[tuple[Any, TeacherOutputs | None]]:
         """`(tag, batch)` items → `(tag, outputs)` in order; a None (or empty) batch asks nothing.
 
         The prefetch window spans items, so while item t trains the requests of items
         t+1 .. t+prefetch are in flight. The hybrid source sends only its cache misses this way.
+        `eager` submits the first window before returning, so an ensemble (`MultiTeacher`) has every
+        pool computing its first batches before it waits on any of them.
         """
         window: collections.deque = collections.deque()
         iterator = iter(items)
@@ -238,21 +243,29 @@ class RemoteTeacher(TeacherSource):
             self.stats.samples += len(batch.keys)
             return True
 
-        while True:
+        def fill() -> None:
             # While item t trains, the requests for t+1 .. t+prefetch are in flight.
             while len(window) <= self.cfg.prefetch and submit_next():
                 pass
-            if not window:
-                return
-            tag, batch, request, pending = window.popleft()
-            if batch is None:
-                yield tag, None
-                continue
-            start = time.perf_counter()
-            resp = self._answer(batch, request, pending)
-            self.stats.wait_s += time.perf_counter() - start
-            self._check(resp, batch)
-            yield tag, TeacherOutputs.from_response(resp)
+
+        def drain() -> Iterator[tuple[Any, TeacherOutputs | None]]:
+            while True:
+                fill()
+                if not window:
+                    return
+                tag, batch, request, pending = window.popleft()
+                if batch is None:
+                    yield tag, None
+                    continue
+                start = time.perf_counter()
+                resp = self._answer(batch, request, pending)
+                self.stats.wait_s += time.perf_counter() - start
+                self._check(resp, batch)
+                yield tag, TeacherOutputs.from_response(resp)
+
+        if eager:
+            fill()
+        return drain()
 
     def request_for(self, batch: Batch, view_id: str = "") -> EmbedRequest:
         """The batch's request: by reference where `send_pixels` and the teacher allow, else pixels."""
@@ -674,7 +687,8 @@ class MultiTeacher(TeacherSource):
     def stream(self, batches: Iterable[Batch], view: int | None = None
                ) -> Iterator[tuple[Batch, EnsembleOutputs]]:
         copies = itertools.tee(batches, len(self.sources) + 1)
-        streams = [src.stream(self._routed(copies[i + 1], i), view=view) for i, src in enumerate(self.sources)]
+        # remote teachers send their first windows now: every pool computes before any is waited on
+        streams = [self._open(src, self._routed(copies[i + 1], i), view) for i, src in enumerate(self.sources)]
         try:
             for batch in copies[0]:
                 yield batch, EnsembleOutputs(tuple(self._answer(batch, i, s) for i, s in enumerate(streams)),
@@ -682,6 +696,12 @@ class MultiTeacher(TeacherSource):
         finally:
             for stream in streams:
                 stream.close()  # a hybrid teacher flushes its appended misses
+
+    @staticmethod
+    def _open(source: TeacherSource, batches: Iterable[Batch], view: int | None) -> Iterator:
+        if getattr(source, "submits_ahead", False):
+            return source.stream(batches, view=view, eager=True)
+        return source.stream(batches, view=view)
 
     def _answer(self, batch: Batch, i: int, stream: Iterator) -> TeacherOutputs:
         rows = self.rows_for(batch, i)
