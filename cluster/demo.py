@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -40,6 +40,13 @@ class DemoConfig:
     batch_size: int = 64
     app_name: str = "kd-demo-teacher"
     distill_losses: dict = field(default_factory=lambda: dict(DEFAULT_DISTILL_LOSSES))
+    # teachers > 1: more teachers of the same architecture from seeds seed+1, ... (each its own app,
+    # `<app_name>-2`, ...), and one more student distilled from all of them at once (an ensemble)
+    teachers: int = 1
+
+    def app(self, index: int) -> str:
+        """Teacher `index`'s Serve app (the first keeps `app_name`)."""
+        return self.app_name if index == 0 else f"{self.app_name}-{index + 1}"
 
     def epochs(self) -> tuple[int, int]:
         teacher = self.teacher_epochs or (1 if self.quick else 30)
@@ -122,28 +129,50 @@ def reusable_teacher(teacher_dir: Path, identity: dict) -> str | None:
     return f"it was trained with other {', '.join(differs)}" if differs else None
 
 
-def _ensure_teacher(cfg: DemoConfig, stamp: str, epochs: int, data_dir: Path) -> tuple[Path, dict]:
-    teacher_dir = Path(cfg.workdir) / "teacher"
+def _ensure_teacher(cfg: DemoConfig, stamp: str, epochs: int, data_dir: Path, index: int = 0) -> tuple[Path, dict]:
+    """Teacher `index` (seed cfg.seed + index, in `teacher/` or `teacher-<index+1>/`), trained or reused."""
+    suffix = f"-{index + 1}" if index else ""
+    cfg = replace(cfg, seed=cfg.seed + index)
+    teacher_dir = Path(cfg.workdir) / f"teacher{suffix}"
     identity = teacher_identity(cfg, data_dir, epochs)
     why_not = reusable_teacher(teacher_dir, identity)
     if why_not is None:
         _say(f"reusing the teacher in {teacher_dir} (same architecture, data, seed and epochs)")
         return teacher_dir, json.loads((teacher_dir / "run_metrics.json").read_text())
     _say(f"training a {TEACHER} CLIP teacher for {epochs} epochs on the train split ({why_not})")
-    run = _run_cfg(cfg, f"demo-teacher-{stamp}", TEACHER, epochs, TeacherSourceConfig(mode="none"),
+    run = _run_cfg(cfg, f"demo-teacher-{stamp}{suffix}", TEACHER, epochs, TeacherSourceConfig(mode="none"),
                    {"clip": 1.0})
     metrics = _train(run, teacher_dir, cfg.verbose)
     (teacher_dir / TEACHER_STAMP).write_text(json.dumps(identity, indent=2))
     return teacher_dir, metrics
 
 
-def _teacher_config(cfg: DemoConfig, teacher_dir: Path):
+def _teacher_config(cfg: DemoConfig, teacher_dir: Path, index: int = 0):
     from teacher_service.config import TeacherConfig
 
     arch, overrides = resolve_model(ModelConfig(name=TEACHER))
     return TeacherConfig(model=arch, overrides=overrides, pretrained=str(teacher_dir / "model.pt"),
-                         app_name=cfg.app_name, num_cpus=1.0, max_batch_size=256,
+                         app_name=cfg.app(index), num_cpus=1.0 if cfg.teachers == 1 else 0.5, max_batch_size=256,
                          torch_threads=1)
+
+
+def _distill(cfg: DemoConfig, stamp: str, epochs: int, workdir: Path) -> dict[str, dict]:
+    """The students distilled from the served teachers: from the first (`student_distilled`) and,
+    with several, from all of them at once (`student_ensemble`); name → last metrics."""
+    _say(f"distilling {STUDENT} from the served teacher ({cfg.workers} DDP workers, "
+         f"{epochs} epochs, losses {cfg.distill_losses})")
+    runs = {"student_distilled": TeacherSourceConfig(mode="remote", app_name=cfg.app_name)}
+    if cfg.teachers > 1:
+        apps = [cfg.app(i) for i in range(cfg.teachers)]
+        runs["student_ensemble"] = TeacherSourceConfig(mode="remote", sources=[{"name": a, "app_name": a} for a in apps])
+    metrics = {}
+    for name, teacher in runs.items():
+        if name == "student_ensemble":
+            _say(f"distilling {STUDENT} from all {cfg.teachers} teachers at once (their averaged distributions)")
+        label = "distill" if name == "student_distilled" else "ensemble"
+        run = _run_cfg(cfg, f"demo-{label}-{stamp}", STUDENT, epochs, teacher, dict(cfg.distill_losses))
+        metrics[name] = _train(run, workdir / name, cfg.verbose)
+    return metrics
 
 
 def _row(name: str, metrics: dict, evaluation: dict, params: int) -> dict:
@@ -199,23 +228,19 @@ def run_demo(cfg: DemoConfig) -> dict:
     data_dir = _ensure_data(cfg)
     val = str(data_dir / "val-*.tar")
     resolve_shards(val)
-    teacher_dir, teacher_metrics = _ensure_teacher(cfg, stamp, teacher_epochs, data_dir)
-
-    teacher_cfg = _teacher_config(cfg, teacher_dir)
-    _say(f"deploying the teacher as Serve app {cfg.app_name!r}")
-    handle = deploy(teacher_cfg, access_log=cfg.verbose)
-    info = handle.info.remote().result(timeout_s=300)
-    _say(f"teacher fingerprint {info['fingerprint']}, embed_dim {info['embed_dim']}")
-
+    trained = [_ensure_teacher(cfg, stamp, teacher_epochs, data_dir, i) for i in range(cfg.teachers)]
+    teacher_cfgs = [_teacher_config(cfg, d, i) for i, (d, _) in enumerate(trained)]
+    infos = []
     try:
-        _say(f"distilling {STUDENT} from the served teacher ({cfg.workers} DDP workers, "
-             f"{student_epochs} epochs, losses {cfg.distill_losses})")
-        distill_cfg = _run_cfg(cfg, f"demo-distill-{stamp}", STUDENT, student_epochs,
-                               TeacherSourceConfig(mode="remote", app_name=cfg.app_name),
-                               dict(cfg.distill_losses))
-        distill_metrics = _train(distill_cfg, workdir / "student_distilled", cfg.verbose)
+        for teacher_cfg in teacher_cfgs:
+            _say(f"deploying the teacher as Serve app {teacher_cfg.app_name!r}")
+            infos.append(deploy(teacher_cfg, access_log=cfg.verbose).info.remote().result(timeout_s=300))
+            _say(f"teacher fingerprint {infos[-1]['fingerprint']}, embed_dim {infos[-1]['embed_dim']}")
+        distilled = _distill(cfg, stamp, student_epochs, workdir)
     finally:
-        serve.delete(cfg.app_name)
+        for teacher_cfg in teacher_cfgs:
+            serve.delete(teacher_cfg.app_name)
+    info = infos[0]
 
     _say(f"training the same {STUDENT} without a teacher, same budget")
     base_cfg = _run_cfg(cfg, f"demo-baseline-{stamp}", STUDENT, student_epochs,
@@ -224,10 +249,12 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     _say("evaluating teacher, distilled student and baseline on the val split")
     rows = []
-    teacher_eval = evaluate_teacher(teacher_cfg, val)
-    rows.append(_row("teacher", teacher_metrics, teacher_eval, teacher_eval.pop("params")))
-    _log_eval(teacher_metrics, teacher_eval)
-    for name, metrics in [("student_distilled", distill_metrics), ("student_baseline", base_metrics)]:
+    for i, (teacher_cfg, (_, teacher_metrics)) in enumerate(zip(teacher_cfgs, trained)):
+        teacher_eval = evaluate_teacher(teacher_cfg, val)
+        rows.append(_row("teacher" if i == 0 else f"teacher_{i + 1}", teacher_metrics, teacher_eval,
+                         teacher_eval.pop("params")))
+        _log_eval(teacher_metrics, teacher_eval)
+    for name, metrics in [*distilled.items(), ("student_baseline", base_metrics)]:
         evaluation = evaluate_checkpoint(workdir / name, val)
         rows.append(_row(name, metrics, evaluation, evaluation.pop("params")))
         _log_eval(metrics, evaluation)
@@ -239,6 +266,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         "gain_over_baseline": {m: round(models["student_distilled"][m] - models["student_baseline"][m], 4)
                                for m in ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "t2i_r1")},
         "teacher_fingerprint": info["fingerprint"],
+        **({"teacher_fingerprints": [i["fingerprint"] for i in infos],
+            "ensemble_gain_over_baseline": {m: round(models["student_ensemble"][m] - models["student_baseline"][m], 4)
+                                            for m in ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "t2i_r1")}}
+           if cfg.teachers > 1 else {}),
         "distill_losses": cfg.distill_losses,
         "epochs": {"teacher": teacher_epochs, "student": student_epochs},
         "workers": cfg.workers, "batch_size_per_worker": cfg.batch_size,
@@ -253,4 +284,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     _say(f"distilled vs baseline zero-shot top-1: {d['zero_shot_top1']:.4f} vs {b['zero_shot_top1']:.4f} "
          f"({report['gain_over_baseline']['zero_shot_top1']:+.4f}); "
          f"report written to {workdir / 'report.json'} ({report['demo_wall_time_s']:.0f}s)")
+    if cfg.teachers > 1:
+        e = report["models"]["student_ensemble"]
+        _say(f"ensemble of {cfg.teachers} vs one teacher vs baseline zero-shot top-1: {e['zero_shot_top1']:.4f} vs "
+             f"{d['zero_shot_top1']:.4f} vs {b['zero_shot_top1']:.4f}")
     return report

@@ -8,6 +8,7 @@ import torch
 
 from student_trainer.config import ModelConfig, from_plain, to_plain
 from student_trainer.factory import create_student
+from student_trainer.teacher.outputs import split_ensemble_fingerprint
 
 MODEL_FILE = "model.pt"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -43,13 +44,25 @@ def provenance(cfg, teacher_info: dict, init: dict | None = None) -> dict:
     from), the loss weights, and how the student's weights started (`init`: random, pretrained, or
     inherited from a teacher with the blocks taken; None for runs resumed from checkpoints written
     before it was recorded). Written beside every checkpoint; resumes and `kd eval` read it."""
-    teacher = cfg.teacher
-    return {"run_name": cfg.run_name, "seed": cfg.seed, "init": init,
-            "teacher": {"fingerprint": teacher_info.get("fingerprint", ""), "model": teacher_info.get("model"),
-                        "mode": teacher.mode, "app_name": teacher.app_name if teacher.mode in ("remote", "hybrid")
-                        else None, "cache_path": teacher.cache_path},
-            "losses": dict(cfg.losses),
+    members = cfg.teacher.members()
+    fingerprint = teacher_info.get("fingerprint", "")
+    record = {"run_name": cfg.run_name, "seed": cfg.seed, "init": init,
+              "teacher": {"fingerprint": fingerprint, "model": teacher_info.get("model"),
+                          **_where(members[0] if len(members) == 1 else cfg.teacher)},
+              "losses": dict(cfg.losses),
             "loss_options": {k: v for k, v in cfg.loss_options.items() if isinstance(v, (int, float, str, type(None)))}}
+    if cfg.teacher.is_ensemble:  # every teacher: its name, fingerprint, weight, labels and where it answers from
+        fingerprints = split_ensemble_fingerprint(fingerprint)
+        record["teacher"]["mode"] = "ensemble"
+        record["teachers"] = [{"name": m.name, "fingerprint": fingerprints.get(m.name, ""),
+                               "loss_weight": m.loss_weight, "labels": m.labels, **_where(m)} for m in members]
+    return record
+
+
+def _where(teacher) -> dict:
+    """Where one teacher's outputs come from (mode, app, cache)."""
+    return {"mode": teacher.mode, "app_name": teacher.app_name if teacher.mode in ("remote", "hybrid") else None,
+            "cache_path": teacher.cache_path}
 
 
 def read_provenance(directory: str | Path) -> dict | None:
@@ -72,10 +85,19 @@ class TeacherChangedError(ValueError):
 
 
 def check_same_teacher(recorded: dict | None, fingerprint: str, where: str, allow_change: bool) -> None:
-    """Refuse to go on from ``recorded`` provenance with a teacher of another ``fingerprint``."""
+    """Refuse to go on from ``recorded`` provenance with a teacher of another ``fingerprint`` (an
+    ensemble's is every teacher's name and fingerprint, `ensemble_fingerprint`: a teacher added,
+    dropped, renamed or changed is refused, naming it)."""
     saved = ((recorded or {}).get("teacher") or {}).get("fingerprint", "")
     if recorded is None or saved == fingerprint or allow_change:
         return
+    if recorded.get("teachers") or "=" in fingerprint:
+        before, now = split_ensemble_fingerprint(saved), split_ensemble_fingerprint(fingerprint)
+        changed = sorted(n for n in set(before) | set(now) if before.get(n) != now.get(n))
+        raise TeacherChangedError(
+            f"cannot resume {where}: its teachers changed ({', '.join(f'{n}: {before.get(n)!r} -> {now.get(n)!r}' for n in changed)}); "
+            f"it was distilled from {saved!r}, the run now has {fingerprint!r}. Use a new run name, the same "
+            f"teachers, or teacher.allow_teacher_change (--allow-teacher-change) to continue on purpose.")
     raise TeacherChangedError(
         f"cannot resume {where}: it was distilled from teacher fingerprint {saved or 'none'!r} "
         f"({recorded['teacher'].get('model')}, {recorded['teacher'].get('mode')}), the current teacher has "

@@ -90,6 +90,49 @@ class TeacherSourceConfig:
     # (`check_shards`), pixels otherwise and from the first refusal on; with a teacher without
     # `shard_roots` that is exactly "always".
     send_pixels: str = "auto"
+    # Several teachers at once (an ensemble; issue 17). Each entry is a mapping of this class's
+    # fields plus `name`; fields an entry leaves out are this config's (so `mode: remote` above and
+    # `{name: big, app_name: kd-big}` below is a remote teacher). Empty: this config is the one teacher.
+    sources: list = field(default_factory=list)
+    name: str = ""  # the teacher's name in an ensemble (losses, metrics, provenance); default: app or cache
+    loss_weight: float = 1.0  # this teacher's share of the ensemble's targets (normalised over the teachers)
+    # Per-sample teacher choice: the class labels this teacher answers (None: every sample). Samples
+    # of other labels are not sent to it, and losses use only the teachers that answered a sample.
+    labels: list | None = None
+
+    def members(self) -> list[TeacherSourceConfig]:
+        """Every teacher of the run as a full config: `sources` entries over this config's fields
+        (each named), or this config alone. A one-entry list is a single teacher, as without it."""
+        if not self.sources:
+            return [self]
+        base = {k: v for k, v in to_plain(self).items() if k not in ("sources", "name", "labels", "loss_weight")}
+        members = []
+        for i, entry in enumerate(self.sources):
+            if not isinstance(entry, dict):
+                raise ValueError(f"teacher.sources[{i}]: expected a mapping, got {type(entry).__name__}")
+            if "sources" in entry:
+                raise ValueError(f"teacher.sources[{i}]: an entry cannot list sources of its own")
+            member = from_plain(TeacherSourceConfig, {**base, **entry}, f"teacher.sources[{i}]")
+            member.name = member.name or member.default_name()
+            members.append(member)
+        return members
+
+    def default_name(self) -> str:
+        """What names a teacher that was given no name: its app (remote, hybrid), cache, or mode."""
+        if self.mode in ("remote", "hybrid"):
+            return self.app_name
+        if self.mode == "cache" and self.cache_path:
+            return os.path.basename(os.path.normpath(self.cache_path))
+        return self.mode
+
+    @property
+    def is_ensemble(self) -> bool:
+        return len(self.sources) > 1
+
+    @property
+    def has_teacher(self) -> bool:
+        """Whether any teacher of the run gives outputs (a mode other than none)."""
+        return any(m.mode != "none" for m in self.members())
 
 
 @dataclass
@@ -139,21 +182,15 @@ class TrainConfig:
         """Fail early, with the offending field named, instead of deep inside a Ray worker."""
         if not _RUN_NAME.match(self.run_name):
             raise ValueError(f"run_name {self.run_name!r}: use letters, digits, '_', '.', '-' (max 128)")
-        if self.teacher.mode not in TEACHER_MODES:
-            raise ValueError(f"teacher.mode {self.teacher.mode!r}: expected one of {TEACHER_MODES}")
+        self._validate_teachers()
         self._validate_init()
-        if self.teacher.mode == "inline" and self.teacher.teacher is None:
-            raise ValueError("teacher.mode 'inline' needs teacher.teacher (a TeacherConfig)")
-        if self.teacher.send_pixels not in SEND_PIXELS:
-            raise ValueError(f"teacher.send_pixels {self.teacher.send_pixels!r}: expected one of {SEND_PIXELS}")
-        if self.teacher.mode in ("cache", "hybrid") and not self.teacher.cache_path:
-            raise ValueError(f"teacher.mode {self.teacher.mode!r} needs teacher.cache_path")
         check_placement(self.worker_label_selector, self.worker_resources, "worker_label_selector", "worker_resources")
         check_cores(self.cpu_affinity)
         roots = write_roots(self.write_roots)
         check_under_roots(self.storage_path, roots, "storage_path")
-        if self.teacher.mode == "hybrid":  # the one mode that writes to the cache
-            check_under_roots(self.teacher.cache_path, roots, "teacher.cache_path")
+        for member in self.teacher.members():
+            if member.mode == "hybrid":  # the one mode that writes to the cache
+                check_under_roots(member.cache_path, roots, "teacher.cache_path")
         if self.data.num_views is not None and self.data.num_views < 1:
             raise ValueError(f"data.num_views must be >= 1 or None, got {self.data.num_views}")
         if self.accum_steps < 1:
@@ -164,20 +201,34 @@ class TrainConfig:
                             ("data.batch_size", self.data.batch_size), ("data.image_size", self.data.image_size)]:
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.teacher.prefetch < 0 or self.teacher.retries < 0:
-            raise ValueError("teacher.prefetch and teacher.retries must be >= 0")
-        if not self.teacher.patience_s >= 0:
-            raise ValueError(f"teacher.patience_s must be >= 0 seconds, got {self.teacher.patience_s!r}")
         if self.checkpoint_every_steps < 0 or self.max_failures < -1:
             raise ValueError(f"checkpoint_every_steps must be >= 0 and max_failures >= -1, got "
                              f"{self.checkpoint_every_steps} and {self.max_failures}")
-        if not (isinstance(self.teacher.weight, (int, float)) and 0 < self.teacher.weight <= 100):
-            raise ValueError(f"teacher.weight: expected a number in (0, 100], got {self.teacher.weight!r}")
         if not self.losses:
-            self.losses = {"clip": 1.0} if self.teacher.mode == "none" else dict(DEFAULT_DISTILL_LOSSES)
+            self.losses = dict(DEFAULT_DISTILL_LOSSES) if self.teacher.has_teacher else {"clip": 1.0}
         if not any(w for w in self.losses.values()):
             raise ValueError(f"losses {self.losses!r}: at least one loss needs a nonzero weight")
         return self
+
+    def _validate_teachers(self) -> None:
+        """Every teacher's fields (each `teacher.sources` entry on its own), and an ensemble's names."""
+        members = self.teacher.members()
+        for i, member in enumerate(members):
+            _validate_source(member, f"teacher.sources[{i}]." if self.teacher.sources else "teacher.")
+        names = [m.name for m in members]
+        bad = [n for n in names if self.teacher.sources and not _RUN_NAME.match(n)]
+        if bad:
+            raise ValueError(f"teacher.sources: name {bad[0]!r}: use letters, digits, '_', '.', '-' (max 128)")
+        if len(set(names)) != len(names):
+            raise ValueError(f"teacher.sources: names must differ, got {names} (give each entry a `name`)")
+        if self.teacher.is_ensemble and any(m.mode == "none" for m in members):
+            raise ValueError("teacher.sources: every entry of an ensemble needs a teacher mode other than 'none'")
+        caches = [m.cache_path for m in members if m.mode in ("cache", "hybrid")]
+        if len(set(caches)) != len(caches):
+            raise ValueError(f"teacher.sources: teachers share an embedding cache ({caches}); a cache holds one "
+                             "teacher's rows: give each teacher its own cache_path")
+        if any(m.labels is not None for m in members) and not self.teacher.is_ensemble:
+            raise ValueError("teacher labels (per-sample teacher choice) need several teacher.sources")
 
     def _validate_init(self) -> None:
         """The fields of weight inheritance that need nothing but the config (preflight checks the shapes)."""
@@ -196,6 +247,11 @@ class TrainConfig:
         cfg.teacher.cache_path = _absolute(cfg.teacher.cache_path)
         if cfg.teacher.teacher is not None:
             cfg.teacher.teacher.pretrained = _absolute_if_exists(cfg.teacher.teacher.pretrained)
+        for entry in cfg.teacher.sources:
+            if isinstance(entry, dict) and entry.get("cache_path"):
+                entry["cache_path"] = _absolute(entry["cache_path"])
+            if isinstance(entry, dict) and isinstance(entry.get("teacher"), dict) and entry["teacher"].get("pretrained"):
+                entry["teacher"]["pretrained"] = _absolute_if_exists(entry["teacher"]["pretrained"])
         return cfg
 
     def to_dict(self) -> dict:
@@ -215,6 +271,29 @@ class TrainConfig:
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _validate_source(t: TeacherSourceConfig, p: str) -> None:
+    """One teacher's fields; errors name the field with prefix `p` ("teacher." or "teacher.sources[i].")."""
+    if t.mode not in TEACHER_MODES:
+        raise ValueError(f"{p}mode {t.mode!r}: expected one of {TEACHER_MODES}")
+    if t.mode == "inline" and t.teacher is None:
+        raise ValueError(f"{p}mode 'inline' needs teacher.teacher (a TeacherConfig)")
+    if t.send_pixels not in SEND_PIXELS:
+        raise ValueError(f"{p}send_pixels {t.send_pixels!r}: expected one of {SEND_PIXELS}")
+    if t.mode in ("cache", "hybrid") and not t.cache_path:
+        raise ValueError(f"{p}mode {t.mode!r} needs teacher.cache_path")
+    if t.prefetch < 0 or t.retries < 0:
+        raise ValueError(f"{p}prefetch and {p}retries must be >= 0")
+    if not t.patience_s >= 0:
+        raise ValueError(f"{p}patience_s must be >= 0 seconds, got {t.patience_s!r}")
+    if not (isinstance(t.weight, (int, float)) and 0 < t.weight <= 100):
+        raise ValueError(f"{p}weight: expected a number in (0, 100], got {t.weight!r}")
+    if isinstance(t.loss_weight, bool) or not isinstance(t.loss_weight, (int, float)) or not t.loss_weight > 0:
+        raise ValueError(f"{p}loss_weight: expected a number > 0, got {t.loss_weight!r}")
+    if t.labels is not None and (not isinstance(t.labels, list)
+                                 or not all(isinstance(x, int) and not isinstance(x, bool) for x in t.labels)):
+        raise ValueError(f"{p}labels: expected a list of class ids or null, got {t.labels!r}")
 
 
 def _absolute(path: str | None) -> str | None:

@@ -66,7 +66,15 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "embed_scale": 1.0,  # embed_kd: centroid-logit scale; 1.0 = plain cosine (the paper), "student" = its logit_scale
     "class_centroids": None,  # embed_kd: [C, D_t] centroids held as a buffer (no teacher in loop)
     "centroid_samples": 100,  # embed_kd: N, train samples per class averaged into a centroid (the loop)
+    # kl, crd with several teachers: the target is the teachers' weighted mean distribution
+    # ("probs", averaged after softmax: MobileCLIP2's default) or the softmax of their weighted mean
+    # logits ("logits"); each teacher's logits use its own scale (and bias)
+    "ensemble_average": "probs",
 }
+ENSEMBLE_AVERAGES = ("probs", "logits")
+# what a column or row a teacher did not answer gets in its logits: finite, so a row no teacher
+# answered gives zero loss and zero gradient instead of NaN (exp(-1e4) is 0 in any float)
+_MASKED_LOGIT = -1e4
 
 
 # --------------------------------------------------------------------------- input access
@@ -141,6 +149,28 @@ def _pair_logits(
 def _soft_cross_entropy(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """−Σ σ(t)·log σ(s), mean over rows (open_clip DistillClipLoss.dist_loss)."""
     return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1).mean()
+
+
+def _answered(d: Mapping, like: torch.Tensor) -> torch.Tensor | None:
+    """A teacher's per-row mask (per-sample teacher choice) as a float [B], or None: all rows."""
+    value = d.get("answered") if isinstance(d, Mapping) else None
+    return None if value is None else torch.as_tensor(value, device=like.device).to(like.dtype)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor, all_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """This rank's share of the mean of `values` [B] over the rows of `mask`: Σ mask·values over
+    (rows counted on all ranks, `all_mask` gathered, / world size), so the ranks' mean is the
+    global batch's masked mean, as for the unmasked losses. 0 when no row counts (still in the graph)."""
+    all_mask = mask if all_mask is None else all_mask
+    per_rank = all_mask.sum() * mask.numel() / all_mask.numel()
+    return (values * mask).sum() / per_rank.clamp(min=1e-12)
+
+
+def _mask_columns(logits: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+    """Logits with the columns a teacher did not answer pushed out of every softmax."""
+    if columns is None:
+        return logits
+    return logits.masked_fill(columns[None, :] == 0, _MASKED_LOGIT)
 
 
 def clip_loss_grads(
@@ -270,6 +300,7 @@ class KLDistillLoss(DistillLoss):
     name = "kl"
 
     def _logits(self, student: dict, teacher: dict):
+        _refuse_routing(teacher, self.name)
         image = _get(student, "image_features", "student", self.name)
         text = _get(student, "text_features", "student", self.name)
         scale = _scale(student, "logit_scale", "student", self.name, image)
@@ -336,6 +367,15 @@ class FDLoss(DistillLoss):
         text = _get(student, "text_features", "student", self.name)
         t_image = _teacher(teacher, "image_features", self.name, image)
         t_text = _teacher(teacher, "text_features", self.name, text)
+        rows = _answered(teacher, image)
+        if rows is not None:  # per-sample teacher choice: the MSE over the rows this teacher answered
+            all_rows = _gathered(teacher, "answered", rows, with_grad=False)
+
+            def mse(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return _masked_mean((x - t).pow(2).mean(dim=1), rows, all_rows)
+
+            loss = mse(self.projection(image, "image"), t_image) + mse(self.projection(text, "text"), t_text)
+            return {f"{self.name}_loss": loss}
         loss = F.mse_loss(self.projection(image, "image"), t_image) + F.mse_loss(
             self.projection(text, "text"), t_text
         )
@@ -394,6 +434,16 @@ class ICLLoss(_ScaledProjectionLoss):
         all_t_image = _gathered(teacher, "image_features", t_image, with_grad=False)
         all_t_text = _gathered(teacher, "text_features", t_text, with_grad=False)
         scale = _clamped_scale(self.log_scale, self.max_scale)
+        rows = _answered(teacher, image)
+        if rows is not None:  # per-sample teacher choice: its rows, against the columns it answered
+            columns = _gathered(teacher, "answered", rows, with_grad=False)
+            labels = _local_labels(image.shape[0], image.device)
+
+            def ce(logits: torch.Tensor) -> torch.Tensor:
+                return _masked_mean(F.cross_entropy(_mask_columns(logits, columns), labels, reduction="none"), rows,
+                                    columns)
+
+            return {"icl_loss": (ce(scale * image @ all_t_text.T) + ce(scale * text @ all_t_image.T)) / 2}
         return {"icl_loss": _contrastive(image, text, all_t_image, all_t_text, scale)}
 
 
@@ -428,6 +478,7 @@ class GDLoss(DistillLoss):
         return cls(student_dim, teacher_dim, projection)
 
     def forward(self, student: dict, teacher: dict) -> dict[str, torch.Tensor]:
+        _refuse_routing(teacher, self.name)
         image = self.projection(_get(student, "image_features", "student", self.name), "image")
         text = self.projection(_get(student, "text_features", "student", self.name), "text")
         scale = _scale(student, "logit_scale", "student", self.name, image)
@@ -458,6 +509,7 @@ class AFDLoss(_ScaledProjectionLoss):
         self.fuse_text = nn.Linear(2 * teacher_dim, teacher_dim)
 
     def forward(self, student: dict, teacher: dict) -> dict[str, torch.Tensor]:
+        _refuse_routing(teacher, self.name)
         image = self.projection(_get(student, "image_features", "student", self.name), "image")
         text = self.projection(_get(student, "text_features", "student", self.name), "text")
         t_image = _teacher(teacher, "image_features", self.name, image)
@@ -536,6 +588,14 @@ class EmbedKDLoss(DistillLoss):
         return {"embed_kd_loss": loss}
 
 
+def _refuse_routing(teacher: Mapping | None, loss: str) -> None:
+    """GD and AFD need every teacher row (and single-teacher KL/CRD has no partial target): a
+    teacher that left rows unanswered is refused (an all-True mask, as ensembles send, is fine)."""
+    if isinstance(teacher, Mapping) and teacher.get("answered") is not None and not bool(teacher["answered"].all()):
+        raise ValueError(f"loss {loss!r} does not take per-sample teacher choice (teacher labels); "
+                         "kl, crd (with several teachers), fd, mfd and icl do")
+
+
 def _embed_scale(value: float | str | None) -> float | None:
     """A fixed Embed-KD centroid-logit scale, or None for the student's logit_scale ("student")."""
     if value is None or value == "student":
@@ -549,6 +609,114 @@ LOSSES: dict[str, type[nn.Module]] = {
     cls.name: cls
     for cls in (ClipLoss, SigLipLoss, KLDistillLoss, CRDLoss, FDLoss, MFDLoss, ICLLoss, GDLoss, AFDLoss, EmbedKDLoss)
 }
+
+
+# --------------------------------------------------------------------------- several teachers
+PER_TEACHER = ("fd", "mfd", "icl", "gd", "afd")  # one module (and one projection head) per teacher
+ENSEMBLE_TARGET = ("kl", "crd")  # one module against the teachers' combined distribution
+
+
+class EnsembleDistributionLoss(DistillLoss):
+    """KL (open_clip's soft cross entropy) or CRD (KL(p̄ ‖ q)) against several teachers' combined
+    contrastive distributions, image→text and text→image, averaged over the two directions.
+
+    Each teacher's logits s_i·I_i·T_iᵀ (+ b_i) use its own scale and bias. "probs" (MobileCLIP2's
+    default): p̄ = Σ_i w_i·σ(logits_i); "logits": p̄ = σ(Σ_i w_i·logits_i); weights sum to 1.
+    With per-sample teacher choice (`answered` masks) a row's target mixes only the teachers that
+    answered it (weights renormalised over them), each over the columns it answered; a row no
+    teacher answered is left out. "logits" needs every teacher on every row (refused otherwise).
+    """
+
+    def __init__(self, name: str, average: str = "probs") -> None:
+        super().__init__()
+        if average not in ENSEMBLE_AVERAGES:
+            raise ValueError(f"ensemble_average must be one of {ENSEMBLE_AVERAGES}, got {average!r}")
+        self.name, self.average = name, average
+
+    def _teacher_logits(self, t: dict, like: torch.Tensor):
+        """(image→text, text→image) logits of one teacher, its row mask and its gathered column mask."""
+        image = _teacher(t, "image_features", self.name, like)
+        text = _teacher(t, "text_features", self.name, like)
+        scale = _scale(t, "logit_scale", "teacher", self.name, like)
+        bias = _optional_scale(t, "logit_bias", like)
+        per_image, per_text = _pair_logits(t, image, text, scale, bias, with_grad=False)
+        rows = _answered(t, like)
+        columns = None if rows is None else _gathered(t, "answered", rows, with_grad=False)
+        return per_image, per_text, rows, columns
+
+    def _target(self, parts: list, weights: list[float], direction: int, like: torch.Tensor):
+        """The combined target [B, N], the rows it covers ([B] float) and those of all ranks ([N])."""
+        ones = torch.ones(like.shape[0], device=like.device, dtype=like.dtype)
+        rows = [ones if p[2] is None else p[2] for p in parts]
+        mix = torch.stack([w * r for w, r in zip(weights, rows)])  # [T, B]
+        covered = (mix.sum(0) > 0).to(like.dtype)
+        columns = [None if p[3] is None else w * p[3] for w, p in zip(weights, parts)]
+        all_covered = None if any(c is None for c in columns) else (sum(columns) > 0).to(like.dtype)
+        mix = mix / mix.sum(0).clamp(min=1e-12)
+        covered = (covered, all_covered)
+        if self.average == "logits":
+            if any(p[2] is not None and not bool(p[2].all()) for p in parts):
+                raise ValueError("ensemble_average 'logits' needs every teacher on every sample; "
+                                 "with teacher labels use 'probs'")
+            return sum(m[:, None] * p[direction] for m, p in zip(mix, parts)).softmax(dim=1), covered
+        probs = [_mask_columns(p[direction], p[3]).softmax(dim=1) for p in parts]
+        return sum(m[:, None] * q for m, q in zip(mix, probs)), covered
+
+    def forward(self, student: dict, teacher: dict) -> dict[str, torch.Tensor]:
+        image = _get(student, "image_features", "student", self.name)
+        text = _get(student, "text_features", "student", self.name)
+        scale = _scale(student, "logit_scale", "student", self.name, image)
+        s_img, s_txt = _pair_logits(student, image, text, scale, None, with_grad=True)
+        teachers, weights = _get(teacher, "teachers", "teacher", self.name), teacher["teacher_weights"]
+        parts = [self._teacher_logits(t, image) for t in teachers]
+        total = 0.0
+        for direction, s_logits in ((0, s_img), (1, s_txt)):
+            target, covered = self._target(parts, weights, direction, image)
+            log_q = s_logits.log_softmax(dim=1)
+            per_row = -(target * log_q).sum(1)
+            if self.name == "crd":
+                per_row = torch.xlogy(target, target).sum(1) + per_row
+            total = total + _masked_mean(per_row, *covered)
+        return {f"{self.name}_loss": total / 2}
+
+
+class PerTeacherLoss(DistillLoss):
+    """A feature loss (FD, MFD, ICL, GD, AFD) once per teacher, each module with that teacher's
+    projection head: Σ_i w_i·f_i·L_i, w_i the teacher weights (sum 1), f_i the loss's
+    `weight_factor` at teacher i's width (FD/MFD: D_i / fd_reference_dim)."""
+
+    def __init__(self, name: str, modules: list[nn.Module], factors: list[float]) -> None:
+        super().__init__()
+        self.name, self.members, self.factors = name, nn.ModuleList(modules), list(factors)
+        self.needs_teacher = True
+        self.mask_ratio = getattr(modules[0], "mask_ratio", None)
+
+    def forward(self, student: dict, teacher: dict) -> dict[str, torch.Tensor]:
+        teachers, weights = _get(teacher, "teachers", "teacher", self.name), teacher["teacher_weights"]
+        total = 0.0
+        for module, factor, t, w in zip(self.members, self.factors, teachers, weights):
+            total = total + w * factor * module(student, t)[f"{self.name}_loss"]
+        return {f"{self.name}_loss": total}
+
+
+def _build_ensemble(active: dict[str, float], student_dim: int, teacher_dims: list[int],
+                    opts: dict) -> tuple[dict, dict]:
+    """Modules and applied weights of a run with several teachers (`build_losses`)."""
+    if "embed_kd" in active:
+        raise ValueError("embed_kd takes one teacher's class centroids: not available with several teachers")
+    heads = [FeatureProjection(student_dim, d) if any(LOSSES[n].uses_projection for n in active) else None
+             for d in teacher_dims]
+    modules, applied = {}, dict(active)
+    for name in active:
+        cls = LOSSES[name]
+        if name in ENSEMBLE_TARGET:
+            modules[name] = EnsembleDistributionLoss(name, opts["ensemble_average"])
+        elif name in PER_TEACHER:
+            members = [cls.from_options(student_dim, d, head, opts) for d, head in zip(teacher_dims, heads)]
+            modules[name] = PerTeacherLoss(name, members, [cls.weight_factor(d, opts) for d in teacher_dims])
+        else:
+            modules[name] = cls.from_options(student_dim, teacher_dims[0], None, opts)
+    return modules, applied
 
 
 # --------------------------------------------------------------------------- the set
@@ -575,6 +743,8 @@ class LossSet(nn.Module):
             raise ValueError(f"losses {sorted(self.losses)} need teacher outputs, got {teacher!r}")
         student = {**student, _CACHE: {}}
         teacher = {**(teacher or {}), _CACHE: {}}
+        if "teachers" in teacher:  # an ensemble: each teacher's gathers memoised on its own
+            teacher["teachers"] = [{**t, _CACHE: {}} for t in teacher["teachers"]]
         out: dict[str, torch.Tensor] = {}
         for name, module in self.losses.items():
             for key, value in module(student, teacher).items():
@@ -584,11 +754,17 @@ class LossSet(nn.Module):
 
 def build_losses(
     weights: Mapping[str, float], *, student_dim: int, teacher_dim: int, options: Mapping[str, Any] | None = None,
+    teacher_dims: list[int] | None = None,
 ) -> LossSet:
     """A LossSet with one module per nonzero weight, in registry order (so every rank issues the
     same collectives in the same order). Each weight is multiplied by its loss's `weight_factor`
     (FD/MFD: D_t / fd_reference_dim); LossSet.weights holds what is applied. Options: see
-    OPTION_DEFAULTS."""
+    OPTION_DEFAULTS.
+
+    `teacher_dims` (more than one: an ensemble, whose teacher dict holds ``teachers`` and
+    ``teacher_weights``): kl and crd target the teachers' combined distribution
+    (`EnsembleDistributionLoss`), the feature losses run once per teacher with a projection head
+    per teacher (`PerTeacherLoss`, weight factors applied there)."""
     _check_dims(student_dim, teacher_dim)
     if not isinstance(weights, Mapping):
         raise TypeError(f"weights must be a mapping name -> weight, got {type(weights).__name__}")
@@ -606,6 +782,11 @@ def build_losses(
     active = {name: float(weights[name]) for name in LOSSES if weights.get(name, 0) != 0}
     if not active:
         raise ValueError(f"no loss has a nonzero weight in {dict(weights)!r}")
+    if teacher_dims is not None and len(teacher_dims) > 1:
+        for dim in teacher_dims:
+            _check_dims(student_dim, dim)
+        modules, applied = _build_ensemble(active, student_dim, list(teacher_dims), opts)
+        return LossSet(modules, applied)
     needs_projection = any(LOSSES[name].uses_projection for name in active)
     projection = FeatureProjection(student_dim, teacher_dim) if needs_projection else None
     modules = {name: LOSSES[name].from_options(student_dim, teacher_dim, projection, opts) for name in active}

@@ -12,38 +12,72 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from student_trainer.config import TrainConfig
+from student_trainer.config import TeacherSourceConfig, TrainConfig
 from student_trainer.data.batches import steps_per_epoch
-from student_trainer.losses import LOSSES
+from student_trainer.losses import ENSEMBLE_AVERAGES, LOSSES, OPTION_DEFAULTS
+from student_trainer.teacher.outputs import ensemble_fingerprint
 from student_trainer.teacher.sources import source_class
 from teacher_service.contract.augment import view_recipe
 from teacher_service.shards import resolve_shards
 
 
 def check_run(cfg: TrainConfig) -> None:
-    """Raise ValueError / FileNotFoundError / CacheError / TeacherUnavailableError naming what is wrong."""
+    """Raise ValueError / FileNotFoundError / CacheError / TeacherUnavailableError naming what is wrong.
+
+    With several teachers (`teacher.sources`) each is checked as a single one would be, and the
+    errors name it."""
     cfg.validate()
-    source = source_class(cfg.teacher.mode)
+    members = cfg.teacher.members()
     shards = resolve_shards(cfg.data.train_shards)
     steps_per_epoch(shards, world_size=cfg.num_workers, batch_size=cfg.data.batch_size)
-    _check_losses(cfg, source)
-    teacher_info = _check_app(cfg) if source.needs_app else None
-    if teacher_info and cfg.teacher.send_pixels == "reference" and not teacher_info.get("by_reference"):
-        raise ValueError(f"teacher.send_pixels 'reference': teacher app {cfg.teacher.app_name!r} reads no shards; "
-                         "deploy it with shard_roots holding the training shards (kd teacher serve --shard-root), "
-                         "or use send_pixels 'auto'")
-    cache_fingerprint = _check_cache(cfg, source, teacher_info) if source.needs_cache else None
-    fingerprint = (teacher_info or {}).get("fingerprint") or cache_fingerprint
-    if source.mode == "none":
-        fingerprint = ""
-    if fingerprint is not None:  # inline: the worker checks, once it has loaded the teacher
-        _check_resume_teacher(cfg, fingerprint)
+    if cfg.teacher.is_ensemble:
+        _check_ensemble(cfg)
+    _check_losses(cfg, members)
+    fingerprints = {m.name: _check_teacher(cfg, m) for m in members}
+    if any(fp is None for fp in fingerprints.values()):
+        pass  # inline (or a new hybrid cache): the worker checks, once it has loaded the teacher
+    elif cfg.teacher.is_ensemble:
+        _check_resume_teacher(cfg, ensemble_fingerprint(fingerprints))
+    else:
+        _check_resume_teacher(cfg, next(iter(fingerprints.values())))
     if cfg.model.init_from_teacher and _latest_checkpoint(cfg) is None:  # only a fresh run inherits
         from student_trainer.inherit import check_inheritable
 
         check_inheritable(cfg)  # shapes only: a student the teacher's weights cannot initialise fails here
 
 
+def _check_teacher(cfg: TrainConfig, teacher: TeacherSourceConfig) -> str | None:
+    """One teacher's app and cache; its fingerprint ("" without a teacher, None: known only in the worker)."""
+    source = source_class(teacher.mode)
+    teacher_info = _check_app(teacher) if source.needs_app else None
+    if teacher_info and teacher.send_pixels == "reference" and not teacher_info.get("by_reference"):
+        raise ValueError(f"teacher.send_pixels 'reference': teacher app {teacher.app_name!r} reads no shards; "
+                         "deploy it with shard_roots holding the training shards (kd teacher serve --shard-root), "
+                         "or use send_pixels 'auto'")
+    cache_fingerprint = _check_cache(cfg, teacher, source, teacher_info) if source.needs_cache else None
+    if source.mode == "none":
+        return ""
+    return (teacher_info or {}).get("fingerprint") or cache_fingerprint
+
+
+def _check_ensemble(cfg: TrainConfig) -> None:
+    """What several teachers cannot do (yet): one teacher's weights or centroids, losses that need
+    every teacher row under per-sample teacher choice."""
+    if cfg.model.init_from_teacher:
+        raise ValueError("model.init_from_teacher takes one teacher's weights: not available with several "
+                         "teacher.sources")
+    active = {n for n, w in cfg.losses.items() if w}
+    if "embed_kd" in active:
+        raise ValueError("loss embed_kd takes one teacher's class centroids: not available with several "
+                         "teacher.sources")
+    routed = [m.name for m in cfg.teacher.members() if m.labels is not None]
+    refused = sorted(active & {"gd", "afd"})
+    if routed and refused:
+        raise ValueError(f"losses {refused} need every teacher on every sample, but teachers {routed} answer only "
+                         "their labels: drop those losses or the teachers' labels")
+    if routed and {**OPTION_DEFAULTS, **cfg.loss_options}["ensemble_average"] == "logits":
+        raise ValueError("loss_options.ensemble_average 'logits' needs every teacher on every sample; "
+                         f"teachers {routed} answer only their labels: use 'probs'")
 def _latest_checkpoint(cfg: TrainConfig) -> Path | None:
     """The checkpoint a rerun of this run name resumes (None: a fresh run, or storage the driver cannot list)."""
     from student_trainer.checkpoint import latest_checkpoint
@@ -63,10 +97,14 @@ def _check_resume_teacher(cfg: TrainConfig, fingerprint: str) -> None:
                            cfg.teacher.allow_teacher_change)
 
 
-def _check_losses(cfg: TrainConfig, source) -> None:
+def _check_losses(cfg: TrainConfig, members: list[TeacherSourceConfig]) -> None:
     unknown = sorted(set(cfg.losses) - set(LOSSES))
     if unknown:
         raise ValueError(f"unknown loss names {unknown} in losses {cfg.losses}; known: {sorted(LOSSES)}")
+    average = {**OPTION_DEFAULTS, **cfg.loss_options}.get("ensemble_average")
+    if average not in ENSEMBLE_AVERAGES:
+        raise ValueError(f"loss_options.ensemble_average {average!r}: expected one of {ENSEMBLE_AVERAGES}")
+    source = source_class(members[0].mode)
     active = [name for name, weight in cfg.losses.items() if weight]
     centroids_given = cfg.loss_options.get("class_centroids") is not None
     per_batch = [n for n in active if LOSSES[n].needs_teacher and not (n == "embed_kd" and centroids_given)]
@@ -76,11 +114,11 @@ def _check_losses(cfg: TrainConfig, source) -> None:
     if "embed_kd" in active and not centroids_given and not source.computes_centroids:
         from teacher_service.cache import CENTROIDS_FILE
 
-        if not (source.needs_cache and os.path.isfile(os.path.join(cfg.teacher.cache_path, CENTROIDS_FILE))):
+        if not (source.needs_cache and os.path.isfile(os.path.join(members[0].cache_path, CENTROIDS_FILE))):
             raise ValueError(centroids_missing(cfg))
 
 
-def _check_app(cfg: TrainConfig) -> dict:
+def _check_app(teacher: TeacherSourceConfig) -> dict:
     """The teacher app's info; TeacherUnavailableError naming the apps that do run when it is absent."""
     import ray
 
@@ -88,19 +126,19 @@ def _check_app(cfg: TrainConfig) -> dict:
 
     if not ray.is_initialized():
         return {}
-    handle = get_teacher_handle(cfg.teacher.app_name, timeout_s=cfg.teacher.timeout_s)
-    return handle.info.remote().result(timeout_s=cfg.teacher.timeout_s)
+    handle = get_teacher_handle(teacher.app_name, timeout_s=teacher.timeout_s)
+    return handle.info.remote().result(timeout_s=teacher.timeout_s)
 
 
-def _check_cache(cfg: TrainConfig, source, teacher_info: dict | None) -> str | None:
+def _check_cache(cfg: TrainConfig, teacher: TeacherSourceConfig, source, teacher_info: dict | None) -> str | None:
     """The cache exists and holds rows (cache mode), and was made by this teacher with this run's
     views; returns its teacher fingerprint (None: a hybrid run starting a new cache)."""
     from teacher_service.cache import EmbeddingCache
 
     recipe = view_recipe(cfg.data.image_size, cfg.seed)
-    if source.mode == "hybrid" and not os.path.isdir(cfg.teacher.cache_path):
+    if source.mode == "hybrid" and not os.path.isdir(teacher.cache_path):
         return None  # hybrid starts a new cache
-    cache = EmbeddingCache.open(cfg.teacher.cache_path, teacher_info=teacher_info or None, recipe=recipe,
+    cache = EmbeddingCache.open(teacher.cache_path, teacher_info=teacher_info or None, recipe=recipe,
                                 create=source.mode == "hybrid")
     if source.mode == "cache" and len(cache) == 0:
         raise FileNotFoundError(f"embedding cache {cache.path} holds no rows: run `kd precompute` over "

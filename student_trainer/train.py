@@ -53,7 +53,7 @@ from student_trainer.masking import encode_image_masked, patch_noise
 from student_trainer.progress import (VERBOSE_KEY, ProgressPoster, StepSnapshot, format_summary,
                                       quiet_worker_console, watch_run)
 from student_trainer.scheduler import set_lr, warmup_cosine
-from student_trainer.teacher.outputs import TeacherOutputs
+from student_trainer.teacher.outputs import merge_outputs
 from student_trainer.teacher.sources import NoTeacher, make_teacher_source
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -419,7 +419,8 @@ def train_loop_per_worker(config: dict) -> None:
     options = _loss_options(cfg, source, tokenizer, shards)
     centroids = options.get("class_centroids")
     teacher_dim = source.embed_dim or (int(centroids.shape[1]) if centroids is not None else embed_dim(student))
-    losses = build_losses(cfg.losses, student_dim=embed_dim(student), teacher_dim=teacher_dim, options=options)
+    losses = build_losses(cfg.losses, student_dim=embed_dim(student), teacher_dim=teacher_dim, options=options,
+                          teacher_dims=getattr(source, "embed_dims", None))  # several: one head per teacher
     module = DistillModule(student, losses, preprocess_spec(student)).to(device)
     optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
@@ -454,7 +455,7 @@ def train_loop_per_worker(config: dict) -> None:
             "train_samples_per_s": round((done - first) * cfg.accum_steps * cfg.data.batch_size * world
                                          / max(elapsed, 1e-9), 3),
             "run_samples_per_s": round(samples_done / max(time.perf_counter() - run_start, 1e-9), 3),
-            "world_size": world, "teacher_mode": cfg.teacher.mode,
+            "world_size": world, "teacher_mode": source.mode,
             "teacher_fingerprint": source.info.get("fingerprint", ""), "teacher_model": source.info.get("model"),
             "peak_rss_mb": round(_peak_rss_mb(), 1),
         })
@@ -485,7 +486,7 @@ def train_loop_per_worker(config: dict) -> None:
                 return
             set_lr(optimizer, warmup_cosine(step, base_lr=cfg.optim.lr,
                                             warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps))
-            merged = TeacherOutputs.merge([t for _, t in group])
+            merged = merge_outputs([t for _, t in group])  # one teacher's or an ensemble's
             teacher = merged.to_tensors(device) if merged is not None else None
             parts = train_step(module, optimizer, [_as_tensors(b, device) for b, _ in group], teacher,
                                seed=mask_seed(cfg.seed, step, rank), ddp=ddp, scaler=scaler,
@@ -531,7 +532,8 @@ def _stop_for_teacher(lost: TeacherUnavailableError | None, metrics: dict, modul
     """Checkpoint at `position` (the first step not trained) and report why the run stops; the
     driver raises it (`run_training`), and rerunning the same run name resumes at that step."""
     if lost is None:
-        lost = TeacherUnavailableError(f"teacher app {cfg.teacher.app_name!r} stopped answering another rank.")
+        apps = [m.app_name for m in cfg.teacher.members() if m.mode in ("remote", "hybrid")]
+        lost = TeacherUnavailableError(f"teacher app {' or '.join(map(repr, apps))} stopped answering another rank.")
     metrics["stopped"] = (
         f"{lost} The run saved a checkpoint at epoch {position.epoch + 1} step {position.epoch_step} "
         f"(global step {position.step}) and stopped; start the teacher and rerun with run name "

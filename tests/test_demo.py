@@ -83,3 +83,22 @@ def test_an_embedded_cluster_starts_even_when_another_runs_here(ray_cluster):
     assert "started an embedded local Ray cluster" in proc.stdout
     own = proc.stdout.split("GCS ", 1)[1].split()[0]
     assert own != ray_cluster.get_runtime_context().gcs_address
+
+
+def test_quick_demo_with_two_teachers_adds_an_ensemble_student(ray_cluster, tmp_path):
+    """`kd demo --teachers 2`: a second teacher (next seed, own app), and a student distilled from both."""
+    from cluster.demo import DemoConfig, run_demo
+    from student_trainer.checkpoint import read_provenance
+
+    cfg = DemoConfig(workdir=str(tmp_path / "demo"), quick=True, app_name="kd-demo-test2", teachers=2)
+    report = run_demo(cfg)
+    assert set(report["models"]) == {"teacher", "teacher_2", "student_distilled", "student_ensemble",
+                                     "student_baseline"}
+    first, second = report["teacher_fingerprints"]
+    assert first == report["teacher_fingerprint"] and second != first  # another seed, another teacher
+    for metric in METRICS:
+        gap = report["models"]["student_ensemble"][metric] - report["models"]["student_baseline"][metric]
+        assert report["ensemble_gain_over_baseline"][metric] == pytest.approx(gap, abs=1e-4)
+    ensemble = read_provenance(tmp_path / "demo" / "student_ensemble")
+    assert [t["fingerprint"] for t in ensemble["teachers"]] == [first, second]
+    assert [t["app_name"] for t in ensemble["teachers"]] == ["kd-demo-test2", "kd-demo-test2-2"]

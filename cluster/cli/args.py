@@ -33,6 +33,12 @@ def add_verbose(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
 
 
+def add_app_names(p: argparse.ArgumentParser, help_text: str) -> None:
+    """``--app-name``, repeatable: one teacher app, or several (an ensemble's pools) in order."""
+    p.add_argument("--app-name", dest="app_name", action="append", metavar="APP",
+                   help=f"{help_text} (repeat for several teachers: --app-name a --app-name b)")
+
+
 def json_arg(text: str) -> dict:
     """A JSON object given on the command line."""
     try:

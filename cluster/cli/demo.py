@@ -11,7 +11,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     cfg = DemoConfig(workdir=args.workdir, quick=args.quick, teacher_epochs=args.teacher_epochs,
                      student_epochs=args.student_epochs, address=args.address,
-                     verbose=args.verbose)
+                     verbose=args.verbose, teachers=args.teachers)
     run_demo(cfg)
     return 0
 
@@ -25,6 +25,9 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--teacher-epochs", type=int, help="epochs for the demo teacher")
     p.add_argument("--student-epochs", type=int, help="epochs for each student")
     p.add_argument("--quick", action="store_true", help="tiny budget (smoke test)")
+    p.add_argument("--teachers", type=int, default=1,
+                   help="N > 1: N teachers (seeds seed..seed+N-1, one Serve app each) and one more student "
+                        "distilled from all of them at once")
     add_address(p)
     add_verbose(p)
     p.set_defaults(func=cmd_demo)

@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable
 from typing import Optional, TextIO
 
-from cluster.cli.args import (add_address, add_teacher_model_args, given, json_arg, positive_seconds,
-                              teacher_config)
+from cluster.cli.args import (add_address, add_app_names, add_teacher_model_args, given, json_arg,
+                              positive_seconds, teacher_config)
 
 SERVE_FLAGS = {"model": "model", "pretrained": "pretrained", "overrides": "overrides", "precision": "precision",
                "app_name": "app_name", "replicas": "num_replicas", "num_cpus": "num_cpus", "num_gpus": "num_gpus",
@@ -81,13 +81,19 @@ def cmd_teacher_status(args: argparse.Namespace) -> int:
     from teacher_service.stats import format_stats
 
     init_ray(args.address or "auto", quiet=True)
-    handle = get_teacher_handle(args.app_name, timeout_s=30)
+    apps = args.app_name or ["kd-teacher"]
+    handles = {app: get_teacher_handle(app, timeout_s=30) for app in apps}  # an ensemble's run uses several
 
     def render() -> str:
-        info = handle.info.remote().result(timeout_s=args.timeout)
-        stats = collect_stats(handle, timeout_s=args.timeout)  # every replica, merged
-        return (json.dumps({"info": info, "stats": stats}, indent=2, default=str) if args.json
-                else format_stats(info, stats))
+        pools = {}
+        for app, handle in handles.items():  # each pool, in the order given
+            info = handle.info.remote().result(timeout_s=args.timeout)
+            pools[app] = {"info": info, "stats": collect_stats(handle, timeout_s=args.timeout)}  # replicas merged
+        if args.json:
+            return json.dumps(pools[apps[0]] if len(apps) == 1 else pools, indent=2, default=str)
+        if len(apps) == 1:
+            return format_stats(**pools[apps[0]])
+        return "\n\n".join(f"== teacher app {app!r}\n{format_stats(**pool)}" for app, pool in pools.items())
 
     if args.watch is not None:
         return watch(render, args.watch)
@@ -142,7 +148,7 @@ def add_parser(sub, fmt) -> None:
                                      "deploy into a running cluster (e.g. after `ray start --head`).")
     p.add_argument("--config", help="TeacherConfig YAML (flags below override it)")
     add_teacher_model_args(p)
-    p.add_argument("--app-name", help="Serve application name (default kd-teacher)")
+    p.add_argument("--app-name", help="Serve application name (default kd-teacher)")  # one app per serve
     p.add_argument("--replicas", type=int, help="number of replicas (a fixed pool)")
     p.add_argument("--autoscale", type=json_arg, metavar="JSON",
                    help='autoscale the pool instead: Serve autoscaling_config as JSON, max_replicas required, '
@@ -180,7 +186,10 @@ def add_parser(sub, fmt) -> None:
     for name, func, text in [("status", cmd_teacher_status, "print the teacher's info and counters"),
                              ("stop", cmd_teacher_stop, "delete the teacher app and its gRPC ingress")]:
         p = t_sub.add_parser(name, formatter_class=fmt, help=text, description=text)
-        p.add_argument("--app-name", default="kd-teacher", help="Serve application name")
+        if name == "status":
+            add_app_names(p, "Serve application name (default kd-teacher)")
+        else:
+            p.add_argument("--app-name", default="kd-teacher", help="Serve application name")
         add_address(p, "running")
         if name == "status":
             p.add_argument("--json", action="store_true", help="print the merged counters as JSON")

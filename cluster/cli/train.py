@@ -4,14 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from cluster.cli.args import add_address, add_verbose, weight_arg
+from cluster.cli.args import add_address, add_app_names, add_verbose, weight_arg
 
 # flag → TrainConfig field (dotted for nested configs); a flag left out keeps the config's value
 TRAIN_FLAGS = {
     "run_name": "run_name", "storage_path": "storage_path", "epochs": "epochs", "workers": "num_workers",
     "max_steps": "max_steps_per_epoch", "seed": "seed", "train_shards": "data.train_shards",
     "val_shards": "data.val_shards", "batch_size": "data.batch_size", "num_views": "data.num_views",
-    "student": "model.name", "teacher_mode": "teacher.mode", "app_name": "teacher.app_name",
+    "student": "model.name", "teacher_mode": "teacher.mode",
     "cache_path": "teacher.cache_path", "teacher_patience": "teacher.patience_s",
     "checkpoint_every": "checkpoint_every_steps", "max_failures": "max_failures",
     "inherit_layers": "model.inherit_layers",
@@ -32,6 +32,7 @@ def train_config_from_args(args: argparse.Namespace):
             for parent in parents:
                 target = getattr(target, parent)
             setattr(target, attr, value)
+    _set_app_names(cfg, args.app_name)
     if args.loss:
         cfg.losses = dict(args.loss)
     if args.allow_teacher_change:
@@ -44,6 +45,19 @@ def train_config_from_args(args: argparse.Namespace):
         for name, value in student_placement().items():
             setattr(cfg, name, value)
     return cfg.validate()
+
+
+def _set_app_names(cfg, apps: list[str] | None) -> None:
+    """One --app-name: the teacher's app, as before. Several: one teacher per app (named by it, the
+    other fields the config's), replacing the config's teacher.sources."""
+    if not apps:
+        return
+    if len(apps) == 1:
+        cfg.teacher.app_name = apps[0]
+        return
+    if cfg.teacher.mode == "none":
+        cfg.teacher.mode = "remote"
+    cfg.teacher.sources = [{"name": app, "app_name": app} for app in apps]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -101,7 +115,7 @@ def add_parser(sub, fmt) -> None:
                    help="teacher blocks an inheriting student takes: every n/k-th (interval, default) or the first k")
     p.add_argument("--teacher-mode", choices=["none", "inline", "remote", "cache", "hybrid"],
                    help="teacher source")
-    p.add_argument("--app-name", help="teacher Serve app for remote/hybrid mode")
+    add_app_names(p, "teacher Serve app for remote/hybrid mode")
     p.add_argument("--cache-path", help="embedding cache directory for cache/hybrid mode")
     p.add_argument("--num-views", type=int,
                    help="views per sample: epoch e trains on view e %% N (reuse precomputed views)")

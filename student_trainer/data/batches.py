@@ -56,6 +56,9 @@ class Batch:
     labels: np.ndarray
     captions: list[str]
     origin: ViewOrigin | None = None
+    # per sample, the teacher names its metadata picks (a run with several teachers asks only
+    # those for it), or None where it picks none; None for the whole batch when no sample does
+    teachers: list[tuple[str, ...] | None] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -228,7 +231,13 @@ def _make_batch(samples: list[dict], *, image_size: int, view: int, seed: int, t
         labels=np.asarray([s["cls"] for s in samples], dtype=np.int64),
         captions=captions,
         origin=ViewOrigin([s["__url__"] for s in samples], view, view_recipe(image_size, seed, train)),
+        teachers=_teacher_choices(samples),
     )
+
+
+def _teacher_choices(samples: list[dict]) -> list[tuple[str, ...] | None] | None:
+    choices = [s.get("teachers") for s in samples]
+    return choices if any(c is not None for c in choices) else None
 
 
 def train_batches(

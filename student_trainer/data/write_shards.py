@@ -231,6 +231,7 @@ class _Row:
     caption: str
     label: str | int | None
     where: str  # "file:line" for error messages
+    teacher: str | list | None = None  # which teacher(s) of an ensemble answer it (kept in the sample's JSON)
 
 
 def _pick_column(columns: list[str], candidates: tuple[str, ...]) -> str | None:
@@ -255,7 +256,8 @@ def _read_jsonl(path: Path) -> list[_Row]:
         caption_col = _pick_column(list(record), CAPTION_COLUMNS)
         caption = record.get(caption_col) if caption_col else None
         label = record.get("label")
-        rows.append(_Row(str(record[image_col] or ""), "" if caption is None else str(caption), label, f"{path}:{lineno}"))
+        rows.append(_Row(str(record[image_col] or ""), "" if caption is None else str(caption), label, f"{path}:{lineno}",
+                         record.get("teacher")))
     return rows
 
 
@@ -274,11 +276,14 @@ def _read_table(path: Path) -> list[_Row]:
             f"(one of {CAPTION_COLUMNS}); found columns {columns}"
         )
     label_col = _pick_column(columns, ("label",))
+    teacher_col = _pick_column(columns, ("teacher",))
     rows = []
     for lineno, record in enumerate(reader, start=2):
         label = (record.get(label_col) or "").strip() if label_col else ""
+        teacher = (record.get(teacher_col) or "").strip() if teacher_col else ""
         rows.append(
-            _Row((record.get(image_col) or "").strip(), record.get(caption_col) or "", label or None, f"{path}:{lineno}")
+            _Row((record.get(image_col) or "").strip(), record.get(caption_col) or "", label or None, f"{path}:{lineno}",
+                 [t.strip() for t in teacher.split(";") if t.strip()] or None)
         )
     return rows
 
@@ -469,4 +474,6 @@ def _folder_sample(
     meta = {"caption": caption, "image": relpath, "label": label}
     if label is not None and label < len(class_names):
         meta["class_name"] = class_names[label]
+    if row.teacher:  # per-sample teacher choice, read back by the shard reader (`sample_teachers`)
+        meta["teacher"] = row.teacher
     return None, _sample_members(key, ext, data, caption, label, meta)

@@ -18,6 +18,9 @@ class TeacherOutputs:
     logit_scale: float
     logit_bias: float | None
     fingerprint: str
+    # Per-sample teacher choice: which rows this teacher answered (bool [B]); the others hold zeros
+    # and the losses leave them out. None: every row.
+    answered: np.ndarray | None = None
 
     @classmethod
     def from_response(cls, resp) -> TeacherOutputs:
@@ -46,7 +49,26 @@ class TeacherOutputs:
             first = getattr(parts[0], name)
             return None if first is None else np.concatenate([getattr(p, name) for p in parts])
 
-        return replace(parts[0], image_features=rows("image_features"), text_features=rows("text_features"))
+        answered = None
+        if any(p.answered is not None for p in parts):
+            answered = np.concatenate([np.ones(len(p), bool) if p.answered is None else p.answered for p in parts])
+        return replace(parts[0], image_features=rows("image_features"), text_features=rows("text_features"),
+                       answered=answered)
+
+    def spread(self, rows: np.ndarray, size: int) -> TeacherOutputs:
+        """These outputs (for `rows` of a batch of `size`) as outputs for the whole batch: zeros and
+        `answered` False elsewhere, so every teacher of an ensemble lines up row for row."""
+        def full(value):
+            if value is None:
+                return None
+            out = np.zeros((size, *value.shape[1:]), value.dtype)
+            out[rows] = value
+            return out
+
+        answered = np.zeros(size, bool)
+        answered[rows] = True if self.answered is None else self.answered
+        return replace(self, image_features=full(self.image_features), text_features=full(self.text_features),
+                       answered=answered)
 
     def to_tensors(self, device: torch.device | str) -> dict[str, torch.Tensor]:
         """The dict the loss modules read: float32 features (copied: Ray results are read-only),
@@ -59,4 +81,60 @@ class TeacherOutputs:
         result["logit_scale"] = torch.tensor(float(self.logit_scale), device=device)
         if self.logit_bias is not None:
             result["logit_bias"] = torch.tensor(float(self.logit_bias), device=device)
+        if self.answered is not None:
+            result["answered"] = torch.tensor(self.answered, dtype=torch.bool, device=device)
         return result
+
+
+@dataclass(frozen=True)
+class EnsembleOutputs:
+    """A batch's outputs of several teachers, one `TeacherOutputs` each (own width, scale and bias),
+    in the run's teacher order, with their names and loss weights."""
+
+    members: tuple[TeacherOutputs, ...]
+    names: tuple[str, ...]
+    weights: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return len(self.members[0]) if self.members else 0
+
+    @property
+    def fingerprint(self) -> str:
+        return ensemble_fingerprint(dict(zip(self.names, (m.fingerprint for m in self.members))))
+
+    @staticmethod
+    def merge(parts: Sequence[EnsembleOutputs | None]) -> EnsembleOutputs | None:
+        """An optimizer step's micro-batches as one, teacher by teacher."""
+        if not parts or all(p is None for p in parts):
+            return None
+        if any(p is None for p in parts):
+            raise ValueError("some micro-batches of a step have teacher outputs and some do not")
+        first = parts[0]
+        members = tuple(TeacherOutputs.merge([p.members[i] for p in parts]) for i in range(len(first.members)))
+        return replace(first, members=members)
+
+    def to_tensors(self, device: torch.device | str) -> dict:
+        """The dict the loss modules read for an ensemble: ``teachers`` (one `TeacherOutputs.to_tensors`
+        dict each), ``teacher_weights`` (normalised to sum 1) and ``teacher_names``."""
+        total = sum(self.weights)
+        return {"teachers": [m.to_tensors(device) for m in self.members],
+                "teacher_weights": [w / total for w in self.weights], "teacher_names": list(self.names)}
+
+
+def merge_outputs(parts: Sequence[TeacherOutputs | EnsembleOutputs | None]):
+    """One optimizer step's outputs from its micro-batches', for one teacher or an ensemble."""
+    kind = next((type(p) for p in parts if p is not None), TeacherOutputs)
+    return kind.merge(parts)
+
+
+def ensemble_fingerprint(fingerprints: dict[str, str]) -> str:
+    """One string naming a set of teachers (name=fingerprint, sorted), for metrics and logs."""
+    return ",".join(f"{name}={fp}" for name, fp in sorted(fingerprints.items()))
+
+
+def split_ensemble_fingerprint(text: str) -> dict[str, str]:
+    """`ensemble_fingerprint`'s teachers back (name → fingerprint); a single teacher's plain
+    fingerprint comes back under the name ""."""
+    if "=" not in text:
+        return {"": text}
+    return dict(part.split("=", 1) for part in text.split(","))

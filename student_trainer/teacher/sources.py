@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from teacher_service.contract.protocol import EmbedRequest, EmbedResponse, Reque
 
 from student_trainer.config import TeacherSourceConfig
 from student_trainer.data.batches import Batch
-from student_trainer.teacher.outputs import TeacherOutputs
+from student_trainer.teacher.outputs import EnsembleOutputs, TeacherOutputs, ensemble_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class TeacherSource:
     needs_cache = False
     can_lose_teacher = False
     computes_centroids = False
+    submits_ahead = False  # whether stream() takes eager=True (requests out before the first next())
     embed_dim: int | None = None
     info: dict = {}
     stats: TeacherStats
@@ -149,6 +150,7 @@ class RemoteTeacher(TeacherSource):
     """
 
     mode, needs_app, can_lose_teacher, computes_centroids = "remote", True, True, True
+    submits_ahead = True  # stream(..., eager=True) sends its first window at once
 
     def __init__(self, cfg: TeacherSourceConfig, run: str, view_namespace: str = "") -> None:
         from teacher_service.app import get_teacher_handle
@@ -202,10 +204,11 @@ class RemoteTeacher(TeacherSource):
             f"{last!r}. Is it deployed? (`kd teacher serve` / `kd teacher status`)"
         ) from last
 
-    def stream(self, batches: Iterable[Batch], view: int | None = None
+    def stream(self, batches: Iterable[Batch], view: int | None = None, eager: bool = False
                ) -> Iterator[tuple[Batch, TeacherOutputs]]:
-        for batch, outputs in self.stream_parts(((batch, batch) for batch in batches), view):
-            yield batch, outputs
+        """`eager`: the first window's requests go out now, not at the first `next()` (see `stream_parts`)."""
+        return ((batch, outputs) for batch, outputs in
+                self.stream_parts(((batch, batch) for batch in batches), view, eager=eager))
 
     def view_id(self, view: int | None) -> str:
         """The requests' view identity; empty (no coalescing) without a namespace or a view id."""
@@ -213,12 +216,14 @@ class RemoteTeacher(TeacherSource):
 
         return view_identity(self.view_namespace, view) if self.view_namespace and view is not None else ""
 
-    def stream_parts(self, items: Iterable[tuple[Any, Batch | None]], view: int | None = None
-                     ) -> Iterator[tuple[Any, TeacherOutputs | None]]:
+    def stream_parts(self, items: Iterable[tuple[Any, Batch | None]], view: int | None = None,
+                     eager: bool = False) -> Iterator[tuple[Any, TeacherOutputs | None]]:
         """`(tag, batch)` items → `(tag, outputs)` in order; a None (or empty) batch asks nothing.
 
         The prefetch window spans items, so while item t trains the requests of items
         t+1 .. t+prefetch are in flight. The hybrid source sends only its cache misses this way.
+        `eager` submits the first window before returning, so an ensemble (`MultiTeacher`) has every
+        pool computing its first batches before it waits on any of them.
         """
         window: collections.deque = collections.deque()
         iterator = iter(items)
@@ -238,21 +243,29 @@ class RemoteTeacher(TeacherSource):
             self.stats.samples += len(batch.keys)
             return True
 
-        while True:
+        def fill() -> None:
             # While item t trains, the requests for t+1 .. t+prefetch are in flight.
             while len(window) <= self.cfg.prefetch and submit_next():
                 pass
-            if not window:
-                return
-            tag, batch, request, pending = window.popleft()
-            if batch is None:
-                yield tag, None
-                continue
-            start = time.perf_counter()
-            resp = self._answer(batch, request, pending)
-            self.stats.wait_s += time.perf_counter() - start
-            self._check(resp, batch)
-            yield tag, TeacherOutputs.from_response(resp)
+
+        def drain() -> Iterator[tuple[Any, TeacherOutputs | None]]:
+            while True:
+                fill()
+                if not window:
+                    return
+                tag, batch, request, pending = window.popleft()
+                if batch is None:
+                    yield tag, None
+                    continue
+                start = time.perf_counter()
+                resp = self._answer(batch, request, pending)
+                self.stats.wait_s += time.perf_counter() - start
+                self._check(resp, batch)
+                yield tag, TeacherOutputs.from_response(resp)
+
+        if eager:
+            fill()
+        return drain()
 
     def request_for(self, batch: Batch, view_id: str = "") -> EmbedRequest:
         """The batch's request: by reference where `send_pixels` and the teacher allow, else pixels."""
@@ -343,7 +356,8 @@ def _is_request_error(exc: BaseException) -> bool:
 def _take(batch: Batch, rows: np.ndarray) -> Batch:
     return Batch(keys=[batch.keys[i] for i in rows], images=batch.images[rows], tokens=batch.tokens[rows],
                  labels=batch.labels[rows], captions=[batch.captions[i] for i in rows],
-                 origin=None if batch.origin is None else batch.origin.take(rows))
+                 origin=None if batch.origin is None else batch.origin.take(rows),
+                 teachers=None if batch.teachers is None else [batch.teachers[i] for i in rows])
 
 
 @dataclass
@@ -586,12 +600,123 @@ def source_class(mode: str) -> type[TeacherSource]:
         raise ValueError(f"teacher mode {mode!r}: expected one of {sorted(SOURCES)}") from None
 
 
-def make_teacher_source(cfg: TeacherSourceConfig, run: str, device: str | None = None,
-                        recipe: dict | None = None, view_namespace: str = "") -> TeacherSource:
-    """The teacher source for `cfg.mode`. `recipe` (`teacher_service.contract.augment.view_recipe(image_size,
-    seed)`) lets the cache modes refuse a cache built for other views before the first batch;
-    `view_namespace` (`teacher_service.contract.augment.view_namespace`) lets the pool coalesce the remote
-    and hybrid sources' requests with other runs'."""
+# ---------------------------------------------------------------------------------------------
+# several teachers at once
+
+
+class EnsembleStats:
+    """An ensemble's counters: the teachers' summed (the keys a single teacher reports) and each
+    teacher's requests, samples and wait under `teacher_<name>_*`."""
+
+    def __init__(self, names: list[str], members: list[TeacherStats]) -> None:
+        self.names, self.members = names, members
+
+    @property
+    def fingerprints(self) -> set:
+        return set().union(*(m.fingerprints for m in self.members))
+
+    def as_metrics(self) -> dict:
+        metrics: dict = {}
+        for name, stats in zip(self.names, self.members):
+            own = stats.as_metrics()
+            for key, value in own.items():
+                metrics[key] = round(metrics.get(key, 0) + value, 4)
+            for key in ("requests", "samples", "wait_s"):
+                metrics[f"teacher_{name}_{key}"] = own[f"teacher_{key}"]
+        return metrics
+
+
+class MultiTeacher(TeacherSource):
+    """Several teachers at once (an ensemble): each batch goes to every teacher's own source, and
+    the loop gets one `TeacherOutputs` per teacher (`EnsembleOutputs`, own width, scale and bias).
+
+    Each teacher keeps what its source does alone: the remote ones their prefetch window (so every
+    pool has its next batches in flight while one trains), retries and patience; a teacher lost for
+    good stops the run as a single one would. A teacher with `labels` is asked only for the samples
+    of those classes, and a sample whose metadata names teachers (`teacher` in its JSON) only those
+    (per-sample teacher choice); its outputs are spread back over the batch with
+    `answered` marking its rows, and a batch with none of them does not reach it.
+    """
+
+    mode = "ensemble"
+
+    def __init__(self, configs: list[TeacherSourceConfig], sources: list[TeacherSource]) -> None:
+        self.configs, self.sources = configs, sources
+        self.names = [c.name for c in configs]
+        self.weights = [float(c.loss_weight) for c in configs]
+        self.labels = [None if c.labels is None else np.asarray(c.labels, dtype=np.int64) for c in configs]
+        for flag in ("needs_app", "needs_cache", "can_lose_teacher"):
+            setattr(self, flag, any(getattr(src, flag) for src in sources))
+        self.computes_centroids = False  # Embed-KD centroids come from one teacher; preflight refuses an ensemble
+        self.embed_dims = [int(src.embed_dim) for src in sources]
+        teachers = [{"name": n, **src.info} for n, src in zip(self.names, sources)]
+        self.info = {"fingerprint": ensemble_fingerprint({t["name"]: t.get("fingerprint", "") for t in teachers}),
+                     "model": "+".join(str(t.get("model")) for t in teachers), "teachers": teachers}
+        self.stats = EnsembleStats(self.names, [src.stats for src in sources])
+
+    def rows_for(self, batch: Batch, i: int) -> np.ndarray | None:
+        """The rows of `batch` teacher i answers (None: all of them). A sample whose metadata names
+        teachers (`Batch.teachers`) goes to those; any other to the teachers whose `labels` hold its
+        label, and to those without labels."""
+        if batch.teachers is None:
+            return None if self.labels[i] is None else np.flatnonzero(np.isin(batch.labels, self.labels[i]))
+        name = self.names[i]
+        by_label = np.ones(len(batch), bool) if self.labels[i] is None else np.isin(batch.labels, self.labels[i])
+        chosen = [name in pick if pick is not None else bool(own) for pick, own in zip(batch.teachers, by_label)]
+        rows = np.flatnonzero(chosen)
+        return None if rows.size == len(batch) else rows
+
+    def _routed(self, batches: Iterable[Batch], i: int) -> Iterator[Batch]:
+        """Teacher i's share of each batch; batches with none of its rows are left out."""
+        for batch in batches:
+            rows = self.rows_for(batch, i)
+            if rows is None:
+                yield batch
+            elif rows.size:
+                yield _take(batch, rows)
+
+    def _unanswered(self, i: int, size: int) -> TeacherOutputs:
+        """Teacher i's outputs for a batch it was not asked about: zeros, no row answered."""
+        info, dim = self.sources[i].info, self.embed_dims[i]
+        bias = info.get("logit_bias")
+        zeros = np.zeros((size, dim), np.float16)
+        return TeacherOutputs(zeros, zeros.copy(), float(info.get("logit_scale") or 1.0),
+                              None if bias is None else float(bias), info.get("fingerprint", ""),
+                              answered=np.zeros(size, bool))
+
+    def stream(self, batches: Iterable[Batch], view: int | None = None
+               ) -> Iterator[tuple[Batch, EnsembleOutputs]]:
+        copies = itertools.tee(batches, len(self.sources) + 1)
+        # remote teachers send their first windows now: every pool computes before any is waited on
+        streams = [self._open(src, self._routed(copies[i + 1], i), view) for i, src in enumerate(self.sources)]
+        try:
+            for batch in copies[0]:
+                yield batch, EnsembleOutputs(tuple(self._answer(batch, i, s) for i, s in enumerate(streams)),
+                                             tuple(self.names), tuple(self.weights))
+        finally:
+            for stream in streams:
+                stream.close()  # a hybrid teacher flushes its appended misses
+
+    @staticmethod
+    def _open(source: TeacherSource, batches: Iterable[Batch], view: int | None) -> Iterator:
+        if getattr(source, "submits_ahead", False):
+            return source.stream(batches, view=view, eager=True)
+        return source.stream(batches, view=view)
+
+    def _answer(self, batch: Batch, i: int, stream: Iterator) -> TeacherOutputs:
+        rows = self.rows_for(batch, i)
+        if rows is not None and rows.size == 0:
+            return self._unanswered(i, len(batch))
+        asked, outputs = next(stream)
+        if rows is None:  # a mask on every teacher of every batch: all ranks then gather the same tensors
+            return replace(outputs, answered=np.ones(len(batch), bool))
+        if list(asked.keys) != [batch.keys[r] for r in rows]:
+            raise RuntimeError(f"teacher {self.names[i]!r} answered another batch than the one training")
+        return outputs.spread(rows, len(batch))
+
+
+def _make_one(cfg: TeacherSourceConfig, run: str, device: str | None, recipe: dict | None,
+              view_namespace: str) -> TeacherSource:
     cls = source_class(cfg.mode)
     if cls is NoTeacher:
         return NoTeacher()
@@ -602,3 +727,15 @@ def make_teacher_source(cfg: TeacherSourceConfig, run: str, device: str | None =
     if cls is CachedTeacher:
         return CachedTeacher(cfg, run, recipe)
     return HybridTeacher(cfg, run, recipe, view_namespace=view_namespace)
+
+
+def make_teacher_source(cfg: TeacherSourceConfig, run: str, device: str | None = None,
+                        recipe: dict | None = None, view_namespace: str = "") -> TeacherSource:
+    """The teacher source for `cfg.mode`, or a `MultiTeacher` over `cfg.sources` when it lists
+    several. `recipe` (`teacher_service.contract.augment.view_recipe(image_size, seed)`) lets the
+    cache modes refuse a cache built for other views before the first batch; `view_namespace`
+    (`teacher_service.contract.augment.view_namespace`) lets the pool coalesce the remote and
+    hybrid sources' requests with other runs'."""
+    members = cfg.members()
+    sources = [_make_one(m, run, device, recipe, view_namespace) for m in members]
+    return MultiTeacher(members, sources) if cfg.is_ensemble else sources[0]

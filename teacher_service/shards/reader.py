@@ -8,6 +8,8 @@ cut tar keeps the samples before the damage and counts once as ``corrupt_tar``, 
 """
 from __future__ import annotations
 
+import json
+
 import logging
 import lzma
 import re
@@ -221,9 +223,28 @@ def _checked_label(value: bytes | None) -> int:
     return label
 
 
+def sample_teachers(value: bytes | None) -> tuple[str, ...] | None:
+    """The teachers a sample's ``json`` metadata names in its ``teacher`` field (a name or a list of
+    names), for runs with several teachers; None when it names none. Metadata is optional and was
+    never checked before this field existed: unreadable JSON names no teacher, it is not a bad sample."""
+    if not value:
+        return None
+    try:
+        meta = json.loads(value)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    choice = meta.get("teacher") if isinstance(meta, dict) else None
+    if isinstance(choice, str):
+        return (choice,)
+    if isinstance(choice, list) and all(isinstance(c, str) for c in choice):
+        return tuple(choice)
+    return None
+
+
 def decode_sample(sample: dict, limits: ReaderLimits) -> dict:
-    """A raw sample → ``{__key__, __url__, image: uint8 HxWx3, txt: str, cls: int}``, or
-    SampleError naming the reason. Cheap checks first, the image decode last."""
+    """A raw sample → ``{__key__, __url__, image: uint8 HxWx3, txt: str, cls: int, teachers}``, or
+    SampleError naming the reason. Cheap checks first, the image decode last. ``teachers``: the
+    teacher names its metadata picks (`sample_teachers`), or None."""
     if "__bad__" in sample:
         raise SampleError(*sample["__bad__"])
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
@@ -236,7 +257,8 @@ def decode_sample(sample: dict, limits: ReaderLimits) -> dict:
         image = decode_rgb8(sample[ext], max_pixels=limits.max_image_pixels)
     except ImageDecodeError as exc:
         raise SampleError(exc.reason, f"{ext}: {exc}") from None
-    return {"__key__": sample["__key__"], "__url__": sample["__url__"], "image": image, "txt": caption, "cls": label}
+    return {"__key__": sample["__key__"], "__url__": sample["__url__"], "image": image, "txt": caption, "cls": label,
+            "teachers": sample_teachers(sample.get("json"))}
 
 
 def decoded_samples(samples: Iterable[dict], skips: SkipCounts, limits: ReaderLimits) -> Iterator[dict]:
