@@ -89,6 +89,7 @@ def _train(train_cfg: TrainConfig, out_dir: Path, verbose: bool = False) -> dict
     metrics = dict(result.metrics or {})
     metrics["wall_time_s"] = round(wall, 1)
     metrics["tensorboard"] = tensorboard_dir(train_cfg.with_absolute_paths().storage_path, train_cfg.run_name)
+    metrics["run_dir"] = str(Path(train_cfg.with_absolute_paths().storage_path) / train_cfg.run_name)
     (out_dir / "run_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     return metrics
 
@@ -278,7 +279,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     tmp = workdir / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, workdir / "report.json")
-    report = write_report([Path(c.storage_path) / c.run_name for c in (distill_cfg, base_cfg)], workdir)  # PNGs
+    report = write_report([Path(m["run_dir"]) for m in (*distilled.values(), base_metrics)], workdir)  # PNGs
     print("\n" + format_table(rows) + "\n", flush=True)
     d, b = report["models"]["student_distilled"], report["models"]["student_baseline"]
     _say(f"distilled vs baseline zero-shot top-1: {d['zero_shot_top1']:.4f} vs {b['zero_shot_top1']:.4f} "

@@ -615,6 +615,11 @@ class EnsembleStats:
     def fingerprints(self) -> set:
         return set().union(*(m.fingerprints for m in self.members))
 
+    @property
+    def wait_s(self) -> float:
+        """Time the loop spent blocked on any teacher (the members wait one after another)."""
+        return sum(m.wait_s for m in self.members)
+
     def as_metrics(self) -> dict:
         metrics: dict = {}
         for name, stats in zip(self.names, self.members):
