@@ -268,7 +268,10 @@ def _cell(s: dict, key: str, pct: bool, signed: bool = False) -> str:
         return "—"
     fmt = (lambda v: f"{100 * v:{'+' if signed else ''}.1f}") if pct else (lambda v: f"{v:.0f}")
     if s["runs"] > 1 and s[f"{key}_lo"] != s[f"{key}_hi"]:
-        return f"{fmt(s[key])} [{fmt(s[key + '_lo'])}, {fmt(s[key + '_hi'])}]"
+        lo, hi = s[key + "_lo"], s[key + "_hi"]
+        if pct and not signed:  # a t-interval knows nothing of a metric's 0..1 range
+            lo, hi = max(lo, 0.0), min(hi, 1.0)
+        return f"{fmt(s[key])} [{fmt(lo)}, {fmt(hi)}]"
     return fmt(s[key])
 
 
@@ -448,7 +451,8 @@ def render(report: dict) -> str:
         lines.append("- One seed per run: the seed-to-seed spread is not measured here, so the table "
                      "gives single values.")
     else:
-        lines.append(f"- Mean over seeds {seeds} with its 95 % Student-t interval in brackets. The gain "
+        lines.append(f"- Mean over seeds {seeds} with its 95 % Student-t interval in brackets (cut to "
+                     f"0–100 %). The gain "
                      f"columns pair each run with the no-teacher run of the same seed (same data order, "
                      f"views and initialisation) and give the mean difference and its interval: an "
                      f"interval that excludes 0 is a gain (or loss) the seeds agree on.")
