@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from cluster.bench.records import write_atomic
 from student_trainer.checkpoint import load_model_config, read_provenance
 from student_trainer.config import (
     DataConfig,
@@ -580,10 +581,9 @@ def cost_lines(report: dict) -> list[str]:
 
 def plot_cost(report: dict, path: Path) -> None:
     """Student top-1 against teacher-seconds, one point per mode (mean over seeds, 95 % interval)."""
-    import matplotlib
+    from cluster.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, runs in report.get("cost", {}).items():
@@ -600,19 +600,14 @@ def plot_cost(report: dict, path: Path) -> None:
     ax.set_ylabel("zero-shot top-1 %")
     ax.set_title(report["meta"]["cost_row"])
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, path)
 
 
 def plot(report: dict, path: Path) -> None:
     """Zero-shot top-1 per row: mean with its 95 % interval, the no-teacher mean and the teacher."""
-    import matplotlib
+    from cluster.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [(n, s) for n, s in report["summary"].items() if s.get("runs")]
     if not rows:
@@ -634,18 +629,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_xlabel(f"zero-shot top-1 % on digits val (mean, 95 % interval over seeds {meta['seeds']})")
     ax.set_title(f"{STUDENT}, {meta['epochs']} epochs, teacher {meta['teacher_model']}")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    save_png(fig, path)
 
 
 def save(report: dict, out: Path) -> None:
