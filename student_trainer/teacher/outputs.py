@@ -35,10 +35,8 @@ class TeacherOutputs:
     @staticmethod
     def merge(parts: Sequence[TeacherOutputs | None]) -> TeacherOutputs | None:
         """The outputs of an optimizer step's micro-batches as one (rows in order); None if none has any."""
-        if not parts or all(p is None for p in parts):
+        if not _all_answered(parts):
             return None
-        if any(p is None for p in parts):
-            raise ValueError("some micro-batches of a step have teacher outputs and some do not")
         if len({p.fingerprint for p in parts}) > 1:
             raise ValueError(f"one step's micro-batches came from different teachers: "
                              f"{sorted({p.fingerprint for p in parts})}")
@@ -105,10 +103,8 @@ class EnsembleOutputs:
     @staticmethod
     def merge(parts: Sequence[EnsembleOutputs | None]) -> EnsembleOutputs | None:
         """An optimizer step's micro-batches as one, teacher by teacher."""
-        if not parts or all(p is None for p in parts):
+        if not _all_answered(parts):
             return None
-        if any(p is None for p in parts):
-            raise ValueError("some micro-batches of a step have teacher outputs and some do not")
         first = parts[0]
         members = tuple(TeacherOutputs.merge([p.members[i] for p in parts]) for i in range(len(first.members)))
         return replace(first, members=members)
@@ -119,6 +115,16 @@ class EnsembleOutputs:
         total = sum(self.weights)
         return {"teachers": [m.to_tensors(device) for m in self.members],
                 "teacher_weights": [w / total for w in self.weights], "teacher_names": list(self.names)}
+
+
+def _all_answered(parts: Sequence) -> bool:
+    """True when every micro-batch of a step has teacher outputs, False when none has; a step with
+    some of each is an error (the loss would mix distilled and undistilled rows)."""
+    if not parts or all(p is None for p in parts):
+        return False
+    if any(p is None for p in parts):
+        raise ValueError("some micro-batches of a step have teacher outputs and some do not")
+    return True
 
 
 def merge_outputs(parts: Sequence[TeacherOutputs | EnsembleOutputs | None]):
