@@ -167,6 +167,29 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
 
 
+REUSE_META = ("epochs", "batch_size", "workers", "teacher_mode", "teacher_fingerprint", "data_dir")
+
+
+def reusable_runs(files: list[str], meta: dict, methods: dict[str, dict]) -> dict[tuple[str, int], dict]:
+    """(row, seed) → a finished run of an earlier report made under the same budget, teacher and data
+    (`REUSE_META`) with the same losses and student, so a calibration run need not repeat the
+    factor-1 runs a report already holds. A report made otherwise is refused, naming the field."""
+    found: dict[tuple[str, int], dict] = {}
+    for file in files:
+        old = json.loads(Path(file).read_text())
+        for key in REUSE_META:
+            if old["meta"].get(key) != meta.get(key):
+                raise SystemExit(f"--reuse-from {file}: its {key} is {old['meta'].get(key)!r}, "
+                                 f"this run's is {meta.get(key)!r}")
+        for name, spec in methods.items():
+            before = old["methods"].get(name)
+            same = before is not None and all(before.get(k) == spec.get(k) for k in ("losses", "overrides", "inherit"))
+            for row in old["runs"].get(name, []) if same else []:
+                if "error" not in row:
+                    found.setdefault((name, row["seed"]), {**row, "reused_from": file})
+    return found
+
+
 def run_group(args, data: Path, items: list[tuple[str, dict, int]], tcfg: TeacherConfig,
               address: str) -> list[dict]:
     """Every (row, spec, seed) of `items` as its own `kd train` process, all at once on the shared
@@ -489,12 +512,14 @@ def pool_lines(meta: dict) -> list[str]:
     if not pool or not pool.get("samples"):
         return []
     ratio = pool["samples_computed"] / pool["samples"]
+    reused = (f" Counts cover the {meta.get('reused_runs')} runs trained here, not the runs reused from "
+              f"{', '.join(f'`{f}`' for f in meta.get('reuse_from', []))}." if meta.get("reused_runs") else "")
     return [f"- One teacher pool served every run, {meta.get('concurrent', 1)} `kd train` processes at a time "
             f"(`cluster.sweep.run_sweep`, what `kd sweep` runs; the runs of one seed together). It answered "
             f"{pool['samples']:,} samples and computed {pool['samples_computed']:,}: computed/answered = "
             f"{ratio:.3f}: {pool['samples_coalesced']:,} joined an identical request in flight and "
             f"{pool['samples_from_cache']:,} came from the replicas' table of recent rows (another run had "
-            f"asked for the same view), {pool['forward_s']:.0f} s of teacher forwards in all."]
+            f"asked for the same view), {pool['forward_s']:.0f} s of teacher forwards in all.{reused}"]
 
 
 def calibration_lines(meta: dict) -> list[str]:
@@ -688,6 +713,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--cost-modes", nargs="+", choices=COST_MODES, default=list(COST_MODES))
     parser.add_argument("--cost-seeds", type=int, nargs="+", help="seeds of the cost runs (default: --seeds)")
     parser.add_argument("--cost-only", action="store_true", help="only the cost runs (no table runs)")
+    parser.add_argument("--reuse-from", nargs="+", default=[],
+                        help="earlier report JSONs whose runs of the same row, seed, budget, teacher and data "
+                             "are taken as they are instead of being trained again")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite the .md from the existing .json (no training)")
     args = parser.parse_args(argv)
@@ -737,6 +765,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.teacher_mode == "remote":
         deploy(tcfg).info.remote().result(timeout_s=300)
     items = [] if args.cost_only else [(name, spec, seed) for seed in args.seeds for name, spec in methods.items()]
+    reusable = reusable_runs(args.reuse_from, report["meta"], methods)
+    reused = [(name, seed) for name, _, seed in items if (name, seed) in reusable]
+    for name, seed in reused:
+        report["runs"][name].append(reusable[name, seed])
+    items = [item for item in items if (item[0], item[2]) not in reusable]
+    report["meta"].update(reused_runs=len(reused), reuse_from=args.reuse_from)
+    if reused:
+        print(f"reused {len(reused)} runs from {args.reuse_from}; {len(items)} to train", flush=True)
     groups = [items[i:i + args.concurrent] for i in range(0, len(items), args.concurrent)]
     try:
         start_counts = pool_counts(APP) if args.teacher_mode == "remote" else None

@@ -50,3 +50,22 @@ def test_the_grid_runs_every_factor_and_the_choice_keeps_the_best_one():
     assert chosen["CLIP-KD (clip+crd+icl+fd)"]["losses"] == {
         "clip": 1.0, "crd": methods.DEFAULT_WEIGHTS["crd"], "icl": 2.0 * methods.DEFAULT_WEIGHTS["icl"],
         "fd": 0.25 * methods.DEFAULT_WEIGHTS["fd"]}
+
+
+def test_runs_of_an_earlier_report_are_reused_only_for_the_same_row_budget_and_teacher(tmp_path):
+    meta = {"epochs": 10, "batch_size": 64, "workers": 2, "teacher_mode": "remote",
+            "teacher_fingerprint": "abc", "data_dir": "/d"}
+    grid = methods.methods_to_run(False, grid=(0.25, 1.0, 4.0))
+    old_rows = methods.methods_to_run(False)
+    old = {"meta": meta, "methods": old_rows,
+           "runs": {"clip + fd": [{"seed": 0, "zero_shot_top1": 0.7}, {"seed": 1, "error": "exited 1"}],
+                    "no teacher (clip)": [{"seed": 1, "zero_shot_top1": 0.6}]}}
+    path = tmp_path / "old.json"
+    path.write_text(methods.json.dumps(old))
+    found = methods.reusable_runs([str(path)], meta, grid)
+    assert set(found) == {("clip + fd", 0), ("no teacher (clip)", 1)}  # not the failed run, not ×0.25 / ×4
+    assert found["clip + fd", 0]["reused_from"] == str(path)
+    changed = {**grid, "clip + fd": {**grid["clip + fd"], "losses": {"clip": 1.0, "fd": 1.0}}}
+    assert ("clip + fd", 0) not in methods.reusable_runs([str(path)], meta, changed)
+    with pytest.raises(SystemExit, match="epochs is 10, this run's is 5"):
+        methods.reusable_runs([str(path)], {**meta, "epochs": 5}, grid)
