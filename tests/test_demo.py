@@ -12,13 +12,22 @@ pytestmark = pytest.mark.ray
 METRICS = ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "t2i_r1")
 
 
-def test_quick_demo_writes_a_complete_report(ray_cluster, tmp_path):
-    from cluster.demo import DemoConfig, reusable_teacher, run_demo, teacher_identity
+@pytest.fixture(scope="module")
+def demo(ray_cluster, tmp_path_factory):
+    """One `kd demo --quick --teachers 2` for the module: the single-teacher path is its first half
+    (teacher, distilled student, baseline); the second teacher and the ensemble student are the rest."""
+    from cluster.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(workdir=str(tmp_path / "demo"), quick=True, app_name="kd-demo-test")
-    report = run_demo(cfg)
+    tmp_path = tmp_path_factory.mktemp("demo")
+    cfg = DemoConfig(workdir=str(tmp_path / "demo"), quick=True, app_name="kd-demo-test", teachers=2)
+    return cfg, run_demo(cfg), tmp_path
+
+
+def test_quick_demo_writes_a_complete_report(demo):
+    cfg, report, tmp_path = demo
     assert json.loads((tmp_path / "demo" / "report.json").read_text()) == report
-    assert set(report["models"]) == {"teacher", "student_distilled", "student_baseline"}
+    assert set(report["models"]) == {"teacher", "teacher_2", "student_distilled", "student_ensemble",
+                                     "student_baseline"}
     for row in report["models"].values():
         for metric in METRICS:
             assert 0.0 <= row[metric] <= 1.0
@@ -33,12 +42,12 @@ def test_quick_demo_writes_a_complete_report(ray_cluster, tmp_path):
     # the pictures (cluster.report): both students' curves, the three models' bars with the baseline
     assert report["plots"] == ["learning_curves.png", "final_metrics.png"]
     assert all((tmp_path / "demo" / p).stat().st_size > 1000 for p in report["plots"])
-    assert sorted(r.split("-")[1] for r in report["runs"]) == ["baseline", "distill"]
+    assert sorted(r.split("-")[1] for r in report["runs"]) == ["baseline", "distill", "ensemble"]
 
     # every run's TensorBoard files hold its training curves and the demo's evaluation of it
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    for name in ("teacher", "student_distilled", "student_baseline"):
+    for name in ("teacher", "student_distilled", "student_ensemble", "student_baseline"):
         run = json.loads((tmp_path / "demo" / name / "run_metrics.json").read_text())
         events = EventAccumulator(run["tensorboard"])
         events.Reload()
@@ -56,7 +65,27 @@ def test_quick_demo_writes_a_complete_report(ray_cluster, tmp_path):
     baseline = read_provenance(tmp_path / "demo" / "student_baseline")
     assert baseline["teacher"]["mode"] == "none" and baseline["teacher"]["fingerprint"] == ""
 
-    # the teacher left in the workdir is reused only for the same architecture, data, seed and epochs
+
+def test_quick_demo_with_two_teachers_adds_an_ensemble_student(demo):
+    """`kd demo --teachers 2`: a second teacher (next seed, own app), and a student distilled from both."""
+    from student_trainer.checkpoint import read_provenance
+
+    cfg, report, tmp_path = demo
+    first, second = report["teacher_fingerprints"]
+    assert first == report["teacher_fingerprint"] and second != first  # another seed, another teacher
+    for metric in METRICS:
+        gap = report["models"]["student_ensemble"][metric] - report["models"]["student_baseline"][metric]
+        assert report["ensemble_gain_over_baseline"][metric] == pytest.approx(gap, abs=1e-4)
+    ensemble = read_provenance(tmp_path / "demo" / "student_ensemble")
+    assert [t["fingerprint"] for t in ensemble["teachers"]] == [first, second]
+    assert [t["app_name"] for t in ensemble["teachers"]] == ["kd-demo-test", "kd-demo-test-2"]
+
+
+def test_a_teacher_left_in_the_workdir_is_checked_before_it_is_reused(demo):
+    """Reused only for the same architecture, data, seed and epochs (this test edits the workdir: last)."""
+    from cluster.demo import reusable_teacher, teacher_identity
+
+    cfg, report, tmp_path = demo
     teacher_dir, data_dir = tmp_path / "demo" / "teacher", tmp_path / "demo" / "data"
     identity = teacher_identity(cfg, data_dir, 1)
     assert reusable_teacher(teacher_dir, identity) is None
@@ -84,21 +113,3 @@ def test_an_embedded_cluster_starts_even_when_another_runs_here(ray_cluster):
     own = proc.stdout.split("GCS ", 1)[1].split()[0]
     assert own != ray_cluster.get_runtime_context().gcs_address
 
-
-def test_quick_demo_with_two_teachers_adds_an_ensemble_student(ray_cluster, tmp_path):
-    """`kd demo --teachers 2`: a second teacher (next seed, own app), and a student distilled from both."""
-    from cluster.demo import DemoConfig, run_demo
-    from student_trainer.checkpoint import read_provenance
-
-    cfg = DemoConfig(workdir=str(tmp_path / "demo"), quick=True, app_name="kd-demo-test2", teachers=2)
-    report = run_demo(cfg)
-    assert set(report["models"]) == {"teacher", "teacher_2", "student_distilled", "student_ensemble",
-                                     "student_baseline"}
-    first, second = report["teacher_fingerprints"]
-    assert first == report["teacher_fingerprint"] and second != first  # another seed, another teacher
-    for metric in METRICS:
-        gap = report["models"]["student_ensemble"][metric] - report["models"]["student_baseline"][metric]
-        assert report["ensemble_gain_over_baseline"][metric] == pytest.approx(gap, abs=1e-4)
-    ensemble = read_provenance(tmp_path / "demo" / "student_ensemble")
-    assert [t["fingerprint"] for t in ensemble["teachers"]] == [first, second]
-    assert [t["app_name"] for t in ensemble["teachers"]] == ["kd-demo-test2", "kd-demo-test2-2"]
