@@ -10,7 +10,8 @@ reader that drops the prefix (`kd report`) finds the same names everywhere:
   `logit_scale`, `samples_per_s`, `teacher_wait_s` (rank 0's);
 - `epoch/` at every report (epoch ends, checkpoints): the `teacher_*` counters (requests, samples,
   retries, wait, cache hits ...), the `data_*` counters (skipped samples by reason, in total),
-  `train_samples_per_s`, `run_samples_per_s`, `epoch_time_s`;
+  `train_samples_per_s`, `run_samples_per_s`, `epoch_time_s`, and the step profile `step_<part>_ms`
+  (data, teacher_wait, convert, compute, other: student_trainer.profile);
 - `eval/` per evaluation (`log_eval`): zero-shot top-1/5, retrieval R@1/5/10 both ways.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from student_trainer.progress import StepSnapshot
 TENSORBOARD_DIR = "tensorboard"
 EVAL_METRICS = ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 _EPOCH_METRICS = ("train_samples_per_s", "run_samples_per_s", "epoch_time_s")
-_EPOCH_PREFIXES = ("teacher_", "data_")
+_EPOCH_PREFIXES = ("teacher_", "data_", "step_")
 
 log = logging.getLogger(__name__)
 

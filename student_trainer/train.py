@@ -50,6 +50,7 @@ from student_trainer.events import RunEvents, tensorboard_dir
 from student_trainer.factory import create_student, create_tokenizer, embed_dim
 from student_trainer.losses import OPTION_DEFAULTS, LossSet, accumulated_backward, build_losses
 from student_trainer.masking import encode_image_masked, patch_noise
+from student_trainer.profile import StepProfile
 from student_trainer.progress import (VERBOSE_KEY, ProgressPoster, StepSnapshot, format_summary,
                                       quiet_worker_console, watch_run)
 from student_trainer.scheduler import set_lr, warmup_cosine
@@ -444,10 +445,12 @@ def train_loop_per_worker(config: dict) -> None:
     events = RunEvents.for_rank(cfg.storage_path, cfg.run_name, rank)
     progress = ProgressPoster.for_rank(cfg.run_name, rank)
 
-    def metrics_of(sums: dict, skips: SkipCounts, epoch: int, done: int, first: int, started: float) -> dict:
+    def metrics_of(sums: dict, skips: SkipCounts, epoch: int, done: int, first: int, started: float,
+                   profile: StepProfile) -> dict:
         elapsed = time.perf_counter() - started
         metrics = {k: v / max(1, done - first) for k, v in sums.items()}
         metrics.update(source.stats.as_metrics())
+        metrics.update(profile.as_metrics())
         metrics.update(sum_over_ranks(skips.as_metrics(), device))  # a collective: every rank reports here
         metrics.update({
             "epoch": epoch + 1, "epoch_step": done, "step": step, "resumed_from_step": position.step,
@@ -474,24 +477,28 @@ def train_loop_per_worker(config: dict) -> None:
         groups = _grouped(stream_source.stream(batches, view=cfg.data.view_of(epoch)), cfg.accum_steps)
         sums: dict[str, float] = {}
         epoch_start = time.perf_counter()
+        profile = StepProfile(lambda: source.stats.wait_s)
         ddp.train()
-        for i, (group, lost) in enumerate(_until_unavailable(groups), start=first):
+        for i, (group, lost) in enumerate(profile.iterate(_until_unavailable(groups)), start=first):
             if lost is not None and not can_lose_teacher:
                 raise lost
             if can_lose_teacher and not _every_rank_ok(lost is None, world, device):
-                metrics = metrics_of(sums, skips, epoch, i, first, epoch_start)
+                metrics = metrics_of(sums, skips, epoch, i, first, epoch_start, profile)
                 events.report(step, metrics)
                 events.close()
                 _stop_for_teacher(lost, metrics, module, optimizer, cfg, Position(epoch, i, step), init)
                 return
             set_lr(optimizer, warmup_cosine(step, base_lr=cfg.optim.lr,
                                             warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps))
-            merged = merge_outputs([t for _, t in group])  # one teacher's or an ensemble's
-            teacher = merged.to_tensors(device) if merged is not None else None
-            parts = train_step(module, optimizer, [_as_tensors(b, device) for b, _ in group], teacher,
-                               seed=mask_seed(cfg.seed, step, rank), ddp=ddp, scaler=scaler,
-                               grad_clip_norm=cfg.optim.grad_clip_norm, use_amp=use_amp,
-                               where=f"epoch {epoch} step {i}")
+            with profile.part("convert"):
+                merged = merge_outputs([t for _, t in group])  # one teacher's or an ensemble's
+                teacher = merged.to_tensors(device) if merged is not None else None
+                micro_batches = [_as_tensors(b, device) for b, _ in group]
+            with profile.part("compute"):
+                parts = train_step(module, optimizer, micro_batches, teacher,
+                                   seed=mask_seed(cfg.seed, step, rank), ddp=ddp, scaler=scaler,
+                                   grad_clip_norm=cfg.optim.grad_clip_norm, use_amp=use_amp,
+                                   where=f"epoch {epoch} step {i}")
             step += 1
             samples_done += sum(len(b.keys) for b, _ in group) * world
             for k, v in parts.items():
@@ -506,10 +513,10 @@ def train_loop_per_worker(config: dict) -> None:
                 log.info("[%s] epoch %d/%d step %d/%d loss %.4f", cfg.run_name, epoch + 1, cfg.epochs, i + 1,
                          steps, float(parts["loss"]))
             if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and i + 1 < steps:
-                metrics = metrics_of(sums, skips, epoch, i + 1, first, epoch_start)
+                metrics = metrics_of(sums, skips, epoch, i + 1, first, epoch_start, profile)
                 events.report(step, metrics)
                 _report(metrics, module, optimizer, cfg, Position(epoch, i + 1, step), init)
-        metrics = metrics_of(sums, skips, epoch, steps, first, epoch_start)
+        metrics = metrics_of(sums, skips, epoch, steps, first, epoch_start, profile)
         events.report(step, metrics)
         _report(metrics, module, optimizer, cfg, Position(epoch + 1, 0, step), init)
     events.close()

@@ -133,7 +133,7 @@ def test_smoke_run_of_every_section(ray_cluster, tmp_path):
                 assert r["median"] > 0, r
     names = {r["name"] for r in doc["records"]}
     for mode in preset("smoke").students.modes:
-        assert f"samples/s ({mode})" in names
+        assert f"samples/s ({mode})" in names and f"step compute ({mode})" in names
     assert any(n.startswith("served / direct") for n in names)
     assert any(n.startswith("answered without own forward (shared, 2 run(s))") for n in names)
     assert all(r["kind"] == "model" or r["kind"] == "derived" for r in doc["records"] if r["section"] == "scale")
@@ -142,3 +142,26 @@ def test_smoke_run_of_every_section(ray_cluster, tmp_path):
     assert fed["by reference)"]["median"] > 10 * fed["pixels)"]["median"]
     md = (out / "bench.md").read_text()
     assert "not a measurement" in md and "Smoke run" in md
+
+
+def test_the_smoke_form_of_a_preset_keeps_its_structure_at_smoke_sizes():
+    """`kd bench --preset gpu --smoke-form`: the gpu preset's sections, modes, layouts and
+    architecture families, thinned so a CPU box runs it (the full run: see issue 16's note)."""
+    import open_clip
+
+    from cluster.bench.config import smoke_form
+
+    gpu = preset("gpu")
+    form = smoke_form(gpu).validate()
+    assert form.preset == "gpu-smoke-form" and form.repeats == 1 and not form.use_gpu
+    assert form.models.precision == "fp32" and form.models.image_size == 32
+    assert (form.models.teacher, form.models.student) == (gpu.models.teacher, gpu.models.student)
+    assert form.students.modes == gpu.students.modes and form.students.precompute == gpu.students.precompute
+    assert form.multi.layouts == gpu.multi.layouts and form.multi.students == gpu.multi.students
+    assert form.sections == gpu.sections and form.cache.synthetic_dims == gpu.cache.synthetic_dims
+    assert form.students.steps == preset("smoke").students.steps
+    assert smoke_form(gpu, gpu=True).use_gpu and smoke_form(gpu, gpu=True).models.precision == gpu.models.precision
+    for name, overrides in ((form.models.teacher, form.models.teacher_overrides),
+                            (form.models.student, form.models.student_overrides)):
+        model = open_clip.create_model(name, pretrained=None, **overrides)
+        assert sum(p.numel() for p in model.parameters()) < 10_000_000, name  # thinned, not ViT-L-14's 428 M

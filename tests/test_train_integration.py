@@ -122,6 +122,10 @@ def test_remote_distillation_run(first_run, teacher_app):
     for name in ("loss", "clip_loss", "kl_loss", "fd_loss"):
         assert math.isfinite(m[name]) and m[name] > 0, (name, m[name])
     assert m["loss"] == pytest.approx(m["clip_loss"] + m["kl_loss"] + m["fd_loss"], rel=1e-4)
+    # the step profile (rank 0's): every part measured, together no more than the epoch took
+    profile = {p: m[f"step_{p}_ms"] for p in ("data", "teacher_wait", "convert", "compute", "other")}
+    assert all(v >= 0 for v in profile.values()) and profile["compute"] > 0, profile
+    assert sum(profile.values()) * STEPS / 1000 <= m["epoch_time_s"] + 1e-3, (profile, m["epoch_time_s"])
     assert teacher_app["embed_dim"] == 48 and state["text_projection"].shape[1] == 64
     assert train_state["losses"][FD_PROJECTION].shape == (48, 64)  # FD projects 64 -> 48, checkpointed
     assert (train_state["next_epoch"], train_state["next_epoch_step"], train_state["step"]) == (1, 0, STEPS)
@@ -284,7 +288,8 @@ def test_event_files_hold_every_curve_across_a_resume(first_run, resumed_run, st
     assert total[1] == pytest.approx(sum(p[1] for p in parts), rel=1e-4)
     assert dict(scalars["train/logit_scale"])[1] == pytest.approx(1 / 0.07, rel=0.01)
     for tag in ("epoch/teacher_requests", "epoch/teacher_samples", "epoch/teacher_retries", "epoch/teacher_wait_s",
-                "epoch/data_skipped_total", "epoch/train_samples_per_s", "epoch/run_samples_per_s"):
+                "epoch/data_skipped_total", "epoch/train_samples_per_s", "epoch/run_samples_per_s",
+                "epoch/step_compute_ms", "epoch/step_teacher_wait_ms"):
         assert [step for step, _ in scalars[tag]] == [STEPS, 2 * STEPS], tag  # one point per epoch
     assert dict(scalars["epoch/teacher_requests"])[STEPS] == STEPS
     assert scalars["eval/zero_shot_top1"] == [(2 * STEPS, 0.25)] and scalars["eval/i2t_r1"] == [(2 * STEPS, 0.125)]

@@ -181,6 +181,32 @@ def _gpu() -> BenchConfig:
 
 PRESETS = {"smoke": _smoke, "cpu": _cpu, "gpu": _gpu}
 
+# Each architecture cut to two thin layers at 32 px: the family's code path, a smoke test's cost.
+_THIN = {"embed_dim": 64,
+         "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+
+
+def smoke_form(cfg: BenchConfig, *, gpu: bool = False) -> BenchConfig:
+    """A preset's structure at smoke sizes: the same sections, student modes (and whether `cache`
+    is precomputed), multi-run layouts and architecture families, each model thinned to two layers
+    at 32 px, every count and duration the `smoke` preset's. GPU and the preset's precision only
+    where `gpu` (CUDA present): on CPU, fp32. It proves the preset's whole path runs (`kd bench
+    --preset gpu --smoke-form` on a CPU box) before GPU time is spent on it; its figures mean nothing."""
+    small = _smoke()
+    out = copy.deepcopy(cfg)
+    out.preset, out.repeats, out.use_gpu = f"{cfg.preset}-smoke-form", 1, gpu and cfg.use_gpu
+    out.models = dataclasses.replace(cfg.models, teacher_overrides=copy.deepcopy(_THIN),
+                                     student_overrides=copy.deepcopy(_THIN), image_size=32,
+                                     precision=cfg.models.precision if out.use_gpu else "fp32")
+    out.students = dataclasses.replace(cfg.students, batch_size=small.students.batch_size,
+                                       steps=small.students.steps, train_shards=small.students.train_shards)
+    out.pool = dataclasses.replace(small.pool, replicas=cfg.pool.replicas[:1])
+    out.multi = dataclasses.replace(small.multi, layouts=list(cfg.multi.layouts), students=cfg.multi.students,
+                                    steps=3)
+    out.cache = dataclasses.replace(small.cache, synthetic_dims=list(cfg.cache.synthetic_dims))
+    return out
+
 
 def preset(name: str) -> BenchConfig:
     """A fresh (deep-copied) config for a preset name."""

@@ -44,7 +44,7 @@ def markdown(doc: dict, records: list[Record]) -> str:
              f"- architectures: {doc['architectures']}", f"- cores: {doc['core_plan']['note']}",
              (f"- repeats: {doc['repeats']}; every figure is the median over repeats with min..max and the "
              "quartiles, never a best run"), ""]
-    if doc["preset"] == "smoke":
+    if doc["preset"] == "smoke" or doc["preset"].endswith("-smoke-form"):
         lines += ["**Smoke run: tiny sizes that prove every section runs. Its figures mean nothing.**", ""]
     by_section: dict[str, list[Record]] = defaultdict(list)
     for r in records:

@@ -6,7 +6,7 @@ import shlex
 import sys
 
 from cluster.cli.args import add_address, add_verbose
-from cluster.bench.config import MODES, PRESETS, SECTIONS, preset
+from cluster.bench.config import MODES, PRESETS, SECTIONS, preset, smoke_form
 
 DESCRIPTION = """\
 Measure where the time and memory go, side by side in one run, and write
@@ -34,7 +34,7 @@ Run it on a quiet machine: figures measured next to other work are not clean (th
 records the load average at start and end)."""
 
 
-OPTIONS = ("preset", "repeats", "sections", "modes", "multi_students", "out", "workdir", "no_pin", "teacher_cores", "student_cores",
+OPTIONS = ("preset", "smoke_form", "repeats", "sections", "modes", "multi_students", "out", "workdir", "no_pin", "teacher_cores", "student_cores",
            "address", "verbose")
 
 
@@ -55,6 +55,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from cluster.bench.suite import run_suite
 
     cfg = preset(args.preset)
+    if args.smoke_form:
+        import torch
+
+        cfg = smoke_form(cfg, gpu=torch.cuda.is_available())
     if args.repeats is not None:
         cfg.repeats = args.repeats
     if args.sections:
@@ -76,6 +80,10 @@ def add_parser(sub, fmt) -> None:
     p = sub.add_parser("bench", formatter_class=argparse.RawDescriptionHelpFormatter, description=DESCRIPTION,
                        help="benchmark suite: throughput, memory, pool, cache, scale model")
     p.add_argument("--preset", choices=sorted(PRESETS), default="smoke", help="sizes (see above); default smoke")
+    p.add_argument("--smoke-form", action="store_true",
+                   help="the preset's structure (sections, modes, layouts, architecture families) at smoke "
+                        "sizes, on CPU when there is no GPU: proves e.g. --preset gpu runs end to end before "
+                        "GPU time is spent on it; its figures mean nothing")
     p.add_argument("--repeats", type=int, help="repeats per measurement (preset default: smoke 1, cpu/gpu 3)")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, help="only these sections (default: all)")
     p.add_argument("--modes", nargs="+", choices=MODES, help="teacher modes of the students section")

@@ -1,0 +1,60 @@
+"""Where a training step's time goes: reading data, waiting for the teacher, converting its
+answers to tensors, the student's compute, and the loop's own bookkeeping.
+
+The remote teacher's cost to a student is the sum of small parts (a wait, a receive, a copy),
+none of which shows in samples/s alone; `kd bench` reports these per mode so the gap to the
+no-teacher run can be read off, not guessed. Times are the rank's own, per optimizer step.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Iterable, Iterator, TypeVar
+
+PARTS = ("data", "teacher_wait", "convert", "compute", "other")
+T = TypeVar("T")
+
+
+class StepProfile:
+    """Per-part seconds summed over the steps of one epoch. `wait_s` reads the teacher source's
+    cumulative wait, which happens inside the step stream's `next()` (the prefetched answers are
+    collected as the batch is handed out), so it is split out of the fetch time."""
+
+    def __init__(self, wait_s: Callable[[], float]) -> None:
+        self._wait_s = wait_s
+        self.totals = dict.fromkeys(PARTS, 0.0)
+        self.steps = 0
+
+    def iterate(self, items: Iterable[T]) -> Iterator[T]:
+        """Yield `items`, charging each `next()` to data/teacher_wait and the caller's loop body,
+        less what `part()` timed inside it, to other."""
+        it = iter(items)
+        while True:
+            start, waited_before = time.perf_counter(), self._wait_s()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            fetched = time.perf_counter()
+            waited = self._wait_s() - waited_before
+            self.totals["teacher_wait"] += waited
+            self.totals["data"] += max(0.0, fetched - start - waited)
+            timed = self.totals["convert"] + self.totals["compute"]
+            yield item
+            body = time.perf_counter() - fetched
+            self.totals["other"] += max(0.0, body - (self.totals["convert"] + self.totals["compute"] - timed))
+            self.steps += 1
+
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[name] += time.perf_counter() - start
+
+    def as_metrics(self) -> dict[str, float]:
+        """`step_<part>_ms`: mean milliseconds per step of each part (empty before the first step)."""
+        if not self.steps:
+            return {}
+        return {f"step_{p}_ms": round(1000.0 * s / self.steps, 3) for p, s in self.totals.items()}

@@ -1,0 +1,44 @@
+"""The step profile's accounting (student_trainer/profile.py) on a scripted clock: each part gets
+exactly the time spent in it, the teacher's wait is split out of the fetch."""
+from __future__ import annotations
+
+import pytest
+
+from student_trainer import profile as profile_module
+from student_trainer.profile import StepProfile
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.wait = 0.0
+
+    def advance(self, seconds: float, waiting: float = 0.0) -> None:
+        self.now += seconds
+        self.wait += waiting
+
+
+def test_each_part_gets_its_own_time_and_the_wait_is_split_from_the_fetch(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(profile_module.time, "perf_counter", lambda: clock.now)
+
+    def stream():
+        for _ in range(2):
+            clock.advance(0.010 + 0.004, waiting=0.004)  # 10 ms reading, 4 ms blocked on the teacher
+            yield "batch"
+
+    prof = StepProfile(lambda: clock.wait)
+    for _ in prof.iterate(stream()):
+        with prof.part("convert"):
+            clock.advance(0.001)
+        with prof.part("compute"):
+            clock.advance(0.050)
+        clock.advance(0.002)  # the loop's own work (events, progress)
+    assert prof.steps == 2
+    assert prof.as_metrics() == pytest.approx({"step_data_ms": 10.0, "step_teacher_wait_ms": 4.0,
+                                               "step_convert_ms": 1.0, "step_compute_ms": 50.0,
+                                               "step_other_ms": 2.0})
+
+
+def test_no_step_no_figures():
+    assert StepProfile(lambda: 0.0).as_metrics() == {}
