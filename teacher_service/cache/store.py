@@ -266,11 +266,12 @@ def _safe(text: str) -> str:
 
 
 def _own_meta(path: str) -> Optional[dict]:
-    """The metadata of a file lying directly in ``path`` (rows first, else centroids); None: no file."""
+    """The metadata of the first readable file lying directly in ``path`` (rows first, else centroids);
+    None: none. A corrupt file is passed over here: the reader or precompute reports (or redoes) it."""
     for f in row_files(path) + [os.path.join(path, CENTROIDS_FILE)]:
         try:
             return read_meta(f)
-        except FileNotFoundError:  # removed by a concurrent compaction, or no centroids
+        except (FileNotFoundError, CacheCorruptError):  # compacted away meanwhile, no centroids, or corrupt
             continue
     return None
 
@@ -329,9 +330,9 @@ def teacher_dir(root: str, teacher: Optional[str] = None, *, create: bool = Fals
         return make_private_dir(os.path.join(root, TEACHERS_DIR, teacher))
     old = " (a one-teacher cache)" if root in teachers.values() else ""
     raise CacheMismatchError(
-        f"embedding cache {root}{old} holds teacher fingerprint(s) {describe_teachers(teachers)}, not teacher "
-        f"{teacher!r}: refusing to mix teachers. Use another cache directory, or compute this teacher's "
-        "rows with `kd precompute`")
+        f"embedding cache {root}{old} holds teacher fingerprint(s) {describe_teachers(teachers)}, not the teacher "
+        f"asked for ({teacher!r}, a fingerprint or model name): refusing to mix teachers. Use another cache "
+        "directory, or compute this teacher's rows with `kd precompute`")
 
 
 # ---------------------------------------------------------------------------------------------
