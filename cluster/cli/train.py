@@ -12,7 +12,8 @@ TRAIN_FLAGS = {
     "max_steps": "max_steps_per_epoch", "seed": "seed", "train_shards": "data.train_shards",
     "val_shards": "data.val_shards", "batch_size": "data.batch_size", "num_views": "data.num_views",
     "student": "model.name", "teacher_mode": "teacher.mode",
-    "cache_path": "teacher.cache_path", "cache_teacher": "teacher.cache_teacher", "teacher_patience": "teacher.patience_s",
+    "cache_path": "teacher.cache_path", "cache_teacher": "teacher.cache_teacher",
+    "teacher_patience": "teacher.patience_s",
     "checkpoint_every": "checkpoint_every_steps", "max_failures": "max_failures",
     "inherit_layers": "model.inherit_layers",
 }

@@ -289,13 +289,14 @@ def cache_teachers(root: str) -> dict[str, str]:
     return {n: os.path.join(base, n) for n in names if os.path.isdir(os.path.join(base, n))}
 
 
-def describe_teachers(teachers: dict[str, str]) -> str:
-    """``fp (model), ...`` for error messages and listings."""
-    def model(path: str) -> str:
-        meta = _own_meta(path) or {}
-        return str((meta.get("teacher") or {}).get("model") or "no rows yet")
+def _model_of(path: str) -> Optional[str]:
+    """The model name of the teacher whose files lie in ``path`` (None: no file yet)."""
+    return ((_own_meta(path) or {}).get("teacher") or {}).get("model")
 
-    return ", ".join(f"{fp} ({model(path)})" for fp, path in teachers.items()) or "no teacher"
+
+def describe_teachers(teachers: dict[str, str]) -> str:
+    """``fp (model), ...`` for error messages."""
+    return ", ".join(f"{fp} ({_model_of(path) or 'no rows yet'})" for fp, path in teachers.items()) or "no teacher"
 
 
 def teacher_dir(root: str, teacher: Optional[str] = None, *, create: bool = False) -> str:
@@ -318,12 +319,12 @@ def teacher_dir(root: str, teacher: Optional[str] = None, *, create: bool = Fals
                 f"embedding cache {root} holds {len(teachers)} teachers: {describe_teachers(teachers)}; "
                 "say which one (a fingerprint or model name: teacher.cache_teacher in a run config)")
         return next(iter(teachers.values()), root)
-    by_model = [fp for fp, path in teachers.items() if ((_own_meta(path) or {}).get("teacher") or {}).get("model") == teacher]
+    by_model = {fp: path for fp, path in teachers.items() if _model_of(path) == teacher}
     if len(by_model) == 1:
-        return teachers[by_model[0]]
+        return next(iter(by_model.values()))
     if len(by_model) > 1:
         raise CacheAmbiguousError(f"embedding cache {root} holds {len(by_model)} teachers of model {teacher!r}: "
-                                  f"{describe_teachers({fp: teachers[fp] for fp in by_model})}; name one by fingerprint")
+                                  f"{describe_teachers(by_model)}; name one by fingerprint")
     if create and root not in teachers.values():
         if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", teacher):
             raise ValueError(f"teacher fingerprint {teacher!r} cannot name a cache directory")
