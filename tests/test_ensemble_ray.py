@@ -1,6 +1,7 @@
 """Several teachers on the live local Ray cluster: two tiny teacher apps of different widths, one
 two-worker run distilling from both (the second asked only for digits 0-4), both pools reporting
-the run's samples, `kd teacher status` over both pools, and the checkpoint recording both teachers; both in hybrid mode filling their own rows of one cache root."""
+the run's samples, `kd teacher status` over both pools, and the checkpoint recording both teachers;
+both in hybrid mode, each filling its own rows of one cache root."""
 from __future__ import annotations
 
 import json
