@@ -69,6 +69,10 @@ class TeacherSourceConfig:
 
     mode: str = "none"
     cache_path: str | None = None  # embedding cache directory for `cache` / `hybrid`
+    # A cache root holds one set of rows per teacher fingerprint (teacher_service.cache.store). Hybrid
+    # reads and appends the rows of its app's fingerprint; `cache` reads the root's only teacher, or
+    # this one: a fingerprint, or a model name only one teacher of the root has (`kd cache info`).
+    cache_teacher: str | None = None
     app_name: str = "kd-teacher"
     teacher: TeacherConfig | None = None  # required for `inline`
     prefetch: int = 2  # batches requested ahead of the one being trained
@@ -122,7 +126,7 @@ class TeacherSourceConfig:
         if self.mode in ("remote", "hybrid"):
             return self.app_name
         if self.mode == "cache" and self.cache_path:
-            return os.path.basename(os.path.normpath(self.cache_path))
+            return self.cache_teacher or os.path.basename(os.path.normpath(self.cache_path))
         return self.mode
 
     @property
@@ -223,10 +227,7 @@ class TrainConfig:
             raise ValueError(f"teacher.sources: names must differ, got {names} (give each entry a `name`)")
         if self.teacher.is_ensemble and any(m.mode == "none" for m in members):
             raise ValueError("teacher.sources: every entry of an ensemble needs a teacher mode other than 'none'")
-        caches = [m.cache_path for m in members if m.mode in ("cache", "hybrid")]
-        if len(set(caches)) != len(caches):
-            raise ValueError(f"teacher.sources: teachers share an embedding cache ({caches}); a cache holds one "
-                             "teacher's rows: give each teacher its own cache_path")
+        _check_shared_caches(members)
         if any(m.labels is not None for m in members) and not self.teacher.is_ensemble:
             raise ValueError("teacher labels (per-sample teacher choice) need several teacher.sources")
 
@@ -283,6 +284,9 @@ def _validate_source(t: TeacherSourceConfig, p: str) -> None:
         raise ValueError(f"{p}send_pixels {t.send_pixels!r}: expected one of {SEND_PIXELS}")
     if t.mode in ("cache", "hybrid") and not t.cache_path:
         raise ValueError(f"{p}mode {t.mode!r} needs teacher.cache_path")
+    if t.cache_teacher is not None and t.mode != "cache":
+        why = "uses its app's fingerprint" if t.mode == "hybrid" else "reads no cache"
+        raise ValueError(f"{p}cache_teacher picks the rows a 'cache' teacher reads; mode {t.mode!r} {why}")
     if t.prefetch < 0 or t.retries < 0:
         raise ValueError(f"{p}prefetch and {p}retries must be >= 0")
     if not t.patience_s >= 0:
@@ -294,6 +298,29 @@ def _validate_source(t: TeacherSourceConfig, p: str) -> None:
     if t.labels is not None and (not isinstance(t.labels, list)
                                  or not all(isinstance(x, int) and not isinstance(x, bool) for x in t.labels)):
         raise ValueError(f"{p}labels: expected a list of class ids or null, got {t.labels!r}")
+
+
+def _check_shared_caches(members: list[TeacherSourceConfig]) -> None:
+    """Teachers may share a cache root (one set of rows per teacher fingerprint), but each must read
+    its own rows: a `cache` teacher sharing a root names its teacher (`cache_teacher`), and no two
+    name the same one. (Hybrid teachers are told apart by their apps' fingerprints.)"""
+    shared: dict[str, list[TeacherSourceConfig]] = {}
+    for m in members:
+        if m.mode in ("cache", "hybrid"):
+            shared.setdefault(os.path.normpath(os.path.expanduser(m.cache_path)), []).append(m)
+    for root, users in shared.items():
+        readers = [m for m in users if m.mode == "cache"]
+        if len(users) < 2 or not readers:
+            continue
+        unnamed = [m.name for m in readers if not m.cache_teacher]
+        if unnamed:
+            raise ValueError(f"teacher.sources: teachers {[m.name for m in users]} share the embedding cache {root}; "
+                             f"give each 'cache' teacher of it ({unnamed}) a cache_teacher (its fingerprint or model "
+                             f"name, as `kd cache info {root}` lists them) so each reads its own rows")
+        picks = [m.cache_teacher for m in readers]
+        if len(set(picks)) != len(picks):
+            raise ValueError(f"teacher.sources: teachers {[m.name for m in readers]} read the same teacher's rows "
+                             f"of {root} (cache_teacher {picks}): give each its own")
 
 
 def _absolute(path: str | None) -> str | None:

@@ -182,7 +182,7 @@ def teacher_config_for(cfg: TrainConfig) -> TeacherConfig:
         return _weights_only(cfg.teacher.teacher)
     recorded = None
     if cfg.teacher.mode in ("cache", "hybrid") and cfg.teacher.cache_path:
-        recorded = _cache_teacher_config(cfg.teacher.cache_path)
+        recorded = _cache_teacher_config(cfg.teacher.cache_path, cfg.teacher.cache_teacher)
         if recorded is not None:
             return _weights_only(TeacherConfig(**{k: recorded[k] for k in ("model", "pretrained", "overrides", "seed")
                                                   if k in recorded}))
@@ -192,13 +192,13 @@ def teacher_config_for(cfg: TrainConfig) -> TeacherConfig:
                      f"(a TeacherConfig of the run's teacher){where}")
 
 
-def _cache_teacher_config(path: str) -> dict | None:
-    """The first `teacher_config` a cache's row files record (read from the file footers only)."""
-    from teacher_service.cache.store import read_meta, row_files
+def _cache_teacher_config(path: str, teacher: str | None) -> dict | None:
+    """The first `teacher_config` the row files of `teacher` in a cache record (read from the file footers only)."""
+    from teacher_service.cache.store import read_meta, row_files, teacher_dir
 
     if not os.path.isdir(path):
         return None
-    for file in row_files(path):
+    for file in row_files(teacher_dir(path, teacher)):
         try:
             recorded = read_meta(file).get("teacher_config")
         except FileNotFoundError:  # merged away by a concurrent compaction

@@ -112,9 +112,11 @@ def _check_losses(cfg: TrainConfig, members: list[TeacherSourceConfig]) -> None:
         raise ValueError(f"losses {per_batch} need a teacher, but teacher.mode is 'none': choose inline, "
                          "remote, cache or hybrid, or drop them")
     if "embed_kd" in active and not centroids_given and not source.computes_centroids:
-        from teacher_service.cache import CENTROIDS_FILE
+        from teacher_service.cache import CENTROIDS_FILE, teacher_dir
 
-        if not (source.needs_cache and os.path.isfile(os.path.join(members[0].cache_path, CENTROIDS_FILE))):
+        cache = members[0].cache_path
+        if not (source.needs_cache and os.path.isfile(os.path.join(teacher_dir(cache, members[0].cache_teacher),
+                                                                    CENTROIDS_FILE))):
             raise ValueError(centroids_missing(cfg))
 
 
@@ -132,14 +134,15 @@ def _check_app(teacher: TeacherSourceConfig) -> dict:
 
 def _check_cache(cfg: TrainConfig, teacher: TeacherSourceConfig, source, teacher_info: dict | None) -> str | None:
     """The cache exists and holds rows (cache mode), and was made by this teacher with this run's
-    views; returns its teacher fingerprint (None: a hybrid run starting a new cache)."""
+    views; returns its teacher fingerprint (None: a hybrid run starting a new cache). A root holding
+    several teachers and a `cache` teacher that names none of them fails here (CacheAmbiguousError)."""
     from teacher_service.cache import EmbeddingCache
 
     recipe = view_recipe(cfg.data.image_size, cfg.seed)
     if source.mode == "hybrid" and not os.path.isdir(teacher.cache_path):
         return None  # hybrid starts a new cache
     cache = EmbeddingCache.open(teacher.cache_path, teacher_info=teacher_info or None, recipe=recipe,
-                                create=source.mode == "hybrid")
+                                create=source.mode == "hybrid", teacher=teacher.cache_teacher)
     if source.mode == "cache" and len(cache) == 0:
         raise FileNotFoundError(f"embedding cache {cache.path} holds no rows: run `kd precompute` over "
                                 f"{cfg.data.train_shards} first, or train with teacher.mode 'hybrid'")

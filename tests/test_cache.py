@@ -20,6 +20,7 @@ from teacher_service.cache.store import (
     APPEND_PREFIX,
     COMPACTED_PREFIX,
     LOCK_FILE,
+    TEACHERS_DIR,
     CacheAppender,
     CacheCorruptError,
     CacheError,
@@ -442,13 +443,14 @@ def test_appender_killed_mid_write_leaves_only_whole_files(tmp_path):
                             stdout=subprocess.PIPE, text=True)
     flushed = [proc.stdout.readline() for _ in range(3)]  # three whole files are on disk...
     assert all(line.strip() for line in flushed), flushed
-    writing = kill_mid_write(proc, root)  # ...and the kill lands while a further one is being written
+    rows_dir = tmp_path / "cache" / TEACHERS_DIR / info()["fingerprint"]  # a new cache
+    writing = kill_mid_write(proc, rows_dir)  # ...and the kill lands while a further one is being written
     proc.wait(timeout=30)
     proc.stdout.close()
     assert len(writing) == 1 and f".tmp-{proc.pid}-" in writing[0], writing
 
     cache = EmbeddingCache.open(str(root), teacher_info=info(), recipe=RECIPE)
-    files = row_files(str(root))
+    files = row_files(str(rows_dir))
     assert len(files) >= 3 and all(os.path.basename(f).startswith(APPEND_PREFIX) for f in files)
     assert len(cache) == 4000 * len(files) and cache.duplicates == 0
     keys = [k for batch in range(len(files)) for k in keys_(4000, f"b{batch}")]
@@ -456,7 +458,7 @@ def test_appender_killed_mid_write_leaves_only_whole_files(tmp_path):
     expected = row_values(keys, 0)
     np.testing.assert_array_equal(rows["image_emb"], expected["image"])
     np.testing.assert_array_equal(rows["text_digest"], expected["tdig"])
-    leftovers = [n for n in os.listdir(root) if ".tmp-" in n]
+    leftovers = [n for n in os.listdir(rows_dir) if ".tmp-" in n]
     assert leftovers == writing  # the torn file is still there, and the reader skipped it
     record("cache_appender_killed", {"whole_files": len(files), "rows_per_file": 4000, "rows_served": len(cache),
                                      "rows_equal_to_written": len(keys), "duplicates": cache.duplicates,
@@ -464,8 +466,8 @@ def test_appender_killed_mid_write_leaves_only_whole_files(tmp_path):
     print(f"appender killed after {len(files)} whole files; {len(leftovers)} unfinished tmp file(s) left unread")
     # compaction sweeps what a dead writer left once it is old enough not to be a write in progress
     for name in leftovers:
-        os.utime(root / name, (time.time() - 2 * 3600,) * 2)
-    fresh = root / f"{APPEND_PREFIX}live-0-x.parquet.tmp-1-abcd"
+        os.utime(rows_dir / name, (time.time() - 2 * 3600,) * 2)
+    fresh = rows_dir / f"{APPEND_PREFIX}live-0-x.parquet.tmp-1-abcd"
     fresh.write_bytes(b"a write in progress")
     report = compact(str(root))
     assert sorted(os.path.basename(p) for p in report.stale_tmp_removed) == sorted(leftovers)

@@ -30,6 +30,7 @@ from teacher_service.cache.store import (
     CacheMissError,
     EmbeddingCache,
     compact,
+    teacher_dir,
 )
 from teacher_service.config import TeacherConfig
 from teacher_service.contract.augment import view_recipe
@@ -167,7 +168,7 @@ def test_hybrid_fills_then_serves_repeated_views_from_cache(shards, teacher_app,
     first = list(source.stream(batches, view=0))
     assert source.stats.requests == STEPS and app_samples(teacher_app) - start == STEPS * BATCH
     assert source.stats.cache.misses == STEPS * BATCH and source.stats.cache.appends == STEPS * BATCH
-    files = [f for f in os.listdir(hybrid_cache) if f.startswith(APPEND_PREFIX)]
+    files = [f for f in os.listdir(teacher_dir(str(hybrid_cache))) if f.startswith(APPEND_PREFIX)]
     assert len(files) == 1 and files[0].startswith(f"{APPEND_PREFIX}fill-0-")  # flushed at stream end
     # the same view again (the next epoch of a run whose views repeat): no teacher call at all
     second = list(source.stream(batches, view=0))
@@ -193,7 +194,7 @@ def test_hybrid_refuses_a_cache_of_another_teacher(precomputed, teacher_app, tmp
 
     other = tmp_path / "other"
     other.mkdir()
-    src = str(precomputed / "train-000000.parquet")
+    src = os.path.join(teacher_dir(str(precomputed)), "train-000000.parquet")
     meta = read_meta(src)
     fake = "0123456789abcdef"
     meta = {**meta, "fingerprint": fake, "teacher": {**meta["teacher"], "fingerprint": fake}}

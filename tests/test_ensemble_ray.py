@@ -1,6 +1,7 @@
 """Several teachers on the live local Ray cluster: two tiny teacher apps of different widths, one
 two-worker run distilling from both (the second asked only for digits 0-4), both pools reporting
-the run's samples, `kd teacher status` over both pools, and the checkpoint recording both teachers."""
+the run's samples, `kd teacher status` over both pools, and the checkpoint recording both teachers;
+both in hybrid mode, each filling its own rows of one cache root."""
 from __future__ import annotations
 
 import json
@@ -126,3 +127,24 @@ def test_an_app_and_a_cache_of_another_teacher_train_together(shards, apps, tmp_
     assert metrics["teacher_wide_samples"] == STEPS * BATCH and metrics["teacher_cached_samples"] == 0
     record = json.loads((Path(result.checkpoint.path) / PROVENANCE_FILE).read_text())
     assert [(t["name"], t["mode"]) for t in record["teachers"]] == [("wide", "remote"), ("cached", "cache")]
+
+
+def test_two_hybrid_teachers_fill_their_own_rows_of_one_cache_root(shards, apps, tmp_path):
+    """Both apps in hybrid mode over one cache root: each misses every sample of a fresh root, and its
+    answers are appended under its own fingerprint, at its own width."""
+    from student_trainer.train import run_training
+    from teacher_service.cache import EmbeddingCache, cache_teachers
+
+    root = tmp_path / "shared-cache"
+    sources = [{"name": "wide", "app_name": APPS[0]}, {"name": "narrow", "app_name": APPS[1]}]
+    cfg = ensemble_cfg(shards, tmp_path / "runs", "ensemble-hybrid-run", sources)
+    cfg.teacher.mode, cfg.teacher.cache_path = "hybrid", str(root)
+    cfg.num_workers, cfg.data.num_views = 1, 1
+    metrics = run_training(cfg).metrics
+    assert np.isfinite(metrics["loss"])
+    assert metrics["teacher_cache_misses"] == metrics["teacher_cache_appends"] == 2 * STEPS * BATCH
+    infos = [h.info.remote().result(timeout_s=60) for h in apps]
+    assert sorted(cache_teachers(str(root))) == sorted(i["fingerprint"] for i in infos)
+    for info in infos:
+        cache = EmbeddingCache.open(str(root), teacher=info["fingerprint"])
+        assert len(cache) == STEPS * BATCH and cache.embed_dim == info["embed_dim"]

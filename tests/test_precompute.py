@@ -54,7 +54,8 @@ def cache_dir(ray_cluster, shards, tmp_path_factory) -> Path:
                          num_cpus=0.5, concurrency=1, batch_size=50, progress=False)
     assert summary.computed == shards and summary.skipped == [] and summary.rows == 2 * 100 * VIEWS
     assert summary.teacher_s > 0
-    return out
+    assert summary.out == str(out / "teachers" / summary.fingerprint)  # the teacher's own rows in the root
+    return Path(summary.out)  # a teacher's directory: what a one-teacher cache was, and still reads as
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -211,7 +212,7 @@ def test_cli_precompute_through_a_running_app_then_audit(ray_cluster, shards, en
         assert rc == 0
         summary = json.loads(capsys.readouterr().out)
         assert summary["computed"] == [shards[0]] and summary["fingerprint"] == engine.teacher.fingerprint
-        meta = read_meta(str(out / "train-000000.parquet"))
+        meta = read_meta(str(out / "teachers" / summary["fingerprint"] / "train-000000.parquet"))
         assert meta["app_name"] == TEACHER.app_name and meta["teacher_config"] is None
         rc = main(["cache", "audit", str(out), "--samples", "10", "--app-name", TEACHER.app_name, "--json"])
         report = json.loads(capsys.readouterr().out)
@@ -254,7 +255,13 @@ def _kd_precompute(work: Path, ray_tmp: str, log: str):
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=err, cwd=work)
 
 
-def _kill_between_shards(proc, cache: Path, timeout_s: float = 300.0) -> dict[str, tuple[int, int]]:
+def _rows_dir(root: Path) -> Path | None:
+    """The one teacher's directory of the cache root (None before precompute made it)."""
+    found = sorted((root / "teachers").glob("*"))
+    return found[0] if found else None
+
+
+def _kill_between_shards(proc, root: Path, timeout_s: float = 300.0) -> dict[str, tuple[int, int]]:
     """SIGKILL `proc` once at least one shard file exists and not all: SIGSTOP it at the first
     file, list the files while it cannot run, then kill it. Returns {file: (inode, mtime_ns)}."""
     import signal
@@ -263,7 +270,7 @@ def _kill_between_shards(proc, cache: Path, timeout_s: float = 300.0) -> dict[st
     from test_cache import _stopped
 
     deadline = time.monotonic() + timeout_s
-    while not (cache.is_dir() and any(n.endswith(".parquet") for n in os.listdir(cache))):
+    while not ((cache := _rows_dir(root)) and any(n.endswith(".parquet") for n in os.listdir(cache))):
         assert proc.poll() is None, f"kd precompute ended (rc {proc.returncode}) before writing a shard"
         assert time.monotonic() < deadline, "no shard file after the timeout"
         time.sleep(0.02)
@@ -298,6 +305,7 @@ def test_precompute_killed_between_shards_resumes_without_loss_or_duplicates(tmp
     ray_tmp = tempfile.mkdtemp(prefix="kdpk-", dir="/tmp")  # short: Ray's socket paths have a length limit
     try:
         done = _kill_between_shards(_kd_precompute(tmp_path, ray_tmp, "killed"), cache)
+        cache = _rows_dir(cache)
         leftovers = sorted(n for n in os.listdir(cache) if ".tmp-" in n)
         stray = stop_own_processes(ray_tmp)  # the killed driver's cluster, if it outlived it (counted, recorded)
         assert 0 < len(done) < KILL_SHARDS, done

@@ -99,3 +99,16 @@ def print_result(payload: dict, as_json: bool) -> None:
     else:
         for key, value in payload.items():
             print(f"{key}: {value}")
+
+
+def print_per_teacher(results: dict[str, dict], as_json: bool) -> None:
+    """One result per teacher (keyed by fingerprint): a single one as :func:`print_result` prints it,
+    several as one JSON object keyed by fingerprint, or one block per teacher."""
+    if len(results) == 1:
+        print_result(next(iter(results.values())), as_json)
+    elif as_json:
+        print(json.dumps(results, indent=2, default=str))
+    else:
+        for i, (fingerprint, result) in enumerate(results.items()):
+            print(f"{chr(10) if i else ''}== teacher {fingerprint}")
+            print_result(result, False)

@@ -12,7 +12,8 @@ TRAIN_FLAGS = {
     "max_steps": "max_steps_per_epoch", "seed": "seed", "train_shards": "data.train_shards",
     "val_shards": "data.val_shards", "batch_size": "data.batch_size", "num_views": "data.num_views",
     "student": "model.name", "teacher_mode": "teacher.mode",
-    "cache_path": "teacher.cache_path", "teacher_patience": "teacher.patience_s",
+    "cache_path": "teacher.cache_path", "cache_teacher": "teacher.cache_teacher",
+    "teacher_patience": "teacher.patience_s",
     "checkpoint_every": "checkpoint_every_steps", "max_failures": "max_failures",
     "inherit_layers": "model.inherit_layers",
 }
@@ -117,6 +118,8 @@ def add_parser(sub, fmt) -> None:
                    help="teacher source")
     add_app_names(p, "teacher Serve app for remote/hybrid mode")
     p.add_argument("--cache-path", help="embedding cache directory for cache/hybrid mode")
+    p.add_argument("--cache-teacher", metavar="FINGERPRINT|MODEL",
+                   help="cache mode: which teacher's rows of a cache holding several (see `kd cache info`)")
     p.add_argument("--num-views", type=int,
                    help="views per sample: epoch e trains on view e %% N (reuse precomputed views)")
     p.add_argument("--loss", type=weight_arg, action="append",

@@ -489,6 +489,9 @@ class _CacheSource(TeacherSource):
 class CachedTeacher(_CacheSource):
     """`cache` mode: every teacher output from a precomputed cache; no teacher runs, none is loaded.
 
+    It reads one teacher's rows: the cache root's only teacher, or `cfg.cache_teacher` (a
+    fingerprint or model name) of a root holding several.
+
     A missing `(key, view)` stops the run (CacheMissError naming the sample, the view and the
     cache) rather than training without targets.
     """
@@ -501,7 +504,7 @@ class CachedTeacher(_CacheSource):
 
         if not cfg.cache_path:
             raise ValueError("teacher.mode 'cache' needs teacher.cache_path")
-        self.cache = EmbeddingCache.open(cfg.cache_path, recipe=recipe)
+        self.cache = EmbeddingCache.open(cfg.cache_path, recipe=recipe, teacher=cfg.cache_teacher)
         self.info = self.cache.teacher_info
         self.embed_dim = self.cache.embed_dim
         self.run = run
@@ -531,8 +534,9 @@ class HybridTeacher(_CacheSource):
     Misses go through `RemoteTeacher` (same prefetch window, retries and fingerprint checks);
     their results join the in-memory index at once (so later batches, epochs with the same view,
     or a rerun find them) and are written as a new `append-<run>-<rank>-<uuid>.parquet` every
-    `flush_every` batches and at the end of each stream (epoch). A cache of another teacher is
-    refused when the source starts.
+    `flush_every` batches and at the end of each stream (epoch). The app's fingerprint picks its rows
+    in the cache root (a teacher new to the root gets its own directory); a one-teacher cache of the
+    old layout holding another teacher is refused when the source starts.
     """
 
     mode, needs_app, can_lose_teacher, computes_centroids = "hybrid", True, True, True

@@ -51,20 +51,25 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def audit_cache(cache_path: str, *, teacher: Optional[TeacherConfig] = None, app_name: Optional[str] = None,
                 samples: int = 64, shards: Optional[list[str]] = None, seed: int = 0,
-                threshold: float = 0.999) -> AuditReport:
-    """Recompute ``samples`` random cached rows with the live teacher and report the worst agreement.
+                threshold: float = 0.999, fingerprint: Optional[str] = None) -> AuditReport:
+    """Recompute ``samples`` random cached rows of one teacher with that teacher live and report the
+    worst agreement.
 
-    The teacher is ``app_name`` (a running app), else ``teacher``, else the teacher config the
-    cache recorded. The live teacher must have the cache's fingerprint.
+    The teacher is ``app_name`` (a running app), else ``teacher``, else the teacher config its rows
+    recorded; in a root holding several teachers a live teacher's fingerprint picks its rows, and
+    without one ``fingerprint`` does (:func:`teacher_dir`). The live teacher must have the rows'
+    fingerprint.
     """
-    cache = EmbeddingCache.open(cache_path)
     if app_name is None and teacher is None:
+        cache = EmbeddingCache.open(cache_path, teacher=fingerprint)
         stored = cache.meta.get("teacher_config")
         if not stored:
             raise ValueError(f"cache {cache.path} was computed through app {cache.meta.get('app_name')!r} and "
                              "records no teacher config: pass app_name (--app-name) or a teacher config")
-        teacher = TeacherConfig.from_dict(stored)
-    embedder = make_embedder(teacher, app_name)
+        embedder = make_embedder(TeacherConfig.from_dict(stored))
+    else:
+        embedder = make_embedder(teacher, app_name)
+        cache = EmbeddingCache.open(cache_path, teacher=embedder.info["fingerprint"])
     live = embedder.info["fingerprint"]
     if live != cache.fingerprint:
         raise CacheMismatchError(f"cache {cache.path} holds teacher fingerprint {cache.fingerprint!r}, the live "

@@ -33,6 +33,7 @@ from teacher_service.cache.store import (
     make_meta,
     read_meta,
     rows_table,
+    teacher_dir,
     write_centroids,
     write_table_atomic,
 )
@@ -192,6 +193,9 @@ def precompute(shards: list[str], out: str, *, views: int, teacher: Optional[Tea
                progress: bool = True) -> PrecomputeSummary:
     """Embed views ``0..views-1`` of every usable sample of ``shards`` into the cache ``out``; resumable.
 
+    The rows go to the teacher's own directory of ``out`` (:func:`teacher_dir`), so several teachers
+    precomputed into one ``out`` sit side by side; ``summary.out`` is that directory.
+
     ``image_size`` and ``seed`` must be the student run's ``data.image_size`` and ``seed`` (view
     ``v`` is what epoch ``v`` trains on). Finished shard files are skipped; files of another
     teacher or recipe are refused (CacheMismatchError); corrupt or incomplete ones are redone.
@@ -205,11 +209,9 @@ def precompute(shards: list[str], out: str, *, views: int, teacher: Optional[Tea
     if not shards:
         raise ValueError("precompute: no shards given")
     check_under_roots(out, write_roots(), "precompute output")
-    out = make_private_dir(out)
-    outputs = {s: shard_output(out, s) for s in shards}
-    clash = _first_clash(outputs)
+    clash = _first_clash({s: shard_output(out, s) for s in shards})
     if clash:
-        raise ValueError(f"shards {clash[0]} and {clash[1]} would both write {outputs[clash[0]]}: "
+        raise ValueError(f"shards {clash[0]} and {clash[1]} would both write {shard_output(out, clash[0])}: "
                          "give shards with distinct file names")
     start = time.perf_counter()
     teacher_dict = teacher.to_dict() if teacher is not None else None
@@ -217,7 +219,9 @@ def precompute(shards: list[str], out: str, *, views: int, teacher: Optional[Tea
     info = ray.get(ray.remote(_probe).options(**resources).remote(teacher_dict, app_name))
     recipe = view_recipe(image_size, seed, train=True, tokenizer=tokenizer or info["model"],
                          context_length=int(context_length or info["context_length"]))
-    summary = PrecomputeSummary(out=out, fingerprint=info["fingerprint"])
+    rows_dir = teacher_dir(make_private_dir(out), info["fingerprint"], create=True)  # this teacher's rows
+    outputs = {s: shard_output(rows_dir, s) for s in shards}
+    summary = PrecomputeSummary(out=rows_dir, fingerprint=info["fingerprint"])
     todo = []
     for shard in shards:
         state = _existing_state(outputs[shard], info, recipe, views)
@@ -300,7 +304,8 @@ def _write_shard(path: str, meta: dict, cols: dict[str, np.ndarray]) -> int:
 def precompute_centroids(shards: list[str], out: str, per_class: int, *, teacher: Optional[TeacherConfig] = None,
                          app_name: Optional[str] = None, image_size: int = 32,
                          num_classes: Optional[int] = None, seed: int = 0) -> str:
-    """Write Embed-KD class centroids ``[C, D_t]`` to ``OUT/centroids.parquet``; returns its path.
+    """Write Embed-KD class centroids ``[C, D_t]`` to ``centroids.parquet`` in the teacher's directory
+    of ``out`` (:func:`teacher_dir`); returns its path.
 
     Each centroid is the mean teacher image embedding of ``per_class`` samples of the class drawn
     at random with ``seed`` (:class:`ClassSampler`, as the paper draws N samples), embedded at their
@@ -323,6 +328,6 @@ def precompute_centroids(shards: list[str], out: str, per_class: int, *, teacher
     meta = make_meta(info, view_recipe(image_size, None, train=False), kind="centroids", source=None,
                      teacher_config=teacher.to_dict() if teacher is not None else None, app_name=app_name,
                      writer={"per_class": per_class, "seed": seed, "shards": len(shards), "skipped": skips.skipped})
-    make_private_dir(out)
+    rows_dir = teacher_dir(make_private_dir(out), info["fingerprint"], create=True)
     names = class_names if len(class_names) == classes else None
-    return write_centroids(os.path.join(out, CENTROIDS_FILE), centroids, meta, counts=counts, class_names=names)
+    return write_centroids(os.path.join(rows_dir, CENTROIDS_FILE), centroids, meta, counts=counts, class_names=names)

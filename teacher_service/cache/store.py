@@ -1,19 +1,30 @@
-"""The teacher embedding cache: Parquet files of ``(key, view) → fp16 embeddings`` for one teacher.
+"""The teacher embedding cache: Parquet files of ``(key, view) → fp16 embeddings``, one set per teacher.
 
-A cache is a directory. Every row file holds rows ``(key, view, image_emb, text_emb,
-image_digest, text_digest)``: the embeddings are ``fixed_size_list<float16>[D]`` columns, the
-digests are 64-bit hashes of the exact uint8 view and fitted token row the teacher embedded, so a
-reader can prove that a cached row belongs to the pixels a student holds now. The Parquet file
-metadata (key ``kd_cache``) holds the teacher fingerprint, its info (preprocessing, context
-length, logit scale), the dtype and the view recipe; a directory holds one teacher only, so the
-effective key is ``(fingerprint, key, view)``.
+A cache root holds any number of teachers side by side, one directory per teacher fingerprint::
 
-File kinds, told apart by name: ``<shard>.parquet`` from ``kd precompute`` (one per input shard),
-``append-<run>-<rank>-<uuid>.parquet`` from hybrid training (unique per writer, so concurrent
-appenders never touch the same file), ``compacted-<uuid>.parquet`` from :func:`compact`, and
-``centroids.parquet`` (Embed-KD class centroids, not rows). Every write is a tmp file plus
-``os.replace``, so readers see whole files or nothing; a truncated or corrupt file raises
-:class:`CacheCorruptError` naming it (pages carry checksums). Readers dedupe on ``(key, view)``.
+    CACHE/teachers/<fingerprint>/train-000000.parquet      kd precompute (one per input shard)
+    CACHE/teachers/<fingerprint>/append-<run>-<rank>-<uuid>.parquet   hybrid training
+    CACHE/teachers/<fingerprint>/compacted-<uuid>.parquet  kd cache compact
+    CACHE/teachers/<fingerprint>/centroids.parquet         kd precompute --class-centroids
+
+A teacher's directory is exactly what a cache was before it could hold several teachers, so a
+root written that way (row files directly in ``CACHE``) is still one teacher's cache: it is read,
+appended to and compacted in place, and refuses any other teacher. :func:`teacher_dir` maps (root,
+teacher) to the directory of that teacher's rows; every reader and writer goes through it.
+
+Every row file holds rows ``(key, view, image_emb, text_emb, image_digest, text_digest)``: the
+embeddings are ``fixed_size_list<float16>[D]`` columns, the digests are 64-bit hashes of the exact
+uint8 view and fitted token row the teacher embedded, so a reader can prove that a cached row
+belongs to the pixels a student holds now. The Parquet file metadata (key ``kd_cache``) holds the
+teacher fingerprint, its info (preprocessing, context length, logit scale), the dtype and the view
+recipe; a teacher's directory holds that teacher only, so the effective key is ``(fingerprint,
+key, view)``.
+
+File kinds are told apart by name: shard files from ``kd precompute``, ``append-*`` files (unique
+per writer, so concurrent appenders never touch the same file), ``compacted-*`` from
+:func:`compact`, and ``centroids.parquet`` (Embed-KD class centroids, not rows). Every write is a
+tmp file plus ``os.replace``, so readers see whole files or nothing; a truncated or corrupt file
+raises :class:`CacheCorruptError` naming it (pages carry checksums). Readers dedupe on ``(key, view)``.
 """
 from __future__ import annotations
 
@@ -46,6 +57,7 @@ CENTROIDS_FILE = "centroids.parquet"
 APPEND_PREFIX = "append-"
 COMPACTED_PREFIX = "compacted-"
 LOCK_FILE = ".compact.lock"
+TEACHERS_DIR = "teachers"  # CACHE/teachers/<fingerprint>/: one teacher's files
 ROW_COLUMNS = ("key", "view", "image_emb", "text_emb", "image_digest", "text_digest")
 INDEX_COLUMNS = ("key", "view", "image_digest", "text_digest")
 TEACHER_INFO_FIELDS = ("fingerprint", "model", "embed_dim", "image_size", "preprocess", "context_length",
@@ -68,6 +80,10 @@ class CacheMismatchError(CacheError, ValueError):
 
 class CacheMissError(CacheError, LookupError):
     """A read-only cache lacks a requested (key, view)."""
+
+
+class CacheAmbiguousError(CacheError, ValueError):
+    """A cache root holds several teachers and the reader did not say which one it wants."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +262,81 @@ def _safe(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# several teachers in one root
+
+
+def _own_meta(path: str) -> Optional[dict]:
+    """The metadata of the first readable file lying directly in ``path`` (rows first, else centroids);
+    None: none. A corrupt file is passed over here: the reader or precompute reports (or redoes) it."""
+    for f in row_files(path) + [os.path.join(path, CENTROIDS_FILE)]:
+        try:
+            return read_meta(f)
+        except (FileNotFoundError, CacheCorruptError):  # compacted away meanwhile, no centroids, or corrupt
+            continue
+    return None
+
+
+def cache_teachers(root: str) -> dict[str, str]:
+    """fingerprint → directory of each teacher the cache ``root`` holds, in fingerprint order.
+
+    A root with files directly in it (the one-teacher layout) holds that one teacher, in itself."""
+    root = os.path.abspath(os.fspath(root))
+    own = _own_meta(root) if os.path.isdir(root) else None
+    if own is not None:
+        return {own["fingerprint"]: root}
+    base = os.path.join(root, TEACHERS_DIR)
+    names = sorted(os.listdir(base)) if os.path.isdir(base) else []
+    return {n: os.path.join(base, n) for n in names if os.path.isdir(os.path.join(base, n))}
+
+
+def _model_of(path: str) -> Optional[str]:
+    """The model name of the teacher whose files lie in ``path`` (None: no file yet)."""
+    return ((_own_meta(path) or {}).get("teacher") or {}).get("model")
+
+
+def describe_teachers(teachers: dict[str, str]) -> str:
+    """``fp (model), ...`` for error messages."""
+    return ", ".join(f"{fp} ({_model_of(path) or 'no rows yet'})" for fp, path in teachers.items()) or "no teacher"
+
+
+def teacher_dir(root: str, teacher: Optional[str] = None, *, create: bool = False) -> str:
+    """The directory of one teacher's rows in the cache ``root`` (see the module docstring).
+
+    ``teacher`` is a fingerprint, or a model name that only one teacher of the root has; None
+    means the root's only teacher. With ``create``, a fingerprint the root lacks gets its own
+    ``teachers/<fingerprint>`` directory (made), unless the root is a one-teacher cache of the old
+    layout. A root holding no teacher, without ``create``, is returned as it is, so the reader
+    reports it missing or empty. Several teachers and none asked: CacheAmbiguousError listing
+    them; an absent teacher: CacheMismatchError naming it and those present.
+    """
+    root = os.path.abspath(os.fspath(root))
+    teachers = cache_teachers(root)
+    if teacher in teachers:
+        return teachers[teacher]
+    if teacher is None:
+        if len(teachers) > 1:
+            raise CacheAmbiguousError(
+                f"embedding cache {root} holds {len(teachers)} teachers: {describe_teachers(teachers)}; "
+                "say which one (a fingerprint or model name: teacher.cache_teacher in a run config)")
+        return next(iter(teachers.values()), root)
+    by_model = {fp: path for fp, path in teachers.items() if _model_of(path) == teacher}
+    if len(by_model) == 1:
+        return next(iter(by_model.values()))
+    if len(by_model) > 1:
+        raise CacheAmbiguousError(f"embedding cache {root} holds {len(by_model)} teachers of model {teacher!r}: "
+                                  f"{describe_teachers(by_model)}; name one by fingerprint")
+    if create and root not in teachers.values():
+        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", teacher):
+            raise ValueError(f"teacher fingerprint {teacher!r} cannot name a cache directory")
+        return make_private_dir(os.path.join(root, TEACHERS_DIR, teacher))
+    old = " (a one-teacher cache)" if root in teachers.values() else ""
+    raise CacheMismatchError(
+        f"embedding cache {root}{old} holds teacher fingerprint(s) {describe_teachers(teachers)}, not the teacher "
+        f"asked for ({teacher!r}, a fingerprint or model name): refusing to mix teachers. Use another cache "
+        "directory, or compute this teacher's rows with `kd precompute`")
+
+
+# ---------------------------------------------------------------------------------------------
 # the reader
 
 
@@ -285,10 +376,13 @@ class EmbeddingCache:
     # -- opening ------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str, *, teacher_info: Optional[dict] = None, recipe: Optional[dict] = None,
-             create: bool = False) -> "EmbeddingCache":
-        """Open (or with ``create`` start) the cache at ``path``, checked against ``teacher_info``
-        (fingerprint, preprocess: the live teacher) and ``recipe`` (the reader's views)."""
-        path = os.path.abspath(os.fspath(path))
+             create: bool = False, teacher: Optional[str] = None) -> "EmbeddingCache":
+        """Open (or with ``create`` start) one teacher's rows in the cache ``path``, checked against
+        ``teacher_info`` (fingerprint, preprocess: the live teacher) and ``recipe`` (the reader's views).
+
+        Which teacher of a root holding several: ``teacher`` (a fingerprint or model name), else
+        ``teacher_info``'s fingerprint, else the root's only one (:func:`teacher_dir`)."""
+        path = teacher_dir(path, teacher or (teacher_info or {}).get("fingerprint"), create=create)
         if not os.path.isdir(path):
             if not create:
                 raise FileNotFoundError(f"embedding cache {path} does not exist: run `kd precompute` first")
@@ -514,15 +608,16 @@ class CompactionReport:
 STALE_TMP_S = 3600.0  # a tmp file untouched this long belongs to a writer that died (a write takes seconds)
 
 
-def compact(path: str) -> CompactionReport:
-    """Merge append (and earlier compacted) files into one ``compacted-<uuid>.parquet`` without duplicates.
+def compact(path: str, teacher: Optional[str] = None) -> CompactionReport:
+    """Merge one teacher's append (and earlier compacted) files into one ``compacted-<uuid>.parquet``
+    without duplicates; ``teacher`` picks it in a root holding several (:func:`teacher_dir`).
 
     Rows already present in shard files, or earlier in the merge, are dropped. The new file is
     written atomically before the merged files are removed, so a crash in between leaves only
     duplicates (which readers skip) and never loses a row. A lock file keeps compactions of one
     cache from running at once; appenders and readers need no lock.
     """
-    path = os.path.abspath(path)
+    path = teacher_dir(path, teacher)
     lock = os.path.join(path, LOCK_FILE)
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -616,10 +711,11 @@ def write_centroids(path: str, centroids: np.ndarray, meta: dict, *, counts: Opt
 
 
 def read_centroids(path: str, fingerprint: Optional[str] = None) -> tuple[np.ndarray, dict]:
-    """(float32 ``[C, D]`` centroids, meta); refuses centroids of another teacher ``fingerprint``."""
+    """(float32 ``[C, D]`` centroids, meta) of a centroids file, or of teacher ``fingerprint`` in a
+    cache root; refuses centroids of another teacher ``fingerprint``."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        path = os.path.join(path, CENTROIDS_FILE)
+        path = os.path.join(teacher_dir(path, fingerprint), CENTROIDS_FILE)
     meta = read_meta(path)
     if meta.get("kind") != "centroids":
         raise CacheCorruptError(f"{path} holds {meta.get('kind')!r} rows, not class centroids")
