@@ -58,6 +58,21 @@ SIGLIP_INIT = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}  # 
 INHERITED = " (init from teacher)"  # suffix of a row whose student starts from the teacher's weights
 
 
+APP_2 = APP + "-2"
+ENSEMBLE_METHOD = "icl"  # the recipe the ensemble rows compare: the benchmark's best single method
+
+
+def ensemble_rows(chosen: Optional[dict[str, float]] = None) -> dict[str, dict]:
+    """With a second teacher: the best recipe distilled from it alone and from both at once (each
+    teacher its own pool and its own loss heads), beside the first teacher's `clip + icl` row."""
+    weight = DEFAULT_WEIGHTS[ENSEMBLE_METHOD] * (chosen or {}).get(ENSEMBLE_METHOD, 1.0)
+    losses = {"clip": 1.0, ENSEMBLE_METHOD: weight}
+    return {f"clip + {ENSEMBLE_METHOD} (teacher 2)": {"losses": losses, "teacher": True, "overrides": {},
+                                                     "apps": [APP_2], "inherit": False},
+            f"clip + {ENSEMBLE_METHOD} (teachers 1 + 2)": {"losses": dict(losses), "teacher": True, "overrides": {},
+                                                          "apps": [APP, APP_2], "inherit": False}}
+
+
 def _factor_name(name: str, factor: float) -> str:
     return name if factor == 1 else f"{name} ×{factor:g}"
 
@@ -114,13 +129,13 @@ def choose_factors(report: dict) -> dict[str, dict]:
             for m, scores in by_method.items()}
 
 
-def teacher_config(teacher_dir: Path) -> TeacherConfig:
+def teacher_config(teacher_dir: Path, app: str = APP) -> TeacherConfig:
     """As `cluster/demo.py::_teacher_config`: the checkpoint's architecture, weights from model.pt."""
     if not (teacher_dir / "model.pt").is_file():
         raise SystemExit(f"--teacher-dir {teacher_dir}: no model.pt (a student checkpoint dir is expected)")
     arch, overrides = resolve_model(load_model_config(teacher_dir))
     return TeacherConfig(model=arch, overrides=overrides, pretrained=str(teacher_dir / "model.pt"),
-                         app_name=APP, num_cpus=1.0, max_batch_size=256, torch_threads=1)
+                         app_name=app, num_cpus=1.0, max_batch_size=256, torch_threads=1)
 
 
 def model_facts(teacher_dir: Path) -> dict:
@@ -156,11 +171,18 @@ def train_cfg(args, data: Path, name: str, spec: dict, seed: int, tcfg: TeacherC
         model=ModelConfig(name=STUDENT, overrides=dict(spec["overrides"]), init_from_teacher=inherit),
         data=DataConfig(train_shards=str(data / "train-*.tar"), val_shards=str(data / "val-*.tar"),
                         image_size=32, batch_size=args.batch_size),
-        teacher=TeacherSourceConfig(mode=mode, app_name=APP, teacher=tcfg if mode == "inline" or inherit else None,
-                                    cache_path=spec.get("cache_path")),
+        teacher=_teacher_source(spec, mode, tcfg, inherit),
         losses=dict(spec["losses"]), epochs=args.epochs, num_workers=args.workers, seed=seed,
         log_every_steps=0, torch_threads=1,
     ).validate()
+
+
+def _teacher_source(spec: dict, mode: str, tcfg: TeacherConfig, inherit: bool) -> TeacherSourceConfig:
+    apps = spec.get("apps") or [APP]
+    if len(apps) > 1:  # an ensemble: one source per pool, the losses average over them
+        return TeacherSourceConfig(mode=mode, sources=[{"name": a, "app_name": a} for a in apps])
+    return TeacherSourceConfig(mode=mode, app_name=apps[0], teacher=tcfg if mode == "inline" or inherit else None,
+                               cache_path=spec.get("cache_path"))
 
 
 def _slug(name: str) -> str:
@@ -181,9 +203,14 @@ def reusable_runs(files: list[str], meta: dict, methods: dict[str, dict]) -> dic
             if old["meta"].get(key) != meta.get(key):
                 raise SystemExit(f"--reuse-from {file}: its {key} is {old['meta'].get(key)!r}, "
                                  f"this run's is {meta.get(key)!r}")
+        second_same = ((old["meta"].get("second_teacher") or {}).get("fingerprint")
+                       == (meta.get("second_teacher") or {}).get("fingerprint"))
         for name, spec in methods.items():
+            if APP_2 in spec.get("apps", []) and not second_same:
+                continue
             before = old["methods"].get(name)
-            same = before is not None and all(before.get(k) == spec.get(k) for k in ("losses", "overrides", "inherit"))
+            same = before is not None and all(before.get(k) == spec.get(k)
+                                              for k in ("losses", "overrides", "inherit", "apps"))
             for row in old["runs"].get(name, []) if same else []:
                 if "error" not in row:
                     found.setdefault((name, row["seed"]), {**row, "reused_from": file})
@@ -452,6 +479,12 @@ def render(report: dict) -> str:
         f"Teacher on the same val split: zero-shot top-1 {_pct(meta.get('teacher_eval', {}).get('zero_shot_top1'))}, "
         f"i2t R@1 {_pct(meta.get('teacher_eval', {}).get('i2t_r1'))}, "
         f"t2i R@1 {_pct(meta.get('teacher_eval', {}).get('t2i_r1'))}.",
+        *([f"Second teacher (rows `(teacher 2)`, `(teachers 1 + 2)`: an ensemble of both pools, one "
+           f"{ENSEMBLE_METHOD.upper()} head per teacher): `{meta['second_teacher']['model']}` with "
+           f"`{meta['second_teacher']['overrides']}` from `{meta['second_teacher']['dir']}`, fingerprint "
+           f"{meta['second_teacher']['fingerprint']}, zero-shot top-1 "
+           f"{_pct(meta['second_teacher']['eval'].get('zero_shot_top1'))} on the same val split."]
+          if meta.get("second_teacher") else []),
         "",
         "| run | losses (weights) | zero-shot top-1 % | gain vs no teacher, paired (points) | top-5 % | "
         "i2t R@1 % | t2i R@1 % | gain in i2t R@1 | samples/s | seeds |",
@@ -716,6 +749,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--reuse-from", nargs="+", default=[],
                         help="earlier report JSONs whose runs of the same row, seed, budget, teacher and data "
                              "are taken as they are instead of being trained again")
+    parser.add_argument("--second-teacher-dir",
+                        help="a second trained teacher (another architecture or seed): adds the rows "
+                             f"'clip + {ENSEMBLE_METHOD} (teacher 2)' and '(teachers 1 + 2)' (an ensemble of both pools)")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite the .md from the existing .json (no training)")
     args = parser.parse_args(argv)
@@ -737,9 +773,20 @@ def main(argv: Optional[list[str]] = None) -> dict:
     data = find_data(args)
     calibration = json.loads(Path(args.weights_from).read_text()) if args.weights_from else None
     chosen = {m: c["factor"] for m, c in calibration["methods"].items()} if calibration else None
-    methods = methods_to_run(args.with_siglip, args.only, args.with_inherit, tuple(args.grid), chosen)
+    extra = ensemble_rows(chosen) if args.second_teacher_dir else {}
+    only = [n for n in args.only if n not in extra] if args.only else None
+    methods = methods_to_run(args.with_siglip, only, args.with_inherit, tuple(args.grid), chosen)
+    methods.update({k: v for k, v in extra.items() if not args.only or k in args.only})
     out = Path(args.out)
     teacher_eval = evaluate_teacher(tcfg, str(data / "val-*.tar"))
+    tcfg_2 = teacher_config(Path(args.second_teacher_dir).resolve(), APP_2) if args.second_teacher_dir else None
+    second = {}
+    if tcfg_2 is not None:
+        eval_2 = evaluate_teacher(tcfg_2, str(data / "val-*.tar"))
+        second = {"second_teacher": {"dir": str(Path(args.second_teacher_dir).resolve()),
+                                     "model": load_model_config(Path(args.second_teacher_dir)).name,
+                                     "overrides": tcfg_2.overrides, "fingerprint": eval_2.pop("fingerprint", None),
+                                     "eval": eval_2}}
     report = {
         "meta": {
             "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python " + shlex.join([sys.argv[0], *(argv or sys.argv[1:])]),
@@ -754,7 +801,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             "data_dir": str(data),
             "load_avg_1m_start": round(os.getloadavg()[0], 2), "concurrent": args.concurrent,
             "calibration": {**calibration, "file": args.weights_from} if calibration else None,
-            **model_facts(teacher_dir),
+            **model_facts(teacher_dir), **second,
         },
         "methods": methods, "runs": {name: [] for name in methods},
     }
@@ -764,6 +811,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     address = ray.get_runtime_context().gcs_address
     if args.teacher_mode == "remote":
         deploy(tcfg).info.remote().result(timeout_s=300)
+    if tcfg_2 is not None:
+        deploy(tcfg_2).info.remote().result(timeout_s=300)
     items = [] if args.cost_only else [(name, spec, seed) for seed in args.seeds for name, spec in methods.items()]
     reusable = reusable_runs(args.reuse_from, report["meta"], methods)
     reused = [(name, seed) for name, _, seed in items if (name, seed) in reusable]
@@ -792,6 +841,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     finally:
         if args.teacher_mode == "remote":
             serve.delete(APP)
+        if tcfg_2 is not None:
+            serve.delete(APP_2)
     if args.cost_row:
         if args.cost_row not in methods:
             raise SystemExit(f"--cost-row {args.cost_row!r} is not one of the rows run: {list(methods)}")

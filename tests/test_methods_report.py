@@ -69,3 +69,15 @@ def test_runs_of_an_earlier_report_are_reused_only_for_the_same_row_budget_and_t
     assert ("clip + fd", 0) not in methods.reusable_runs([str(path)], meta, changed)
     with pytest.raises(SystemExit, match="epochs is 10, this run's is 5"):
         methods.reusable_runs([str(path)], {**meta, "epochs": 5}, grid)
+
+
+def test_ensemble_rows_ask_the_second_pool_alone_and_both_pools_at_once():
+    rows = methods.ensemble_rows({"icl": 4.0})
+    alone, both = rows["clip + icl (teacher 2)"], rows["clip + icl (teachers 1 + 2)"]
+    assert alone["losses"] == both["losses"] == {"clip": 1.0, "icl": 4.0 * methods.DEFAULT_WEIGHTS["icl"]}
+    tcfg = methods.TeacherConfig(model="ViT-B-32")
+    source = methods._teacher_source(alone, "remote", tcfg, False)
+    assert source.app_name == methods.APP_2 and not source.sources
+    ensemble = methods._teacher_source(both, "remote", tcfg, False)
+    assert [m["app_name"] for m in ensemble.sources] == [methods.APP, methods.APP_2]
+    assert methods._teacher_source({"losses": {}}, "remote", tcfg, False).app_name == methods.APP
