@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(VENV)/bin/kd demo --workdir kd-demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -ra tests
+	$(VENV)/bin/python -m pytest -q -ra --durations=40 tests
 
 $(BENCH_STAMP): $(STAMP)
 	$(VENV)/bin/python -m pip install --quiet -e '.[test,bench]'
