@@ -84,7 +84,8 @@ def methods_to_run(with_siglip: bool, only: Optional[list[str]] = None, with_inh
     Each single method runs at its default weight times every factor of `grid` (rows
     `clip + fd ×0.25`, ...), or at the factor `chosen` for it by a calibration run (rows `clip + fd`);
     CLIP-KD's combination takes its members' chosen factors. With `with_inherit` each row is
-    followed by its twin that starts from the teacher's weights."""
+    followed by its twin that starts from the teacher's weights. `only` then keeps the rows it
+    names (a twin by its own name, `<row> (init from teacher)`)."""
     chosen = chosen or {}
     rows = {"no teacher (clip)": {"losses": {"clip": 1.0}, "teacher": False, "overrides": {}}}
     if with_siglip:
@@ -101,19 +102,16 @@ def methods_to_run(with_siglip: bool, only: Optional[list[str]] = None, with_inh
     rows["CLIP-KD (clip+crd+icl+fd)"] = {
         "losses": {"clip": 1.0, **{m: DEFAULT_WEIGHTS[m] * chosen.get(m, 1.0) for m in ("crd", "icl", "fd")}},
         "teacher": True, "overrides": {}}
+    rows = {k: {**v, "inherit": False} for k, v in rows.items()}
+    if with_inherit:
+        rows = {n: s for name, spec in rows.items()
+                for n, s in ((name, spec), (name + INHERITED, {**spec, "inherit": True}))}
     if only:
         unknown = sorted(set(only) - set(rows))
         if unknown:
             raise SystemExit(f"unknown --only rows {unknown}; known: {list(rows)}")
         rows = {k: v for k, v in rows.items() if k in only}
-    rows = {k: {**v, "inherit": False} for k, v in rows.items()}
-    if not with_inherit:
-        return rows
-    twinned = {}
-    for name, spec in rows.items():
-        twinned[name] = spec
-        twinned[name + INHERITED] = {**spec, "inherit": True}
-    return twinned
+    return rows
 
 
 def choose_factors(report: dict) -> dict[str, dict]:
@@ -194,8 +192,8 @@ REUSE_META = ("epochs", "batch_size", "workers", "teacher_mode", "teacher_finger
 
 def reusable_runs(files: list[str], meta: dict, methods: dict[str, dict]) -> dict[tuple[str, int], dict]:
     """(row, seed) → a finished run of an earlier report made under the same budget, teacher and data
-    (`REUSE_META`) with the same losses and student, so a calibration run need not repeat the
-    factor-1 runs a report already holds. A report made otherwise is refused, naming the field."""
+    (`REUSE_META`) with the same losses, student and pools (`_spec_key`, whatever the row was
+    called), so a report at the calibrated weights need not repeat the calibration's runs. A report made otherwise is refused, naming the field."""
     found: dict[tuple[str, int], dict] = {}
     for file in files:
         old = json.loads(Path(file).read_text())
@@ -205,16 +203,24 @@ def reusable_runs(files: list[str], meta: dict, methods: dict[str, dict]) -> dic
                                  f"this run's is {meta.get(key)!r}")
         second_same = ((old["meta"].get("second_teacher") or {}).get("fingerprint")
                        == (meta.get("second_teacher") or {}).get("fingerprint"))
+        by_spec: dict[str, list[dict]] = {}
+        for old_name, old_spec in old["methods"].items():
+            by_spec.setdefault(_spec_key(old_spec), []).extend(old["runs"].get(old_name, []))
         for name, spec in methods.items():
-            if APP_2 in spec.get("apps", []) and not second_same:
+            if APP_2 in (spec.get("apps") or []) and not second_same:
                 continue
-            before = old["methods"].get(name)
-            same = before is not None and all(before.get(k) == spec.get(k)
-                                              for k in ("losses", "overrides", "inherit", "apps"))
-            for row in old["runs"].get(name, []) if same else []:
+            for row in by_spec.get(_spec_key(spec), []):
                 if "error" not in row:
                     found.setdefault((name, row["seed"]), {**row, "reused_from": file})
     return found
+
+
+def _spec_key(spec: dict) -> str:
+    """What decides a run besides its seed: losses, model overrides, inheritance, teacher pools
+    (a calibration row `clip + fd ×0.25` is the report row `clip + fd` at factor 0.25)."""
+    return json.dumps({"losses": spec.get("losses"), "overrides": spec.get("overrides") or {},
+                       "inherit": bool(spec.get("inherit")), "apps": spec.get("apps") or None,
+                       "teacher": bool(spec.get("teacher"))}, sort_keys=True)
 
 
 def run_group(args, data: Path, items: list[tuple[str, dict, int]], tcfg: TeacherConfig,

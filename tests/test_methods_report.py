@@ -81,3 +81,18 @@ def test_ensemble_rows_ask_the_second_pool_alone_and_both_pools_at_once():
     ensemble = methods._teacher_source(both, "remote", tcfg, False)
     assert [m["app_name"] for m in ensemble.sources] == [methods.APP, methods.APP_2]
     assert methods._teacher_source({"losses": {}}, "remote", tcfg, False).app_name == methods.APP
+
+
+def test_a_calibration_row_is_reused_under_the_report_name_of_the_same_weights(tmp_path):
+    meta = {"epochs": 10, "batch_size": 64, "workers": 2, "teacher_mode": "remote",
+            "teacher_fingerprint": "abc", "data_dir": "/d"}
+    grid = methods.methods_to_run(False, grid=(0.25, 1.0, 4.0))
+    old = {"meta": meta, "methods": grid, "runs": {"clip + fd ×0.25": [{"seed": 1, "zero_shot_top1": 0.7}],
+                                                   "clip + fd": [{"seed": 1, "zero_shot_top1": 0.6}]}}
+    path = tmp_path / "cal.json"
+    path.write_text(methods.json.dumps(old))
+    report_rows = methods.methods_to_run(False, chosen={"fd": 0.25}, with_inherit=True,
+                                         only=["clip + fd", "clip + fd (init from teacher)"])
+    assert set(report_rows) == {"clip + fd", "clip + fd (init from teacher)"}
+    found = methods.reusable_runs([str(path)], meta, report_rows)
+    assert found == {("clip + fd", 1): {"seed": 1, "zero_shot_top1": 0.7, "reused_from": str(path)}}
