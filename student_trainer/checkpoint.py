@@ -60,9 +60,10 @@ def provenance(cfg, teacher_info: dict, init: dict | None = None) -> dict:
 
 
 def _where(teacher) -> dict:
-    """Where one teacher's outputs come from (mode, app, cache)."""
+    """Where one teacher's outputs come from (mode, app, cache root and, in a root holding several
+    teachers, which one's rows)."""
     return {"mode": teacher.mode, "app_name": teacher.app_name if teacher.mode in ("remote", "hybrid") else None,
-            "cache_path": teacher.cache_path}
+            "cache_path": teacher.cache_path, "cache_teacher": getattr(teacher, "cache_teacher", None)}
 
 
 def read_provenance(directory: str | Path) -> dict | None:

@@ -229,5 +229,5 @@ def test_a_cache_ensemble_trains_from_one_root(root, shards, fingerprints, tmp_p
     assert np.isfinite(metrics["loss"]) and metrics["teacher_mode"] == "ensemble"
     assert metrics["teacher_cache_hits"] == 2 * STEPS * BATCH and metrics["teacher_cache_misses"] == 0
     record = json.loads((Path(result.checkpoint.path) / PROVENANCE_FILE).read_text())
-    assert [(t["name"], t["fingerprint"]) for t in record["teachers"]] == [
-        ("wide", fingerprints["wide"]), ("narrow", fingerprints["narrow"])]
+    assert [(t["name"], t["fingerprint"], t["cache_teacher"]) for t in record["teachers"]] == [
+        ("wide", fingerprints["wide"], fingerprints["wide"]), ("narrow", fingerprints["narrow"], fingerprints["narrow"])]
