@@ -51,6 +51,7 @@ def _connect(address: Optional[str], num_cpus: Optional[int], object_store_mb: O
                  logging_level=logging_level)
         return f"connected to Ray cluster at {address}"
     cpus = num_cpus or default_local_cpus()
+    runtime_env["worker_process_setup_hook"] = "student_trainer.progress.quiet_placement_group_cleaner"
     ray.init(
         address="local",  # a new cluster even when another runs here (else Ray joins that one and refuses num_cpus)
         num_cpus=cpus,

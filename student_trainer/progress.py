@@ -242,6 +242,20 @@ def quiet_worker_console() -> None:
     quiet_console("", "ray.train", "ray.serve")
 
 
+# Ray Train's detached placement-group cleaner asks the state API every few seconds whether the
+# controller lives; without a dashboard (the embedded cluster starts none) each ask fails with a warning.
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Worker setup hook of the embedded cluster (`cluster.local`): the cleaner's "Failed to query
+    Ray Train Controller actor state" warning, printed every check interval of every run because
+    that cluster has no state API, stays off the console and the logs. What the cleaner guards
+    against (a controller dying without removing its placement group) cannot outlive the embedded
+    cluster, which ends with the command; its errors still show."""
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
 def quiet_console(*logger_names: str) -> None:
     """Warnings and errors only, on the console handlers (StreamHandlers that are not files) of
     the named loggers ("" is the root); their file handlers keep every record."""

@@ -105,11 +105,17 @@ def test_an_embedded_cluster_starts_even_when_another_runs_here(ray_cluster):
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    code = ("from cluster.local import init_ray; import ray; print(init_ray(quiet=True)); "
-            "print('GCS', ray.get_runtime_context().gcs_address); ray.shutdown()")
+    # its workers run the setup hook that keeps Ray Train's placement-group cleaner from warning
+    # every few seconds that the state API (absent without a dashboard) did not answer
+    code = ("from cluster.local import init_ray; import ray, logging; print(init_ray(quiet=True)); "
+            "print('GCS', ray.get_runtime_context().gcs_address); "
+            "from student_trainer.progress import PLACEMENT_GROUP_CLEANER_LOGGER as name; "
+            "level = ray.remote(lambda: logging.getLogger(name).getEffectiveLevel()); "
+            "print('CLEANER', logging.getLevelName(ray.get(level.remote()))); ray.shutdown()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "started an embedded local Ray cluster" in proc.stdout
     own = proc.stdout.split("GCS ", 1)[1].split()[0]
     assert own != ray_cluster.get_runtime_context().gcs_address
+    assert "CLEANER ERROR" in proc.stdout, proc.stdout
 
