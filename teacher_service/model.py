@@ -161,6 +161,23 @@ def _load_checkpoint_strict(model: torch.nn.Module, path: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _no_random_init_warning():
+    """open_clip warns on the root logger that a model made without a pretrained tag is random;
+    a teacher whose weights come from a local file next is not, so that warning would mislead."""
+    drop = _DropRandomInitWarning()
+    logging.getLogger().addFilter(drop)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(drop)
+
+
 def load_teacher(cfg: TeacherConfig) -> FrozenTeacher:
     """Create, load and freeze the teacher described by `cfg`.
 
@@ -176,11 +193,12 @@ def load_teacher(cfg: TeacherConfig) -> FrozenTeacher:
     device = resolve_device(cfg.device)
     local = cfg.pretrained is not None and os.path.isfile(os.path.expanduser(cfg.pretrained))
     tag = None if (cfg.pretrained is None or local) else cfg.pretrained
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), (_no_random_init_warning() if local else contextlib.nullcontext()):
         torch.manual_seed(cfg.seed)
         model = open_clip.create_model(cfg.model, pretrained=tag, output_dict=True, **cfg.overrides)
     if local:
         _load_checkpoint_strict(model, os.path.expanduser(cfg.pretrained))
+        log.info("teacher %s: weights loaded from %s", cfg.model, cfg.pretrained)
     model.eval().requires_grad_(False).to(device)
     precision = cfg.precision
     if device.type != "cuda" and precision != "fp32":

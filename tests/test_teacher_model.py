@@ -1,6 +1,8 @@
 """TeacherConfig, preprocessing, checkpoint loading, freezing, fingerprint and encode()."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import open_clip
 import pytest
@@ -191,6 +193,20 @@ def test_load_checkpoint_variants_reproduce_outputs_and_fingerprint(tmp_path):
         got = loaded.encode(images, tokens)
         for k in want:
             np.testing.assert_array_equal(got[k], want[k], err_msg=kind)
+
+
+def test_only_a_randomly_initialised_teacher_says_it_has_no_pretrained_weights(tmp_path, caplog):
+    """open_clip's "No pretrained weights loaded" is true for pretrained=None, false for a local file."""
+    path = _save_variants(load_teacher(tiny_cfg(seed=1)).model, tmp_path)["plain"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        load_teacher(tiny_cfg(pretrained=str(path)))
+    assert not [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]
+    assert any(f"weights loaded from {path}" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        load_teacher(tiny_cfg())
+    assert [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]
 
 
 def test_wrong_architecture_checkpoint_names_file_and_keys(tmp_path):
