@@ -113,6 +113,40 @@ def test_engine_answers_references_like_pixels(engine, batch):
     assert engine.views.stats["reference_samples"] == 2 * B
 
 
+def test_a_request_by_reference_is_hashed_once_and_shares_rows_with_its_pixels(engine, batch, monkeypatch):
+    """The replica's coalescing identities of a request by reference are the digests its reference
+    check computed: the pixels are hashed once, and the same views sent later as pixels (under
+    another view name) are answered from the rows the reference request left."""
+    import asyncio
+
+    import teacher_service.serve.coalesce as coalesce
+    import teacher_service.serve.references as references
+    from teacher_service.contract.augment import image_sha256
+
+    hashed: list[int] = []
+
+    def counting(images):
+        hashed.append(len(images))
+        return image_sha256(images)
+
+    monkeypatch.setattr(references, "image_sha256", counting)
+    monkeypatch.setattr(coalesce, "image_sha256", counting)
+    co = coalesce.Coalescer(100, logit_scale=10.0, logit_bias=None, fingerprint="fp", context_length=16)
+
+    async def compute(part: EmbedRequest):
+        return engine.embed(part)
+
+    request, digests = engine.materialize(dataclasses.replace(by_reference(batch), view="refs"))
+    assert request.image_refs is None and digests == image_sha256(batch.images)
+    first, reuse = asyncio.run(co.embed(request, compute, digests))
+    assert hashed == [B] and reuse.computed == B  # the check's hash, none by coalescing
+    again, reuse = asyncio.run(co.embed(dataclasses.replace(by_pixels(batch), view="pixels"), compute))
+    assert reuse.from_cache == B and hashed == [B, B]
+    assert np.array_equal(again.image_features, first.image_features)
+    with pytest.raises(ValueError, match="image digests"):
+        coalesce.sample_identities(request, "fp", 16, digests[:-1])
+
+
 def _wrong_digest(req, shard_dir, tmp_path):
     req.image_refs.sha256[3, 0] ^= 1
     return 3, "another SHA-256"

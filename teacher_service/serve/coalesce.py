@@ -78,11 +78,16 @@ class Coalescer:
     def recent_rows(self) -> int:
         return len(self._recent)
 
-    async def embed(self, request: EmbedRequest, compute: Compute) -> tuple[EmbedResponse, Reuse]:
-        """Answer `request` (already validated), computing only samples nobody has or is computing."""
+    async def embed(self, request: EmbedRequest, compute: Compute,
+                    image_digests: list[bytes] | None = None) -> tuple[EmbedResponse, Reuse]:
+        """Answer `request` (already validated), computing only samples nobody has or is computing.
+
+        `image_digests`: `image_sha256(request.images)` when the replica has already computed it
+        (the check of a request by reference), so the pixels are hashed once. Only the replica's
+        own code passes them; nothing a caller sends reaches this argument."""
         if not request.view:
             return await compute(request), Reuse(computed=len(request))
-        ids = await self._identities(request)
+        ids = await self._identities(request, image_digests)
         sources, fresh = self._route(ids)  # no await from here to _start: lookups and claims are atomic
         own = self._start(request, ids, fresh, compute) if fresh else None
         tasks = {id(p.task): p.task for kind, p in sources if kind == "pending"}
@@ -95,12 +100,12 @@ class Coalescer:
         return self._assemble(request, sources, answers, own), reuse
 
     # ---- internals
-    async def _identities(self, request: EmbedRequest) -> list[Identity]:
+    async def _identities(self, request: EmbedRequest, image_digests: list[bytes] | None) -> list[Identity]:
         if self._digest_executor is None:
-            return sample_identities(request, self.fingerprint, self.context_length)
+            return sample_identities(request, self.fingerprint, self.context_length, image_digests)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._digest_executor, sample_identities, request, self.fingerprint,
-                                          self.context_length)
+                                          self.context_length, image_digests)
 
     def _route(self, ids: list[Identity]) -> tuple[list[tuple[str, object]], list[int]]:
         """Each sample's source (recent row, pending forward, an earlier row of this request, or
@@ -165,11 +170,16 @@ class Coalescer:
             fingerprint=any_resp.fingerprint if any_resp else self.fingerprint)
 
 
-def sample_identities(request: EmbedRequest, fingerprint: str, context_length: int) -> list[Identity]:
+def sample_identities(request: EmbedRequest, fingerprint: str, context_length: int,
+                      image_digests: list[bytes] | None = None) -> list[Identity]:
     """One identity per sample, from what the teacher computes on and nothing the caller declares:
-    (fingerprint, SHA-256 of shape + pixels or None, SHA-256 of the fitted token row or None)."""
+    (fingerprint, SHA-256 of shape + pixels or None, SHA-256 of the fitted token row or None).
+    `image_digests`, the replica's own `image_sha256(request.images)`, saves hashing them again."""
     n = len(request)
-    images = [None] * n if request.images is None else image_sha256(request.images)
+    if image_digests is not None and (request.images is None or len(image_digests) != n):
+        raise ValueError(f"sample_identities: {len(image_digests)} image digests for {n} samples "
+                         f"({'no' if request.images is None else 'with'} images)")
+    images = [None] * n if request.images is None else (image_digests or image_sha256(request.images))
     tokens = [None] * n if request.tokens is None else token_sha256(request.tokens, context_length)
     return [(fingerprint, image, text) for image, text in zip(images, tokens)]
 

@@ -105,7 +105,7 @@ class TeacherDeployment:
         label = self.counters.received(getattr(request, "run", None))
         try:
             self.engine.validate(request)
-            request = await self._materialize(request)
+            request, image_digests = await self._materialize(request)
         except RequestError:
             self.counters.refused(label, "invalid")
             raise
@@ -119,7 +119,7 @@ class TeacherDeployment:
             return result
 
         try:
-            result, reuse = await self.coalescer.embed(request, compute)
+            result, reuse = await self.coalescer.embed(request, compute, image_digests)
         except asyncio.CancelledError:
             self.counters.cancelled(label)
             raise
@@ -130,11 +130,12 @@ class TeacherDeployment:
         self.counters.answered(label, size)
         return result
 
-    async def _materialize(self, request: EmbedRequest) -> EmbedRequest:
+    async def _materialize(self, request: EmbedRequest) -> tuple[EmbedRequest, list[bytes] | None]:
         """Pixels for a request by reference, read and checked off the event loop (decode and
-        augment take ~0.1-1 ms a sample); from here on it is a pixel request like any other."""
+        augment take ~0.1-1 ms a sample); from here on it is a pixel request like any other, whose
+        pixel digests the check already computed (None for a pixel request)."""
         if request.image_refs is None:
-            return request
+            return request, None
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._views_pool, self.engine.materialize, request)
 

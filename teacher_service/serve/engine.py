@@ -49,17 +49,19 @@ class TeacherEngine:
             self._count(errors=1)
             raise
 
-    def materialize(self, request: EmbedRequest) -> EmbedRequest:
-        """`request` with pixels in place of image references (a validated request; counts refusals).
+    def materialize(self, request: EmbedRequest) -> tuple[EmbedRequest, list[bytes] | None]:
+        """`request` with pixels in place of image references (a validated request; counts
+        refusals), and the digests the reference check computed of those pixels (None for a
+        request that sent pixels: `ViewResolver.resolve_with_digests`).
 
         The replica calls this before coalescing, so the rest of the path only ever sees pixels."""
         if getattr(request, "image_refs", None) is None:
-            return request
+            return request, None
         try:
             if self.views is None:
                 raise RequestError("image_refs: this teacher reads no shards (its shard_roots are empty); "
                                    "send pixels")
-            return self.views.resolve(request)
+            return self.views.resolve_with_digests(request)
         except RequestError:
             self._count(errors=1)
             raise
@@ -81,7 +83,7 @@ class TeacherEngine:
         for i, req in enumerate(requests):
             try:
                 self.validate(req)
-                requests[i] = req = self.materialize(req)
+                requests[i] = req = self.materialize(req)[0]
                 valid.append(i)
             except RequestError as e:
                 results[i] = e

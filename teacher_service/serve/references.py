@@ -59,20 +59,27 @@ class ViewResolver:
     # ---- the replica's API
     def resolve(self, request: EmbedRequest) -> EmbedRequest:
         """`request` with its references replaced by the verified pixels (unchanged without any)."""
+        return self.resolve_with_digests(request)[0]
+
+    def resolve_with_digests(self, request: EmbedRequest) -> tuple[EmbedRequest, list[bytes] | None]:
+        """As `resolve`, plus the SHA-256 of each regenerated view that the check computed (None
+        without references). They are this replica's own digests of the pixels it returns, so
+        coalescing can take them as the samples' identities instead of hashing the pixels again;
+        the caller's digests only ever decide whether the request is refused."""
         refs = request.image_refs
         if refs is None:
-            return request
+            return request, None
         start = time.perf_counter()
         try:
             _check_recipe(refs.recipe)
             indexes = [self._index_or_problem(path) for path in refs.shards]
             images = np.stack([self._view(request.keys[i], refs, i, indexes) for i in range(len(refs))])
-            _check_digests(request.keys, refs, images)
+            digests = _check_digests(request.keys, refs, images)
         except RequestError:
             self._add(reference_refused=1)
             raise
         self._add(reference_requests=1, reference_samples=len(refs), reference_resolve_s=time.perf_counter() - start)
-        return dataclasses.replace(request, images=images, image_refs=None)
+        return dataclasses.replace(request, images=images, image_refs=None), digests
 
     def check_shards(self, paths: Sequence[str], sizes: Sequence[int] | None = None) -> dict[str, str]:
         """Path → "" when this replica can serve references into it, else why not. `sizes` (the
@@ -191,10 +198,12 @@ def _check_recipe(recipe: dict) -> None:
                            f"this teacher makes {AUGMENT_FUNCTION} version {AUGMENT_VERSION}: send pixels")
 
 
-def _check_digests(keys: list[str], refs: ImageRefs, images: np.ndarray) -> None:
-    """RequestError naming the first sample whose regenerated view differs from the caller's."""
+def _check_digests(keys: list[str], refs: ImageRefs, images: np.ndarray) -> list[bytes]:
+    """The regenerated views' digests; RequestError naming the first sample whose view differs
+    from the caller's."""
     sent = [row.tobytes() for row in refs.sha256]
-    bad = [i for i, digest in enumerate(image_sha256(images)) if digest != sent[i]]
+    digests = image_sha256(images)
+    bad = [i for i, digest in enumerate(digests) if digest != sent[i]]
     if bad:
         i = bad[0]
         raise RequestError(
@@ -202,3 +211,4 @@ def _check_digests(keys: list[str], refs: ImageRefs, images: np.ndarray) -> None
             f"{refs.shards[int(refs.shard_index[i])]}): the view the teacher regenerated has another SHA-256 "
             f"than the caller's pixels ({len(bad)} of {len(keys)} samples differ). The teacher's copy of the "
             f"shard, its decoder or the recipe {refs.recipe} differ from the caller's: send pixels")
+    return digests
