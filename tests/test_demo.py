@@ -4,6 +4,7 @@ the workdir is reused."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -105,17 +106,28 @@ def test_an_embedded_cluster_starts_even_when_another_runs_here(ray_cluster):
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
     # its workers run the setup hook that keeps Ray Train's placement-group cleaner from warning
     # every few seconds that the state API (absent without a dashboard) did not answer
-    code = ("from cluster.local import init_ray; import ray, logging; print(init_ray(quiet=True)); "
+    # and a quiet deploy (`kd demo` without --verbose) starts Serve with its controller and proxy
+    # at WARNING: none of their per-step INFO lines reach the console
+    code = ("from cluster.local import init_ray; import ray, logging; print(init_ray(quiet=False, verbose=False)); "
             "print('GCS', ray.get_runtime_context().gcs_address); "
             "from student_trainer.progress import PLACEMENT_GROUP_CLEANER_LOGGER as name; "
             "level = ray.remote(lambda: logging.getLogger(name).getEffectiveLevel()); "
-            "print('CLEANER', logging.getLevelName(ray.get(level.remote()))); ray.shutdown()")
+            "print('CLEANER', logging.getLevelName(ray.get(level.remote()))); "
+            "from teacher_service.app import deploy; from teacher_service.config import TeacherConfig; "
+            "from tiny_models import tiny_teacher_overrides; "
+            "cfg = TeacherConfig(overrides=tiny_teacher_overrides(), app_name='quiet-app', num_cpus=0.5); "
+            "print('ANSWERED', deploy(cfg, access_log=False).info.remote().result(timeout_s=120)['fingerprint']); "
+            "import time; time.sleep(2); ray.shutdown()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "started an embedded local Ray cluster" in proc.stdout
     own = proc.stdout.split("GCS ", 1)[1].split()[0]
     assert own != ray_cluster.get_runtime_context().gcs_address
     assert "CLEANER ERROR" in proc.stdout, proc.stdout
+    assert "ANSWERED " in proc.stdout, proc.stdout
+    console = proc.stdout + proc.stderr
+    assert not [line for line in console.splitlines() if "ServeController" in line or "ProxyActor" in line], console
 
