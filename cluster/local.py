@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+import re
+from typing import Callable, Optional
 
 log = logging.getLogger(__name__)
 
@@ -74,3 +75,44 @@ def quiet_driver_console() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig()
     quiet_console("", *DRIVER_LOGGERS)
+    quiet_forwarded_serve_logs()
+
+
+SERVE_ACTORS = ("ServeController", "ProxyActor", "ServeReplica:")
+_INFO_LINE = re.compile(r"^\s*(INFO|DEBUG)\b")  # Serve's format: "INFO 2026-12-04 14:34:38,558 proxy ... -- ..."
+_PRINTER = "ray_print_logs"  # the name ray.init gives its printer of worker output, and ray.shutdown removes
+
+
+def quiet_forwarded_serve_logs() -> bool:
+    """Drop the INFO lines Ray forwards to this driver from Serve's actors (controller, proxies,
+    replicas: deploy steps, the access log). Serve's actors belong to no job, so Ray forwards
+    their output to every driver on the cluster: each quiet student run on a shared teacher pool
+    would print the pool's access log. Their log files keep every line; warnings and errors still
+    reach the console. Wraps the printer in Ray's (private) worker-output dispatcher of the pinned
+    Ray under the printer's own name, so ray.shutdown removes it as it would Ray's; returns False,
+    filtering nothing, where that is absent (no worker output reaches this driver)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return False
+    printers = [h for name, h in list(getattr(dispatcher, "handlers", [])) if name == _PRINTER]
+    if len(printers) != 1:
+        return False
+    if getattr(printers[0], "drops_serve_info", False):
+        return True
+    dispatcher.remove_handler(_PRINTER)
+    dispatcher.add_handler(_PRINTER, without_serve_info(printers[0]))
+    return True
+
+
+def without_serve_info(printer: Callable[[dict], None]) -> Callable[[dict], None]:
+    """`printer` of Ray's forwarded worker-output batches, without Serve actors' INFO/DEBUG lines."""
+    def print_batch(data: dict) -> None:
+        if str(data.get("actor_name") or "").startswith(SERVE_ACTORS):
+            lines = [line for line in data.get("lines", []) if not _INFO_LINE.match(line)]
+            if not lines:
+                return
+            data = {**data, "lines": lines}
+        printer(data)
+    print_batch.drops_serve_info = True
+    return print_batch

@@ -27,22 +27,15 @@ def deploy(cfg: TeacherConfig, access_log: bool = True) -> DeploymentHandle:
     """Start (or update) the detached, named teacher app and return its handle once it runs.
 
     `access_log=False` drops Serve's per-request lines ("CALL embed OK 341.7ms"), which a driver
-    that deployed the app would otherwise print once per request (`kd demo` without --verbose),
-    and starts Serve, if it is not running yet, with its controller and proxy at WARNING;
+    that deployed the app would otherwise print once per request (`kd demo` without --verbose);
     requests and latencies stay counted in `collect_stats` and Serve's metrics.
 
     With `cfg.grpc_port` set, also (re)starts the app's gRPC ingress on this node
     (`grpc.ingress.start_ingress`; `grpc.ingress.ingress_address(app)` says where it listens);
     without, stops an ingress a previous deploy of the app started.
     """
-    if not access_log:
-        # Serve's controller and proxy log each deploy step at INFO, which Ray forwards to this
-        # driver's console. Started here (when no Serve runs on the cluster yet) they log warnings
-        # and errors only; Serve's settings are cluster-wide, so a running Serve keeps its own.
-        serve.start(logging_config={"log_level": "WARNING"})
-    app_logging = {"enable_access_log": access_log, "log_level": "INFO"}  # explicit: never Serve's global default
     handle = serve.run(build_app(cfg), name=cfg.app_name, route_prefix=None, blocking=False,
-                       logging_config=app_logging)
+                       logging_config=None if access_log else {"enable_access_log": False})
     if cfg.grpc_port is not None:
         start_ingress(cfg)
     else:

@@ -308,6 +308,21 @@ def test_progress_line_off_a_terminal_prints_per_epoch_and_then_every_few_second
     assert drawn[0].rsplit("\r", 1)[-1].startswith(f"[run-a] {format_progress(_snapshot(20, epoch=2))} ####")
 
 
+def test_forwarded_serve_info_lines_are_dropped_and_everything_else_printed():
+    from cluster.local import without_serve_info
+
+    printed: list[dict] = []
+    show = without_serve_info(printed.append)
+    access = "INFO 2026-12-04 14:38:04,183 kd-teacher_TeacherDeployment 3wvo2n8l -- CALL embed OK 10.4ms"
+    warn = "WARNING 2026-12-04 14:38:05,001 controller 12 -- Deployment is unhealthy"
+    show({"actor_name": "ServeReplica:kd-teacher:TeacherDeployment", "pid": 1, "lines": [access, warn]})
+    show({"actor_name": "ServeController", "pid": 2, "lines": [access.replace("CALL", "Deploying")]})
+    show({"actor_name": "ProxyActor", "pid": 3, "lines": ["  DEBUG x"]})
+    show({"actor_name": "RayTrainWorker", "pid": 4, "lines": [access]})  # not Serve's: as Ray prints it
+    show({"actor_name": None, "task_name": "f", "pid": 5, "lines": ["INFO from a task"]})
+    assert [(d["pid"], d["lines"]) for d in printed] == [(1, [warn]), (4, [access]), (5, ["INFO from a task"])]
+
+
 def test_quiet_console_keeps_warnings_on_the_console_and_everything_in_files(tmp_path):
     import io
     import logging

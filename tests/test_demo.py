@@ -109,8 +109,8 @@ def test_an_embedded_cluster_starts_even_when_another_runs_here(ray_cluster):
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
     # its workers run the setup hook that keeps Ray Train's placement-group cleaner from warning
     # every few seconds that the state API (absent without a dashboard) did not answer
-    # and a quiet deploy (`kd demo` without --verbose) starts Serve with its controller and proxy
-    # at WARNING: none of their per-step INFO lines reach the console
+    # and a quiet driver prints none of the INFO lines Ray forwards from Serve's actors: deploy steps
+    # of the controller and proxy, and the access log of a pool deployed with it on
     code = ("from cluster.local import init_ray; import ray, logging; print(init_ray(quiet=False, verbose=False)); "
             "print('GCS', ray.get_runtime_context().gcs_address); "
             "from student_trainer.progress import PLACEMENT_GROUP_CLEANER_LOGGER as name; "
@@ -119,7 +119,8 @@ def test_an_embedded_cluster_starts_even_when_another_runs_here(ray_cluster):
             "from teacher_service.app import deploy; from teacher_service.config import TeacherConfig; "
             "from tiny_models import tiny_teacher_overrides; "
             "cfg = TeacherConfig(overrides=tiny_teacher_overrides(), app_name='quiet-app', num_cpus=0.5); "
-            "print('ANSWERED', deploy(cfg, access_log=False).info.remote().result(timeout_s=120)['fingerprint']); "
+            "handle = deploy(cfg, access_log=True); [handle.info.remote().result(timeout_s=120) for _ in range(3)]; "
+            "print('ANSWERED', handle.info.remote().result(timeout_s=120)['fingerprint']); "
             "import time; time.sleep(2); ray.shutdown()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -129,5 +130,6 @@ def test_an_embedded_cluster_starts_even_when_another_runs_here(ray_cluster):
     assert "CLEANER ERROR" in proc.stdout, proc.stdout
     assert "ANSWERED " in proc.stdout, proc.stdout
     console = proc.stdout + proc.stderr
-    assert not [line for line in console.splitlines() if "ServeController" in line or "ProxyActor" in line], console
+    assert not [line for line in console.splitlines() if "ServeController" in line or "ProxyActor" in line
+                or "CALL info" in line], console
 
