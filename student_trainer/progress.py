@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -252,8 +253,17 @@ def quiet_placement_group_cleaner() -> None:
     Ray Train Controller actor state" warning, printed every check interval of every run because
     that cluster has no state API, stays off the console and the logs. What the cleaner guards
     against (a controller dying without removing its placement group) cannot outlive the embedded
-    cluster, which ends with the command; its errors still show."""
+    cluster, which ends with the command; its errors still show.
+
+    Each worker also learns its own cluster's address (RAY_ADDRESS, unless set): Ray code that
+    looks the cluster up by itself, as the cleaner's state query does, otherwise dies with
+    "Found multiple active Ray instances" (a traceback on the console) whenever another Ray
+    cluster runs on the machine."""
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+    if not os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def quiet_console(*logger_names: str) -> None:

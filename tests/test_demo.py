@@ -116,6 +116,8 @@ def test_an_embedded_cluster_starts_even_when_another_runs_here(ray_cluster):
             "from student_trainer.progress import PLACEMENT_GROUP_CLEANER_LOGGER as name; "
             "level = ray.remote(lambda: logging.getLogger(name).getEffectiveLevel()); "
             "print('CLEANER', logging.getLevelName(ray.get(level.remote()))); "
+            "from ray._private.services import canonicalize_bootstrap_address_or_die as lookup; "
+            "print('FOUND', ray.get(ray.remote(lambda: lookup(None)).remote())); "
             "from teacher_service.app import deploy; from teacher_service.config import TeacherConfig; "
             "from tiny_models import tiny_teacher_overrides; "
             "cfg = TeacherConfig(overrides=tiny_teacher_overrides(), app_name='quiet-app', num_cpus=0.5); "
@@ -128,6 +130,7 @@ def test_an_embedded_cluster_starts_even_when_another_runs_here(ray_cluster):
     own = proc.stdout.split("GCS ", 1)[1].split()[0]
     assert own != ray_cluster.get_runtime_context().gcs_address
     assert "CLEANER ERROR" in proc.stdout, proc.stdout
+    assert proc.stdout.split("FOUND ", 1)[1].split()[0] == own  # not "multiple active Ray instances"
     assert "ANSWERED " in proc.stdout, proc.stdout
     console = proc.stdout + proc.stderr
     assert not [line for line in console.splitlines() if "ServeController" in line or "ProxyActor" in line
