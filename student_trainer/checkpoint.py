@@ -9,6 +9,7 @@ import torch
 from student_trainer.config import ModelConfig, from_plain, to_plain
 from student_trainer.factory import create_student
 from student_trainer.teacher.outputs import split_ensemble_fingerprint
+from teacher_service.model import no_random_init_warning
 
 MODEL_FILE = "model.pt"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -33,7 +34,8 @@ def load_model_config(directory: str | Path) -> ModelConfig:
 def load_student(directory: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, ModelConfig]:
     """Rebuild the architecture from its saved config and load the weights (eval mode)."""
     model_cfg = load_model_config(directory)
-    model = create_student(ModelConfig(name=model_cfg.name, overrides=model_cfg.overrides), device)
+    with no_random_init_warning():  # its weights come from model.pt, next
+        model = create_student(ModelConfig(name=model_cfg.name, overrides=model_cfg.overrides), device)
     state = torch.load(Path(directory) / MODEL_FILE, map_location=device, weights_only=True)
     model.load_state_dict(state)
     return model.eval(), model_cfg

@@ -167,9 +167,10 @@ class _DropRandomInitWarning(logging.Filter):
 
 
 @contextlib.contextmanager
-def _no_random_init_warning():
+def no_random_init_warning():
     """open_clip warns on the root logger that a model made without a pretrained tag is random;
-    a teacher whose weights come from a local file next is not, so that warning would mislead."""
+    a model whose weights come from a local file next (a teacher checkpoint, a student loaded for
+    evaluation) is not, so that warning would mislead."""
     drop = _DropRandomInitWarning()
     logging.getLogger().addFilter(drop)
     try:
@@ -193,7 +194,7 @@ def load_teacher(cfg: TeacherConfig) -> FrozenTeacher:
     device = resolve_device(cfg.device)
     local = cfg.pretrained is not None and os.path.isfile(os.path.expanduser(cfg.pretrained))
     tag = None if (cfg.pretrained is None or local) else cfg.pretrained
-    with torch.random.fork_rng(devices=[]), (_no_random_init_warning() if local else contextlib.nullcontext()):
+    with torch.random.fork_rng(devices=[]), (no_random_init_warning() if local else contextlib.nullcontext()):
         torch.manual_seed(cfg.seed)
         model = open_clip.create_model(cfg.model, pretrained=tag, output_dict=True, **cfg.overrides)
     if local:

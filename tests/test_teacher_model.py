@@ -209,6 +209,23 @@ def test_only_a_randomly_initialised_teacher_says_it_has_no_pretrained_weights(t
     assert [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]
 
 
+def test_a_student_loaded_from_its_checkpoint_does_not_say_it_is_random(tmp_path, caplog):
+    from student_trainer.checkpoint import load_student, save_student
+    from student_trainer.config import ModelConfig
+    from student_trainer.factory import create_student
+
+    cfg = ModelConfig(name="digits-student")
+    with caplog.at_level(logging.INFO):
+        trained = create_student(cfg)
+    assert [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]  # true here
+    save_student(trained, cfg, tmp_path)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        loaded, _ = load_student(tmp_path)
+    assert not [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trained.state_dict().values()))
+
+
 def test_wrong_architecture_checkpoint_names_file_and_keys(tmp_path):
     other = {**TINY, "vision_cfg": {**TINY["vision_cfg"], "width": 96}}
     wrong = open_clip.create_model("ViT-B-32", pretrained=None, **other)
