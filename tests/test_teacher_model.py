@@ -1,6 +1,7 @@
 """TeacherConfig, preprocessing, checkpoint loading, freezing, fingerprint and encode()."""
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -195,34 +196,57 @@ def test_load_checkpoint_variants_reproduce_outputs_and_fingerprint(tmp_path):
             np.testing.assert_array_equal(got[k], want[k], err_msg=kind)
 
 
-def test_only_a_randomly_initialised_teacher_says_it_has_no_pretrained_weights(tmp_path, caplog):
+@contextlib.contextmanager
+def logged_at_info():
+    """Every record that reaches the root logger at INFO and above, in a handler of this test's own:
+    pytest's caplog handler lives for the session, and a command run in-process earlier (a quiet
+    `kd demo`) may have given it the console filter that drops INFO and this very warning."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    root, handler = logging.getLogger(), Keep(logging.INFO)
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def _says_random(records: list[logging.LogRecord]) -> bool:
+    return any("No pretrained weights loaded" in r.getMessage() for r in records)
+
+
+def test_only_a_randomly_initialised_teacher_says_it_has_no_pretrained_weights(tmp_path):
     """open_clip's "No pretrained weights loaded" is true for pretrained=None, false for a local file."""
     path = _save_variants(load_teacher(tiny_cfg(seed=1)).model, tmp_path)["plain"]
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
+    with logged_at_info() as records:
         load_teacher(tiny_cfg(pretrained=str(path)))
-    assert not [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]
-    assert any(f"weights loaded from {path}" in r.getMessage() for r in caplog.records)
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
+    assert not _says_random(records)
+    assert any(f"weights loaded from {path}" in r.getMessage() for r in records)
+    with logged_at_info() as records:
         load_teacher(tiny_cfg())
-    assert [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]
+    assert _says_random(records)
 
 
-def test_a_student_loaded_from_its_checkpoint_does_not_say_it_is_random(tmp_path, caplog):
+def test_a_student_loaded_from_its_checkpoint_does_not_say_it_is_random(tmp_path):
     from student_trainer.checkpoint import load_student, save_student
     from student_trainer.config import ModelConfig
     from student_trainer.factory import create_student
 
     cfg = ModelConfig(name="digits-student")
-    with caplog.at_level(logging.INFO):
+    with logged_at_info() as records:
         trained = create_student(cfg)
-    assert [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]  # true here
+    assert _says_random(records)  # true here
     save_student(trained, cfg, tmp_path)
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
+    with logged_at_info() as records:
         loaded, _ = load_student(tmp_path)
-    assert not [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]
+    assert not _says_random(records)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trained.state_dict().values()))
 
 
