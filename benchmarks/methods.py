@@ -19,10 +19,10 @@ The teacher is a trained student-format checkpoint (model.pt + model_config.json
 demo's `<workdir>/teacher`), deployed once as a Serve app that every run shares.
 
     python benchmarks/methods.py --teacher-dir /tmp/kd-demo-full/teacher --epochs 10 --seeds 0 1 \
-        --grid 0.25 1 4 --choose benchmarks/results/methods_calibration.json \
+        --grid 0.25 1 4 --choose benchmarks/results/methods_weights.json \
         --out benchmarks/results/methods_calibration.md
     python benchmarks/methods.py --teacher-dir /tmp/kd-demo-full/teacher --epochs 10 --seeds 0 1 2 3 4 \
-        --weights-from benchmarks/results/methods_calibration.json --out benchmarks/results/methods.md
+        --weights-from benchmarks/results/methods_weights.json --out benchmarks/results/methods.md
 """
 from __future__ import annotations
 
@@ -765,6 +765,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         return rerender(Path(args.out))
     if not args.teacher_dir:
         parser.error("--teacher-dir is required (a trained teacher, e.g. the demo's <workdir>/teacher)")
+    if args.choose and Path(args.choose).resolve() == Path(args.out).with_suffix(".json").resolve():
+        parser.error(f"--choose {args.choose} is the report's own JSON (--out {args.out} writes it): the chosen "
+                     f"factors would replace the runs; name another file, e.g. methods_weights.json")
 
     from ray import serve
 

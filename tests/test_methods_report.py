@@ -96,3 +96,12 @@ def test_a_calibration_row_is_reused_under_the_report_name_of_the_same_weights(t
     assert set(report_rows) == {"clip + fd", "clip + fd (init from teacher)"}
     found = methods.reusable_runs([str(path)], meta, report_rows)
     assert found == {("clip + fd", 1): {"seed": 1, "zero_shot_top1": 0.7, "reused_from": str(path)}}
+
+
+def test_the_chosen_factors_may_not_replace_the_calibration_report(tmp_path, capsys):
+    """--choose naming --out's own JSON would overwrite the per-run report with the factors (it did)."""
+    out = tmp_path / "cal.md"
+    with pytest.raises(SystemExit):
+        methods.main(["--teacher-dir", str(tmp_path), "--out", str(out), "--choose", str(tmp_path / "cal.json")])
+    assert "is the report's own JSON" in capsys.readouterr().err
+    assert not (tmp_path / "cal.json").exists()
