@@ -551,7 +551,7 @@ def pool_lines(meta: dict) -> list[str]:
     if not pool or not pool.get("samples"):
         return []
     ratio = pool["samples_computed"] / pool["samples"]
-    reused = (f" Counts cover the {meta.get('reused_runs')} runs trained here, not the runs reused from "
+    reused = (f" Counts cover the runs trained here, not the {meta.get('reused_runs')} runs reused from "
               f"{', '.join(f'`{f}`' for f in meta.get('reuse_from', []))}." if meta.get("reused_runs") else "")
     return [f"- One teacher pool served every run, {meta.get('concurrent', 1)} `kd train` processes at a time "
             f"(`cluster.sweep.run_sweep`, what `kd sweep` runs; the runs of one seed together). It answered "
