@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from student_trainer.config import ModelConfig, from_plain, to_plain
+from student_trainer.config import ModelConfig, TeacherSourceConfig, from_plain, to_plain
 from student_trainer.factory import create_student
 from student_trainer.teacher.outputs import split_ensemble_fingerprint
 from teacher_service.model import no_random_init_warning
@@ -61,11 +61,11 @@ def provenance(cfg, teacher_info: dict, init: dict | None = None) -> dict:
     return record
 
 
-def _where(teacher) -> dict:
+def _where(teacher: TeacherSourceConfig) -> dict:
     """Where one teacher's outputs come from (mode, app, cache root and, in a root holding several
     teachers, which one's rows)."""
     return {"mode": teacher.mode, "app_name": teacher.app_name if teacher.mode in ("remote", "hybrid") else None,
-            "cache_path": teacher.cache_path, "cache_teacher": getattr(teacher, "cache_teacher", None)}
+            "cache_path": teacher.cache_path, "cache_teacher": teacher.cache_teacher}
 
 
 def read_provenance(directory: str | Path) -> dict | None:
