@@ -30,10 +30,15 @@ def deploy(cfg: TeacherConfig, access_log: bool = True) -> DeploymentHandle:
     that deployed the app would otherwise print once per request (`kd demo` without --verbose);
     requests and latencies stay counted in `collect_stats` and Serve's metrics.
 
+    Serve, when this starts it, runs without HTTP proxies: the pool is reached through handles and
+    its own gRPC ingress, so a proxy actor per node would only cost memory and CPU (on a 2-core
+    machine, the student's). A Serve instance already running keeps the options it was started with.
+
     With `cfg.grpc_port` set, also (re)starts the app's gRPC ingress on this node
     (`grpc.ingress.start_ingress`; `grpc.ingress.ingress_address(app)` says where it listens);
     without, stops an ingress a previous deploy of the app started.
     """
+    serve.start(proxy_location="Disabled")  # no effect on a Serve instance already running
     handle = serve.run(build_app(cfg), name=cfg.app_name, route_prefix=None, blocking=False,
                        logging_config=None if access_log else {"enable_access_log": False})
     if cfg.grpc_port is not None:

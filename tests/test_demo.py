@@ -123,6 +123,7 @@ def test_an_embedded_cluster_starts_even_when_another_runs_here(ray_cluster):
             "cfg = TeacherConfig(overrides=tiny_teacher_overrides(), app_name='quiet-app', num_cpus=0.5); "
             "handle = deploy(cfg, access_log=True); [handle.info.remote().result(timeout_s=120) for _ in range(3)]; "
             "print('ANSWERED', handle.info.remote().result(timeout_s=120)['fingerprint']); "
+            "from ray import serve; print('PROXIES', len(serve.status().proxies)); "
             "import time; time.sleep(2); ray.shutdown()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -132,6 +133,7 @@ def test_an_embedded_cluster_starts_even_when_another_runs_here(ray_cluster):
     assert "CLEANER ERROR" in proc.stdout, proc.stdout
     assert proc.stdout.split("FOUND ", 1)[1].split()[0] == own  # not "multiple active Ray instances"
     assert "ANSWERED " in proc.stdout, proc.stdout
+    assert "PROXIES 0" in proc.stdout, proc.stdout  # deploy() started Serve without an HTTP proxy (unused)
     console = proc.stdout + proc.stderr
     assert not [line for line in console.splitlines() if "ServeController" in line or "ProxyActor" in line
                 or "CALL info" in line], console
