@@ -24,6 +24,16 @@ class StepProfile:
         self._wait_s = wait_s
         self.totals = dict.fromkeys(PARTS, 0.0)
         self.steps = 0
+        self._cpu_start = (time.process_time(), time.thread_time())  # made on the loop's thread
+
+    def background_cpu_s(self) -> float:
+        """CPU seconds this process spent outside the loop's thread since the profile began: Ray's
+        core-worker threads sending requests and receiving answers, the Serve handle's router,
+        data readers. Not a part of the step's wall time: on a free core it overlaps the step, on a
+        shared one (a student pinned to one core) it is taken from the step's compute. Call it
+        from the loop's thread."""
+        process, thread = time.process_time(), time.thread_time()
+        return max(0.0, (process - self._cpu_start[0]) - (thread - self._cpu_start[1]))
 
     def iterate(self, items: Iterable[T]) -> Iterator[T]:
         """Yield `items`, charging each `next()` to data/teacher_wait and the caller's loop body,
@@ -54,7 +64,10 @@ class StepProfile:
             self.totals[name] += time.perf_counter() - start
 
     def as_metrics(self) -> dict[str, float]:
-        """`step_<part>_ms`: mean milliseconds per step of each part (empty before the first step)."""
+        """`step_<part>_ms`: mean milliseconds per step of each part, and `step_background_cpu_ms`
+        (`background_cpu_s` per step); empty before the first step."""
         if not self.steps:
             return {}
-        return {f"step_{p}_ms": round(1000.0 * s / self.steps, 3) for p, s in self.totals.items()}
+        metrics = {f"step_{p}_ms": round(1000.0 * s / self.steps, 3) for p, s in self.totals.items()}
+        metrics["step_background_cpu_ms"] = round(1000.0 * self.background_cpu_s() / self.steps, 3)
+        return metrics

@@ -139,6 +139,7 @@ def test_smoke_run_of_every_section(ray_cluster, tmp_path):
     names = {r["name"] for r in doc["records"]}
     for mode in modes:
         assert f"samples/s ({mode})" in names and f"step compute ({mode})" in names
+        assert f"step background_cpu ({mode})" in names
     assert any(n.startswith("served / direct") for n in names)
     assert any(n.startswith("answered without own forward (shared, 2 run(s))") for n in names)
     assert all(r["kind"] == "model" or r["kind"] == "derived" for r in doc["records"] if r["section"] == "scale")

@@ -10,7 +10,8 @@ own compute (the cache row isolates it: no teacher runs there at all). Every run
 same views, so coalescing is off: otherwise the pool would answer later runs from its table of
 recent rows and their teacher-seconds would be zero. Each mode also gets its step profile
 (`student_trainer.profile`: data, teacher wait, converting the answers, compute, the loop's own
-work, in ms per step), so a gap to `none` reads as the part that grew.
+work, in ms per step), so a gap to `none` reads as the part that grew, and the CPU the process's
+other threads used per step (the cost of sending and receiving that no wall-time part shows).
 """
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ from pathlib import Path
 from ray import serve
 
 from student_trainer.profile import PARTS
+
+PROFILED = (*PARTS, "background_cpu")
+BACKGROUND_NOTE = ("CPU of the student process's other threads (Ray's core worker, the Serve handle's router, "
+                   "data readers); with the student pinned to one core it is taken from the step")
 from teacher_service.shards import resolve_shards, shard_sample_counts
 from student_trainer.train import run_training
 from teacher_service.app import collect_stats, deploy
@@ -57,7 +62,7 @@ def run_mode(run: BenchRun, mode: str, rep: int, handle, caches: dict) -> dict:
     return {"samples_per_s": metrics["train_samples_per_s"], "memory_mb": memory,
             "teacher_wait_s": metrics.get("teacher_wait_s", 0.0), "teacher_s": teacher_s,
             "epoch_time_s": metrics.get("epoch_time_s"),
-            "profile": {part: metrics.get(f"step_{part}_ms") for part in PARTS}}
+            "profile": {part: metrics.get(f"step_{part}_ms") for part in PROFILED}}
 
 
 def precompute_cache(run: BenchRun, out: Path) -> dict:
@@ -124,10 +129,11 @@ def _record_modes(run: BenchRun, results: dict[str, list[dict]]) -> None:
                       "hybrid": "pool forward time (cold: every sample a miss)",
                       "cache": "none at train time", "none": "no teacher"}[mode])
         run.add(SECTION, f"teacher wait ({mode})", "s", [r["teacher_wait_s"] for r in runs], params=params)
-        for part in PARTS:  # where a step's time goes (student_trainer.profile), rank 0's last epoch
+        for part in PROFILED:  # where a step's time goes (student_trainer.profile), rank 0's last epoch
             values = [r["profile"][part] for r in runs if r.get("profile", {}).get(part) is not None]
             if values:
-                run.add(SECTION, f"step {part} ({mode})", "ms/step", values, params=params)
+                run.add(SECTION, f"step {part} ({mode})", "ms/step" if part in PARTS else "CPU ms/step", values,
+                        params=params, note="" if part in PARTS else BACKGROUND_NOTE)
         if base and mode != "none":
             ratios = [r["samples_per_s"] / b["samples_per_s"] for r, b in zip(runs, base)]
             run.add(SECTION, f"samples/s ratio to none ({mode})", "x", ratios, params=params, kind="derived",
