@@ -49,6 +49,47 @@ def test_pin_process_pins_this_process():
         os.sched_setaffinity(0, before)
 
 
+TWO_CORES = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+
+
+def _in_a_fresh_process(code: str) -> str:
+    """Affinity and Ray's state belong to a process: run `code` in a new interpreter, return stdout."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
+@TWO_CORES
+def test_a_process_started_on_the_teachers_core_can_pin_itself_to_a_students_core():
+    """A worker forked by a raylet kept on the teacher's cores widens its own set to the students'."""
+    out = _in_a_fresh_process(
+        "import os; from teacher_service.affinity import pin_process\n"
+        "cores = sorted(os.sched_getaffinity(0)); os.sched_setaffinity(0, {cores[-1]})\n"
+        "print(pin_process([cores[0]]) == [cores[0]] == sorted(os.sched_getaffinity(0)))")
+    assert out == "True"
+
+
+@TWO_CORES
+def test_an_embedded_benchs_driver_and_ray_processes_go_to_the_teachers_cores_and_nothing_else_moves():
+    from cluster.bench.cores import keep_ray_on_teacher_cores
+
+    out = _in_a_fresh_process(
+        "import os; from cluster.bench.cores import keep_ray_on_teacher_cores, plan_cores\n"
+        "cores = sorted(os.sched_getaffinity(0)); plan = plan_cores(True, cores=cores)\n"
+        "os.environ.pop('RAY_ADDRESS', None)\n"
+        "print(keep_ray_on_teacher_cores(plan, None) == plan.teacher == sorted(os.sched_getaffinity(0)),"
+        " 'teacher' in plan.note)")
+    assert out == "True True"
+    before = os.sched_getaffinity(0)
+    separated = plan_cores(True, cores=sorted(before))
+    assert keep_ray_on_teacher_cores(separated, "ray://elsewhere:10001") is None  # an existing cluster
+    assert keep_ray_on_teacher_cores(plan_cores(False, cores=sorted(before)), None) is None  # --no-pin
+    assert os.sched_getaffinity(0) == before
+
+
 def test_identity_cost_is_a_positive_time_per_sample_per_repeat():
     values = identity_us_per_sample(side=16, batch=4, context_length=8, repeats=2, rounds=1)
     assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values)
@@ -139,7 +180,8 @@ def test_smoke_run_of_every_section(ray_cluster, tmp_path):
     names = {r["name"] for r in doc["records"]}
     for mode in modes:
         assert f"samples/s ({mode})" in names and f"step compute ({mode})" in names
-        assert f"step background_cpu ({mode})" in names
+        assert f"step background_cpu ({mode})" in names and f"step compute_cpu ({mode})" in names
+    assert "teacher wait, first step (hybrid)" in names and "teacher wait, first step (none)" not in names
     assert any(n.startswith("served / direct") for n in names)
     assert any(n.startswith("answered without own forward (shared, 2 run(s))") for n in names)
     assert all(r["kind"] == "model" or r["kind"] == "derived" for r in doc["records"] if r["section"] == "scale")

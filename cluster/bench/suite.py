@@ -16,7 +16,7 @@ from pathlib import Path
 from cluster.bench.cache import run_cache
 from cluster.bench.common import BenchRun, architectures
 from cluster.bench.config import SECTIONS, BenchConfig
-from cluster.bench.cores import plan_cores
+from cluster.bench.cores import keep_ray_on_teacher_cores, plan_cores
 from cluster.bench.multi import run_multi
 from cluster.bench.pool import run_pool
 from cluster.bench.records import load_average, machine_info, now_iso
@@ -51,6 +51,7 @@ def run_suite(cfg: BenchConfig, command: str) -> dict:
 
     cfg.validate()
     plan = plan_cores(cfg.pin_cores, cfg.teacher_cores, cfg.student_cores)
+    keep_ray_on_teacher_cores(plan, cfg.address)
     print(init_ray(cfg.address, num_cpus=_ray_cpus(cfg), verbose=cfg.verbose), flush=True)
     machine = machine_info({"teacher": plan.teacher_threads, "student": plan.student_threads})
     started, t0 = now_iso(), time.perf_counter()

@@ -29,7 +29,9 @@ Presets (sizes):
          (teacher and students on separate GPUs); not yet run
 
 On one machine the teacher and the students are pinned to separate cores (half each, or
---teacher-cores/--student-cores) so the run mirrors separate machines; --no-pin on a cluster.
+--teacher-cores/--student-cores) so the run mirrors separate machines, and an embedded cluster's
+own processes (GCS, raylet, controllers) and the driver run on the teacher's side; --no-pin on a
+cluster.
 Run it on a quiet machine: figures measured next to other work are not clean (the report
 records the load average at start and end)."""
 
