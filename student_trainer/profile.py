@@ -24,6 +24,8 @@ class StepProfile:
         self._wait_s = wait_s
         self.totals = dict.fromkeys(PARTS, 0.0)
         self.steps = 0
+        self.compute_cpu_s = 0.0  # the loop thread's CPU time inside `compute`
+        self.first_wait_s = 0.0  # the first step's wait: filling the prefetch window, which nothing hides
         self._cpu_start = (time.process_time(), time.thread_time())  # made on the loop's thread
 
     def background_cpu_s(self) -> float:
@@ -48,6 +50,8 @@ class StepProfile:
             fetched = time.perf_counter()
             waited = self._wait_s() - waited_before
             self.totals["teacher_wait"] += waited
+            if not self.steps:
+                self.first_wait_s = waited
             self.totals["data"] += max(0.0, fetched - start - waited)
             timed = self.totals["convert"] + self.totals["compute"]
             yield item
@@ -57,17 +61,27 @@ class StepProfile:
 
     @contextlib.contextmanager
     def part(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
+        """Time a part of the loop body; for `compute` also the loop thread's CPU time, so a
+        compute part that grew reads as more CPU for the same work (a slower core: caches or
+        memory shared with a busy neighbour) or as time the thread was not running (other
+        processes on its core). Call it from the loop's thread."""
+        start, cpu = time.perf_counter(), time.thread_time()
         try:
             yield
         finally:
             self.totals[name] += time.perf_counter() - start
+            if name == "compute":
+                self.compute_cpu_s += time.thread_time() - cpu
 
     def as_metrics(self) -> dict[str, float]:
-        """`step_<part>_ms`: mean milliseconds per step of each part, and `step_background_cpu_ms`
-        (`background_cpu_s` per step); empty before the first step."""
+        """`step_<part>_ms`: mean milliseconds per step of each part, `step_background_cpu_ms`
+        (`background_cpu_s` per step), `step_compute_cpu_ms` (the loop thread's CPU in compute), and `teacher_wait_first_step_ms`: of the teacher wait, the
+        first step's (the window filling at the epoch's start: a fixed cost that a short run
+        spreads over few steps, a long one over many); empty before the first step."""
         if not self.steps:
             return {}
         metrics = {f"step_{p}_ms": round(1000.0 * s / self.steps, 3) for p, s in self.totals.items()}
+        metrics["step_compute_cpu_ms"] = round(1000.0 * self.compute_cpu_s / self.steps, 3)
+        metrics["teacher_wait_first_step_ms"] = round(1000.0 * self.first_wait_s, 3)
         metrics["step_background_cpu_ms"] = round(1000.0 * self.background_cpu_s() / self.steps, 3)
         return metrics

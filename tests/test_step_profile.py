@@ -26,8 +26,8 @@ def test_each_part_gets_its_own_time_and_the_wait_is_split_from_the_fetch(monkey
     monkeypatch.setattr(profile_module.time, "process_time", lambda: cpu["loop"] + cpu["other"])
 
     def stream():
-        for _ in range(2):
-            clock.advance(0.010 + 0.004, waiting=0.004)  # 10 ms reading, 4 ms blocked on the teacher
+        for waiting in (0.030, 0.004):  # the first step waits for the window to fill, the next less
+            clock.advance(0.010 + waiting, waiting=waiting)  # 10 ms reading, then blocked on the teacher
             yield "batch"
 
     prof = StepProfile(lambda: clock.wait)
@@ -36,11 +36,12 @@ def test_each_part_gets_its_own_time_and_the_wait_is_split_from_the_fetch(monkey
             clock.advance(0.001)
         with prof.part("compute"):
             clock.advance(0.050)
-            cpu["loop"] += 0.050
+            cpu["loop"] += 0.045  # 5 ms of the 50 the loop's thread was not running (another process was)
             cpu["other"] += 0.003  # e.g. Ray's threads receiving the next answer meanwhile
         clock.advance(0.002)  # the loop's own work (events, progress)
     assert prof.steps == 2
-    assert prof.as_metrics() == pytest.approx({"step_data_ms": 10.0, "step_teacher_wait_ms": 4.0,
+    assert prof.as_metrics() == pytest.approx({"step_data_ms": 10.0, "step_teacher_wait_ms": 17.0,
+                                               "teacher_wait_first_step_ms": 30.0, "step_compute_cpu_ms": 45.0,
                                                "step_convert_ms": 1.0, "step_compute_ms": 50.0,
                                                "step_other_ms": 2.0, "step_background_cpu_ms": 3.0})
 

@@ -21,17 +21,22 @@ from pathlib import Path
 from ray import serve
 
 from student_trainer.profile import PARTS
-
-PROFILED = (*PARTS, "background_cpu")
-BACKGROUND_NOTE = ("CPU of the student process's other threads (Ray's core worker, the Serve handle's router, "
-                   "data readers); with the student pinned to one core it is taken from the step")
-from teacher_service.shards import resolve_shards, shard_sample_counts
 from student_trainer.train import run_training
 from teacher_service.app import collect_stats, deploy
+from teacher_service.shards import resolve_shards, shard_sample_counts
 
 from cluster.bench.common import BenchRun, teacher_config, train_config
 from cluster.bench.config import MODES
 
+PROFILED = (*PARTS, "compute_cpu", "background_cpu")
+CPU_NOTES = {
+    "compute_cpu": "the loop thread's CPU time inside compute: the same work taking more CPU means a slower core "
+                   "(caches, memory shared with a busy neighbour); compute minus this is time the thread did not run",
+    "background_cpu": "CPU of the student process's other threads (Ray's core worker, the Serve handle's router, "
+                      "data readers); with the student pinned to one core it is taken from the step",
+}
+FIRST_WAIT_NOTE = ("of the teacher wait, the first step's: the prefetch window filling at the epoch's start, "
+                   "which no prefetch depth hides; a fixed cost per epoch, spread over this run's few steps")
 SECTION = "students"
 APP = "kd-bench-teacher"
 TARGETS = {"remote": ">= 0.95", "cache": ">= 0.98"}
@@ -61,7 +66,7 @@ def run_mode(run: BenchRun, mode: str, rep: int, handle, caches: dict) -> dict:
     memory = metrics.get("peak_gpu_mem_mb") if run.cfg.use_gpu else metrics["peak_rss_mb"]
     return {"samples_per_s": metrics["train_samples_per_s"], "memory_mb": memory,
             "teacher_wait_s": metrics.get("teacher_wait_s", 0.0), "teacher_s": teacher_s,
-            "epoch_time_s": metrics.get("epoch_time_s"),
+            "epoch_time_s": metrics.get("epoch_time_s"), "wait_first_ms": metrics.get("teacher_wait_first_step_ms"),
             "profile": {part: metrics.get(f"step_{part}_ms") for part in PROFILED}}
 
 
@@ -129,11 +134,14 @@ def _record_modes(run: BenchRun, results: dict[str, list[dict]]) -> None:
                       "hybrid": "pool forward time (cold: every sample a miss)",
                       "cache": "none at train time", "none": "no teacher"}[mode])
         run.add(SECTION, f"teacher wait ({mode})", "s", [r["teacher_wait_s"] for r in runs], params=params)
+        first = [r["wait_first_ms"] for r in runs if r.get("wait_first_ms") is not None]
+        if first and mode != "none":
+            run.add(SECTION, f"teacher wait, first step ({mode})", "ms", first, params=params, note=FIRST_WAIT_NOTE)
         for part in PROFILED:  # where a step's time goes (student_trainer.profile), rank 0's last epoch
             values = [r["profile"][part] for r in runs if r.get("profile", {}).get(part) is not None]
             if values:
                 run.add(SECTION, f"step {part} ({mode})", "ms/step" if part in PARTS else "CPU ms/step", values,
-                        params=params, note="" if part in PARTS else BACKGROUND_NOTE)
+                        params=params, note=CPU_NOTES.get(part, ""))
         if base and mode != "none":
             ratios = [r["samples_per_s"] / b["samples_per_s"] for r, b in zip(runs, base)]
             run.add(SECTION, f"samples/s ratio to none ({mode})", "x", ratios, params=params, kind="derived",
