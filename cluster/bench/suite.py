@@ -51,9 +51,9 @@ def run_suite(cfg: BenchConfig, command: str) -> dict:
 
     cfg.validate()
     plan = plan_cores(cfg.pin_cores, cfg.teacher_cores, cfg.student_cores)
+    machine = machine_info({"teacher": plan.teacher_threads, "student": plan.student_threads})  # before pinning
     keep_ray_on_teacher_cores(plan, cfg.address)
     print(init_ray(cfg.address, num_cpus=_ray_cpus(cfg), verbose=cfg.verbose), flush=True)
-    machine = machine_info({"teacher": plan.teacher_threads, "student": plan.student_threads})
     started, t0 = now_iso(), time.perf_counter()
     with _workdir(cfg) as tmp:
         work = Path(tmp)
