@@ -80,6 +80,9 @@ def quiet_driver_console() -> None:
 
 SERVE_ACTORS = ("ServeController", "ProxyActor", "ServeReplica:")
 _INFO_LINE = re.compile(r"^\s*(INFO|DEBUG)\b")  # Serve's format: "INFO 2026-12-04 14:34:38,558 proxy ... -- ..."
+# Lines of Ray's own that every quiet run printed and no user can act on: Ray Train's controller
+# starts its PreemptionWatcher with restarts, and Ray's core worker says so at error level.
+KNOWN_NOISE = re.compile(r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' .* max_restarts > 0")
 _PRINTER = "ray_print_logs"  # the name ray.init gives its printer of worker output, and ray.shutdown removes
 
 
@@ -106,13 +109,14 @@ def quiet_forwarded_serve_logs() -> bool:
 
 
 def without_serve_info(printer: Callable[[dict], None]) -> Callable[[dict], None]:
-    """`printer` of Ray's forwarded worker-output batches, without Serve actors' INFO/DEBUG lines."""
+    """`printer` of Ray's forwarded worker-output batches, without Serve actors' INFO/DEBUG lines
+    and without `KNOWN_NOISE` from any actor."""
     def print_batch(data: dict) -> None:
-        if str(data.get("actor_name") or "").startswith(SERVE_ACTORS):
-            lines = [line for line in data.get("lines", []) if not _INFO_LINE.match(line)]
-            if not lines:
-                return
-            data = {**data, "lines": lines}
-        printer(data)
+        serve_actor = str(data.get("actor_name") or "").startswith(SERVE_ACTORS)
+        lines = [line for line in data.get("lines", [])
+                 if not KNOWN_NOISE.search(line) and not (serve_actor and _INFO_LINE.match(line))]
+        if not lines:
+            return
+        printer({**data, "lines": lines})
     print_batch.drops_serve_info = True
     return print_batch

@@ -320,7 +320,16 @@ def test_forwarded_serve_info_lines_are_dropped_and_everything_else_printed():
     show({"actor_name": "ProxyActor", "pid": 3, "lines": ["  DEBUG x"]})
     show({"actor_name": "RayTrainWorker", "pid": 4, "lines": [access]})  # not Serve's: as Ray prints it
     show({"actor_name": None, "task_name": "f", "pid": 5, "lines": ["INFO from a task"]})
-    assert [(d["pid"], d["lines"]) for d in printed] == [(1, [warn]), (4, [access]), (5, ["INFO from a task"])]
+    # Ray's own notice that Ray Train's PreemptionWatcher has restarts: dropped; other errors kept
+    notice = ("[2026-12-06 20:59:55,713 E 27852 27914] core_worker.cc:2465: Actor with class name: "
+              "'PreemptionWatcher' and ID: '0e9da11f' has constructor arguments in the object store and "
+              "max_restarts > 0. If the arguments in the object store go out of scope or are lost, the actor "
+              "restart will fail.")
+    error = "[2026-12-06 20:59:56,000 E 27852 27914] core_worker.cc:999: something that matters"
+    show({"actor_name": "TrainController", "pid": 6, "lines": [notice]})
+    show({"actor_name": "TrainController", "pid": 7, "lines": [notice, error]})
+    assert [(d["pid"], d["lines"]) for d in printed] == [(1, [warn]), (4, [access]), (5, ["INFO from a task"]),
+                                                         (7, [error])]
 
 
 def test_quiet_console_keeps_warnings_on_the_console_and_everything_in_files(tmp_path):
