@@ -46,9 +46,12 @@ def process_name(pid: int) -> str:
     first = cmd.split(" ")[0]
     if first.startswith("ray::"):
         return first.split(".")[0]
-    for marker in ("raylet", "gcs_server", "log_monitor", "dashboard", "default_worker", "kd bench", "core_usage"):
-        if marker in first or (marker in cmd and marker in ("kd bench", "default_worker", "core_usage")):
-            return marker
+    for program in ("raylet", "gcs_server", "log_monitor", "dashboard"):  # Ray's daemons: the program's path
+        if program in first:
+            return program
+    for script in ("default_worker", "kd bench", "core_usage"):  # Python scripts: their arguments
+        if script in cmd:
+            return script
     return os.path.basename(first)[:40]
 
 

@@ -153,7 +153,7 @@ def main() -> None:
         p.error(f"needs two cores, this process has {cores}")
     student = cores[0] if args.student_core is None else args.student_core
     other = cores[-1] if args.other_core is None else args.other_core
-    from cluster.bench.records import machine_info
+    from cluster.bench.records import machine_info, write_atomic
 
     machine = machine_info({"student": 1, "teacher": 1})
     started = time.time()
@@ -170,10 +170,7 @@ def main() -> None:
                "load_average_start_end": [machine["load_average"][0], list(os.getloadavg())],
                "student_core": student, "other_core": other, "preset": args.preset, "steps": args.steps,
                "batch_size": args.batch_size, "repeats": args.repeats, "conditions": summary}
-        path = Path(args.out)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        tmp.replace(path)
+        write_atomic(Path(args.out), json.dumps(doc, indent=1))
 
 
 if __name__ == "__main__":

@@ -74,10 +74,11 @@ class StepProfile:
                 self.compute_cpu_s += time.thread_time() - cpu
 
     def as_metrics(self) -> dict[str, float]:
-        """`step_<part>_ms`: mean milliseconds per step of each part, `step_background_cpu_ms`
-        (`background_cpu_s` per step), `step_compute_cpu_ms` (the loop thread's CPU in compute), and `teacher_wait_first_step_ms`: of the teacher wait, the
-        first step's (the window filling at the epoch's start: a fixed cost that a short run
-        spreads over few steps, a long one over many); empty before the first step."""
+        """`step_<part>_ms`: mean milliseconds per step of each part; `step_background_cpu_ms`
+        (`background_cpu_s` per step); `step_compute_cpu_ms` (the loop thread's CPU in compute);
+        `teacher_wait_first_step_ms`: of the teacher wait, the first step's (the window filling
+        at the epoch's start: a fixed cost that a short run spreads over few steps, a long one
+        over many). Empty before the first step."""
         if not self.steps:
             return {}
         metrics = {f"step_{p}_ms": round(1000.0 * s / self.steps, 3) for p, s in self.totals.items()}

@@ -2,19 +2,10 @@
 scripted sample file (the student used 90 % of core 0, which was busy 96 %: 6 % went to others)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "core_usage.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("core_usage", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_script
 
 
 def test_the_student_core_is_split_into_the_student_and_everyone_else(tmp_path, capsys):
@@ -28,14 +19,14 @@ def test_the_student_core_is_split_into_the_student_and_everyone_else(tmp_path, 
                                   "13": ["ray::ServeReplica:app:TeacherDeployment", 0.40, [1]]}})
     path = tmp_path / "cores.jsonl"
     path.write_text("".join(json.dumps(s) + "\n" for s in samples))
-    _module().report(str(path), student_core=0, top=5)
+    load_script("core_usage").report(str(path), student_core=0, top=5)
     out = capsys.readouterr().out
     assert "0.900 of core 0" in out and "other processes on that core 6.0 %" in out and "steal 1.0 %" in out
     assert "pid 13 ray::ServeReplica" in out and "50 % of one core" in out  # (0.1 + 0.4) per second
 
 
 def test_it_reads_this_machines_cores_and_processes():
-    module = _module()
+    module = load_script("core_usage")
     cores = module.core_times()
     assert cores and all({"busy", "steal", "idle"} <= set(v) for v in cores.values())
     cpu, affinity = module.process_times()[os.getpid()]

@@ -2,15 +2,13 @@
 weight grid and the choice of weights — restated here by hand, no Ray."""
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-spec = importlib.util.spec_from_file_location("methods", Path(__file__).resolve().parents[1] / "benchmarks" / "methods.py")
-methods = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(methods)
+from benchmark_scripts import load_script
+
+methods = load_script("methods")
 
 
 def test_interval_is_the_student_t_95_percent_interval_of_the_mean():

@@ -2,26 +2,16 @@
 same repeat's idle run (drift between repeats cancels), never a best run."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "neighbour_cost.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("neighbour_cost", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_script
 
 
 def test_ratios_are_per_repeat_against_that_repeats_idle_run():
     results = {"idle": {"cpu_ms": [100.0, 200.0], "wall_ms": [100.0, 200.0]},
                "teacher": {"cpu_ms": [110.0, 200.0], "wall_ms": [120.0, 260.0]},
                "spin": {"cpu_ms": [100.0, 180.0], "wall_ms": [100.0, 180.0]}}
-    out = _module().summarise(results)
+    out = load_script("neighbour_cost").summarise(results)
     assert out["idle"]["cpu_ms"]["ratio_to_idle_median"] == 1.0
     teacher = out["teacher"]["cpu_ms"]
     assert (teacher["ratio_min"], teacher["ratio_max"]) == pytest.approx((1.0, 1.1))  # 110/100, 200/200
