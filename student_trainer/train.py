@@ -208,29 +208,42 @@ class Position:
     step: int = 0
 
 
-def _restore(module: DistillModule, optimizer: torch.optim.Optimizer, fingerprint: str,
-             allow_change: bool = False) -> tuple[Position, dict | None]:
-    """Load the latest Ray Train checkpoint, if any: its position and recorded provenance.
+@dataclass
+class Resume:
+    """The latest Ray Train checkpoint, read before the model is built: its position decides which
+    epoch's stream opens first, so that epoch's first teacher answers arrive while the model is
+    built; `load_into` then restores the weights and the optimizer."""
 
-    A run resumed against another teacher would silently mix two teachers' targets: refused.
-    """
+    position: Position
+    recorded: dict  # the checkpoint's provenance
+    model_state: dict
+    train_state: dict
+
+    def load_into(self, module: DistillModule, optimizer: torch.optim.Optimizer) -> None:
+        module.student.load_state_dict(self.model_state)
+        module.losses.load_state_dict(self.train_state["losses"])
+        optimizer.load_state_dict(self.train_state["optimizer"])
+
+
+def _read_checkpoint(fingerprint: str, allow_change: bool = False) -> Resume | None:
+    """The latest Ray Train checkpoint, if any. A run resumed against another teacher would
+    silently mix two teachers' targets: refused here, before anything is built."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return Position(), None
+        return None
     with checkpoint.as_directory() as d:
-        module.student.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu",
-                                                  weights_only=True))
+        model_state = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
         state = torch.load(Path(d) / TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
         recorded = read_provenance(d)
     recorded = recorded or {"teacher": {"fingerprint": state.get("teacher_fingerprint", "")}}
     check_same_teacher(recorded, fingerprint, "this run's checkpoint", allow_change)
-    module.losses.load_state_dict(state["losses"])
-    optimizer.load_state_dict(state["optimizer"])
     if "next_epoch" not in state:  # written at epoch ends only, before mid-epoch checkpoints existed
-        return Position(int(state["epoch"]) + 1, 0, int(state["step"])), recorded
-    return Position(int(state["next_epoch"]), int(state["next_epoch_step"]), int(state["step"])), recorded
+        position = Position(int(state["epoch"]) + 1, 0, int(state["step"]))
+    else:
+        position = Position(int(state["next_epoch"]), int(state["next_epoch_step"]), int(state["step"]))
+    return Resume(position, recorded, model_state, state)
 
 
 def _initialise(student: torch.nn.Module, cfg: TrainConfig) -> dict | None:
@@ -277,6 +290,14 @@ def _until_unavailable(groups: Iterable[list]) -> Iterator[tuple[list | None, Te
             yield group, None
     except TeacherUnavailableError as exc:
         yield None, exc
+
+
+def _raising(error: Exception) -> Iterator:
+    """A stream that raises `error` at its first item: an epoch whose stream could not be opened
+    ahead fails where a lazy stream would, at its first step, after the previous epoch's
+    checkpoint (a lost teacher there checkpoints and stops, as at any step)."""
+    raise error
+    yield  # unreachable: makes this a generator, so the error waits for the first next()
 
 
 def _every_rank_ok(ok: bool, world: int, device: torch.device) -> bool:
@@ -417,29 +438,49 @@ def train_loop_per_worker(config: dict) -> None:
     recipe = view_recipe(cfg.data.image_size, cfg.seed)
     source = make_teacher_source(cfg.teacher, run=cfg.run_name, device=str(device), recipe=recipe,
                                  view_namespace=view_namespace(recipe, "\n".join(sorted(shards))))
+    resume = _read_checkpoint(source.info.get("fingerprint", ""), cfg.teacher.allow_teacher_change)
+    position = resume.position if resume is not None else Position()
+    if resume is not None:
+        init = resume.recorded.get("init")
     options = _loss_options(cfg, source, tokenizer, shards)
     centroids = options.get("class_centroids")
     teacher_dim = source.embed_dim or (int(centroids.shape[1]) if centroids is not None else embed_dim(student))
     losses = build_losses(cfg.losses, student_dim=embed_dim(student), teacher_dim=teacher_dim, options=options,
                           teacher_dims=getattr(source, "embed_dims", None))  # several: one head per teacher
-    module = DistillModule(student, losses, preprocess_spec(student)).to(device)
-    optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    position, recorded = _restore(module, optimizer, source.info.get("fingerprint", ""),
-                                  cfg.teacher.allow_teacher_change)
-    if recorded is not None:
-        init = recorded.get("init")
-    ddp = ray.train.torch.prepare_model(module)
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     # losses that need no per-batch teacher output (clip, siglip, embed_kd with its centroids)
     # do not ask the teacher for every batch
     stream_source = source if losses.needs_teacher else NoTeacher()
     # the ranks agree every step whether the teacher answered (one tiny all-reduce) only where it can be lost
     can_lose_teacher = losses.needs_teacher and source.can_lose_teacher
-
     steps = optimizer_steps_per_epoch(cfg, shards, world)
     total_steps = steps * cfg.epochs
+
+    def open_epoch(epoch: int) -> tuple[Iterator[list], SkipCounts]:
+        """The epoch's optimizer-step groups, its first prefetch window already sent to a pool
+        (`TeacherSource.stream(eager=True)`), and its bad-sample counts (filled as it is read)."""
+        first = position.epoch_step if epoch == position.epoch else 0
+        skips = SkipCounts()
+        batches = train_batches(shards, rank=rank, world_size=world, batch_size=cfg.data.batch_size,
+                                image_size=cfg.data.image_size, epoch=epoch, seed=cfg.seed,
+                                tokenizer=tokenizer, shuffle_buffer=cfg.data.shuffle_buffer,
+                                view=cfg.data.view_of(epoch), start_batch=first * cfg.accum_steps, skips=skips)
+        batches = itertools.islice(batches, (steps - first) * cfg.accum_steps)
+        try:
+            stream = stream_source.stream(batches, view=cfg.data.view_of(epoch), eager=True)
+        except Exception as error:  # noqa: BLE001 - raised at the epoch's first step, after the last checkpoint
+            stream = _raising(error)
+        return _grouped(stream, cfg.accum_steps), skips
+
+    # the first epoch's first answers are computed while the module, optimizer and DDP are built
+    upcoming = open_epoch(position.epoch) if position.epoch < cfg.epochs else None
+    module = DistillModule(student, losses, preprocess_spec(student)).to(device)
+    optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    if resume is not None:
+        resume.load_into(module, optimizer)
+    ddp = ray.train.torch.prepare_model(module)
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     run_start = time.perf_counter()
     step, samples_done = position.step, 0
     events = RunEvents.for_rank(cfg.storage_path, cfg.run_name, rank)
@@ -468,13 +509,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     for epoch in range(position.epoch, cfg.epochs):
         first = position.epoch_step if epoch == position.epoch else 0
-        skips = SkipCounts()  # bad samples this epoch, by reason (summed over ranks when reported)
-        batches = train_batches(shards, rank=rank, world_size=world, batch_size=cfg.data.batch_size,
-                                image_size=cfg.data.image_size, epoch=epoch, seed=cfg.seed,
-                                tokenizer=tokenizer, shuffle_buffer=cfg.data.shuffle_buffer,
-                                view=cfg.data.view_of(epoch), start_batch=first * cfg.accum_steps, skips=skips)
-        batches = itertools.islice(batches, (steps - first) * cfg.accum_steps)
-        groups = _grouped(stream_source.stream(batches, view=cfg.data.view_of(epoch)), cfg.accum_steps)
+        groups, skips = upcoming  # skips: bad samples this epoch, by reason (summed over ranks when reported)
         sums: dict[str, float] = {}
         epoch_start = time.perf_counter()
         profile = StepProfile(lambda: source.stats.wait_s)
@@ -518,6 +553,8 @@ def train_loop_per_worker(config: dict) -> None:
                 _report(metrics, module, optimizer, cfg, Position(epoch, i + 1, step), init)
         metrics = metrics_of(sums, skips, epoch, steps, first, epoch_start, profile)
         events.report(step, metrics)
+        # the next epoch's first answers are computed while this epoch's checkpoint is written
+        upcoming = open_epoch(epoch + 1) if epoch + 1 < cfg.epochs else None
         _report(metrics, module, optimizer, cfg, Position(epoch + 1, 0, step), init)
     events.close()
 

@@ -270,7 +270,7 @@ class _Recording:
         self.info = {"fingerprint": fingerprint, "model": f"m{dim}", "logit_scale": 50.0, "logit_bias": None}
         self.stats = TeacherStats()
 
-    def stream(self, batches, view=None):
+    def stream(self, batches, view=None, eager=False):
         for batch in batches:
             self.asked.append(list(batch.keys))
             self.stats.requests += 1
@@ -427,3 +427,23 @@ def test_both_pools_get_their_first_window_before_either_is_waited_on(monkeypatc
     cfg = TeacherSourceConfig(mode="remote", prefetch=2, sources=[{"app_name": "a"}, {"app_name": "b"}])
     list(make_teacher_source(cfg, run="ens").stream(make_batches(5), view=0))
     assert waited_on_a_with_b_sent[0] == 3  # b's batches 0..2 were out when a's batch 0 was first awaited
+
+
+def test_an_eager_ensemble_stream_has_every_pools_window_in_flight_when_it_returns(monkeypatch):
+    """`stream(eager=True)` on an ensemble opens every member at the call (the loop overlaps the
+    first answers with its set-up); a lazy one asks no pool before its first `next()`."""
+    import teacher_service.app as app
+    from test_teacher_client import FakeHandle, make_batches
+
+    from student_trainer.teacher.sources import make_teacher_source
+
+    handles = {"a": FakeHandle("fp-a"), "b": FakeHandle("fp-b")}
+    monkeypatch.setattr(app, "get_teacher_handle", lambda name, timeout_s=60.0: handles[name])
+    cfg = TeacherSourceConfig(mode="remote", prefetch=2, sources=[{"app_name": "a"}, {"app_name": "b"}])
+    multi = make_teacher_source(cfg, run="ens")
+    lazy = multi.stream(make_batches(4), view=0)
+    assert [len(h.sent) for h in handles.values()] == [0, 0]
+    eager = multi.stream(make_batches(4), view=1, eager=True)
+    assert [len(h.sent) for h in handles.values()] == [3, 3]
+    assert len(list(eager)) == 4 and len(list(lazy)) == 4
+    assert [len(h.sent) for h in handles.values()] == [8, 8]

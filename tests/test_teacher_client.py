@@ -180,6 +180,30 @@ def test_prefetch_window_is_bounded_and_runs_ahead(monkeypatch, sleeps, prefetch
     assert all(t == 7.0 for t in handle.result_timeouts)  # every wait is bounded by cfg.timeout_s
 
 
+@pytest.mark.parametrize("mode", ["remote", "hybrid"])
+def test_an_eager_stream_has_its_first_window_in_flight_when_it_returns(monkeypatch, sleeps, tmp_path, mode):
+    """`stream(eager=True)` sends the first prefetch window at the call (the loop builds its model
+    or writes a checkpoint meanwhile); a lazy stream sends nothing before its first `next()`. Both
+    answer every batch with its own rows, in order."""
+    handle = FakeHandle()
+    info = {"fingerprint": handle.fingerprint, "embed_dim": DIM, "app_name": APP, "context_length": 5,
+            "logit_scale": 1 / 0.07}
+    handle.info = FakeMethod(lambda: FakeResponse(handle, None, lambda: info))
+    monkeypatch.setattr(app, "get_teacher_handle", lambda app_name, timeout_s=60.0: handle)
+    cfg = TeacherSourceConfig(mode=mode, app_name=APP, prefetch=2, cache_path=str(tmp_path / "cache"))
+    source = teacher_client.make_teacher_source(cfg, run="eager-run")
+    lazy = source.stream(make_batches(4), view=0)
+    assert handle.sent == []
+    eager = source.stream(make_batches(5), view=1, eager=True)
+    assert [r.keys[0] for r in handle.sent] == ["s-0", "s-4", "s-8"]  # batches 0..prefetch
+    for stream, n in ((eager, 5), (lazy, 4)):
+        answered = [(batch.keys, out.image_features) for batch, out in stream]
+        assert [keys for keys, _ in answered] == [[f"s-{t * B + i}" for i in range(B)] for t in range(n)]
+        for keys, features in answered:
+            np.testing.assert_array_equal(features, key_features(keys))
+    assert len(handle.sent) == 9
+
+
 def test_prefetch_overlaps_compute_of_later_batches(monkeypatch, sleeps):
     """With prefetch=2, batches 1 and 2 are already requested when batch 0 is handed to the trainer."""
     handle = FakeHandle()

@@ -14,9 +14,9 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from student_trainer.data.batches import Batch
 from student_trainer.teacher.outputs import EnsembleOutputs, TeacherOutputs, ensemble_fingerprint
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 
@@ -84,13 +85,15 @@ class TeacherSource:
     needs_cache = False
     can_lose_teacher = False
     computes_centroids = False
-    submits_ahead = False  # whether stream() takes eager=True (requests out before the first next())
     embed_dim: int | None = None
     info: dict = {}
     stats: TeacherStats
 
-    def stream(self, batches: Iterable[Batch], view: int | None = None
+    def stream(self, batches: Iterable[Batch], view: int | None = None, eager: bool = False
                ) -> Iterator[tuple[Batch, TeacherOutputs | None]]:
+        """`(batch, outputs)` for each batch, in order. `eager`: a source that asks a pool sends its
+        first prefetch window now, not at the first `next()`, so the first answers arrive while the
+        caller does other work (builds the model, writes a checkpoint); the others ignore it."""
         raise NotImplementedError
 
 
@@ -102,7 +105,7 @@ class NoTeacher(TeacherSource):
     def __init__(self) -> None:
         self.stats = TeacherStats()
 
-    def stream(self, batches: Iterable[Batch], view: int | None = None
+    def stream(self, batches: Iterable[Batch], view: int | None = None, eager: bool = False
                ) -> Iterator[tuple[Batch, TeacherOutputs | None]]:
         for batch in batches:
             yield batch, None
@@ -126,7 +129,7 @@ class InlineTeacher(TeacherSource):
         self.run = run
         self.stats = TeacherStats()
 
-    def stream(self, batches: Iterable[Batch], view: int | None = None
+    def stream(self, batches: Iterable[Batch], view: int | None = None, eager: bool = False
                ) -> Iterator[tuple[Batch, TeacherOutputs]]:
         for batch in batches:
             start = time.perf_counter()
@@ -150,7 +153,6 @@ class RemoteTeacher(TeacherSource):
     """
 
     mode, needs_app, can_lose_teacher, computes_centroids = "remote", True, True, True
-    submits_ahead = True  # stream(..., eager=True) sends its first window at once
 
     def __init__(self, cfg: TeacherSourceConfig, run: str, view_namespace: str = "") -> None:
         from teacher_service.app import get_teacher_handle
@@ -206,7 +208,7 @@ class RemoteTeacher(TeacherSource):
 
     def stream(self, batches: Iterable[Batch], view: int | None = None, eager: bool = False
                ) -> Iterator[tuple[Batch, TeacherOutputs]]:
-        """`eager`: the first window's requests go out now, not at the first `next()` (see `stream_parts`)."""
+        """`eager`: the first window's requests go out now, not at the first `next()` (`stream_parts`)."""
         return ((batch, outputs) for batch, outputs in
                 self.stream_parts(((batch, batch) for batch in batches), view, eager=eager))
 
@@ -351,6 +353,11 @@ def _is_request_error(exc: BaseException) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # embedding cache sources
+
+
+def _lazily(open_stream: Callable[[], Iterator[T]]) -> Iterator[T]:
+    """`open_stream()`'s items, the stream opened at the first `next()` (closing this closes it)."""
+    yield from open_stream()
 
 
 def _take(batch: Batch, rows: np.ndarray) -> Batch:
@@ -511,7 +518,7 @@ class CachedTeacher(_CacheSource):
         self.stats = TeacherStats(fingerprints={self.cache.fingerprint}, cache=CacheStats())
         self._init_views(verify_rows)
 
-    def stream(self, batches: Iterable[Batch], view: int | None = None
+    def stream(self, batches: Iterable[Batch], view: int | None = None, eager: bool = False
                ) -> Iterator[tuple[Batch, TeacherOutputs]]:
         from teacher_service.cache.store import CacheMissError
 
@@ -558,18 +565,22 @@ class HybridTeacher(_CacheSource):
         self.flush_every = max(1, int(flush_every))
         self._init_views(verify_rows)
 
-    def stream(self, batches: Iterable[Batch], view: int | None = None
+    def stream(self, batches: Iterable[Batch], view: int | None = None, eager: bool = False
                ) -> Iterator[tuple[Batch, TeacherOutputs]]:
+        """`eager`: the first window's misses go to the pool now (their batches are looked up now)."""
         view = self._view(view)
         self.cache.refresh()  # rows other runs appended since we opened the cache
+        return self._answers(self.remote.stream_parts(self._plans(batches, view), view, eager=eager))
 
-        def plans():
-            for batch in batches:
-                plan = self._plan(batch, view)
-                yield plan, plan.miss_batch
+    def _plans(self, batches: Iterable[Batch], view: int) -> Iterator[tuple[_Plan, Batch | None]]:
+        for batch in batches:
+            plan = self._plan(batch, view)
+            yield plan, plan.miss_batch
 
+    def _answers(self, parts: Iterator[tuple[_Plan, TeacherOutputs | None]]
+                 ) -> Iterator[tuple[Batch, TeacherOutputs]]:
         try:
-            for i, (plan, missed) in enumerate(self.remote.stream_parts(plans(), view)):
+            for i, (plan, missed) in enumerate(parts):
                 if missed is not None:
                     self._record(plan, missed)
                 yield plan.batch, self._outputs(plan, missed)
@@ -693,24 +704,27 @@ class MultiTeacher(TeacherSource):
                               None if bias is None else float(bias), info.get("fingerprint", ""),
                               answered=np.zeros(size, bool))
 
-    def stream(self, batches: Iterable[Batch], view: int | None = None
+    def stream(self, batches: Iterable[Batch], view: int | None = None, eager: bool = False
                ) -> Iterator[tuple[Batch, EnsembleOutputs]]:
+        """Every member's stream opens eagerly, so every pool computes before any is waited on;
+        `eager` opens them now, else at the first `next()`."""
+        opened = lambda: self._joined(batches, view)  # noqa: E731
+        return opened() if eager else _lazily(opened)
+
+    def _joined(self, batches: Iterable[Batch], view: int | None) -> Iterator[tuple[Batch, EnsembleOutputs]]:
         copies = itertools.tee(batches, len(self.sources) + 1)
-        # remote teachers send their first windows now: every pool computes before any is waited on
-        streams = [self._open(src, self._routed(copies[i + 1], i), view) for i, src in enumerate(self.sources)]
+        streams = [src.stream(self._routed(copies[i + 1], i), view=view, eager=True)
+                   for i, src in enumerate(self.sources)]
+        return self._zipped(copies[0], streams)
+
+    def _zipped(self, batches: Iterable[Batch], streams: list[Iterator]) -> Iterator[tuple[Batch, EnsembleOutputs]]:
         try:
-            for batch in copies[0]:
+            for batch in batches:
                 yield batch, EnsembleOutputs(tuple(self._answer(batch, i, s) for i, s in enumerate(streams)),
                                              tuple(self.names), tuple(self.weights))
         finally:
             for stream in streams:
                 stream.close()  # a hybrid teacher flushes its appended misses
-
-    @staticmethod
-    def _open(source: TeacherSource, batches: Iterable[Batch], view: int | None) -> Iterator:
-        if getattr(source, "submits_ahead", False):
-            return source.stream(batches, view=view, eager=True)
-        return source.stream(batches, view=view)
 
     def _answer(self, batch: Batch, i: int, stream: Iterator) -> TeacherOutputs:
         rows = self.rows_for(batch, i)

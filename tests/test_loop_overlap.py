@@ -1,0 +1,111 @@
+"""The training loop hides each epoch's first teacher answers behind its own set-up work: an
+epoch's stream opens eagerly (its first prefetch window sent to the pool) before the module, the
+optimizer and DDP are built (the first epoch), or before the previous epoch's checkpoint is
+written (every later one). The loop runs in this process with Ray Train's worker calls replaced
+by recorders, so the order is observed, not timed."""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from student_trainer.config import DataConfig, ModelConfig, OptimConfig, TeacherSourceConfig, TrainConfig
+from student_trainer.teacher.outputs import TeacherOutputs
+from student_trainer.teacher.sources import TeacherSource, TeacherStats
+from teacher_service.app import TeacherUnavailableError
+
+TEACHER_DIM = 48
+
+
+class RecordingSource(TeacherSource):
+    """A pool-like source that logs when a stream is opened and whether eagerly."""
+
+    mode, can_lose_teacher = "remote", True
+    embed_dim = TEACHER_DIM
+    info = {"fingerprint": "fp-recorded", "model": "recorded", "logit_scale": 50.0, "logit_bias": None}
+
+    def __init__(self, log: list, lost_at_view: int | None = None) -> None:
+        self.log, self.stats, self.lost_at_view = log, TeacherStats(), lost_at_view
+
+    def stream(self, batches, view=None, eager=False):
+        self.log.append(("stream", view, eager))
+        if view == self.lost_at_view:
+            raise TeacherUnavailableError("teacher app 'unused' is gone")
+        rng = np.random.default_rng(0)
+
+        def answers():
+            for batch in batches:
+                rows = rng.standard_normal((len(batch), TEACHER_DIM)).astype(np.float16)
+                yield batch, TeacherOutputs(rows, rows.copy(), 50.0, None, self.info["fingerprint"])
+
+        return answers()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from student_trainer.data.write_shards import write_digits_shards
+
+    out = tmp_path_factory.mktemp("digits")
+    write_digits_shards(out, image_size=32, samples_per_shard=40)
+    return out
+
+
+def run_loop(monkeypatch, shards, tmp_path, lost_at_view: int | None = None) -> list:
+    """Two epochs of two steps through `train_loop_per_worker`, in this process; the log of what happened, in order."""
+    import ray.train
+    import ray.train.torch
+
+    import student_trainer.progress as progress
+    import student_trainer.train as train
+
+    log: list = []
+
+    class LoggedModule(train.DistillModule):
+        def __init__(self, *args, **kwargs):
+            log.append("module built")
+            super().__init__(*args, **kwargs)
+
+    def prepare_model(module):
+        log.append("ddp prepared")
+        return module
+
+    def report(metrics, checkpoint=None):
+        log.append(("report", metrics["epoch"], checkpoint is not None) + (("stopped",) if "stopped" in metrics else ()))
+
+    monkeypatch.setattr(train, "make_teacher_source", lambda *a, **k: RecordingSource(log, lost_at_view))
+    monkeypatch.setattr(train, "DistillModule", LoggedModule)
+    monkeypatch.setattr(progress, "_find_board", lambda run_name: None)
+    monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_world_rank=lambda: 0,
+                                                                          get_world_size=lambda: 1))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(ray.train, "report", report)
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(ray.train.torch, "prepare_model", prepare_model)
+    cfg = TrainConfig(run_name="overlap", storage_path=str(tmp_path / "runs"), model=ModelConfig(name="digits-student"),
+                      data=DataConfig(train_shards=str(shards / "train"), image_size=32, batch_size=8, shuffle_buffer=10),
+                      teacher=TeacherSourceConfig(mode="remote", app_name="unused"),
+                      losses={"clip": 1.0, "kl": 1.0}, optim=OptimConfig(lr=1e-3, warmup_steps=1), epochs=2,
+                      max_steps_per_epoch=2, num_workers=1, torch_threads=1, log_every_steps=0)
+    umask = os.umask(0o022)
+    try:
+        train.train_loop_per_worker(cfg.to_dict())
+    finally:
+        os.umask(umask)  # the loop makes its process's files owner-only; this process is the test session's
+    return log
+
+
+def test_each_epochs_first_window_goes_out_before_the_work_it_overlaps(monkeypatch, shards, tmp_path):
+    assert run_loop(monkeypatch, shards, tmp_path) == [
+        ("stream", 0, True), "module built", "ddp prepared",  # epoch 1's window, then the model
+        ("stream", 1, True), ("report", 1, True), ("report", 2, True)]  # epoch 2's window, then epoch 1's checkpoint
+
+
+def test_a_teacher_lost_while_the_next_epoch_opens_still_gets_the_epochs_checkpoint(monkeypatch, shards, tmp_path):
+    """Opening epoch 2 ahead meets a lost teacher: epoch 1's checkpoint is still written, and the
+    loss surfaces at epoch 2's first step, which checkpoints and stops (resumable), as before."""
+    assert run_loop(monkeypatch, shards, tmp_path, lost_at_view=1) == [
+        ("stream", 0, True), "module built", "ddp prepared",
+        ("stream", 1, True), ("report", 1, True), ("report", 2, True, "stopped")]
