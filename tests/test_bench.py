@@ -182,6 +182,8 @@ def test_smoke_run_of_every_section(ray_cluster, tmp_path):
         assert f"samples/s ({mode})" in names and f"step compute ({mode})" in names
         assert f"step background_cpu ({mode})" in names and f"step compute_cpu ({mode})" in names
     assert "teacher wait, first step (hybrid)" in names and "teacher wait, first step (none)" not in names
+    assert {"teacher wait, later steps (hybrid)", "pool headroom (hybrid)"} <= names
+    assert not any(n.endswith(("later steps (cache)", "headroom (cache)", "headroom (none)")) for n in names)
     assert any(n.startswith("served / direct") for n in names)
     assert any(n.startswith("answered without own forward (shared, 2 run(s))") for n in names)
     assert all(r["kind"] == "model" or r["kind"] == "derived" for r in doc["records"] if r["section"] == "scale")
