@@ -400,6 +400,20 @@ class RayMetricsSink:
         self.pending.set(n, self._replica)
 
 
+def ray_metrics_sink(app_name: str, replica: str) -> MetricsSink | None:
+    """Ray metrics when running in a Ray worker (a replica, the gRPC ingress); None (counters
+    only) elsewhere."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        return RayMetricsSink(app_name, replica)
+    except Exception as e:  # noqa: BLE001 - metrics are an export, never a reason to fail serving
+        log.warning("teacher metrics disabled: %s", e)
+        return None
+
+
 def format_stats(info: dict[str, Any], stats: dict[str, Any]) -> str:
     """Human-readable `kd teacher status` report of `collect_stats` output."""
     def ms(v: float | None) -> str:

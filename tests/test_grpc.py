@@ -524,6 +524,45 @@ def test_the_ingress_grants_weights_and_names_from_the_token_not_the_request(tmp
     assert reached_backend_as(table, calls) == [("grpc:capped", 4.0), ("grpc:capped", 2.0), ("grpc:wide", 50.0)]
 
 
+class RecordingSink:
+    """The part of `stats.MetricsSink` a refusal reaches."""
+
+    def __init__(self) -> None:
+        self.errors: list[tuple[str, str]] = []
+
+    def error(self, run: str, kind: str) -> None:
+        self.errors.append((run, kind))
+
+
+def test_the_ingress_mirrors_its_refusals_to_its_metrics_sink(tmp_path):
+    """What the ingress refuses never reaches a replica, so only the ingress can export it: each
+    refusal goes to its sink (Ray metrics in the ingress actor) under the caller and kind."""
+    import asyncio
+
+    from teacher_service.grpc.auth import UnauthenticatedError
+    from teacher_service.grpc.client import TeacherGrpcClient
+    from teacher_service.grpc.ingress import TeacherServicer, serve_grpc
+
+    cfg = TeacherConfig.from_dict({**TINY, "grpc_token_file": str(token_file(tmp_path / "token", "s3cret"))})
+    sink, backend = RecordingSink(), RecordingBackend()
+
+    def send(target: str, token: str) -> None:
+        with TeacherGrpcClient(target, token=token, caller="probe") as client:
+            client.embed_request(EmbedRequest(keys=["a"], tokens=make_request(1).tokens))
+
+    async def scenario() -> None:
+        server, port = await serve_grpc(TeacherServicer(cfg, backend, sink=sink), "127.0.0.1", 0)
+        try:
+            with pytest.raises(UnauthenticatedError):
+                await asyncio.to_thread(send, f"127.0.0.1:{port}", "wrong")
+            await asyncio.to_thread(send, f"127.0.0.1:{port}", "s3cret")
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
+    assert sink.errors == [("grpc:127.0.0.1", "unauthenticated")] and len(backend.seen) == 1
+
+
 @pytest.mark.ray
 def test_grpc_refuses_calls_without_the_bearer_token(ray_cluster, tmp_path):
     from teacher_service.grpc.auth import UnauthenticatedError

@@ -160,10 +160,14 @@ def watch_status(app: str, monkeypatch, capsys) -> None:
 
 
 @pytest.mark.ray
-def test_teacher_metrics_reach_the_metrics_export_port(ray_cluster, monkeypatch, capsys):
+def test_teacher_metrics_reach_the_metrics_export_port(ray_cluster, monkeypatch, capsys, tmp_path):
+    """The replicas' metrics, and the refusals of the gRPC ingress (which no replica sees)."""
     import numpy as np
 
     from teacher_service import EmbedRequest, RequestError, TeacherConfig
+    from teacher_service.grpc.auth import UnauthenticatedError
+    from teacher_service.grpc.client import TeacherGrpcClient
+    from teacher_service.grpc.ingress import ingress_address
     from tiny_models import running_app
 
     app, run = "kd-teacher-dashboard-test", "dash-run"
@@ -172,12 +176,18 @@ def test_teacher_metrics_reach_the_metrics_export_port(ray_cluster, monkeypatch,
     rng = np.random.default_rng(0)
     tokens = np.zeros((4, 8), np.int64)
     tokens[:, 0], tokens[:, 1], tokens[:, 2] = 49406, 320, 49407
-    with running_app(TeacherConfig.from_dict({**TINY, "app_name": app})) as handle:
+    token = tmp_path / "token"
+    token.write_text("dash-token\n")
+    token.chmod(0o600)
+    cfg = TeacherConfig.from_dict({**TINY, "app_name": app, "grpc_port": 0, "grpc_token_file": str(token)})
+    with running_app(cfg) as handle:
         handle.embed.remote(EmbedRequest(keys=[f"k{i}" for i in range(4)], run=run, tokens=tokens,
                                          images=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
                             ).result(timeout_s=120)
         with pytest.raises(RequestError):
             handle.embed.remote(EmbedRequest(keys=[], run=run)).result(timeout_s=60)
+        with TeacherGrpcClient(ingress_address(app), app) as client, pytest.raises(UnauthenticatedError):
+            client.embed(tokens=tokens)  # no token: refused at the ingress
         after_request = {"ray_kd_teacher_requests_total", "ray_kd_teacher_samples_answered_total",
                          "ray_kd_teacher_samples_computed_total", "ray_kd_teacher_batches_total",
                          "ray_kd_teacher_queue_wait_s_bucket", "ray_kd_teacher_forward_s_bucket",
@@ -185,11 +195,18 @@ def test_teacher_metrics_reach_the_metrics_export_port(ray_cluster, monkeypatch,
                          "ray_kd_teacher_in_flight", "ray_kd_teacher_errors_total"}
         watch_status(app, monkeypatch, capsys)
         deadline, found = time.monotonic() + 90, {}  # Ray exports every few seconds
-        while time.monotonic() < deadline and not after_request <= set(found):
+        while time.monotonic() < deadline and not (after_request <= set(found) and refused_at_ingress(found)):
             time.sleep(2)
-            found = scrape(app)
+            for name, lines in scrape(app).items():  # kept once seen: an idle gauge may leave the export later
+                found.setdefault(name, []).extend(lines)
     missing = after_request - set(found)
     assert not missing, f"not at the metrics export port after 90 s: {sorted(missing)}; found {sorted(found)}"
     assert set(found) <= set(exported)  # Ray's naming is what the dashboard test assumes
     assert any(f'run="{run}"' in line for line in found["ray_kd_teacher_samples_answered_total"])
     assert any('kind="invalid"' in line for line in found["ray_kd_teacher_errors_total"])
+    assert refused_at_ingress(found), found["ray_kd_teacher_errors_total"]
+
+
+def refused_at_ingress(found: dict[str, list[str]]) -> bool:
+    return any('kind="unauthenticated"' in line and 'run="grpc:127.0.0.1"' in line
+               for line in found.get("ray_kd_teacher_errors_total", []))

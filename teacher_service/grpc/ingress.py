@@ -61,12 +61,14 @@ from teacher_service.grpc.codec import (
 from teacher_service.grpc.proto import teacher_pb2 as pb
 from teacher_service.grpc.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.contract.protocol import EmbedRequest, EmbedResponse, RequestError
-from teacher_service.stats import TeacherCounters, add_ingress, merge_stats, rss_bytes
+from teacher_service.stats import (MetricsSink, TeacherCounters, add_ingress, merge_stats, ray_metrics_sink,
+                                   rss_bytes)
 
 log = logging.getLogger(__name__)
 
 INGRESS_NAMESPACE = "kd-teacher"
 GRPC_RUN_PREFIX = "grpc:"
+INGRESS_REPLICA = "grpc-ingress"  # the ingress's counters and metrics, under the replica tag
 WATCH_INTERVAL_S = 2.0
 APP_GONE_POLLS = 2  # consecutive polls without the app before the ingress stops itself
 PROBE_TIMEOUT_S = 10.0  # an idle app whose replicas do not answer `info` within this is NOT_SERVING
@@ -123,13 +125,16 @@ class ServeBackend:
 class TeacherServicer(pb_grpc.TeacherServiceServicer):
     """rpcs Embed, Stats, Health: token, caller, size and rate checks, then the backend."""
 
-    def __init__(self, cfg: TeacherConfig, backend: TeacherBackend, clock=time.monotonic):
+    def __init__(self, cfg: TeacherConfig, backend: TeacherBackend, clock=time.monotonic,
+                 sink: MetricsSink | None = None):
+        """`sink`: where refusals are mirrored (Ray metrics in the ingress actor: `kd_teacher_errors`
+        by app, run and kind, beside the replicas' own)."""
         self.cfg = cfg
         self.backend = backend
         self.auth = TokenCheck.from_file(cfg.grpc_token_file, cfg.max_run_weight)
         self.wire_limits = WireLimits(max_request_bytes=cfg.grpc_max_request_bytes)
         self.admission = CallerAdmission(cfg.caller_limits(), clock)
-        self.counters = TeacherCounters(1, cfg.app_name, "grpc-ingress", clock=clock)
+        self.counters = TeacherCounters(1, cfg.app_name, INGRESS_REPLICA, clock=clock, sink=sink)
         self.address = ""
         self.last_answer: float | None = None  # clock time a replica last answered through this ingress
         self._clock = clock
@@ -336,7 +341,8 @@ class GrpcIngress:
 
     def __init__(self, config: dict):
         self.cfg = TeacherConfig.from_dict(config)
-        self.servicer = TeacherServicer(self.cfg, ServeBackend(self.cfg.app_name))
+        self.servicer = TeacherServicer(self.cfg, ServeBackend(self.cfg.app_name),
+                                        sink=ray_metrics_sink(self.cfg.app_name, INGRESS_REPLICA))
         self.health = AppHealth(self.cfg.app_name)
         self.servers: list[grpc.aio.Server] = []
         self.health_address = ""

@@ -33,14 +33,7 @@ from teacher_service.serve.engine import TeacherEngine
 from teacher_service.serve.references import ViewResolver
 from teacher_service.model import load_teacher
 from teacher_service.contract.protocol import EmbedRequest, EmbedResponse, RequestError, RequestLimits
-from teacher_service.stats import (
-    MetricsSink,
-    RayMetricsSink,
-    TeacherCounters,
-    add_ingress,
-    merge_stats,
-    rss_bytes,
-)
+from teacher_service.stats import TeacherCounters, ray_metrics_sink, rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +59,7 @@ class TeacherDeployment:
         self._started = time.time()
         self.replica = _replica_id()
         self.counters = TeacherCounters(self.cfg.max_batch_size, self.cfg.app_name, self.replica,
-                                        clock=self._clock, sink=_ray_sink(self.cfg.app_name, self.replica))
+                                        clock=self._clock, sink=ray_metrics_sink(self.cfg.app_name, self.replica))
         self.batcher = SampleBatcher(self._run_batch, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s)
         self._serve_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._serve_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -181,17 +174,6 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # noqa: BLE001 - outside a replica (direct construction in tests)
         return "local"
-
-
-def _ray_sink(app_name: str, replica: str) -> MetricsSink | None:
-    """Ray metrics when running in a Ray worker; None (counters only) elsewhere."""
-    if not ray.is_initialized():
-        return None
-    try:
-        return RayMetricsSink(app_name, replica)
-    except Exception as e:  # noqa: BLE001 - metrics are an export, never a reason to fail serving
-        log.warning("teacher metrics disabled: %s", e)
-        return None
 
 
 # ============================================================================================ apps
