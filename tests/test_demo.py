@@ -15,20 +15,22 @@ METRICS = ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "t2i_r1")
 
 @pytest.fixture(scope="module")
 def demo(ray_cluster, tmp_path_factory):
-    """One `kd demo --quick --teachers 2` for the module: the single-teacher path is its first half
-    (teacher, distilled student, baseline); the second teacher and the ensemble student are the rest."""
+    """One `kd demo --quick` for the module (one teacher, distilled student, baseline). `--teachers 2`
+    adds a second teacher, its app and an ensemble student: ~50 s more here, so its wiring is checked
+    below with training, Serve and evaluation stood in for, and a live run distilling from two apps
+    and recording both in its checkpoint is tests/test_ensemble_ray.py's."""
     from cluster.demo import DemoConfig, run_demo
 
     tmp_path = tmp_path_factory.mktemp("demo")
-    cfg = DemoConfig(workdir=str(tmp_path / "demo"), quick=True, app_name="kd-demo-test", teachers=2)
+    cfg = DemoConfig(workdir=str(tmp_path / "demo"), quick=True, app_name="kd-demo-test")
     return cfg, run_demo(cfg), tmp_path
 
 
 def test_quick_demo_writes_a_complete_report(demo):
     cfg, report, tmp_path = demo
     assert json.loads((tmp_path / "demo" / "report.json").read_text()) == report
-    assert set(report["models"]) == {"teacher", "teacher_2", "student_distilled", "student_ensemble",
-                                     "student_baseline"}
+    assert set(report["models"]) == {"teacher", "student_distilled", "student_baseline"}
+    assert "teacher_fingerprints" not in report and "ensemble_gain_over_baseline" not in report  # one teacher
     for row in report["models"].values():
         for metric in METRICS:
             assert 0.0 <= row[metric] <= 1.0
@@ -43,12 +45,12 @@ def test_quick_demo_writes_a_complete_report(demo):
     # the pictures (cluster.report): both students' curves, the three models' bars with the baseline
     assert report["plots"] == ["learning_curves.png", "final_metrics.png"]
     assert all((tmp_path / "demo" / p).stat().st_size > 1000 for p in report["plots"])
-    assert sorted(r.split("-")[1] for r in report["runs"]) == ["baseline", "distill", "ensemble"]
+    assert sorted(r.split("-")[1] for r in report["runs"]) == ["baseline", "distill"]
 
     # every run's TensorBoard files hold its training curves and the demo's evaluation of it
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    for name in ("teacher", "student_distilled", "student_ensemble", "student_baseline"):
+    for name in ("teacher", "student_distilled", "student_baseline"):
         run = json.loads((tmp_path / "demo" / name / "run_metrics.json").read_text())
         events = EventAccumulator(run["tensorboard"])
         events.Reload()
@@ -67,19 +69,91 @@ def test_quick_demo_writes_a_complete_report(demo):
     assert baseline["teacher"]["mode"] == "none" and baseline["teacher"]["fingerprint"] == ""
 
 
-def test_quick_demo_with_two_teachers_adds_an_ensemble_student(demo):
-    """`kd demo --teachers 2`: a second teacher (next seed, own app), and a student distilled from both."""
-    from student_trainer.checkpoint import read_provenance
+def test_quick_demo_with_two_teachers_adds_an_ensemble_student(tmp_path, monkeypatch):
+    """`kd demo --teachers 2`: a second teacher (next seed, own dir, own app), and a student distilled
+    from both apps at once, reported against the baseline. The real run_demo (data shards included)
+    with training, the Serve apps and evaluation stood in for: what it hands each of them is checked."""
+    import ray.serve
 
-    cfg, report, tmp_path = demo
+    import cluster.demo as demo_module
+    import cluster.local
+    import cluster.report
+    import student_trainer.evaluate
+    import teacher_service.app
+    from cluster.demo import DemoConfig, run_demo
+
+    trained, deployed, deleted, drawn = {}, [], [], []
+
+    def fake_train(train_cfg, out_dir, verbose=False):
+        trained[out_dir.name] = train_cfg
+        out_dir.mkdir(parents=True)
+        return {"step": 2, "wall_time_s": 1.0, "run_dir": str(tmp_path / "runs" / train_cfg.run_name)}
+
+    class Handle:  # deploy(cfg).info.remote().result(timeout_s=...)
+        def __init__(self, cfg):
+            self.info, self.cfg = self, cfg
+
+        def remote(self):
+            return self
+
+        def result(self, timeout_s):
+            return {"fingerprint": f"fp-{self.cfg.app_name}", "embed_dim": 128}
+
+    def fake_deploy(cfg, access_log=False):
+        deployed.append(cfg)
+        return Handle(cfg)
+
+    # distinct metrics per model: every gain below is a real difference of two of them
+    score = {"kd-demo-test": 0.5, "kd-demo-test-2": 0.6, "student_distilled": 0.3, "student_ensemble": 0.4,
+             "student_baseline": 0.2}
+
+    def evaluation(name):
+        return {m: score[name] + 0.01 * i for i, m in enumerate(METRICS)} | {"params": 1000}
+
+    def fake_write_report(paths, out):  # adds the pictures to report.json, as cluster.report does
+        drawn.extend(Path(p).name for p in paths)
+        doc = {**json.loads((out / "report.json").read_text()), "plots": []}
+        (out / "report.json").write_text(json.dumps(doc))
+        return doc
+
+    monkeypatch.setattr(demo_module, "_train", fake_train)
+    monkeypatch.setattr(cluster.local, "init_ray", lambda *a, **k: "stand-in cluster")
+    monkeypatch.setattr(teacher_service.app, "deploy", fake_deploy)
+    monkeypatch.setattr(ray.serve, "delete", deleted.append)
+    monkeypatch.setattr(student_trainer.evaluate, "evaluate_teacher", lambda cfg, val: evaluation(cfg.app_name))
+    monkeypatch.setattr(student_trainer.evaluate, "evaluate_checkpoint", lambda d, val: evaluation(Path(d).name))
+    monkeypatch.setattr(cluster.report, "write_report", fake_write_report)
+
+    cfg = DemoConfig(workdir=str(tmp_path / "demo"), quick=True, app_name="kd-demo-test", teachers=2)
+    report = run_demo(cfg)
+    assert json.loads((tmp_path / "demo" / "report.json").read_text()) == report
+
+    # two teachers, seeds 0 and 1, each trained into its own dir and served as its own app from there
+    assert sorted(trained) == ["student_baseline", "student_distilled", "student_ensemble", "teacher", "teacher-2"]
+    assert [trained[t].seed for t in ("teacher", "teacher-2")] == [0, 1]
+    assert all(trained[t].teacher.mode == "none" for t in ("teacher", "teacher-2"))
+    apps = ["kd-demo-test", "kd-demo-test-2"]
+    assert [d.app_name for d in deployed] == apps and sorted(deleted) == apps
+    assert [Path(d.pretrained).parent.name for d in deployed] == ["teacher", "teacher-2"]
+    assert all(d.num_cpus == 0.5 for d in deployed)  # both pools fit beside the students
+    # the ensemble student asks both apps at once; the distilled one only the first
+    ensemble = trained["student_ensemble"].teacher
+    assert ensemble.mode == "remote" and [(s["name"], s["app_name"]) for s in ensemble.sources] == [(a, a) for a in apps]
+    assert trained["student_distilled"].teacher.app_name == apps[0] and not trained["student_distilled"].teacher.sources
+    assert trained["student_baseline"].teacher.mode == "none"
+    assert trained["student_ensemble"].losses == cfg.distill_losses
+
+    assert set(report["models"]) == {"teacher", "teacher_2", "student_distilled", "student_ensemble",
+                                     "student_baseline"}
+    assert report["models"]["teacher_2"]["zero_shot_top1"] == score["kd-demo-test-2"]
     first, second = report["teacher_fingerprints"]
-    assert first == report["teacher_fingerprint"] and second != first  # another seed, another teacher
+    assert (first, second) == ("fp-kd-demo-test", "fp-kd-demo-test-2") and report["teacher_fingerprint"] == first
     for metric in METRICS:
         gap = report["models"]["student_ensemble"][metric] - report["models"]["student_baseline"][metric]
-        assert report["ensemble_gain_over_baseline"][metric] == pytest.approx(gap, abs=1e-4)
-    ensemble = read_provenance(tmp_path / "demo" / "student_ensemble")
-    assert [t["fingerprint"] for t in ensemble["teachers"]] == [first, second]
-    assert [t["app_name"] for t in ensemble["teachers"]] == ["kd-demo-test", "kd-demo-test-2"]
+        assert report["ensemble_gain_over_baseline"][metric] == pytest.approx(gap, abs=1e-4) and gap > 0.1
+        gap = report["models"]["student_distilled"][metric] - report["models"]["student_baseline"][metric]
+        assert report["gain_over_baseline"][metric] == pytest.approx(gap, abs=1e-4)
+    assert sorted(name.split("-")[1] for name in drawn) == ["baseline", "distill", "ensemble"]  # the students' curves
 
 
 def test_a_teacher_left_in_the_workdir_is_checked_before_it_is_reused(demo):
