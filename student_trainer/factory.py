@@ -56,6 +56,16 @@ def create_student(cfg: ModelConfig, device: torch.device | str = "cpu") -> torc
     return model
 
 
+def student_shape(cfg: ModelConfig) -> torch.nn.Module:
+    """The student's architecture on the meta device: its widths and context length with no memory
+    and no weights, so a worker can set up what depends only on them (the tokenizer, its first
+    teacher requests) before the real model is created. Leaves the global RNG as it found it, so
+    the real model's initialisation does not depend on whether this was called."""
+    arch, overrides = resolve_model(cfg)
+    with torch.random.fork_rng(devices=[]):
+        return open_clip.create_model(arch, pretrained=None, device="meta", output_dict=True, **overrides)
+
+
 def create_tokenizer(model: torch.nn.Module, cfg: ModelConfig) -> Callable:
     """open_clip's tokenizer for the architecture, at the model's own context length."""
     arch, _ = resolve_model(cfg)

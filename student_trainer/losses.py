@@ -752,6 +752,14 @@ class LossSet(nn.Module):
         return out
 
 
+def losses_needing_teacher(weights: Mapping[str, float], centroids_given: bool) -> list[str]:
+    """The active losses of `weights` that need per-batch teacher outputs, as their `LossSet` will
+    say (known before it is built): every distillation loss, but Embed-KD given its class centroids
+    reads those instead; clip and siglip none."""
+    return [name for name, weight in weights.items()
+            if weight and LOSSES[name].needs_teacher and not (name == "embed_kd" and centroids_given)]
+
+
 def build_losses(
     weights: Mapping[str, float], *, student_dim: int, teacher_dim: int, options: Mapping[str, Any] | None = None,
     teacher_dims: list[int] | None = None,

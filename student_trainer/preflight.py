@@ -14,7 +14,7 @@ from pathlib import Path
 
 from student_trainer.config import TeacherSourceConfig, TrainConfig
 from student_trainer.data.batches import steps_per_epoch
-from student_trainer.losses import ENSEMBLE_AVERAGES, LOSSES, OPTION_DEFAULTS
+from student_trainer.losses import ENSEMBLE_AVERAGES, LOSSES, OPTION_DEFAULTS, losses_needing_teacher
 from student_trainer.teacher.outputs import ensemble_fingerprint
 from student_trainer.teacher.sources import source_class
 from teacher_service.contract.augment import view_recipe
@@ -107,7 +107,7 @@ def _check_losses(cfg: TrainConfig, members: list[TeacherSourceConfig]) -> None:
     source = source_class(members[0].mode)
     active = [name for name, weight in cfg.losses.items() if weight]
     centroids_given = cfg.loss_options.get("class_centroids") is not None
-    per_batch = [n for n in active if LOSSES[n].needs_teacher and not (n == "embed_kd" and centroids_given)]
+    per_batch = losses_needing_teacher(cfg.losses, centroids_given)
     if per_batch and source.mode == "none":
         raise ValueError(f"losses {per_batch} need a teacher, but teacher.mode is 'none': choose inline, "
                          "remote, cache or hybrid, or drop them")

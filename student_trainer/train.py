@@ -47,8 +47,9 @@ from student_trainer.data.batches import Batch, eval_set, steps_per_epoch, train
 from teacher_service.shards import SkipCounts, load_dataset_info, resolve_shards
 from student_trainer.distributed import average_gradients, sum_over_ranks
 from student_trainer.events import RunEvents, tensorboard_dir
-from student_trainer.factory import create_student, create_tokenizer, embed_dim
-from student_trainer.losses import OPTION_DEFAULTS, LossSet, accumulated_backward, build_losses
+from student_trainer.factory import create_student, create_tokenizer, embed_dim, student_shape
+from student_trainer.losses import (OPTION_DEFAULTS, LossSet, accumulated_backward, build_losses,
+                                    losses_needing_teacher)
 from student_trainer.masking import encode_image_masked, patch_noise
 from student_trainer.profile import StepProfile
 from student_trainer.progress import (VERBOSE_KEY, ProgressPoster, StepSnapshot, format_summary,
@@ -431,27 +432,20 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device()
 
-    student = create_student(cfg.model, device)
-    init = _initialise(student, cfg)
-    tokenizer = create_tokenizer(student, cfg.model)
+    tokenizer = create_tokenizer(student_shape(cfg.model), cfg.model)  # the real model is created below
     shards = resolve_shards(cfg.data.train_shards)
     recipe = view_recipe(cfg.data.image_size, cfg.seed)
     source = make_teacher_source(cfg.teacher, run=cfg.run_name, device=str(device), recipe=recipe,
                                  view_namespace=view_namespace(recipe, "\n".join(sorted(shards))))
     resume = _read_checkpoint(source.info.get("fingerprint", ""), cfg.teacher.allow_teacher_change)
     position = resume.position if resume is not None else Position()
-    if resume is not None:
-        init = resume.recorded.get("init")
     options = _loss_options(cfg, source, tokenizer, shards)
-    centroids = options.get("class_centroids")
-    teacher_dim = source.embed_dim or (int(centroids.shape[1]) if centroids is not None else embed_dim(student))
-    losses = build_losses(cfg.losses, student_dim=embed_dim(student), teacher_dim=teacher_dim, options=options,
-                          teacher_dims=getattr(source, "embed_dims", None))  # several: one head per teacher
     # losses that need no per-batch teacher output (clip, siglip, embed_kd with its centroids)
     # do not ask the teacher for every batch
-    stream_source = source if losses.needs_teacher else NoTeacher()
+    needs_teacher = bool(losses_needing_teacher(cfg.losses, options.get("class_centroids") is not None))
+    stream_source = source if needs_teacher else NoTeacher()
     # the ranks agree every step whether the teacher answered (one tiny all-reduce) only where it can be lost
-    can_lose_teacher = losses.needs_teacher and source.can_lose_teacher
+    can_lose_teacher = needs_teacher and source.can_lose_teacher
     steps = optimizer_steps_per_epoch(cfg, shards, world)
     total_steps = steps * cfg.epochs
 
@@ -471,8 +465,18 @@ def train_loop_per_worker(config: dict) -> None:
             stream = _raising(error)
         return _grouped(stream, cfg.accum_steps), skips
 
-    # the first epoch's first answers are computed while the module, optimizer and DDP are built
+    # the first epoch's first answers are computed while the student is created (its weights loaded
+    # or inherited) and the module, optimizer and DDP are built
     upcoming = open_epoch(position.epoch) if position.epoch < cfg.epochs else None
+    student = create_student(cfg.model, device)
+    init = resume.recorded.get("init") if resume is not None else _initialise(student, cfg)
+    centroids = options.get("class_centroids")
+    teacher_dim = source.embed_dim or (int(centroids.shape[1]) if centroids is not None else embed_dim(student))
+    losses = build_losses(cfg.losses, student_dim=embed_dim(student), teacher_dim=teacher_dim, options=options,
+                          teacher_dims=getattr(source, "embed_dims", None))  # several: one head per teacher
+    if losses.needs_teacher != needs_teacher:
+        raise RuntimeError(f"losses {cfg.losses}: the built set says needs_teacher={losses.needs_teacher}, "
+                           f"losses_needing_teacher said {needs_teacher}")
     module = DistillModule(student, losses, preprocess_spec(student)).to(device)
     optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)

@@ -1,7 +1,7 @@
 """The training loop hides each epoch's first teacher answers behind its own set-up work: an
-epoch's stream opens eagerly (its first prefetch window sent to the pool) before the module, the
-optimizer and DDP are built (the first epoch), or before the previous epoch's checkpoint is
-written (every later one). The loop runs in this process with Ray Train's worker calls replaced
+epoch's stream opens eagerly (its first prefetch window sent to the pool) before the student is
+created and the module, the optimizer and DDP are built (the first epoch), or before the previous
+epoch's checkpoint is written (every later one). The loop runs in this process with Ray Train's worker calls replaced
 by recorders, so the order is observed, not timed."""
 from __future__ import annotations
 
@@ -63,6 +63,13 @@ def run_loop(monkeypatch, shards, tmp_path, lost_at_view: int | None = None) -> 
 
     log: list = []
 
+    def create_student(model_cfg, device):
+        log.append("student created")
+        return real_create_student(model_cfg, device)
+
+    real_create_student = train.create_student
+    monkeypatch.setattr(train, "create_student", create_student)
+
     class LoggedModule(train.DistillModule):
         def __init__(self, *args, **kwargs):
             log.append("module built")
@@ -99,7 +106,7 @@ def run_loop(monkeypatch, shards, tmp_path, lost_at_view: int | None = None) -> 
 
 def test_each_epochs_first_window_goes_out_before_the_work_it_overlaps(monkeypatch, shards, tmp_path):
     assert run_loop(monkeypatch, shards, tmp_path) == [
-        ("stream", 0, True), "module built", "ddp prepared",  # epoch 1's window, then the model
+        ("stream", 0, True), "student created", "module built", "ddp prepared",  # epoch 1's window, then the model
         ("stream", 1, True), ("report", 1, True), ("report", 2, True)]  # epoch 2's window, then epoch 1's checkpoint
 
 
@@ -107,5 +114,25 @@ def test_a_teacher_lost_while_the_next_epoch_opens_still_gets_the_epochs_checkpo
     """Opening epoch 2 ahead meets a lost teacher: epoch 1's checkpoint is still written, and the
     loss surfaces at epoch 2's first step, which checkpoints and stops (resumable), as before."""
     assert run_loop(monkeypatch, shards, tmp_path, lost_at_view=1) == [
-        ("stream", 0, True), "module built", "ddp prepared",
+        ("stream", 0, True), "student created", "module built", "ddp prepared",
         ("stream", 1, True), ("report", 1, True), ("report", 2, True, "stopped")]
+
+
+@pytest.mark.parametrize("name, overrides", [("digits-student", {}),
+                                             ("ViT-S-16", {"force_image_size": 64, "force_context_length": 16})])
+def test_the_students_shape_is_the_real_models_and_leaves_the_seed_alone(name, overrides):
+    """What the loop sets up before the student exists (tokenizer, loss widths) comes from
+    `student_shape`: the same context length and widths as the model created after it, and the
+    model's initial weights are those of the seed whether the shape was built first or not."""
+    from student_trainer.factory import create_student, embed_dim, student_shape
+
+    cfg = ModelConfig(name=name, overrides=overrides)
+    torch.manual_seed(0)
+    plain = create_student(cfg)
+    torch.manual_seed(0)
+    shape = student_shape(cfg)
+    after_shape = create_student(cfg)
+    assert next(shape.parameters()).device.type == "meta"
+    assert (shape.context_length, embed_dim(shape)) == (after_shape.context_length, embed_dim(after_shape))
+    for (key, a), b in zip(plain.state_dict().items(), after_shape.state_dict().values()):
+        assert torch.equal(a, b), key

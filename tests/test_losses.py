@@ -22,6 +22,7 @@ from student_trainer.losses import (
     accumulated_backward,
     build_losses,
     clip_loss_grads,
+    losses_needing_teacher,
 )
 from student_trainer.masking import PatchMask, encode_image_masked
 
@@ -152,6 +153,19 @@ def test_build_losses_task_only_and_mfd_flags():
     assert build_losses({"mfd": 1.0}, student_dim=4, teacher_dim=4).mask_ratio == 0.75
     with pytest.raises(ValueError, match="need teacher"):
         ls({"image_features": torch.zeros(2, 4)}, {})
+
+
+@pytest.mark.parametrize("weights", [{"clip": 1.0}, {"siglip": 1.0, "clip": 1.0}, {"clip": 1.0, "kl": 0.0},
+                                     {"clip": 1.0, "icl": 1.0}, {"embed_kd": 1.0}, {"clip": 1.0, "embed_kd": 1.0},
+                                     {name: 1.0 for name in LOSSES}])
+@pytest.mark.parametrize("centroids", [False, True])
+def test_which_losses_need_the_teacher_is_known_before_the_set_is_built(weights, centroids):
+    """The loop opens its teacher stream before it builds the losses: what `losses_needing_teacher`
+    says must be what the built `LossSet` then says."""
+    options = {"num_classes": 3, "class_centroids": torch.randn(3, DT) if centroids else None}
+    needing = losses_needing_teacher(weights, centroids_given=centroids)
+    assert build_losses(weights, student_dim=DS, teacher_dim=DT, options=options).needs_teacher == bool(needing)
+    assert set(needing) <= {n for n, w in weights.items() if w} - {"clip", "siglip"}
 
 
 @pytest.mark.parametrize("weights, options, match", [
