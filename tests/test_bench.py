@@ -129,6 +129,10 @@ def test_presets_validate():
     cfg.students.modes = ["none", "cache"]  # cache without precompute needs the hybrid run's cache
     with pytest.raises(ValueError, match="hybrid"):
         cfg.validate()
+    cfg = preset("cpu")
+    cfg.students.pool_batch_requests = 0
+    with pytest.raises(ValueError, match="pool_batch_requests"):
+        cfg.validate()
 
 
 def test_report_without_matplotlib_still_writes_json_and_markdown(tmp_path, monkeypatch):

@@ -32,7 +32,13 @@ class Models:
 class StudentBench:
     """Section 1: one student, data and batch, by teacher mode. `precompute`: build the `cache`
     mode's cache with `kd precompute`'s job (its one-off teacher cost is recorded); False: `cache`
-    reads what the cold `hybrid` run appended (no Ray Data job: the smoke preset)."""
+    reads what the cold `hybrid` run appended (no Ray Data job: the smoke preset).
+
+    `pool_batch_requests`: the pool's max_batch_size, in student batches. A GPU forward of a few
+    batches costs little more than one, so merging the requests queued in the student's window
+    pays; a CPU forward costs about as much per sample at any batch, and a merged forward answers
+    all its requests at its end, so the student's second batch waits for its third: the cpu
+    preset serves one batch per forward."""
 
     modes: list = field(default_factory=lambda: list(MODES))
     batch_size: int = 16
@@ -42,6 +48,7 @@ class StudentBench:
     distill_losses: dict = field(default_factory=lambda: {"kl": 1.0, "fd": 2000.0})
     precompute: bool = True
     train_shards: int | None = 2  # use only the first N digits train shards (200 samples each)
+    pool_batch_requests: int = 4
 
 
 @dataclass
@@ -134,6 +141,8 @@ class BenchConfig:
             raise ValueError("mode cache without precompute reads the cache the hybrid run filled: add hybrid")
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        if self.students.pool_batch_requests < 1:
+            raise ValueError(f"students.pool_batch_requests must be >= 1, got {self.students.pool_batch_requests}")
         if self.multi.students not in ("train", "clients"):
             raise ValueError(f"multi.students: expected 'train' or 'clients', got {self.multi.students!r}")
         return self
@@ -161,7 +170,7 @@ def _cpu() -> BenchConfig:
         preset="cpu", repeats=3,
         models=Models(teacher="ViT-B-16", teacher_overrides=dict(_REAL_WIDTH_CPU),
                       student="ViT-S-16", student_overrides=dict(_REAL_WIDTH_CPU), image_size=64),
-        students=StudentBench(batch_size=16, steps=15, train_shards=2),
+        students=StudentBench(batch_size=16, steps=15, train_shards=2, pool_batch_requests=1),
         pool=PoolBench(batch_sizes=[4, 16, 64], replicas=[1, 2], requests=8),
         multi=MultiBench(runs=[1, 2, 4], layouts=["shared", "distinct"], students="train", batch_size=16,
                          steps=10, epochs=1),
