@@ -449,10 +449,10 @@ def train_loop_per_worker(config: dict) -> None:
     steps = optimizer_steps_per_epoch(cfg, shards, world)
     total_steps = steps * cfg.epochs
 
-    def open_epoch(epoch: int) -> tuple[Iterator[list], SkipCounts]:
-        """The epoch's optimizer-step groups, its first prefetch window already sent to a pool
-        (`TeacherSource.stream(eager=True)`), and its bad-sample counts (filled as it is read)."""
-        first = position.epoch_step if epoch == position.epoch else 0
+    def open_epoch(epoch: int, first: int) -> tuple[Iterator[list], SkipCounts]:
+        """The epoch's optimizer-step groups from step `first` on, its first prefetch window already
+        sent to a pool (`TeacherSource.stream(eager=True)`), and its bad-sample counts (filled as
+        it is read)."""
         skips = SkipCounts()
         batches = train_batches(shards, rank=rank, world_size=world, batch_size=cfg.data.batch_size,
                                 image_size=cfg.data.image_size, epoch=epoch, seed=cfg.seed,
@@ -467,7 +467,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # the first epoch's first answers are computed while the student is created (its weights loaded
     # or inherited) and the module, optimizer and DDP are built
-    upcoming = open_epoch(position.epoch) if position.epoch < cfg.epochs else None
+    upcoming = open_epoch(position.epoch, position.epoch_step) if position.epoch < cfg.epochs else None
     student = create_student(cfg.model, device)
     init = resume.recorded.get("init") if resume is not None else _initialise(student, cfg)
     centroids = options.get("class_centroids")
@@ -558,7 +558,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = metrics_of(sums, skips, epoch, steps, first, epoch_start, profile)
         events.report(step, metrics)
         # the next epoch's first answers are computed while this epoch's checkpoint is written
-        upcoming = open_epoch(epoch + 1) if epoch + 1 < cfg.epochs else None
+        upcoming = open_epoch(epoch + 1, 0) if epoch + 1 < cfg.epochs else None
         _report(metrics, module, optimizer, cfg, Position(epoch + 1, 0, step), init)
     events.close()
 

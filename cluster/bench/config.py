@@ -50,6 +50,10 @@ class StudentBench:
     train_shards: int | None = 2  # use only the first N digits train shards (200 samples each)
     pool_batch_requests: int = 4
 
+    @property
+    def pool_max_batch_size(self) -> int:
+        return self.pool_batch_requests * self.batch_size
+
 
 @dataclass
 class PoolBench:

@@ -92,8 +92,7 @@ def precompute_cache(run: BenchRun, out: Path) -> dict:
 def run_students(run: BenchRun) -> None:
     sb = run.cfg.students
     modes = [m for m in MODES if m in sb.modes]  # hybrid before cache: cache may read what hybrid filled
-    tcfg = teacher_config(run, APP, max_batch_size=sb.pool_batch_requests * sb.batch_size,
-                          request_samples=sb.batch_size)
+    tcfg = teacher_config(run, APP, max_batch_size=sb.pool_max_batch_size, request_samples=sb.batch_size)
     run.log(f"students: deploying teacher {run.cfg.models.teacher} (app {APP})")
     handle = deploy(tcfg, access_log=run.cfg.verbose)
     handle.info.remote().result(timeout_s=600)
@@ -132,7 +131,7 @@ def _record_modes(run: BenchRun, results: dict[str, list[dict]]) -> None:
         params = {"mode": mode, "batch_size": sb.batch_size, "steps": sb.steps, "workers": sb.workers,
                   "prefetch": sb.prefetch, "losses": "clip" if mode == "none" else f"clip + {sb.distill_losses}"}
         if mode in POOL_MODES:
-            params["pool_max_batch_size"] = sb.pool_batch_requests * sb.batch_size
+            params["pool_max_batch_size"] = sb.pool_max_batch_size
         run.add(SECTION, f"samples/s ({mode})", "samples/s", [r["samples_per_s"] for r in runs], params=params)
         mem_unit = "MB GPU max allocated" if run.cfg.use_gpu else "MB peak RSS"
         memory = [r["memory_mb"] for r in runs if r["memory_mb"] is not None]

@@ -14,9 +14,9 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +28,6 @@ from student_trainer.data.batches import Batch
 from student_trainer.teacher.outputs import EnsembleOutputs, TeacherOutputs, ensemble_fingerprint
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 
@@ -353,11 +352,6 @@ def _is_request_error(exc: BaseException) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # embedding cache sources
-
-
-def _lazily(open_stream: Callable[[], Iterator[T]]) -> Iterator[T]:
-    """`open_stream()`'s items, the stream opened at the first `next()` (closing this closes it)."""
-    yield from open_stream()
 
 
 def _take(batch: Batch, rows: np.ndarray) -> Batch:
@@ -708,8 +702,11 @@ class MultiTeacher(TeacherSource):
                ) -> Iterator[tuple[Batch, EnsembleOutputs]]:
         """Every member's stream opens eagerly, so every pool computes before any is waited on;
         `eager` opens them now, else at the first `next()`."""
-        opened = lambda: self._joined(batches, view)  # noqa: E731
-        return opened() if eager else _lazily(opened)
+        return self._joined(batches, view) if eager else self._joined_at_first_next(batches, view)
+
+    def _joined_at_first_next(self, batches: Iterable[Batch], view: int | None
+                              ) -> Iterator[tuple[Batch, EnsembleOutputs]]:
+        yield from self._joined(batches, view)  # closing this closes the members' streams
 
     def _joined(self, batches: Iterable[Batch], view: int | None) -> Iterator[tuple[Batch, EnsembleOutputs]]:
         copies = itertools.tee(batches, len(self.sources) + 1)
