@@ -53,7 +53,7 @@ def test_warmup_cosine_shape():
     assert lrs[-1] < 1e-3
 
 
-SUBCOMMANDS = [["data", "digits"], ["data", "folder"], ["teacher", "serve"], ["teacher", "status"],
+SUBCOMMANDS = [["data", "digits"], ["data", "folder"], ["data", "idx"], ["teacher", "serve"], ["teacher", "status"],
                ["teacher", "stop"], ["train"], ["eval"], ["demo"], ["sweep"], ["report"]]
 
 

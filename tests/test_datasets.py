@@ -267,3 +267,50 @@ def test_failed_write_leaves_no_partial_shard(folder, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_folder_shards(images, captions, out)
     assert os.listdir(out) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# zero-shot templates
+
+
+def test_folder_default_templates_are_generic_and_kept_across_splits(folder):
+    """A folder of arbitrary photos gets CLIP's generic prompts, never the digits' ("a handwritten {}.");
+    a later split without --templates keeps the templates an earlier one chose."""
+    from student_trainer.data.templates import GENERIC_TEMPLATES
+
+    root, images = folder
+    captions = root / "captions.csv"
+    captions.write_text("image,caption,label\na.png,one,cat\nb.png,two,dog\n")
+    out = root / "out"
+    write_folder_shards(images, captions, out, split="train")
+    info = json.loads((out / "dataset.json").read_text())
+    assert info["templates"] == GENERIC_TEMPLATES and "a photo of a {}." in info["templates"]
+    assert not set(info["templates"]) & set(ZERO_SHOT_TEMPLATES)
+    write_folder_shards(images, captions, out, split="val", templates=["a {} on a sofa."])
+    write_folder_shards(images, captions, out, split="train")
+    assert json.loads((out / "dataset.json").read_text())["templates"] == ["a {} on a sofa."]
+
+
+def test_kd_data_folder_templates_file_and_repeated_flag(folder, capsys):
+    from cluster.cli.main import main
+
+    root, images = folder
+    captions = root / "captions.csv"
+    captions.write_text("image,caption,label\na.png,one,cat\nb.png,two,dog\n")
+    listed = root / "templates.txt"
+    listed.write_text("# house prompts\na photo of my {}.\n\n  a blurry {}.  \n")
+    out = root / "out"
+    assert main(["data", "folder", "--images", str(images), "--captions", str(captions), "--out", str(out),
+                 "--templates", str(listed), "--templates", "itap of a {}."]) == 0
+    info = json.loads((out / "dataset.json").read_text())
+    assert info["templates"] == ["a photo of my {}.", "a blurry {}.", "itap of a {}."]
+    assert main(["data", "digits", "--out", str(root / "digits"), "--templates", "a {} drawn in ink."]) == 0
+    assert json.loads((root / "digits" / "dataset.json").read_text())["templates"] == ["a {} drawn in ink."]
+    capsys.readouterr()
+    for bad, match in [("a photo", "neither a template"), ("a {} and a {}", "exactly one"),
+                       ("{0} and {}", "braces other than"), ("a {name} {}", "braces other than")]:
+        code = main(["data", "folder", "--images", str(images), "--captions", str(captions), "--out",
+                     str(root / "bad"), "--templates", bad])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("kd: error:") and match in err and len(err.splitlines()) == 1
+    assert not (root / "bad").exists()  # templates are checked before anything is written

@@ -1,4 +1,5 @@
-"""Student data: per-rank training and evaluation batches (`batches`) and writing shards (`write_shards`).
+"""Student data: per-rank training and evaluation batches (`batches`) and writing shards (`write_shards`;
+IDX files through it in `idx`; zero-shot templates in `templates`).
 
 Reading a shard's samples is the one shard reader's job (`teacher_service.shards`).
 """

@@ -1,9 +1,11 @@
-"""Writing WebDataset shards: the bundled sklearn digits and user folders of captioned images.
+"""Writing WebDataset shards: the bundled sklearn digits, user folders of captioned images, and
+the one split writer other sources use (`write_split`: IDX files in `student_trainer.data.idx`).
 
 Shards are plain POSIX tars named ``{split}-{index:06d}.tar``; each sample has the members
 ``<key>.png`` (or ``.jpg``), ``<key>.txt`` (caption), ``<key>.json`` (metadata) and, when a label
 is known, ``<key>.cls``. A ``dataset.json`` next to the shards records class names, zero-shot
-templates and per-shard sample counts, so readers can balance ranks without scanning tars.
+templates (the digits' own, else the generic ones of `student_trainer.data.templates` unless the
+caller names others) and per-shard sample counts, so readers can balance ranks without scanning tars.
 
 Every file is written to ``<name>.tmp-<pid>`` and moved into place with ``os.replace``, so a
 crash never leaves a half-written shard. Tar headers carry a fixed mtime/owner and members are
@@ -19,12 +21,14 @@ import json
 import os
 import re
 import tarfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from student_trainer.data.templates import GENERIC_TEMPLATES, check_templates
 from teacher_service.shards import DATASET_INFO, ImageDecodeError, decode_rgb8
 
 CLASS_NAMES: list[str] = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -113,7 +117,7 @@ def _update_dataset_info(out_dir: Path, split: str, shard_names: list[str], coun
     info = json.loads(path.read_text()) if path.exists() else {}
     info.update(fields)
     info.setdefault("class_names", [])
-    info.setdefault("templates", list(ZERO_SHOT_TEMPLATES))
+    info.setdefault("templates", list(GENERIC_TEMPLATES))
     info.setdefault("splits", {})
     info["splits"][split] = {"shards": shard_names, "samples": int(sum(counts)), "samples_per_shard": counts}
     _atomic_write_bytes(path, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8"))
@@ -167,6 +171,17 @@ def _split_digits(labels: np.ndarray, seed: int, val_fraction: float) -> dict[st
     return {"train": np.asarray(train), "val": np.asarray(val)}
 
 
+def check_image_options(image_format: str, image_size: int | None, samples_per_shard: int) -> str:
+    """The normalised image member type ('png' or 'jpg'); ValueError naming a bad option
+    (``image_size`` None: the source's own size)."""
+    image_format = {"jpeg": "jpg"}.get(image_format, image_format)
+    if image_format not in ("png", "jpg"):
+        raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
+    if samples_per_shard <= 0 or (image_size is not None and image_size <= 0):
+        raise ValueError(f"samples_per_shard and image_size must be positive, got {samples_per_shard}, {image_size}")
+    return image_format
+
+
 def write_digits_shards(
     out_dir,
     *,
@@ -175,50 +190,67 @@ def write_digits_shards(
     val_fraction: float = 0.2,
     samples_per_shard: int = 200,
     image_format: str = "png",
+    templates: list[str] | None = None,
 ) -> dict[str, ShardSummary]:
     """Write sklearn's bundled 8x8 digits (no download) as train/val shards under ``out_dir``.
 
     Keys are ``digits-<source index>-<hash of the encoded image>`` so a cache keyed by sample key
     can never serve pixels from a differently rendered copy (other ``image_size``/format).
+    ``templates``: the zero-shot templates for ``dataset.json`` (default: the digits' own).
     """
     from sklearn.datasets import load_digits
 
-    image_format = {"jpeg": "jpg"}.get(image_format, image_format)
-    if image_format not in ("png", "jpg"):
-        raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
+    image_format = check_image_options(image_format, image_size, samples_per_shard)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if samples_per_shard <= 0 or image_size <= 0:
-        raise ValueError(f"samples_per_shard and image_size must be positive, got {samples_per_shard}, {image_size}")
+    templates = check_templates(ZERO_SHOT_TEMPLATES if templates is None else templates)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     digits = load_digits()
     labels = digits.target.astype(np.int64)
     summaries: dict[str, ShardSummary] = {}
     for split, indices in _split_digits(labels, seed, val_fraction).items():
-        samples = [_digit_sample(digits.data[i], int(i), int(labels[i]), seed, image_size, image_format) for i in indices]
-        names, counts = [], []
-        for start in range(0, len(samples), samples_per_shard):
-            chunk = samples[start : start + samples_per_shard]
-            names.append(f"{split}-{len(names):06d}.tar")
-            counts.append(len(chunk))
-            _write_tar(out / names[-1], chunk)
-        _remove_stale_shards(out, split, names)
-        _update_dataset_info(
-            out, split, names, counts, class_names=list(CLASS_NAMES), templates=list(ZERO_SHOT_TEMPLATES),
+        samples = (_digit_sample(digits.data[i], int(i), int(labels[i]), seed, image_size, image_format) for i in indices)
+        summaries[split] = write_split(
+            out, split, samples, samples_per_shard, class_names=list(CLASS_NAMES), templates=templates,
             caption_templates=list(CAPTION_TEMPLATES), source="sklearn.datasets.load_digits",
         )
-        summaries[split] = ShardSummary(split, len(samples), [str(out / n) for n in names], {})
     return summaries
 
 
+def write_split(out: Path, split: str, samples: Iterable[dict[str, bytes]], samples_per_shard: int,
+                **info_fields) -> ShardSummary:
+    """Write one split's samples (members as built by the sources) in order, ``samples_per_shard``
+    to a tar, drop the split's stale tars, and record it (and ``info_fields``) in ``dataset.json``.
+
+    The samples are consumed lazily: a split of any size holds one shard's samples at a time."""
+    sink = _ShardSink(out, split, samples_per_shard, max_bytes=2**63)
+    for sample in samples:
+        sink.add(sample)
+    sink.flush()
+    _remove_stale_shards(out, split, sink.names)
+    _update_dataset_info(out, split, sink.names, sink.counts, **info_fields)
+    return ShardSummary(split, sum(sink.counts), [str(out / n) for n in sink.names], {})
+
+
 def _digit_sample(pixels: np.ndarray, index: int, label: int, seed: int, image_size: int, ext: str) -> dict[str, bytes]:
-    image = _encode_image(_digit_rgb(pixels, image_size), ext)
-    template = CAPTION_TEMPLATES[_stable_int("caption", seed, index) % len(CAPTION_TEMPLATES)]
-    caption = template.format(CLASS_NAMES[label])
-    key = f"digits-{index:04d}-{hashlib.sha1(image).hexdigest()[:8]}"
-    meta = {"label": label, "class_name": CLASS_NAMES[label], "caption": caption, "source_index": index}
-    return _sample_members(key, ext, image, caption, label, meta)
+    return templated_sample(_digit_rgb(pixels, image_size), f"digits-{index:04d}", label, CLASS_NAMES,
+                            CAPTION_TEMPLATES, (seed, index), ext, {"source_index": index})
+
+
+def templated_sample(rgb: np.ndarray, key_stem: str, label: int, class_names: list[str],
+                     caption_templates: list[str], caption_seed: tuple, image_format: str,
+                     meta: dict) -> dict[str, bytes]:
+    """A labelled sample of a class-labelled source (digits, IDX): its caption is one of
+    ``caption_templates`` filled with the class name, picked by a stable hash of ``caption_seed``
+    (the same inputs give the same caption in any process); its key is ``key_stem`` plus a hash of
+    the encoded image, so a cache keyed by sample key never serves pixels of another rendering."""
+    image = _encode_image(rgb, image_format)
+    template = caption_templates[_stable_int("caption", *caption_seed) % len(caption_templates)]
+    caption = template.format(class_names[label])
+    key = f"{key_stem}-{hashlib.sha1(image).hexdigest()[:8]}"
+    meta = {"label": label, "class_name": class_names[label], "caption": caption, **meta}
+    return _sample_members(key, image_format, image, caption, label, meta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,8 +424,12 @@ def write_folder_shards(
     max_shard_samples: int = 1000,
     max_shard_bytes: int = 256 * 2**20,
     class_names: list[str] | None = None,
+    templates: list[str] | None = None,
 ) -> ShardSummary:
     """Shard a folder of images described by a captions file (CSV/TSV with a header, or JSONL).
+
+    ``templates``: the zero-shot templates for ``dataset.json``; None keeps those an earlier split
+    wrote there, else the generic ones (`student_trainer.data.templates.GENERIC_TEMPLATES`).
 
     Image paths in the captions file are relative to ``images_dir``; a path that leads outside it
     (``..``, absolute, a symlink out) is skipped unread as ``outside_folder``. Rows whose image is
@@ -406,6 +442,7 @@ def write_folder_shards(
         raise FileNotFoundError(f"images folder {images} does not exist or is not a directory")
     if max_shard_samples <= 0 or max_shard_bytes <= 0:
         raise ValueError(f"max_shard_samples and max_shard_bytes must be positive, got {max_shard_samples}, {max_shard_bytes}")
+    template_fields = {} if templates is None else {"templates": check_templates(templates)}
     rows = read_captions_file(captions_file)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -430,7 +467,7 @@ def write_folder_shards(
         )
     sink.flush()
     _remove_stale_shards(out, split, sink.names)
-    _update_dataset_info(out, split, sink.names, sink.counts, class_names=names)
+    _update_dataset_info(out, split, sink.names, sink.counts, class_names=names, **template_fields)
     return ShardSummary(split, sum(sink.counts), [str(out / n) for n in sink.names], dict(sorted(skipped.items())))
 
 
