@@ -64,7 +64,7 @@ def provenance(cfg, teacher_info: dict, init: dict | None = None) -> dict:
 def _where(teacher: TeacherSourceConfig) -> dict:
     """Where one teacher's outputs come from (mode, app, cache root and, in a root holding several
     teachers, which one's rows)."""
-    return {"mode": teacher.mode, "app_name": teacher.app_name if teacher.mode in ("remote", "hybrid") else None,
+    return {"mode": teacher.mode.value, "app_name": teacher.app_name if teacher.mode.needs_app else None,
             "cache_path": teacher.cache_path, "cache_teacher": teacher.cache_teacher}
 
 

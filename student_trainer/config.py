@@ -6,6 +6,7 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ import yaml
 from teacher_service.config import TeacherConfig, check_cores, check_placement
 from teacher_service.private_files import check_under_roots, write_roots
 
-TEACHER_MODES = ("none", "inline", "remote", "cache", "hybrid")
+from student_trainer.teacher.modes import TeacherMode
+
 # The recipe a run with a teacher uses when it names no losses: the one the methods benchmark
 # finds best on the digits task (benchmarks/results/methods.md); the demo uses it too.
 DEFAULT_DISTILL_LOSSES = {"clip": 1.0, "icl": 1.0}
@@ -58,16 +60,25 @@ class DataConfig:
         return epoch % self.num_views if self.num_views else epoch
 
 
+class _ModeField:
+    """`TeacherSourceConfig.mode`: whatever is assigned (a string from YAML, a flag or code, or a
+    TeacherMode) is stored as a TeacherMode, so the code that reads it asks the mode's facts."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = f"_{name}"
+
+    def __get__(self, obj: Any, owner: type | None = None) -> TeacherMode:
+        return TeacherMode.NONE if obj is None else getattr(obj, self.attr)  # None: the field's default
+
+    def __set__(self, obj: Any, value: str | TeacherMode) -> None:
+        setattr(obj, self.attr, TeacherMode.parse(value))
+
+
 @dataclass
 class TeacherSourceConfig:
-    """Where teacher embeddings come from.
+    """Where teacher embeddings come from: a `TeacherMode` (none, inline, remote, cache, hybrid)."""
 
-    `none`; `inline` (teacher in the worker); `remote` (the Serve pool); `cache` (read a
-    precomputed embedding cache only, no teacher running); `hybrid` (cache hits, misses from the
-    pool and appended to the cache).
-    """
-
-    mode: str = "none"
+    mode: TeacherMode = _ModeField()
     cache_path: str | None = None  # embedding cache directory for `cache` / `hybrid`
     # A cache root holds one set of rows per teacher fingerprint (teacher_service.cache.store). Hybrid
     # reads and appends the rows of its app's fingerprint; `cache` reads the root's only teacher, or
@@ -123,11 +134,11 @@ class TeacherSourceConfig:
 
     def default_name(self) -> str:
         """What names a teacher that was given no name: its app (remote, hybrid), cache, or mode."""
-        if self.mode in ("remote", "hybrid"):
+        if self.mode.needs_app:
             return self.app_name
-        if self.mode == "cache" and self.cache_path:
+        if self.mode.reads_cache and self.cache_path:
             return self.cache_teacher or os.path.basename(os.path.normpath(self.cache_path))
-        return self.mode
+        return self.mode.value
 
     @property
     def is_ensemble(self) -> bool:
@@ -136,7 +147,7 @@ class TeacherSourceConfig:
     @property
     def has_teacher(self) -> bool:
         """Whether any teacher of the run gives outputs (a mode other than none)."""
-        return any(m.mode != "none" for m in self.members())
+        return any(m.mode.gives_outputs for m in self.members())
 
 
 @dataclass
@@ -193,7 +204,7 @@ class TrainConfig:
         roots = write_roots(self.write_roots)
         check_under_roots(self.storage_path, roots, "storage_path")
         for member in self.teacher.members():
-            if member.mode == "hybrid":  # the one mode that writes to the cache
+            if member.mode.writes_cache:
                 check_under_roots(member.cache_path, roots, "teacher.cache_path")
         if self.data.num_views is not None and self.data.num_views < 1:
             raise ValueError(f"data.num_views must be >= 1 or None, got {self.data.num_views}")
@@ -225,7 +236,7 @@ class TrainConfig:
             raise ValueError(f"teacher.sources: name {bad[0]!r}: use letters, digits, '_', '.', '-' (max 128)")
         if len(set(names)) != len(names):
             raise ValueError(f"teacher.sources: names must differ, got {names} (give each entry a `name`)")
-        if self.teacher.is_ensemble and any(m.mode == "none" for m in members):
+        if self.teacher.is_ensemble and not all(m.mode.gives_outputs for m in members):
             raise ValueError("teacher.sources: every entry of an ensemble needs a teacher mode other than 'none'")
         _check_shared_caches(members)
         if any(m.labels is not None for m in members) and not self.teacher.is_ensemble:
@@ -276,17 +287,15 @@ class TrainConfig:
 
 def _validate_source(t: TeacherSourceConfig, p: str) -> None:
     """One teacher's fields; errors name the field with prefix `p` ("teacher." or "teacher.sources[i].")."""
-    if t.mode not in TEACHER_MODES:
-        raise ValueError(f"{p}mode {t.mode!r}: expected one of {TEACHER_MODES}")
-    if t.mode == "inline" and t.teacher is None:
-        raise ValueError(f"{p}mode 'inline' needs teacher.teacher (a TeacherConfig)")
+    if t.mode.loads_teacher and t.teacher is None:
+        raise ValueError(f"{p}mode '{t.mode}' needs teacher.teacher (a TeacherConfig)")
     if t.send_pixels not in SEND_PIXELS:
         raise ValueError(f"{p}send_pixels {t.send_pixels!r}: expected one of {SEND_PIXELS}")
-    if t.mode in ("cache", "hybrid") and not t.cache_path:
-        raise ValueError(f"{p}mode {t.mode!r} needs teacher.cache_path")
-    if t.cache_teacher is not None and t.mode != "cache":
-        why = "uses its app's fingerprint" if t.mode == "hybrid" else "reads no cache"
-        raise ValueError(f"{p}cache_teacher picks the rows a 'cache' teacher reads; mode {t.mode!r} {why}")
+    if t.mode.reads_cache and not t.cache_path:
+        raise ValueError(f"{p}mode '{t.mode}' needs teacher.cache_path")
+    if t.cache_teacher is not None and not t.mode.cache_only:
+        why = "uses its app's fingerprint" if t.mode.reads_cache else "reads no cache"
+        raise ValueError(f"{p}cache_teacher picks the rows a 'cache' teacher reads; mode '{t.mode}' {why}")
     if t.prefetch < 0 or t.retries < 0:
         raise ValueError(f"{p}prefetch and {p}retries must be >= 0")
     if not t.patience_s >= 0:
@@ -306,10 +315,10 @@ def _check_shared_caches(members: list[TeacherSourceConfig]) -> None:
     name the same one. (Hybrid teachers are told apart by their apps' fingerprints.)"""
     shared: dict[str, list[TeacherSourceConfig]] = {}
     for m in members:
-        if m.mode in ("cache", "hybrid"):
+        if m.mode.reads_cache:
             shared.setdefault(os.path.normpath(os.path.expanduser(m.cache_path)), []).append(m)
     for root, users in shared.items():
-        readers = [m for m in users if m.mode == "cache"]
+        readers = [m for m in users if m.mode.cache_only]
         if len(users) < 2 or not readers:
             continue
         unnamed = [m.name for m in readers if not m.cache_teacher]
@@ -336,7 +345,9 @@ def _absolute_if_exists(path: str | None) -> str | None:
 
 
 def to_plain(obj: Any) -> Any:
-    """Dataclasses → dicts, tuples → lists, recursively (JSON/YAML friendly)."""
+    """Dataclasses → dicts, tuples → lists, enums → their values, recursively (JSON/YAML friendly)."""
+    if isinstance(obj, Enum):
+        return obj.value
     if dataclasses.is_dataclass(obj):
         return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
@@ -364,6 +375,8 @@ def from_plain(cls: type, data: Any, where: str = "") -> Any:
         path = f"{where}.{key}" if where else key
         if target is not None and isinstance(value, dict):
             kwargs[key] = from_plain(target, value, path)
+        elif hints[key] is TeacherMode:
+            kwargs[key] = TeacherMode.parse(value, path)  # the error names the entry (teacher.sources[i].mode)
         elif key == "betas" and isinstance(value, list):
             kwargs[key] = tuple(value)
         else:

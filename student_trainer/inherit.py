@@ -181,13 +181,13 @@ def teacher_config_for(cfg: TrainConfig) -> TeacherConfig:
     if cfg.teacher.teacher is not None:
         return _weights_only(cfg.teacher.teacher)
     recorded = None
-    if cfg.teacher.mode in ("cache", "hybrid") and cfg.teacher.cache_path:
+    if cfg.teacher.mode.reads_cache and cfg.teacher.cache_path:
         recorded = _cache_teacher_config(cfg.teacher.cache_path, cfg.teacher.cache_teacher)
         if recorded is not None:
             return _weights_only(TeacherConfig(**{k: recorded[k] for k in ("model", "pretrained", "overrides", "seed")
                                                   if k in recorded}))
     where = (f"; cache {cfg.teacher.cache_path} records none (it was precomputed from a running app, or is empty)"
-             if cfg.teacher.mode in ("cache", "hybrid") else "")
+             if cfg.teacher.mode.reads_cache else "")
     raise ValueError(f"model.init_from_teacher needs the teacher's config to load its weights: give teacher.teacher "
                      f"(a TeacherConfig of the run's teacher){where}")
 

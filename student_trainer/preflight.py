@@ -15,8 +15,8 @@ from pathlib import Path
 from student_trainer.config import TeacherSourceConfig, TrainConfig
 from student_trainer.data.batches import steps_per_epoch
 from student_trainer.losses import ENSEMBLE_AVERAGES, LOSSES, OPTION_DEFAULTS, losses_needing_teacher
+from student_trainer.teacher.modes import TeacherMode
 from student_trainer.teacher.outputs import ensemble_fingerprint
-from student_trainer.teacher.sources import source_class
 from teacher_service.contract.augment import view_recipe
 from teacher_service.shards import resolve_shards
 
@@ -48,14 +48,14 @@ def check_run(cfg: TrainConfig) -> None:
 
 def _check_teacher(cfg: TrainConfig, teacher: TeacherSourceConfig) -> str | None:
     """One teacher's app and cache; its fingerprint ("" without a teacher, None: known only in the worker)."""
-    source = source_class(teacher.mode)
-    teacher_info = _check_app(teacher) if source.needs_app else None
+    mode = teacher.mode
+    teacher_info = _check_app(teacher) if mode.needs_app else None
     if teacher_info and teacher.send_pixels == "reference" and not teacher_info.get("by_reference"):
         raise ValueError(f"teacher.send_pixels 'reference': teacher app {teacher.app_name!r} reads no shards; "
                          "deploy it with shard_roots holding the training shards (kd teacher serve --shard-root), "
                          "or use send_pixels 'auto'")
-    cache_fingerprint = _check_cache(cfg, teacher, source, teacher_info) if source.needs_cache else None
-    if source.mode == "none":
+    cache_fingerprint = _check_cache(cfg, teacher, teacher_info) if mode.reads_cache else None
+    if not mode.gives_outputs:
         return ""
     return (teacher_info or {}).get("fingerprint") or cache_fingerprint
 
@@ -104,18 +104,18 @@ def _check_losses(cfg: TrainConfig, members: list[TeacherSourceConfig]) -> None:
     average = {**OPTION_DEFAULTS, **cfg.loss_options}.get("ensemble_average")
     if average not in ENSEMBLE_AVERAGES:
         raise ValueError(f"loss_options.ensemble_average {average!r}: expected one of {ENSEMBLE_AVERAGES}")
-    source = source_class(members[0].mode)
+    mode = members[0].mode
     active = [name for name, weight in cfg.losses.items() if weight]
     centroids_given = cfg.loss_options.get("class_centroids") is not None
     per_batch = losses_needing_teacher(cfg.losses, centroids_given)
-    if per_batch and source.mode == "none":
-        raise ValueError(f"losses {per_batch} need a teacher, but teacher.mode is 'none': choose inline, "
-                         "remote, cache or hybrid, or drop them")
-    if "embed_kd" in active and not centroids_given and not source.computes_centroids:
+    if per_batch and not mode.gives_outputs:
+        raise ValueError(f"losses {per_batch} need a teacher, but teacher.mode is '{mode}': choose one of "
+                         f"{[m.value for m in TeacherMode if m.gives_outputs]}, or drop them")
+    if "embed_kd" in active and not centroids_given and not mode.computes_centroids:
         from teacher_service.cache import CENTROIDS_FILE, teacher_dir
 
         cache = members[0].cache_path
-        if not (source.needs_cache and os.path.isfile(os.path.join(teacher_dir(cache, members[0].cache_teacher),
+        if not (mode.reads_cache and os.path.isfile(os.path.join(teacher_dir(cache, members[0].cache_teacher),
                                                                     CENTROIDS_FILE))):
             raise ValueError(centroids_missing(cfg))
 
@@ -132,18 +132,19 @@ def _check_app(teacher: TeacherSourceConfig) -> dict:
     return handle.info.remote().result(timeout_s=teacher.timeout_s)
 
 
-def _check_cache(cfg: TrainConfig, teacher: TeacherSourceConfig, source, teacher_info: dict | None) -> str | None:
+def _check_cache(cfg: TrainConfig, teacher: TeacherSourceConfig, teacher_info: dict | None) -> str | None:
     """The cache exists and holds rows (cache mode), and was made by this teacher with this run's
     views; returns its teacher fingerprint (None: a hybrid run starting a new cache). A root holding
     several teachers and a `cache` teacher that names none of them fails here (CacheAmbiguousError)."""
     from teacher_service.cache import EmbeddingCache
 
     recipe = view_recipe(cfg.data.image_size, cfg.seed)
-    if source.mode == "hybrid" and not os.path.isdir(teacher.cache_path):
+    writes = teacher.mode.writes_cache
+    if writes and not os.path.isdir(teacher.cache_path):
         return None  # hybrid starts a new cache
     cache = EmbeddingCache.open(teacher.cache_path, teacher_info=teacher_info or None, recipe=recipe,
-                                create=source.mode == "hybrid", teacher=teacher.cache_teacher)
-    if source.mode == "cache" and len(cache) == 0:
+                                create=writes, teacher=teacher.cache_teacher)
+    if teacher.mode.cache_only and len(cache) == 0:
         raise FileNotFoundError(f"embedding cache {cache.path} holds no rows: run `kd precompute` over "
                                 f"{cfg.data.train_shards} first, or train with teacher.mode 'hybrid'")
     return cache.fingerprint
@@ -153,4 +154,5 @@ def centroids_missing(cfg: TrainConfig) -> str:
     """Why Embed-KD cannot start, and the three ways to give it centroids."""
     return (f"loss embed_kd needs class centroids: give loss_options.class_centroids, write them into the "
             f"cache (`kd precompute --class-centroids N --out {cfg.teacher.cache_path or 'CACHE'}`), or use a "
-            f"running teacher (teacher.mode inline, remote or hybrid, not {cfg.teacher.mode!r}) to compute them")
+            f"running teacher (teacher.mode one of {[m.value for m in TeacherMode if m.computes_centroids]}, not "
+            f"'{cfg.teacher.mode}') to compute them")

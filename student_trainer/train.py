@@ -580,7 +580,7 @@ def _stop_for_teacher(lost: TeacherUnavailableError | None, metrics: dict, modul
     """Checkpoint at `position` (the first step not trained) and report why the run stops; the
     driver raises it (`run_training`), and rerunning the same run name resumes at that step."""
     if lost is None:
-        apps = [m.app_name for m in cfg.teacher.members() if m.mode in ("remote", "hybrid")]
+        apps = [m.app_name for m in cfg.teacher.members() if m.mode.can_lose_teacher]
         lost = TeacherUnavailableError(f"teacher app {' or '.join(map(repr, apps))} stopped answering another rank.")
     metrics["stopped"] = (
         f"{lost} The run saved a checkpoint at epoch {position.epoch + 1} step {position.epoch_step} "

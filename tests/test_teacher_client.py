@@ -418,18 +418,3 @@ def test_no_teacher_and_dispatch():
     assert source.stats.requests == 0
     with pytest.raises(ValueError, match="'grpc'"):
         make_teacher_source(TeacherSourceConfig(mode="grpc"), run="r")
-
-
-def test_each_source_says_what_it_needs():
-    """The loop and the driver ask the source class, not the mode string: one registry, one answer per mode."""
-    from student_trainer.config import TEACHER_MODES
-    from student_trainer.teacher.sources import SOURCES, source_class
-
-    caps = {mode: (cls.needs_app, cls.needs_cache, cls.can_lose_teacher, cls.computes_centroids)
-            for mode, cls in SOURCES.items()}
-    assert caps == {"none": (False, False, False, False), "inline": (False, False, False, True),
-                    "remote": (True, False, True, True), "cache": (False, True, False, False),
-                    "hybrid": (True, True, True, True)}
-    assert set(SOURCES) == set(TEACHER_MODES)
-    with pytest.raises(ValueError, match="teacher mode 'grpc'"):
-        source_class("grpc")

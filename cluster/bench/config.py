@@ -11,8 +11,12 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 
+from student_trainer.teacher.modes import TeacherMode
+
 SECTIONS = ("students", "pool", "multi", "cache", "scale")
-MODES = ("none", "inline", "remote", "hybrid", "cache")  # hybrid before cache: see StudentBench.precompute
+# Every teacher mode, those that only read a cache last: without precompute, `cache` reads what the
+# cold `hybrid` run filled (StudentBench.precompute). Plain strings: they go into the records.
+MODES = tuple(m.value for m in sorted(TeacherMode, key=lambda m: m.cache_only))
 
 
 @dataclass

@@ -5,6 +5,7 @@ import argparse
 import json
 
 from cluster.cli.args import add_address, add_app_names, add_verbose, weight_arg
+from student_trainer.teacher.modes import TeacherMode
 
 # flag → TrainConfig field (dotted for nested configs); a flag left out keeps the config's value
 TRAIN_FLAGS = {
@@ -56,8 +57,8 @@ def _set_app_names(cfg, apps: list[str] | None) -> None:
     if len(apps) == 1:
         cfg.teacher.app_name = apps[0]
         return
-    if cfg.teacher.mode == "none":
-        cfg.teacher.mode = "remote"
+    if not cfg.teacher.mode.gives_outputs:
+        cfg.teacher.mode = TeacherMode.REMOTE
     cfg.teacher.sources = [{"name": app, "app_name": app} for app in apps]
 
 
@@ -114,7 +115,7 @@ def add_parser(sub, fmt) -> None:
                         "(teacher.teacher in --config), cache runs read it from the cache")
     p.add_argument("--inherit-layers", choices=["interval", "first"],
                    help="teacher blocks an inheriting student takes: every n/k-th (interval, default) or the first k")
-    p.add_argument("--teacher-mode", choices=["none", "inline", "remote", "cache", "hybrid"],
+    p.add_argument("--teacher-mode", choices=TeacherMode.values(),
                    help="teacher source")
     add_app_names(p, "teacher Serve app for remote/hybrid mode")
     p.add_argument("--cache-path", help="embedding cache directory for cache/hybrid mode")

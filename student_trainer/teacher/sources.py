@@ -25,6 +25,7 @@ from teacher_service.contract.protocol import EmbedRequest, EmbedResponse, Reque
 
 from student_trainer.config import TeacherSourceConfig
 from student_trainer.data.batches import Batch
+from student_trainer.teacher.modes import TeacherMode
 from student_trainer.teacher.outputs import EnsembleOutputs, TeacherOutputs, ensemble_fingerprint
 
 log = logging.getLogger(__name__)
@@ -75,18 +76,28 @@ def make_request(batch: Batch, run: str, view: str = "", weight: float = 1.0) ->
 
 
 class TeacherSource:
-    """What every source says about itself, so the loop and the driver ask the source, not its mode
-    string: `needs_app` (a running Serve app), `needs_cache` (a cache directory), `can_lose_teacher`
-    (a teacher that may stop answering mid-run), `computes_centroids` (can embed Embed-KD centroids)."""
+    """A teacher mode's implementation (`SOURCES`). What it needs and can do are its `mode`'s facts
+    (`TeacherMode`), which the loop asks the built source: `can_lose_teacher` (a teacher that may
+    stop answering mid-run), `computes_centroids` (can embed Embed-KD centroids)."""
 
-    mode = ""
-    needs_app = False
-    needs_cache = False
-    can_lose_teacher = False
-    computes_centroids = False
+    mode: TeacherMode
     embed_dim: int | None = None
     info: dict = {}
     stats: TeacherStats
+
+    @classmethod
+    def from_config(cls, cfg: TeacherSourceConfig, run: str, *, device: str | None = None,
+                    recipe: dict | None = None, view_namespace: str = "") -> TeacherSource:
+        """The source of `cfg`, given what `make_teacher_source` knows; each class takes what it uses."""
+        raise NotImplementedError
+
+    @property
+    def can_lose_teacher(self) -> bool:
+        return self.mode.can_lose_teacher
+
+    @property
+    def computes_centroids(self) -> bool:
+        return self.mode.computes_centroids
 
     def stream(self, batches: Iterable[Batch], view: int | None = None, eager: bool = False
                ) -> Iterator[tuple[Batch, TeacherOutputs | None]]:
@@ -99,10 +110,14 @@ class TeacherSource:
 class NoTeacher(TeacherSource):
     """Plain CLIP training: no teacher outputs."""
 
-    mode = "none"
+    mode = TeacherMode.NONE
 
     def __init__(self) -> None:
         self.stats = TeacherStats()
+
+    @classmethod
+    def from_config(cls, cfg: TeacherSourceConfig, run: str, **_: Any) -> NoTeacher:
+        return cls()
 
     def stream(self, batches: Iterable[Batch], view: int | None = None, eager: bool = False
                ) -> Iterator[tuple[Batch, TeacherOutputs | None]]:
@@ -113,7 +128,12 @@ class NoTeacher(TeacherSource):
 class InlineTeacher(TeacherSource):
     """The teacher loaded inside the student worker, as OpenCLIP does: the baseline to beat."""
 
-    mode, computes_centroids = "inline", True
+    mode = TeacherMode.INLINE
+
+    @classmethod
+    def from_config(cls, cfg: TeacherSourceConfig, run: str, *, device: str | None = None, **_: Any
+                    ) -> InlineTeacher:
+        return cls(cfg, run, device)
 
     def __init__(self, cfg: TeacherSourceConfig, run: str, device: str | None = None) -> None:
         from teacher_service.serve.engine import TeacherEngine
@@ -151,7 +171,12 @@ class RemoteTeacher(TeacherSource):
     as references the teacher regenerates the views from (`request_for`).
     """
 
-    mode, needs_app, can_lose_teacher, computes_centroids = "remote", True, True, True
+    mode = TeacherMode.REMOTE
+
+    @classmethod
+    def from_config(cls, cfg: TeacherSourceConfig, run: str, *, view_namespace: str = "", **_: Any
+                    ) -> RemoteTeacher:
+        return cls(cfg, run, view_namespace)
 
     def __init__(self, cfg: TeacherSourceConfig, run: str, view_namespace: str = "") -> None:
         from teacher_service.app import get_teacher_handle
@@ -381,8 +406,6 @@ class _Plan:
 class _CacheSource(TeacherSource):
     """What the cache and hybrid sources share: view ids, lookups with digest checks, assembly."""
 
-    needs_cache = True
-
     cache: Any
     stats: TeacherStats
 
@@ -497,7 +520,12 @@ class CachedTeacher(_CacheSource):
     cache) rather than training without targets.
     """
 
-    mode = "cache"
+    mode = TeacherMode.CACHE
+
+    @classmethod
+    def from_config(cls, cfg: TeacherSourceConfig, run: str, *, recipe: dict | None = None, **_: Any
+                    ) -> CachedTeacher:
+        return cls(cfg, run, recipe)
 
     def __init__(self, cfg: TeacherSourceConfig, run: str, recipe: dict | None = None,
                  verify_rows: int | None = 8) -> None:
@@ -540,7 +568,12 @@ class HybridTeacher(_CacheSource):
     old layout holding another teacher is refused when the source starts.
     """
 
-    mode, needs_app, can_lose_teacher, computes_centroids = "hybrid", True, True, True
+    mode = TeacherMode.HYBRID
+
+    @classmethod
+    def from_config(cls, cfg: TeacherSourceConfig, run: str, *, recipe: dict | None = None,
+                    view_namespace: str = "", **_: Any) -> HybridTeacher:
+        return cls(cfg, run, recipe, view_namespace=view_namespace)
 
     def __init__(self, cfg: TeacherSourceConfig, run: str, recipe: dict | None = None,
                  flush_every: int = 50, verify_rows: int | None = 8, view_namespace: str = "") -> None:
@@ -597,16 +630,14 @@ class HybridTeacher(_CacheSource):
         return self.appender.flush()
 
 
-SOURCES: dict[str, type[TeacherSource]] = {cls.mode: cls for cls in
-                                           (NoTeacher, InlineTeacher, RemoteTeacher, CachedTeacher, HybridTeacher)}
+# The one registry of teacher modes' implementations: every TeacherMode has exactly one class here.
+SOURCES: dict[TeacherMode, type[TeacherSource]] = {
+    cls.mode: cls for cls in (NoTeacher, InlineTeacher, RemoteTeacher, CachedTeacher, HybridTeacher)}
 
 
-def source_class(mode: str) -> type[TeacherSource]:
-    """The source class of a teacher mode (what it needs and can do, before one is built)."""
-    try:
-        return SOURCES[mode]
-    except KeyError:
-        raise ValueError(f"teacher mode {mode!r}: expected one of {sorted(SOURCES)}") from None
+def source_class(mode: str | TeacherMode) -> type[TeacherSource]:
+    """The source class that implements a teacher mode (ValueError naming the valid modes)."""
+    return SOURCES[TeacherMode.parse(mode, "teacher mode")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -652,21 +683,24 @@ class MultiTeacher(TeacherSource):
     `answered` marking its rows, and a batch with none of them does not reach it.
     """
 
-    mode = "ensemble"
+    mode = "ensemble"  # not a TeacherMode: each member has its own
+    computes_centroids = False  # Embed-KD centroids come from one teacher; preflight refuses an ensemble
 
     def __init__(self, configs: list[TeacherSourceConfig], sources: list[TeacherSource]) -> None:
         self.configs, self.sources = configs, sources
         self.names = [c.name for c in configs]
         self.weights = [float(c.loss_weight) for c in configs]
         self.labels = [None if c.labels is None else np.asarray(c.labels, dtype=np.int64) for c in configs]
-        for flag in ("needs_app", "needs_cache", "can_lose_teacher"):
-            setattr(self, flag, any(getattr(src, flag) for src in sources))
-        self.computes_centroids = False  # Embed-KD centroids come from one teacher; preflight refuses an ensemble
         self.embed_dims = [int(src.embed_dim) for src in sources]
         teachers = [{"name": n, **src.info} for n, src in zip(self.names, sources)]
         self.info = {"fingerprint": ensemble_fingerprint({t["name"]: t.get("fingerprint", "") for t in teachers}),
                      "model": "+".join(str(t.get("model")) for t in teachers), "teachers": teachers}
         self.stats = EnsembleStats(self.names, [src.stats for src in sources])
+
+    @property
+    def can_lose_teacher(self) -> bool:
+        """Whether any member can: one teacher lost for good stops the run as a single one would."""
+        return any(src.can_lose_teacher for src in self.sources)
 
     def rows_for(self, batch: Batch, i: int) -> np.ndarray | None:
         """The rows of `batch` teacher i answers (None: all of them). A sample whose metadata names
@@ -735,20 +769,6 @@ class MultiTeacher(TeacherSource):
         return outputs.spread(rows, len(batch))
 
 
-def _make_one(cfg: TeacherSourceConfig, run: str, device: str | None, recipe: dict | None,
-              view_namespace: str) -> TeacherSource:
-    cls = source_class(cfg.mode)
-    if cls is NoTeacher:
-        return NoTeacher()
-    if cls is InlineTeacher:
-        return InlineTeacher(cfg, run, device)
-    if cls is RemoteTeacher:
-        return RemoteTeacher(cfg, run, view_namespace)
-    if cls is CachedTeacher:
-        return CachedTeacher(cfg, run, recipe)
-    return HybridTeacher(cfg, run, recipe, view_namespace=view_namespace)
-
-
 def make_teacher_source(cfg: TeacherSourceConfig, run: str, device: str | None = None,
                         recipe: dict | None = None, view_namespace: str = "") -> TeacherSource:
     """The teacher source for `cfg.mode`, or a `MultiTeacher` over `cfg.sources` when it lists
@@ -757,5 +777,6 @@ def make_teacher_source(cfg: TeacherSourceConfig, run: str, device: str | None =
     (`teacher_service.contract.augment.view_namespace`) lets the pool coalesce the remote and
     hybrid sources' requests with other runs'."""
     members = cfg.members()
-    sources = [_make_one(m, run, device, recipe, view_namespace) for m in members]
+    sources = [source_class(m.mode).from_config(m, run, device=device, recipe=recipe, view_namespace=view_namespace)
+               for m in members]
     return MultiTeacher(members, sources) if cfg.is_ensemble else sources[0]
