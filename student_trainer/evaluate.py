@@ -144,13 +144,16 @@ def evaluate_on_shards(model, shards, *, tokenizer, limit: int | None = None,
 
 
 def evaluate_checkpoint(directory, shards, *, limit: int | None = None, device: str = "cpu") -> dict:
-    """Metrics for a student checkpoint directory (model.pt + model_config.json)."""
-    from student_trainer.checkpoint import load_student
+    """Metrics for a student checkpoint directory (model.pt + model_config.json), also kept with
+    it (`evaluation.json`, which an export's model card shows)."""
+    from student_trainer.checkpoint import load_student, record_evaluation
     from student_trainer.factory import create_tokenizer
 
     model, model_cfg = load_student(directory, device)
-    return evaluate_on_shards(model, shards, tokenizer=create_tokenizer(model, model_cfg),
-                              limit=limit, device=device)
+    metrics = evaluate_on_shards(model, shards, tokenizer=create_tokenizer(model, model_cfg),
+                                 limit=limit, device=device)
+    record_evaluation(directory, shards, metrics, limit)
+    return metrics
 
 
 def evaluate_teacher(cfg, shards, *, limit: int | None = None) -> dict:

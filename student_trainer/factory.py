@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Callable
 
 import open_clip
@@ -45,6 +46,33 @@ def resolve_model(cfg: ModelConfig) -> tuple[str, dict]:
             f"({', '.join(sorted(PRESETS))})"
         )
     return cfg.name, copy.deepcopy(cfg.overrides)
+
+
+# `open_clip.create_model` arguments that change the architecture, and the model_cfg entry each sets
+_FORCED_ENTRIES = {"force_quick_gelu": ("quick_gelu",), "force_custom_text": ("custom_text",),
+                   "force_patch_dropout": ("vision_cfg", "patch_dropout"),
+                   "force_image_size": ("vision_cfg", "image_size"),
+                   "force_context_length": ("text_cfg", "context_length")}
+
+
+def open_clip_model_cfg(cfg: ModelConfig) -> dict:
+    """The whole open_clip model config `create_student` builds for `cfg`: the architecture's own
+    config with the overrides applied as `open_clip.create_model` applies them (its `force_*`
+    arguments first, then every other key replacing the config's top-level entry). A checkpoint
+    records it, and an export's `open_clip_config.json` holds it, so open_clip alone, without this
+    project's presets, rebuilds the student."""
+    arch, overrides = resolve_model(cfg)
+    model_cfg = open_clip.get_model_config(arch)
+    arguments = inspect.signature(open_clip.create_model).parameters
+    for key, value in overrides.items():
+        if key in _FORCED_ENTRIES and value not in (None, False):
+            *parents, name = _FORCED_ENTRIES[key]
+            target = model_cfg
+            for parent in parents:
+                target = target[parent]
+            target[name] = value
+    model_cfg.update({k: copy.deepcopy(v) for k, v in overrides.items() if k not in arguments})
+    return model_cfg
 
 
 def create_student(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.nn.Module:

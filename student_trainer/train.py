@@ -35,11 +35,13 @@ from teacher_service.private_files import make_private_dir, private_umask
 from teacher_service.contract.augment import view_namespace, view_recipe
 
 from student_trainer.checkpoint import (
+    COMMAND_KEY,
     MODEL_FILE,
     PROVENANCE_FILE,
     check_same_teacher,
     provenance,
     read_provenance,
+    driver_command,
     save_student,
 )
 from student_trainer.config import TrainConfig
@@ -263,9 +265,9 @@ def _initialise(student: torch.nn.Module, cfg: TrainConfig) -> dict | None:
 
 
 def _report(metrics: dict, module: DistillModule, optimizer, cfg: TrainConfig, position: Position,
-            init: dict | None = None) -> None:
+            init: dict | None = None, command: str | None = None) -> None:
     """Report `metrics` on every rank; rank 0 adds a checkpoint that resumes at `position` (its
-    provenance keeps `init`, how the student's weights started)."""
+    provenance keeps `init`, how the student's weights started, and the run's `command`)."""
     import ray.train
 
     if ray.train.get_context().get_world_rank() != 0:
@@ -279,7 +281,7 @@ def _report(metrics: dict, module: DistillModule, optimizer, cfg: TrainConfig, p
                     "teacher_fingerprint": metrics["teacher_fingerprint"]}, Path(d) / TRAIN_STATE_FILE)
         (Path(d) / "metrics.json").write_text(json.dumps(metrics, indent=2))
         teacher = {"fingerprint": metrics["teacher_fingerprint"], "model": metrics.get("teacher_model")}
-        (Path(d) / PROVENANCE_FILE).write_text(json.dumps(provenance(cfg, teacher, init), indent=2, default=str))
+        (Path(d) / PROVENANCE_FILE).write_text(json.dumps(provenance(cfg, teacher, init, command), indent=2, default=str))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -416,11 +418,13 @@ def optimizer_steps_per_epoch(cfg: TrainConfig, shards: list[str], world: int) -
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker. `config` is `TrainConfig.to_dict()`, plus the driver's
-    console choice under `VERBOSE_KEY` (absent: verbose, as a hand-built trainer expects)."""
+    console choice under `VERBOSE_KEY` (absent: verbose, as a hand-built trainer expects) and its
+    command line under `COMMAND_KEY` (for the checkpoints' provenance)."""
     import ray.train
     import ray.train.torch
 
-    cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k != VERBOSE_KEY})
+    cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k not in (VERBOSE_KEY, COMMAND_KEY)})
+    command = config.get(COMMAND_KEY)
     if not config.get(VERBOSE_KEY, True):
         quiet_worker_console()
     private_umask()  # checkpoints this worker writes (and Ray Train copies to storage) are owner-only
@@ -525,7 +529,7 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics = metrics_of(sums, skips, epoch, i, first, epoch_start, profile)
                 events.report(step, metrics)
                 events.close()
-                _stop_for_teacher(lost, metrics, module, optimizer, cfg, Position(epoch, i, step), init)
+                _stop_for_teacher(lost, metrics, module, optimizer, cfg, Position(epoch, i, step), init, command)
                 return
             set_lr(optimizer, warmup_cosine(step, base_lr=cfg.optim.lr,
                                             warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps))
@@ -554,12 +558,12 @@ def train_loop_per_worker(config: dict) -> None:
             if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and i + 1 < steps:
                 metrics = metrics_of(sums, skips, epoch, i + 1, first, epoch_start, profile)
                 events.report(step, metrics)
-                _report(metrics, module, optimizer, cfg, Position(epoch, i + 1, step), init)
+                _report(metrics, module, optimizer, cfg, Position(epoch, i + 1, step), init, command)
         metrics = metrics_of(sums, skips, epoch, steps, first, epoch_start, profile)
         events.report(step, metrics)
         # the next epoch's first answers are computed while this epoch's checkpoint is written
         upcoming = open_epoch(epoch + 1, 0) if epoch + 1 < cfg.epochs else None
-        _report(metrics, module, optimizer, cfg, Position(epoch + 1, 0, step), init)
+        _report(metrics, module, optimizer, cfg, Position(epoch + 1, 0, step), init, command)
     events.close()
 
 
@@ -576,7 +580,8 @@ def _snapshot(cfg: TrainConfig, module: DistillModule, optimizer, parts: dict, a
 
 
 def _stop_for_teacher(lost: TeacherUnavailableError | None, metrics: dict, module: DistillModule, optimizer,
-                      cfg: TrainConfig, position: Position, init: dict | None = None) -> None:
+                      cfg: TrainConfig, position: Position, init: dict | None = None,
+                      command: str | None = None) -> None:
     """Checkpoint at `position` (the first step not trained) and report why the run stops; the
     driver raises it (`run_training`), and rerunning the same run name resumes at that step."""
     if lost is None:
@@ -586,7 +591,7 @@ def _stop_for_teacher(lost: TeacherUnavailableError | None, metrics: dict, modul
         f"{lost} The run saved a checkpoint at epoch {position.epoch + 1} step {position.epoch_step} "
         f"(global step {position.step}) and stopped; start the teacher and rerun with run name "
         f"{cfg.run_name!r} to resume there.")
-    _report(metrics, module, optimizer, cfg, position, init)
+    _report(metrics, module, optimizer, cfg, position, init, command)
 
 
 def _peak_rss_mb() -> float:
@@ -609,7 +614,7 @@ def build_trainer(cfg: TrainConfig, verbose: bool = True):
         make_private_dir(storage)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**cfg.to_dict(), VERBOSE_KEY: verbose},
+        train_loop_config={**cfg.to_dict(), VERBOSE_KEY: verbose, COMMAND_KEY: driver_command()},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=worker_resources(cfg),
                                      label_selector=dict(cfg.worker_label_selector) or None),

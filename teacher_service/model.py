@@ -144,8 +144,9 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
-def _load_checkpoint_strict(model: torch.nn.Module, path: str) -> None:
+def load_checkpoint_strict(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Strict load that explains a wrong-architecture checkpoint instead of dumping every key."""
+    path = os.fspath(path)
     state = load_state_dict_file(path)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -198,7 +199,7 @@ def load_teacher(cfg: TeacherConfig) -> FrozenTeacher:
         torch.manual_seed(cfg.seed)
         model = open_clip.create_model(cfg.model, pretrained=tag, output_dict=True, **cfg.overrides)
     if local:
-        _load_checkpoint_strict(model, os.path.expanduser(cfg.pretrained))
+        load_checkpoint_strict(model, os.path.expanduser(cfg.pretrained))
         log.info("teacher %s: weights loaded from %s", cfg.model, cfg.pretrained)
     model.eval().requires_grad_(False).to(device)
     precision = cfg.precision

@@ -248,6 +248,12 @@ def test_a_run_starts_from_the_inherited_weights_and_a_resume_keeps_its_own(ray_
     init = record["init"]
     assert (init["from"], init["teacher_fingerprint"], init["layers"]) == ("teacher", frozen.fingerprint, "interval")
     assert init["blocks"] == {VISUAL: [0, 2], TEXT: [0, 1]}
+    # the driver's command line, the data's class names and the whole config reach the provenance
+    from student_trainer.checkpoint import driver_command
+    from student_trainer.data.write_shards import CLASS_NAMES
+
+    assert record["command"] == driver_command() and record["data"]["class_names"] == CLASS_NAMES
+    assert record["config"]["model"]["init_from_teacher"] is True and record["config"]["run_name"] == "inherit"
 
     other = TeacherConfig(model=TEACHER_ARCH, overrides=TEACHER_OVERRIDES, pretrained=str(tmp_path / "gone.pt"))
     result = run_training(run_cfg(shards, tmp_path, teacher=other, epochs=2))
