@@ -5,9 +5,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cluster.cli import bench, cache, data, demo, report, submit, sweep, teacher, train
+from cluster.cli import bench, cache, data, demo, export, report, submit, sweep, teacher, train
 
-COMMANDS = (data, teacher, train, demo, sweep, report, cache, submit, bench)
+COMMANDS = (data, teacher, train, export, demo, sweep, report, cache, submit, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,6 +29,10 @@ CONTRAST_RANGE = (0.8, 1.2)
 AUGMENT_FUNCTION = "teacher_service.views.augment_view"
 AUGMENT_VERSION = "1"  # bump whenever augment_view's output changes for any input: caches notice
 RECIPE_VIEW_FIELDS = ("function", "version", "image_size", "seed", "train")
+# The plain view (`augment_view(train=False)`, what evaluation feeds a model at its own input size)
+# in open_clip's preprocessing terms: a PIL bilinear resize straight to the size. An exported
+# student declares it, so open_clip's transforms give it the pixels `kd eval` gave it.
+EVAL_RESIZE = {"interpolation": "bilinear", "resize_mode": "squash"}
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp", "tif", "tiff")  # data.py's order
 
 
