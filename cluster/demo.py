@@ -214,6 +214,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     from teacher_service.shards import resolve_shards
     from student_trainer.evaluate import evaluate_checkpoint, evaluate_teacher
+    from student_trainer.export import export_checkpoint
     from teacher_service.app import deploy
 
     from cluster.local import init_ray
@@ -259,6 +260,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         evaluation = evaluate_checkpoint(workdir / name, val)
         rows.append(_row(name, metrics, evaluation, evaluation.pop("params")))
         _log_eval(metrics, evaluation)
+    exported = [export_checkpoint(workdir / n, workdir / "export" / n, force=True) for n in [*distilled, "student_baseline"]]
+    _say(f"students exported for open_clip alone (create_model_and_transforms('local-dir:DIR')): {', '.join(map(str, exported))}")
 
     models = {r["model"]: {k: v for k, v in r.items() if k != "model"} for r in rows}
     report = {

@@ -68,6 +68,12 @@ def test_quick_demo_writes_a_complete_report(demo):
     baseline = read_provenance(tmp_path / "demo" / "student_baseline")
     assert baseline["teacher"]["mode"] == "none" and baseline["teacher"]["fingerprint"] == ""
 
+    # and is exported for open_clip, its model card naming its teacher and the demo's evaluation of it
+    card = (tmp_path / "demo" / "export" / "student_distilled" / "README.md").read_text()
+    assert f"fingerprint `{report['teacher_fingerprint']}`" in card
+    assert f"{report['models']['student_distilled']['zero_shot_top1']:.4f}" in card
+    assert (tmp_path / "demo" / "export" / "student_baseline" / "open_clip_model.safetensors").is_file()
+
 
 def test_quick_demo_with_two_teachers_adds_an_ensemble_student(tmp_path, monkeypatch):
     """`kd demo --teachers 2`: a second teacher (next seed, own dir, own app), and a student distilled
@@ -79,10 +85,11 @@ def test_quick_demo_with_two_teachers_adds_an_ensemble_student(tmp_path, monkeyp
     import cluster.local
     import cluster.report
     import student_trainer.evaluate
+    import student_trainer.export
     import teacher_service.app
     from cluster.demo import DemoConfig, run_demo
 
-    trained, deployed, deleted, drawn = {}, [], [], []
+    trained, deployed, deleted, drawn, exported = {}, [], [], [], {}
 
     def fake_train(train_cfg, out_dir, verbose=False):
         trained[out_dir.name] = train_cfg
@@ -123,6 +130,8 @@ def test_quick_demo_with_two_teachers_adds_an_ensemble_student(tmp_path, monkeyp
     monkeypatch.setattr(student_trainer.evaluate, "evaluate_teacher", lambda cfg, val: evaluation(cfg.app_name))
     monkeypatch.setattr(student_trainer.evaluate, "evaluate_checkpoint", lambda d, val: evaluation(Path(d).name))
     monkeypatch.setattr(cluster.report, "write_report", fake_write_report)
+    monkeypatch.setattr(student_trainer.export, "export_checkpoint",
+                        lambda checkpoint, out, force: exported.setdefault(Path(checkpoint).name, (out, force))[0])
 
     cfg = DemoConfig(workdir=str(tmp_path / "demo"), quick=True, app_name="kd-demo-test", teachers=2)
     report = run_demo(cfg)
@@ -154,6 +163,8 @@ def test_quick_demo_with_two_teachers_adds_an_ensemble_student(tmp_path, monkeyp
         gap = report["models"]["student_distilled"][metric] - report["models"]["student_baseline"][metric]
         assert report["gain_over_baseline"][metric] == pytest.approx(gap, abs=1e-4)
     assert sorted(name.split("-")[1] for name in drawn) == ["baseline", "distill", "ensemble"]  # the students' curves
+    students = ["student_distilled", "student_ensemble", "student_baseline"]  # each exported for open_clip
+    assert exported == {n: (tmp_path / "demo" / "export" / n, True) for n in students}
 
 
 def test_a_teacher_left_in_the_workdir_is_checked_before_it_is_reused(demo):
