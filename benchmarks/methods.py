@@ -48,7 +48,7 @@ from student_trainer.config import (
 )
 from student_trainer.factory import resolve_model
 from student_trainer.losses import DEFAULT_WEIGHTS
-from teacher_service.config import TeacherConfig
+from teacher_service.config import ServingConfig, TeacherConfig
 
 STUDENT = "digits-student"
 APP = "kd-methods-bench-teacher"
@@ -132,8 +132,8 @@ def teacher_config(teacher_dir: Path, app: str = APP) -> TeacherConfig:
     if not (teacher_dir / "model.pt").is_file():
         raise SystemExit(f"--teacher-dir {teacher_dir}: no model.pt (a student checkpoint dir is expected)")
     arch, overrides = resolve_model(load_model_config(teacher_dir))
-    return TeacherConfig(model=arch, overrides=overrides, pretrained=str(teacher_dir / "model.pt"),
-                         app_name=app, num_cpus=1.0, max_batch_size=256, torch_threads=1)
+    return TeacherConfig(model=arch, overrides=overrides, pretrained=str(teacher_dir / "model.pt"), torch_threads=1,
+                         serving=ServingConfig(app_name=app, num_cpus=1.0, max_batch_size=256))
 
 
 def model_facts(teacher_dir: Path) -> dict:

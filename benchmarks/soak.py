@@ -19,7 +19,7 @@ from cluster.local import init_ray
 from cluster.soak import SoakConfig, format_report, memory_growth_mib, run_soak
 from student_trainer.config import ModelConfig
 from student_trainer.factory import resolve_model
-from teacher_service.config import TeacherConfig
+from teacher_service.config import ServingConfig, TeacherConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         base = TeacherConfig.from_yaml(args.teacher_config)
     else:
         arch, overrides = resolve_model(ModelConfig(name=args.teacher))
-        base = TeacherConfig(model=arch, overrides=overrides, num_cpus=0.5, torch_threads=1, max_batch_size=64,
-                             expected_request_samples=8)
-    teacher = TeacherConfig.from_dict({**base.to_dict(), "app_name": "kd-teacher-soak", "num_replicas": args.replicas,
-                                       "autoscaling": None, "grpc_caller_max_in_flight": args.grpc_in_flight})
+        base = TeacherConfig(model=arch, overrides=overrides, torch_threads=1,
+                             serving=ServingConfig(num_cpus=0.5, max_batch_size=64, expected_request_samples=8))
+    teacher = base.updated({"serving.app_name": "kd-teacher-soak", "serving.num_replicas": args.replicas,
+                            "serving.autoscaling": None, "grpc.caller_max_in_flight": args.grpc_in_flight})
     soak = SoakConfig(duration_s=args.duration, warmup_s=args.warmup, students=args.students,
                       grpc_clients=args.grpc_clients, step_s=args.step_s, sample_s=args.sample_s)
     print(init_ray(args.address))

@@ -149,12 +149,12 @@ def _ensure_teacher(cfg: DemoConfig, stamp: str, epochs: int, data_dir: Path, in
 
 
 def _teacher_config(cfg: DemoConfig, teacher_dir: Path, index: int = 0):
-    from teacher_service.config import TeacherConfig
+    from teacher_service.config import ServingConfig, TeacherConfig
 
     arch, overrides = resolve_model(ModelConfig(name=TEACHER))
+    serving = ServingConfig(app_name=cfg.app(index), num_cpus=1.0 if cfg.teachers == 1 else 0.5, max_batch_size=256)
     return TeacherConfig(model=arch, overrides=overrides, pretrained=str(teacher_dir / "model.pt"),
-                         app_name=cfg.app(index), num_cpus=1.0 if cfg.teachers == 1 else 0.5, max_batch_size=256,
-                         torch_threads=1)
+                         torch_threads=1, serving=serving)
 
 
 def _distill(cfg: DemoConfig, stamp: str, epochs: int, workdir: Path) -> dict[str, dict]:
@@ -235,13 +235,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     infos = []
     try:
         for teacher_cfg in teacher_cfgs:
-            _say(f"deploying the teacher as Serve app {teacher_cfg.app_name!r}")
+            _say(f"deploying the teacher as Serve app {teacher_cfg.serving.app_name!r}")
             infos.append(deploy(teacher_cfg, access_log=cfg.verbose).info.remote().result(timeout_s=300))
             _say(f"teacher fingerprint {infos[-1]['fingerprint']}, embed_dim {infos[-1]['embed_dim']}")
         distilled = _distill(cfg, stamp, student_epochs, workdir)
     finally:
         for teacher_cfg in teacher_cfgs:
-            serve.delete(teacher_cfg.app_name)
+            serve.delete(teacher_cfg.serving.app_name)
     info = infos[0]
 
     _say(f"training the same {STUDENT} without a teacher, same budget")

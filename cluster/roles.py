@@ -20,7 +20,7 @@ GRPC_RESOURCE = "kd_grpc"
 
 
 def teacher_placement() -> dict:
-    """TeacherConfig fields that keep replicas on teacher nodes."""
+    """`ServingConfig` fields (TeacherConfig.serving) that keep replicas on teacher nodes."""
     return {"label_selector": {ROLE_LABEL: TEACHER_ROLE}, "resources": {TEACHER_RESOURCE: 1}}
 
 

@@ -5,7 +5,7 @@ What it runs, on the connected Ray cluster (loopback only: the gRPC ingress bind
   window, retries, fingerprint check) streaming synthetic batches and sleeping `step_s` per batch
   as if it trained on it; each records how long every step waited for the teacher;
 - `grpc_clients` threads in this process calling Embed over gRPC in a closed loop under one
-  caller name; with `grpc_caller_max_in_flight` below their number some calls are refused
+  caller name; with the teacher's `grpc.caller_max_in_flight` below their number some calls are refused
   RESOURCE_EXHAUSTED by design (counted as refusals, then retried after `refusal_backoff_s`);
 - every `sample_s`, the resident memory of each replica and of the ingress.
 The report: requests served and errors per client kind, p50/p99 latency (students: wait per step;
@@ -228,15 +228,16 @@ def run_soak(teacher: TeacherConfig, cfg: SoakConfig, log=print) -> dict[str, An
     from teacher_service.app import collect_stats, delete_teacher, deploy, get_teacher_handle
     from teacher_service.grpc.ingress import ingress_address
 
-    teacher = dataclasses.replace(teacher, grpc_host="127.0.0.1", grpc_port=0)
+    teacher = teacher.updated({"grpc.host": "127.0.0.1", "grpc.port": 0})
+    app = teacher.serving.app_name
     deploy(teacher)
     try:
-        handle = get_teacher_handle(teacher.app_name, timeout_s=300)
-        target = ingress_address(teacher.app_name)
-        students = [StudentLoad.remote(teacher.app_name, f"soak-student-{i}", dataclasses.asdict(cfg))
+        handle = get_teacher_handle(app, timeout_s=300)
+        target = ingress_address(app)
+        students = [StudentLoad.remote(app, f"soak-student-{i}", dataclasses.asdict(cfg))
                     for i in range(cfg.students)]
         ray.get([s.ready.remote() for s in students], timeout=300)
-        hammer = GrpcHammer(target, teacher.app_name, "soak-hammer", cfg)
+        hammer = GrpcHammer(target, app, "soak-hammer", cfg)
         log(f"soak: {cfg.students} students + {cfg.grpc_clients} gRPC threads on {target} for {cfg.duration_s:.0f} s")
         began = time.time()
         runs = [s.run.remote(began + cfg.duration_s) for s in students]
@@ -255,7 +256,7 @@ def run_soak(teacher: TeacherConfig, cfg: SoakConfig, log=print) -> dict[str, An
         for s in students:
             ray.kill(s)
     finally:
-        delete_teacher(teacher.app_name)
+        delete_teacher(app)
     students_total = ClientTally()
     for tally in student_tallies:
         students_total.add(tally)

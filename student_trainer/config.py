@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from teacher_service.config import TeacherConfig, check_cores, check_placement
+from teacher_service.config import TeacherConfig, check_cores, check_placement, nest_flat_keys, warn_flat_keys
 from teacher_service.private_files import check_under_roots, write_roots
 
 from student_trainer.teacher.modes import TeacherMode
@@ -271,7 +271,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        return from_plain(cls, data)
+        return from_plain(cls, nest_teacher_configs(data))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
@@ -344,6 +344,27 @@ def _absolute_if_exists(path: str | None) -> str | None:
     return _absolute(path) if path and os.path.exists(os.path.expanduser(path)) else path
 
 
+def nest_teacher_configs(data: Any) -> Any:
+    """`data` with its teacher configs (`teacher.teacher`, `teacher.sources[i].teacher`) in the
+    sectioned shape, and one deprecation warning for the whole run config when any used flat keys
+    (`TeacherConfig.from_dict`). Done once per load: `members()` parses sources again and again."""
+    teacher = data.get("teacher") if isinstance(data, dict) else None
+    if not isinstance(teacher, dict):
+        return data
+    teacher, moved = dict(teacher), []
+    if isinstance(teacher.get("teacher"), dict):
+        teacher["teacher"], moved = nest_flat_keys(teacher["teacher"], "teacher.teacher.", "teacher.teacher")
+    if isinstance(teacher.get("sources"), list):
+        teacher["sources"] = list(teacher["sources"])
+        for i, entry in enumerate(teacher["sources"]):
+            if isinstance(entry, dict) and isinstance(entry.get("teacher"), dict):
+                where = f"teacher.sources[{i}].teacher"
+                nested, more = nest_flat_keys(entry["teacher"], f"{where}.", where)
+                teacher["sources"][i], moved = {**entry, "teacher": nested}, moved + more
+    warn_flat_keys(moved, "run config")
+    return {**data, "teacher": teacher}
+
+
 def to_plain(obj: Any) -> Any:
     """Dataclasses → dicts, tuples → lists, enums → their values, recursively (JSON/YAML friendly)."""
     if isinstance(obj, Enum):
@@ -373,7 +394,9 @@ def from_plain(cls: type, data: Any, where: str = "") -> Any:
     for key, value in data.items():
         target = _dataclass_in(hints[key])
         path = f"{where}.{key}" if where else key
-        if target is not None and isinstance(value, dict):
+        if target is TeacherConfig and isinstance(value, dict):  # its own parser: sections, flat keys
+            kwargs[key] = TeacherConfig.from_dict(value, where=path)
+        elif target is not None and isinstance(value, dict):
             kwargs[key] = from_plain(target, value, path)
         elif hints[key] is TeacherMode:
             kwargs[key] = TeacherMode.parse(value, path)  # the error names the entry (teacher.sources[i].mode)

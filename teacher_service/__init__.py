@@ -15,6 +15,8 @@ from typing import Any
 
 _EXPORTS = {
     "TeacherConfig": "config",
+    "ServingConfig": "config",
+    "GrpcOptions": "config",
     "FrozenTeacher": "model",
     "compute_fingerprint": "model",
     "load_state_dict_file": "model",

@@ -34,17 +34,17 @@ def deploy(cfg: TeacherConfig, access_log: bool = True) -> DeploymentHandle:
     its own gRPC ingress, so a proxy actor per node would only cost memory and CPU (on a 2-core
     machine, the student's). A Serve instance already running keeps the options it was started with.
 
-    With `cfg.grpc_port` set, also (re)starts the app's gRPC ingress on this node
+    With `cfg.grpc.port` set, also (re)starts the app's gRPC ingress on this node
     (`grpc.ingress.start_ingress`; `grpc.ingress.ingress_address(app)` says where it listens);
     without, stops an ingress a previous deploy of the app started.
     """
     serve.start(proxy_location="Disabled")  # no effect on a Serve instance already running
-    handle = serve.run(build_app(cfg), name=cfg.app_name, route_prefix=None, blocking=False,
+    handle = serve.run(build_app(cfg), name=cfg.serving.app_name, route_prefix=None, blocking=False,
                        logging_config=None if access_log else {"enable_access_log": False})
-    if cfg.grpc_port is not None:
+    if cfg.grpc.port is not None:
         start_ingress(cfg)
     else:
-        stop_ingress(cfg.app_name)
+        stop_ingress(cfg.serving.app_name)
     return handle
 
 

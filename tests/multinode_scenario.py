@@ -45,12 +45,12 @@ def agent_ports() -> dict:
 def write_configs(workdir: Path) -> tuple[Path, list[Path]]:
     from student_trainer.config import DataConfig, ModelConfig, OptimConfig, TeacherSourceConfig, TrainConfig
     from student_trainer.data.write_shards import write_digits_shards
-    from teacher_service.config import TeacherConfig
+    from teacher_service.config import ServingConfig, TeacherConfig
 
     write_digits_shards(workdir / "data", image_size=32, samples_per_shard=64)
     teacher = workdir / "teacher.yaml"
-    TeacherConfig(model="ViT-B-32", overrides=TINY, app_name=APP, num_replicas=2, num_cpus=0.5, torch_threads=1,
-                  max_batch_size=32, expected_request_samples=16).to_yaml(teacher)
+    serving = ServingConfig(app_name=APP, num_replicas=2, num_cpus=0.5, max_batch_size=32, expected_request_samples=16)
+    TeacherConfig(model="ViT-B-32", overrides=TINY, torch_threads=1, serving=serving).to_yaml(teacher)
     runs = []
     for name in ("job-a", "job-b"):
         path = workdir / f"{name}.yaml"

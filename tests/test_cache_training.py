@@ -32,7 +32,7 @@ from teacher_service.cache.store import (
     compact,
     teacher_dir,
 )
-from teacher_service.config import TeacherConfig
+from teacher_service.config import ServingConfig, TeacherConfig
 from teacher_service.contract.augment import view_recipe
 
 pytestmark = pytest.mark.ray
@@ -41,8 +41,9 @@ APP = "kd-teacher-cache-training"
 BATCH = 16
 STEPS = 3
 TINY_TEACHER = tiny_teacher_overrides()
-TEACHER = TeacherConfig(model="ViT-B-32", overrides=TINY_TEACHER, app_name=APP, num_cpus=0.5, torch_threads=1,
-                        max_batch_size=64, expected_request_samples=BATCH)
+TEACHER = TeacherConfig(model="ViT-B-32", overrides=TINY_TEACHER, torch_threads=1,
+                        serving=ServingConfig(app_name=APP, num_cpus=0.5, max_batch_size=64,
+                                              expected_request_samples=BATCH))
 
 
 @pytest.fixture(scope="module")

@@ -85,9 +85,9 @@ def test_the_caller_table_is_bounded_and_forgets_idle_callers_first():
 
 
 def test_limits_name_the_bad_field():
-    for fields, name in (({"max_in_flight": 0}, "grpc_caller_max_in_flight"),
-                         ({"samples_per_s": 0}, "grpc_caller_samples_per_s"),
-                         ({"samples_per_s": 5, "burst_samples": 0}, "grpc_caller_burst_samples"),
+    for fields, name in (({"max_in_flight": 0}, "grpc.caller_max_in_flight"),
+                         ({"samples_per_s": 0}, "grpc.caller_samples_per_s"),
+                         ({"samples_per_s": 5, "burst_samples": 0}, "grpc.caller_burst_samples"),
                          ({"max_callers": 0}, "max_callers")):
         with pytest.raises(ValueError, match=name):
             CallerLimits(**fields)

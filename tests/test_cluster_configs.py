@@ -48,11 +48,26 @@ def test_cluster_serve_config_passes_serves_schema_and_matches_the_roles():
     (app,) = ServeDeploySchema.model_validate(raw).applications
     assert app.name == APP and app.import_path == "teacher_service.serve.deployment:app_builder"
     cfg = TeacherConfig.from_yaml(CONFIGS / "serve_teacher_cluster.yaml")
-    assert cfg == TeacherConfig.from_dict(app.args) and cfg.app_name == APP
-    assert {"label_selector": cfg.label_selector, "resources": cfg.resources} == teacher_placement()
-    assert cfg.num_gpus == 1 and cfg.autoscaling["max_replicas"] >= cfg.autoscaling["min_replicas"] >= 1
-    opts = cfg.serve_options()
-    assert opts["autoscaling_config"] == cfg.autoscaling and "num_replicas" not in opts
+    serving = cfg.serving
+    assert cfg == TeacherConfig.from_dict(app.args) and serving.app_name == APP
+    assert {"label_selector": serving.label_selector, "resources": serving.resources} == teacher_placement()
+    assert serving.num_gpus == 1 and serving.autoscaling["max_replicas"] >= serving.autoscaling["min_replicas"] >= 1
+    opts = serving.serve_options()
+    assert opts["autoscaling_config"] == serving.autoscaling and "num_replicas" not in opts
+
+
+@pytest.mark.parametrize("name", ["serve_teacher.yaml", "serve_teacher_cluster.yaml"])
+def test_serve_configs_use_the_sectioned_teacher_config(name):
+    """The shipped Serve configs are in the current shape: loading them warns about no flat key, and
+    their args hold the model's fields and the `serving` section, nothing flat."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # a flat key would raise here
+        cfg = TeacherConfig.from_yaml(CONFIGS / name)
+    (app,) = load(CONFIGS / name)["applications"]
+    assert "serving" in app["args"] and set(app["args"]) <= set(cfg.to_dict())
+    assert app["name"] == cfg.serving.app_name  # Serve's name for the app is the one replicas and students use
 
 
 def _start_params(group: dict) -> tuple[dict, dict]:
@@ -106,7 +121,7 @@ def test_role_placement_flags_apply_the_roles():
     from cluster.cli.train import train_config_from_args
 
     t = teacher_config_from_args(build_parser().parse_args(["teacher", "serve", "--role-placement"]))
-    assert {"label_selector": t.label_selector, "resources": t.resources} == teacher_placement()
+    assert {"label_selector": t.serving.label_selector, "resources": t.serving.resources} == teacher_placement()
     s = train_config_from_args(build_parser().parse_args(["train", "--train-shards", "x", "--role-placement"]))
     assert {"worker_label_selector": s.worker_label_selector, "worker_resources": s.worker_resources} == \
         student_placement()
@@ -218,7 +233,7 @@ def test_kuberay_grpc_node_serves_the_ingress_its_probe_checks(tmp_path):
     args = _entrypoint_args(job)
     assert (args.grpc_port, args.grpc_health_port, args.grpc_host) == (ports["grpc"], ports["grpc-health"], "0.0.0.0")
     assert not args.grpc_insecure
-    app = TeacherConfig.from_yaml(CONFIGS / "serve_teacher_cluster.yaml").app_name
+    app = TeacherConfig.from_yaml(CONFIGS / "serve_teacher_cluster.yaml").serving.app_name
     probe = node["readinessProbe"]
     assert probe["grpc"] == {"port": ports["grpc-health"], "service": app}  # a number: grpc probes take no port name
     assert "grpc" not in node["livenessProbe"]  # restarting the node cannot bring the ingress back
@@ -238,4 +253,4 @@ def test_kuberay_grpc_node_serves_the_ingress_its_probe_checks(tmp_path):
         setattr(args, flag, path)
     args.config = str(CONFIGS / "serve_teacher_cluster.yaml")
     cfg = teacher_config_from_args(args)
-    assert cfg.grpc_exposure_gaps() == [] and cfg.grpc_tls_client_ca_file == pki.ca and cfg.app_name == app
+    assert cfg.grpc.exposure_gaps() == [] and cfg.grpc.tls_client_ca_file == pki.ca and cfg.serving.app_name == app

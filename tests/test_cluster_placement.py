@@ -12,7 +12,7 @@ import pytest
 from cluster.roles import student_placement, teacher_placement
 from student_trainer.config import TrainConfig
 from student_trainer.train import worker_resources
-from teacher_service.config import TeacherConfig
+from teacher_service.config import ServingConfig
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,12 +46,12 @@ def test_jobs_submitted_to_a_multi_node_cluster_land_on_their_own_nodes(tmp_path
 
 
 def test_placement_reaches_serve_and_train_options():
-    opts = TeacherConfig(**teacher_placement()).serve_options()["ray_actor_options"]
+    opts = ServingConfig(**teacher_placement()).serve_options()["ray_actor_options"]
     assert opts["label_selector"] == {"kd-role": "teacher"} and opts["resources"] == {"kd_teacher": 1}
     cfg = TrainConfig(**student_placement(), use_gpu=True)
     assert worker_resources(cfg) == {"CPU": 1.0, "kd_student": 1, "GPU": 1}
-    with pytest.raises(ValueError, match="resources: 'GPU' has its own field"):
-        TeacherConfig(resources={"GPU": 1})
+    with pytest.raises(ValueError, match="serving.resources: 'GPU' has its own field"):
+        ServingConfig(resources={"GPU": 1})
     with pytest.raises(ValueError, match="worker_label_selector: expected a mapping"):
         TrainConfig(worker_label_selector={"kd-role": 1}).validate()
 

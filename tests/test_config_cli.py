@@ -203,23 +203,57 @@ def test_train_flags_override_the_yaml(tmp_path):
 def test_teacher_serve_flags_pick_a_fixed_or_an_autoscaled_pool(tmp_path):
     from cluster.cli import build_parser
     from cluster.cli.teacher import teacher_config_from_args
-    from teacher_service.config import TeacherConfig
+    from teacher_service.config import ServingConfig, TeacherConfig
 
     path = tmp_path / "teacher.yaml"
-    TeacherConfig(autoscaling={"min_replicas": 1, "max_replicas": 3}).to_yaml(path)
+    TeacherConfig(serving=ServingConfig(autoscaling={"min_replicas": 1, "max_replicas": 3})).to_yaml(path)
 
     def cfg(*flags):
         return teacher_config_from_args(build_parser().parse_args(["teacher", "serve", "--config", str(path), *flags]))
 
-    assert cfg().serve_options()["autoscaling_config"]["max_replicas"] == 3
-    fixed = cfg("--replicas", "2").serve_options()
+    assert cfg().serving.serve_options()["autoscaling_config"]["max_replicas"] == 3
+    fixed = cfg("--replicas", "2").serving.serve_options()
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
-    scaled = cfg("--autoscale", '{"min_replicas": 2, "max_replicas": 5}').serve_options()
+    scaled = cfg("--autoscale", '{"min_replicas": 2, "max_replicas": 5}').serving.serve_options()
     assert scaled["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 5}
     with pytest.raises(ValueError, match="max_replicas explicitly"):
         cfg("--autoscale", '{"min_replicas": 2}')
-    assert cfg().shard_roots == [] and cfg("--shard-root", "data", "--shard-root", "/mnt/shards").shard_roots == [
-        os.path.abspath("data"), "/mnt/shards"]
+    assert cfg().serving.shard_roots == [] and cfg("--shard-root", "data", "--shard-root",
+                                                   "/mnt/shards").serving.shard_roots == [os.path.abspath("data"),
+                                                                                          "/mnt/shards"]
+    every = cfg("--model", "ViT-S-16", "--precision", "fp16", "--app-name", "kd-x", "--num-cpus", "2", "--num-gpus",
+                "1", "--max-batch-size", "128", "--grpc-port", "0", "--grpc-health-port", "7001")
+    assert (every.model, every.precision, every.grpc.port, every.grpc.health_port) == ("ViT-S-16", "fp16", 0, 7001)
+    assert (every.serving.app_name, every.serving.num_cpus, every.serving.num_gpus, every.serving.max_batch_size) == \
+        ("kd-x", 2.0, 1.0, 128)
+
+
+def test_flat_teacher_configs_in_a_run_config_warn_once(tmp_path):
+    """A run config written before the teacher config's sections (flat keys under `teacher.teacher`
+    and `teacher.sources[i].teacher`) loads with one deprecation line for the whole file; the
+    config's later parsing (validate, members) says nothing more."""
+    import warnings
+
+    import yaml
+
+    flat = {"model": "ViT-B-32", "max_batch_size": 64, "grpc_port": 0}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"data": {"train_shards": "data/train-*.tar"}, "teacher": {
+        "mode": "inline", "teacher": flat,
+        "sources": [{"name": "a", "teacher": {"model": "ViT-B-32", "num_cpus": 0.5}}, {"name": "b"}]}}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = TrainConfig.from_yaml(path).validate()
+        members = cfg.teacher.members()
+        assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    said = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert said == ["run config: flat keys are deprecated: teacher.teacher.grpc_port -> teacher.teacher.grpc.port, "
+                    "teacher.teacher.max_batch_size -> teacher.teacher.serving.max_batch_size, "
+                    "teacher.sources[0].teacher.num_cpus -> teacher.sources[0].teacher.serving.num_cpus"]
+    assert (cfg.teacher.teacher.serving.max_batch_size, cfg.teacher.teacher.grpc.port) == (64, 0)
+    assert [m.teacher.serving.num_cpus for m in members] == [0.5, 1.0]  # "b" has the config's own teacher
+    with pytest.raises(ValueError, match=r"teacher.teacher: unknown keys \['serving.bogus'\]"):
+        TrainConfig.from_dict({"teacher": {"teacher": {"serving": {"bogus": 1}}}})
 
 
 def test_writes_outside_the_configured_roots_are_refused(tmp_path, monkeypatch):

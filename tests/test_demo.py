@@ -104,7 +104,7 @@ def test_quick_demo_with_two_teachers_adds_an_ensemble_student(tmp_path, monkeyp
             return self
 
         def result(self, timeout_s):
-            return {"fingerprint": f"fp-{self.cfg.app_name}", "embed_dim": 128}
+            return {"fingerprint": f"fp-{self.cfg.serving.app_name}", "embed_dim": 128}
 
     def fake_deploy(cfg, access_log=False):
         deployed.append(cfg)
@@ -127,7 +127,7 @@ def test_quick_demo_with_two_teachers_adds_an_ensemble_student(tmp_path, monkeyp
     monkeypatch.setattr(cluster.local, "init_ray", lambda *a, **k: "stand-in cluster")
     monkeypatch.setattr(teacher_service.app, "deploy", fake_deploy)
     monkeypatch.setattr(ray.serve, "delete", deleted.append)
-    monkeypatch.setattr(student_trainer.evaluate, "evaluate_teacher", lambda cfg, val: evaluation(cfg.app_name))
+    monkeypatch.setattr(student_trainer.evaluate, "evaluate_teacher", lambda cfg, val: evaluation(cfg.serving.app_name))
     monkeypatch.setattr(student_trainer.evaluate, "evaluate_checkpoint", lambda d, val: evaluation(Path(d).name))
     monkeypatch.setattr(cluster.report, "write_report", fake_write_report)
     monkeypatch.setattr(student_trainer.export, "export_checkpoint",
@@ -142,9 +142,9 @@ def test_quick_demo_with_two_teachers_adds_an_ensemble_student(tmp_path, monkeyp
     assert [trained[t].seed for t in ("teacher", "teacher-2")] == [0, 1]
     assert all(trained[t].teacher.mode == "none" for t in ("teacher", "teacher-2"))
     apps = ["kd-demo-test", "kd-demo-test-2"]
-    assert [d.app_name for d in deployed] == apps and sorted(deleted) == apps
+    assert [d.serving.app_name for d in deployed] == apps and sorted(deleted) == apps
     assert [Path(d.pretrained).parent.name for d in deployed] == ["teacher", "teacher-2"]
-    assert all(d.num_cpus == 0.5 for d in deployed)  # both pools fit beside the students
+    assert all(d.serving.num_cpus == 0.5 for d in deployed)  # both pools fit beside the students
     # the ensemble student asks both apps at once; the distilled one only the first
     ensemble = trained["student_ensemble"].teacher
     assert ensemble.mode == "remote" and [(s["name"], s["app_name"]) for s in ensemble.sources] == [(a, a) for a in apps]
@@ -203,9 +203,10 @@ def test_an_embedded_cluster_starts_even_when_another_runs_here(ray_cluster):
             "print('CLEANER', logging.getLevelName(ray.get(level.remote()))); "
             "from ray._private.services import canonicalize_bootstrap_address_or_die as lookup; "
             "print('FOUND', ray.get(ray.remote(lambda: lookup(None)).remote())); "
-            "from teacher_service.app import deploy; from teacher_service.config import TeacherConfig; "
+            "from teacher_service.app import deploy; from teacher_service.config import ServingConfig, TeacherConfig; "
             "from tiny_models import tiny_teacher_overrides; "
-            "cfg = TeacherConfig(overrides=tiny_teacher_overrides(), app_name='quiet-app', num_cpus=0.5); "
+            "cfg = TeacherConfig(overrides=tiny_teacher_overrides(), "
+            "serving=ServingConfig(app_name='quiet-app', num_cpus=0.5)); "
             "handle = deploy(cfg, access_log=True); [handle.info.remote().result(timeout_s=120) for _ in range(3)]; "
             "print('ANSWERED', handle.info.remote().result(timeout_s=120)['fingerprint']); "
             "from ray import serve; print('PROXIES', len(serve.status().proxies)); "

@@ -13,6 +13,7 @@ from teacher_service import (
     EmbedRequest,
     EmbedResponse,
     RequestError,
+    ServingConfig,
     TeacherConfig,
     TeacherEngine,
     load_teacher,
@@ -27,6 +28,11 @@ def yaml_args() -> dict:
     return yaml.safe_load(SERVE_YAML.read_text())["applications"][0]["args"]
 
 
+def yaml_teacher(**serving) -> TeacherConfig:
+    """serve_teacher.yaml's teacher with these `serving` fields changed."""
+    return TeacherConfig.from_dict(yaml_args()).updated({f"serving.{k}": v for k, v in serving.items()})
+
+
 def test_serve_config_validates_and_builds():
     from ray.serve.schema import ServeDeploySchema
 
@@ -38,11 +44,17 @@ def test_serve_config_validates_and_builds():
     module, attr = app.import_path.split(":")
     builder = getattr(importlib.import_module(module), attr)
     cfg = TeacherConfig.from_dict(app.args)  # every arg is a TeacherConfig field
-    assert cfg.pretrained is None and cfg.app_name == "kd-teacher" and cfg.num_cpus <= 1
+    assert cfg.pretrained is None and cfg.serving.app_name == "kd-teacher" and cfg.serving.num_cpus <= 1
     assert builder(app.args) is not None
-    assert cfg.autoscaling["max_replicas"] >= cfg.autoscaling["min_replicas"] >= 1
+    assert cfg.serving.autoscaling["max_replicas"] >= cfg.serving.autoscaling["min_replicas"] >= 1
     with pytest.raises(ValueError, match="unknown keys"):
         builder({**app.args, "max_batch": 3})
+    # a Serve config written before the sections (flat args) still builds, with one deprecation line
+    flat = {**{k: v for k, v in app.args.items() if k != "serving"}, **app.args["serving"]}
+    with pytest.warns(FutureWarning, match=r"^Serve config args: flat keys are deprecated: app_name -> "
+                                           r"serving.app_name, .*max_batch_size -> serving.max_batch_size") as said:
+        assert builder(flat) is not None
+    assert len(said) == 1
 
 
 def request(n, seed, h=32, w=32) -> EmbedRequest:
@@ -70,9 +82,8 @@ def test_teacher_deployment_batches_and_isolates_errors(ray_cluster, batcher):
 
     from teacher_service.app import TeacherUnavailableError, deploy, get_teacher_handle
 
-    cfg = TeacherConfig.from_dict({**yaml_args(), "app_name": APP, "num_cpus": 0.5, "max_batch_size": 64,
-                                   "batch_wait_timeout_s": 0.25, "batcher": batcher,
-                                   "autoscaling": None})  # one replica: the batch counts below are its own
+    cfg = yaml_teacher(app_name=APP, num_cpus=0.5, max_batch_size=64, batch_wait_timeout_s=0.25, batcher=batcher,
+                       autoscaling=None)  # one replica: the batch counts below are its own
     handle = deploy(cfg)
     try:
         local = load_teacher(cfg)
@@ -138,7 +149,7 @@ def test_access_log_is_off_unless_asked_for(ray_cluster):
     from teacher_service.app import deploy
 
     app = "kd-teacher-access-log"
-    cfg = TeacherConfig.from_dict({**yaml_args(), "app_name": app, "num_cpus": 0.5, "autoscaling": None})
+    cfg = yaml_teacher(app_name=app, num_cpus=0.5, autoscaling=None)
     logs = Path(_global_node.get_session_dir_path()) / "logs" / "serve"
 
     def access_lines() -> int:
@@ -170,8 +181,8 @@ def test_a_run_cannot_plant_rows_under_another_runs_view_and_keys(ray_cluster):
 
     from tiny_models import running_app, tiny_teacher_overrides
 
-    cfg = TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(), app_name="kd-teacher-integrity",
-                        num_cpus=0.25, torch_threads=1, max_batch_size=64)
+    cfg = TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(), torch_threads=1,
+                        serving=ServingConfig(app_name="kd-teacher-integrity", num_cpus=0.25, max_batch_size=64))
     victim = dataclasses.replace(request(4, seed=31), run="victim", view="ns-integrity/0")
     attack = dataclasses.replace(victim, run="attacker", images=np.full_like(victim.images, 255))
     renamed = dataclasses.replace(victim, run="third", view="other-ns/5", keys=[f"x{i}" for i in range(4)])

@@ -12,7 +12,7 @@ import pytest
 from tiny_models import running_app, tiny_teacher_overrides, train_shards
 
 from student_trainer.config import DataConfig, ModelConfig, OptimConfig, TeacherSourceConfig, TrainConfig
-from teacher_service.config import TeacherConfig
+from teacher_service.config import ServingConfig, TeacherConfig
 
 pytestmark = pytest.mark.ray
 
@@ -22,8 +22,9 @@ LOW_DIGITS = [0, 1, 2, 3, 4]
 
 
 def _teacher(app: str, dim: int) -> TeacherConfig:
-    return TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(dim), app_name=app, num_cpus=0.25,
-                         torch_threads=1, max_batch_size=64, expected_request_samples=BATCH)
+    return TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(dim), torch_threads=1,
+                         serving=ServingConfig(app_name=app, num_cpus=0.25, max_batch_size=64,
+                                               expected_request_samples=BATCH))
 
 
 @pytest.fixture(scope="module")

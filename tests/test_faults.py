@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from student_trainer.config import DataConfig, ModelConfig, OptimConfig, TeacherSourceConfig, TrainConfig
-from teacher_service.config import TeacherConfig
+from teacher_service.config import ServingConfig, TeacherConfig
 from reliability_record import record
 from tiny_models import running_app, tiny_teacher_overrides, train_shards
 
@@ -25,8 +25,9 @@ APP = "kd-teacher-faults"
 BATCH = 16
 STEPS = 10
 EPOCHS = 3
-TEACHER = TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(), app_name=APP, num_replicas=2,
-                        num_cpus=0.25, torch_threads=1, max_batch_size=64, expected_request_samples=BATCH)
+TEACHER = TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(), torch_threads=1,
+                        serving=ServingConfig(app_name=APP, num_replicas=2, num_cpus=0.25, max_batch_size=64,
+                                              expected_request_samples=BATCH))
 
 
 @pytest.fixture(scope="module")
@@ -153,15 +154,15 @@ def test_teacher_gone_past_patience_checkpoints_stops_and_resumes(shards, contro
     from student_trainer.train import run_training
     from teacher_service.app import TeacherUnavailableError, deploy
 
-    gone = dataclasses.replace(TEACHER, app_name="kd-teacher-gone", num_replicas=1)
+    gone = TEACHER.updated({"serving.app_name": "kd-teacher-gone", "serving.num_replicas": 1})
     storage = tmp_path / "runs"
-    cfg = run_cfg(shards, storage, "patient", app_name=gone.app_name, timeout_s=2, retries=1, patience_s=3)
+    cfg = run_cfg(shards, storage, "patient", app_name=gone.serving.app_name, timeout_s=2, retries=1, patience_s=3)
     handle = deploy(gone)
     handle.info.remote().result(timeout_s=120)
     runner, outcome = in_background(lambda: run_training(cfg))
     answered = wait_for(lambda: (n := samples_answered(handle, "patient")) >= 3 * BATCH and n,
                         "the run to reach the teacher")
-    serve.delete(gone.app_name)
+    serve.delete(gone.serving.app_name)
     gone_at = time.monotonic()
     runner.join(timeout=300)
     assert not runner.is_alive()
@@ -178,7 +179,7 @@ def test_teacher_gone_past_patience_checkpoints_stops_and_resumes(shards, contro
     try:
         result = run_training(cfg)
     finally:
-        serve.delete(gone.app_name)
+        serve.delete(gone.serving.app_name)
     resumed = result.metrics
     assert resumed["resumed_from_step"] == stopped["step"]
     assert resumed["step"] == EPOCHS * STEPS
@@ -200,11 +201,11 @@ def test_hybrid_run_carries_on_from_its_cache_with_the_teacher_gone(shards, tmp_
     from student_trainer.train import run_training
     from teacher_service.app import deploy
 
-    gone = dataclasses.replace(TEACHER, app_name="kd-teacher-gone-hybrid", num_replicas=1)
+    gone = TEACHER.updated({"serving.app_name": "kd-teacher-gone-hybrid", "serving.num_replicas": 1})
     storage, cache = tmp_path / "runs", str(tmp_path / "cache")
 
     def hybrid(name: str, epochs: int, **extra) -> TrainConfig:
-        cfg = run_cfg(shards, storage, name, mode="hybrid", cache_path=cache, app_name=gone.app_name,
+        cfg = run_cfg(shards, storage, name, mode="hybrid", cache_path=cache, app_name=gone.serving.app_name,
                       timeout_s=2, retries=1, patience_s=3)
         # one view, and batches of 25 that cover all 200 samples every epoch: after one epoch, every
         # sample of every later epoch is a cache hit
@@ -217,7 +218,7 @@ def test_hybrid_run_carries_on_from_its_cache_with_the_teacher_gone(shards, tmp_
         runner, outcome = in_background(lambda: run_training(hybrid("cached", 4, checkpoint_every_steps=2)).metrics)
         wait_for(lambda: checkpoints(storage, "cached"), "the cached run's first checkpoint")
     finally:
-        serve.delete(gone.app_name)
+        serve.delete(gone.serving.app_name)
     assert runner.is_alive(), "the run ended before the app was gone: nothing was shown"
     runner.join(timeout=300)
     assert "value" in outcome, outcome.get("error")

@@ -1,5 +1,5 @@
 """gRPC API: committed stubs match the .proto, the tensor codec is exact and strict, and a real grpcio
-client against the app's gRPC ingress (`grpc_server`, a Ray actor) gets the handle path's bytes,
+client against the app's gRPC ingress (`grpc.ingress`, a Ray actor) gets the handle path's bytes,
 INVALID_ARGUMENT with the reason, RESOURCE_EXHAUSTED past the byte limit and the caller's limits,
 Health and Stats; the ingress listens on loopback only unless configured otherwise, refuses
 callers without the token, grants each caller its weight (1 without a token, the token's cap with
@@ -155,10 +155,15 @@ TINY = {"model": "ViT-B-32", "pretrained": None, "precision": "fp32", "device": 
 MAX_BYTES = 100_000
 
 
-def grpc_teacher(app: str, **fields) -> TeacherConfig:
-    """A tiny teacher with a gRPC ingress on a free loopback port."""
-    return TeacherConfig.from_dict({**TINY, "app_name": app, "num_cpus": 0.25, "max_batch_size": 64,
-                                    "grpc_port": 0, **fields})
+def with_grpc(**options) -> TeacherConfig:
+    """TINY with these gRPC options (`config.GrpcOptions` fields)."""
+    return TeacherConfig.from_dict({**TINY, "grpc": options})
+
+
+def grpc_teacher(app: str, **options) -> TeacherConfig:
+    """A tiny teacher with a gRPC ingress on a free loopback port, and these other gRPC options."""
+    return TeacherConfig.from_dict({**TINY, "serving": {"app_name": app, "num_cpus": 0.25, "max_batch_size": 64},
+                                    "grpc": {"port": 0, **options}})
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +172,7 @@ def grpc_app(ray_cluster):
     from teacher_service.grpc.client import TeacherGrpcClient
     from teacher_service.grpc.ingress import ingress_address
 
-    deploy(grpc_teacher(APP, grpc_max_request_bytes=MAX_BYTES))
+    deploy(grpc_teacher(APP, max_request_bytes=MAX_BYTES))
     handle = get_teacher_handle(APP, timeout_s=300)
     target = ingress_address(APP)
     with TeacherGrpcClient(target, APP) as client:
@@ -335,26 +340,27 @@ def test_ingress_listens_on_loopback_only(grpc_app):
 
 
 def test_bind_address_comes_from_config_and_only_explicitly_leaves_loopback():
-    default = TeacherConfig.from_dict(TINY)
-    assert (default.grpc_host, default.grpc_port, default.grpc_is_loopback()) == ("127.0.0.1", None, True)
+    default = TeacherConfig.from_dict(TINY).grpc
+    assert (default.host, default.port, default.is_loopback()) == ("127.0.0.1", None, True)
     for host in ("0.0.0.0", "::", "10.1.2.3"):
-        assert not TeacherConfig.from_dict({**TINY, "grpc_host": host}).grpc_is_loopback()
-    assert TeacherConfig.from_dict({**TINY, "grpc_host": "::1"}).grpc_is_loopback()
-    with pytest.raises(ValueError, match="grpc_host: expected an IP address .* got 'localhost'"):
-        TeacherConfig.from_dict({**TINY, "grpc_host": "localhost"})  # a name could resolve to any interface
-    with pytest.raises(ValueError, match="grpc_port"):
-        TeacherConfig.from_dict({**TINY, "grpc_port": 70000})
-    with pytest.raises(ValueError, match="grpc_caller_max_in_flight"):
-        TeacherConfig.from_dict({**TINY, "grpc_caller_max_in_flight": 0})
-    with pytest.raises(ValueError, match="grpc_caller_samples_per_s"):
-        TeacherConfig.from_dict({**TINY, "grpc_caller_samples_per_s": -1})
+        assert not with_grpc(host=host).grpc.is_loopback()
+    assert with_grpc(host="::1").grpc.is_loopback()
+    with pytest.raises(ValueError, match="grpc.host: expected an IP address .* got 'localhost'"):
+        with_grpc(host="localhost")  # a name could resolve to any interface
+    with pytest.raises(ValueError, match="grpc.port"):
+        with_grpc(port=70000)
+    with pytest.raises(ValueError, match="grpc.caller_max_in_flight"):
+        with_grpc(caller_max_in_flight=0)
+    with pytest.raises(ValueError, match="grpc.caller_samples_per_s"):
+        with_grpc(caller_samples_per_s=-1)
     from cluster.cli import build_parser
     from cluster.cli.teacher import teacher_config_from_args
 
     flags = ["teacher", "serve", "--grpc-port", "9000"]
-    assert teacher_config_from_args(build_parser().parse_args(flags)).grpc_host == "127.0.0.1"
-    wide = teacher_config_from_args(build_parser().parse_args([*flags, "--grpc-host", "0.0.0.0", "--grpc-insecure"]))
-    assert (wide.grpc_host, wide.grpc_port, wide.grpc_is_loopback()) == ("0.0.0.0", 9000, False)
+    assert teacher_config_from_args(build_parser().parse_args(flags)).grpc.host == "127.0.0.1"
+    wide = teacher_config_from_args(build_parser().parse_args([*flags, "--grpc-host", "0.0.0.0",
+                                                               "--grpc-insecure"])).grpc
+    assert (wide.host, wide.port, wide.is_loopback()) == ("0.0.0.0", 9000, False)
     # without --grpc-insecure it needs TLS and a token: tests/test_grpc_tls.py
 
 
@@ -426,7 +432,7 @@ def test_token_file_must_be_private_and_nonempty(tmp_path):
     with pytest.raises(ValueError, match="readable by other users .*chmod 600"):
         read_token_file(str(path))
     with pytest.raises(ValueError, match="readable by other users"):
-        TeacherConfig.from_dict({**TINY, "grpc_token_file": str(path)})
+        with_grpc(token_file=str(path))
     path.chmod(0o600)
     assert read_token_file(str(path)) == "s3cret"
     with pytest.raises(ValueError, match="is empty"):
@@ -463,15 +469,16 @@ def test_a_token_table_maps_tokens_to_names_and_weight_caps(tmp_path):
     bad = {"two fields": ("capped tok-x-secret", "got 2 fields"),
            "bad name": ("-x 4 tok-x-secret", "caller name"),
            "weight": ("x four tok-x-secret", "not a number"),
-           "cap": ("x 101 tok-x-secret", r"outside \(0, max_run_weight=100\]"),
+           "cap": ("x 101 tok-x-secret", r"outside \(0, serving.max_run_weight=100\]"),
            "duplicate": ("a 1 tok-x-secret\nb 2 tok-x-secret", "already given to 'a'"),
            "empty": ("# only a comment", "no token")}
     for name, (text, message) in bad.items():
         with pytest.raises(ValueError, match=message) as e:
             read_token_table(str(token_file(tmp_path / name.replace(" ", "-"), text)), max_weight=100.0)
         assert "secret" not in str(e.value), name  # errors never echo a token
-    with pytest.raises(ValueError, match="max_run_weight=3"):  # a cap over the pool's limit is refused at config time
-        TeacherConfig.from_dict({**TINY, "max_run_weight": 3.0, "grpc_token_file": str(tmp_path / "table")})
+    with pytest.raises(ValueError, match="serving.max_run_weight=3"):  # a cap over the pool's limit: refused at once
+        TeacherConfig.from_dict({**TINY, "serving": {"max_run_weight": 3.0},
+                                 "grpc": {"token_file": str(tmp_path / "table")}})
 
 
 class RecordingBackend:
@@ -515,10 +522,10 @@ def test_the_ingress_grants_weights_and_names_from_the_token_not_the_request(tmp
     open_door = TeacherConfig.from_dict(TINY)
     assert reached_backend_as(open_door, [({"caller": "greedy"}, 100.0), ({"caller": "modest"}, 0.5)]) == [
         ("grpc:greedy", 1.0), ("grpc:modest", 1.0)]  # unauthenticated: weight 1 whatever was asked
-    shared = TeacherConfig.from_dict({**TINY, "grpc_token_file": str(token_file(tmp_path / "one", "s3cret"))})
+    shared = with_grpc(token_file=str(token_file(tmp_path / "one", "s3cret")))
     assert reached_backend_as(shared, [({"token": "s3cret", "caller": "x"}, 100.0), ({"token": "s3cret"}, 7.0)]) == [
         ("grpc:x", 100.0), ("grpc:127.0.0.1", 7.0)]  # one shared token: as before (self-named, up to max_run_weight)
-    table = TeacherConfig.from_dict({**TINY, "grpc_token_file": str(token_file(tmp_path / "table", TABLE))})
+    table = with_grpc(token_file=str(token_file(tmp_path / "table", TABLE)))
     calls = [({"token": "tok-capped-1", "caller": "wide"}, 100.0), ({"token": "tok-capped-2"}, 2.0),
              ({"token": "tok-wide", "caller": "capped"}, 100.0)]
     assert reached_backend_as(table, calls) == [("grpc:capped", 4.0), ("grpc:capped", 2.0), ("grpc:wide", 50.0)]
@@ -543,7 +550,7 @@ def test_the_ingress_mirrors_its_refusals_to_its_metrics_sink(tmp_path):
     from teacher_service.grpc.client import TeacherGrpcClient
     from teacher_service.grpc.ingress import TeacherServicer, serve_grpc
 
-    cfg = TeacherConfig.from_dict({**TINY, "grpc_token_file": str(token_file(tmp_path / "token", "s3cret"))})
+    cfg = with_grpc(token_file=str(token_file(tmp_path / "token", "s3cret")))
     sink, backend = RecordingSink(), RecordingBackend()
 
     def send(target: str, token: str) -> None:
@@ -572,7 +579,7 @@ def test_grpc_refuses_calls_without_the_bearer_token(ray_cluster, tmp_path):
 
     token = token_file(tmp_path / "token", "kd-test-token")
     app = "kd-teacher-grpc-token"
-    deploy(grpc_teacher(app, grpc_token_file=str(token)))
+    deploy(grpc_teacher(app, token_file=str(token)))
     try:
         handle = get_teacher_handle(app, timeout_s=300)
         target = ingress_address(app)
@@ -602,7 +609,7 @@ def test_a_token_mapped_to_a_cap_is_clamped_to_it_under_its_own_name(ray_cluster
     from teacher_service.grpc.ingress import ingress_address
 
     app = "kd-teacher-grpc-grants"
-    deploy(grpc_teacher(app, grpc_token_file=str(token_file(tmp_path / "table", TABLE))))
+    deploy(grpc_teacher(app, token_file=str(token_file(tmp_path / "table", TABLE))))
     try:
         handle = get_teacher_handle(app, timeout_s=300)
         with TeacherGrpcClient(ingress_address(app), app, token="tok-capped-1", caller="wide") as client:
@@ -634,8 +641,7 @@ def test_a_flooding_caller_is_refused_while_a_light_caller_is_answered(ray_clust
     from teacher_service.grpc.ingress import find_ingress, ingress_address
 
     app = "kd-teacher-grpc-limits"
-    deploy(grpc_teacher(app, grpc_caller_max_in_flight=4, grpc_caller_samples_per_s=100.0,
-                        grpc_caller_burst_samples=32))
+    deploy(grpc_teacher(app, caller_max_in_flight=4, caller_samples_per_s=100.0, caller_burst_samples=32))
     stop = threading.Event()
     flood = {"answered": 0, "rate_limited": 0, "in_flight_limit": 0, "other": []}
     light: dict = {"latencies": [], "errors": []}

@@ -4,7 +4,7 @@ A throwaway CA (made here with `cryptography`, never committed) signs the server
 certificates. The real ingress server (`serve_grpc` with a fake teacher behind it, and once as the
 Ray actor in front of a real app) answers a client that trusts that CA, and fails a plaintext
 client, a client trusting another CA and, under mutual TLS, a client without a certificate.
-Binding off loopback without TLS and a token is refused at config time unless `grpc_insecure`.
+Binding off loopback without TLS and a token is refused at config time unless `grpc.insecure`.
 grpc.health.v1 says SERVING while the app answers and NOT_SERVING when it does not or is gone.
 """
 from __future__ import annotations
@@ -127,10 +127,17 @@ def pki(tmp_path_factory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def tls_config(pki: Pki, mutual: bool = False, **fields) -> TeacherConfig:
-    return TeacherConfig.from_dict({**TINY, "grpc_port": 0, "grpc_tls_cert_file": pki.server_cert,
-                                    "grpc_tls_key_file": pki.server_key,
-                                    "grpc_tls_client_ca_file": pki.ca if mutual else None, **fields})
+def with_grpc(**options) -> TeacherConfig:
+    """TINY with these gRPC options (`config.GrpcOptions` fields)."""
+    return TeacherConfig.from_dict({**TINY, "grpc": options})
+
+
+def tls_config(pki: Pki, mutual: bool = False, serving: dict | None = None, **options) -> TeacherConfig:
+    """TINY with a TLS ingress on a free port (mutual: callers need a certificate), these other gRPC
+    options and `serving` fields."""
+    return TeacherConfig.from_dict({**TINY, "serving": serving or {}, "grpc": {
+        "port": 0, "tls_cert_file": pki.server_cert, "tls_key_file": pki.server_key,
+        "tls_client_ca_file": pki.ca if mutual else None, **options}})
 
 
 # ------------------------------------------------------------------------------------ the ingress in-process
@@ -165,7 +172,7 @@ class RunningIngress:
 
         self.backend = FakeTeacher()
         self.servicer = TeacherServicer(cfg, self.backend)
-        self.health = AppHealth(cfg.app_name)
+        self.health = AppHealth(cfg.serving.app_name)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -262,23 +269,25 @@ def test_tls_files_are_checked_when_the_config_is_made(pki, tmp_path):
 
     shared_key = Path(_write(tmp_path / "shared.key", Path(pki.server_key).read_bytes()))
     shared_key.chmod(0o640)
-    cases = {"grpc_tls_key_file .* is readable by other users .*chmod 600":
-             {"grpc_tls_cert_file": pki.server_cert, "grpc_tls_key_file": str(shared_key)},
-             r"grpc_tls_key_file \(--grpc-tls-key\): TLS needs both": {"grpc_tls_cert_file": pki.server_cert},
-             r"grpc_tls_cert_file \(--grpc-tls-cert\): TLS needs both": {"grpc_tls_key_file": pki.server_key},
-             r"grpc_tls_client_ca_file \(--grpc-tls-client-ca\): mutual TLS needs": {"grpc_tls_client_ca_file": pki.ca},
-             "grpc_tls_cert_file .* holds no PEM block with 'BEGIN CERTIFICATE'":
-             {"grpc_tls_cert_file": pki.server_key, "grpc_tls_key_file": pki.server_key},
-             "grpc_tls_key_file .* No such file": {"grpc_tls_cert_file": pki.server_cert,
-                                                   "grpc_tls_key_file": str(tmp_path / "missing.key")}}
+    cases = {"grpc.tls_key_file .* is readable by other users .*chmod 600":
+             {"tls_cert_file": pki.server_cert, "tls_key_file": str(shared_key)},
+             r"grpc.tls_key_file \(--grpc-tls-key\): TLS needs both": {"tls_cert_file": pki.server_cert},
+             r"grpc.tls_cert_file \(--grpc-tls-cert\): TLS needs both": {"tls_key_file": pki.server_key},
+             r"grpc.tls_client_ca_file \(--grpc-tls-client-ca\): mutual TLS needs": {"tls_client_ca_file": pki.ca},
+             "grpc.tls_cert_file .* holds no PEM block with 'BEGIN CERTIFICATE'":
+             {"tls_cert_file": pki.server_key, "tls_key_file": pki.server_key},
+             "grpc.tls_key_file .* No such file": {"tls_cert_file": pki.server_cert,
+                                                   "tls_key_file": str(tmp_path / "missing.key")}}
     for message, fields in cases.items():
         with pytest.raises(ValueError, match=message):
-            TeacherConfig.from_dict({**TINY, "grpc_port": 0, **fields})
+            with_grpc(port=0, **fields)
     with pytest.raises(ValueError, match="client_key .* readable by other users"):
         TlsOptions(root_ca=pki.ca, client_cert=pki.client_cert, client_key=str(shared_key)).credentials()
     # replicas never read the ingress's files: they may live on the ingress's node only
-    replica = TeacherConfig.from_dict(tls_config(pki, mutual=True).replica_dict())
-    assert (replica.grpc_tls_cert_file, replica.grpc_tls_key_file, replica.grpc_port) == (None, None, None)
+    replica_dict = tls_config(pki, mutual=True).replica_dict()
+    assert "grpc" not in replica_dict and pki.server_key not in repr(replica_dict)
+    replica = TeacherConfig.from_dict(replica_dict).grpc
+    assert (replica.tls_cert_file, replica.tls_key_file, replica.port) == (None, None, None)
 
 
 # ------------------------------------------------------------------------------------ off loopback
@@ -290,24 +299,24 @@ def test_binding_off_loopback_needs_tls_and_a_token_unless_insecure(pki, tmp_pat
     token = tmp_path / "token"
     token.write_text("kd-test-token")
     token.chmod(0o600)
-    tls = {"grpc_tls_cert_file": pki.server_cert, "grpc_tls_key_file": pki.server_key}
+    tls = {"tls_cert_file": pki.server_cert, "tls_key_file": pki.server_key}
     for host in ("0.0.0.0", "::", "10.1.2.3"):
-        wide = {**TINY, "grpc_port": 9000, "grpc_host": host}
-        with pytest.raises(ValueError, match=r"not a loopback address.* TLS \(--grpc-tls-cert.*and a bearer token "
-                                             r"\(--grpc-token-file.*--grpc-insecure"):
-            TeacherConfig.from_dict(wide)
+        wide = {"port": 9000, "host": host}
+        with pytest.raises(ValueError, match=r"grpc.host .* not a loopback address.* TLS \(--grpc-tls-cert.*and a "
+                                             r"bearer token \(--grpc-token-file.*--grpc-insecure"):
+            with_grpc(**wide)
         with pytest.raises(ValueError, match=r"needs a bearer token \(--grpc-token-file"):
-            TeacherConfig.from_dict({**wide, **tls})
+            with_grpc(**wide, **tls)
         with pytest.raises(ValueError, match=r"needs TLS \(--grpc-tls-cert"):
-            TeacherConfig.from_dict({**wide, "grpc_token_file": str(token)})
-        guarded = TeacherConfig.from_dict({**wide, **tls, "grpc_token_file": str(token)})
-        assert guarded.grpc_exposure_gaps() == [] and warn_if_exposed(guarded) is None
-    TeacherConfig.from_dict({**TINY, "grpc_host": "0.0.0.0"})  # no grpc_port: nothing binds, nothing to refuse
+            with_grpc(**wide, token_file=str(token))
+        guarded = with_grpc(**wide, **tls, token_file=str(token))
+        assert guarded.grpc.exposure_gaps() == [] and warn_if_exposed(guarded) is None
+    with_grpc(host="0.0.0.0")  # no grpc.port: nothing binds, nothing to refuse
     flags = ["teacher", "serve", "--grpc-port", "9000", "--grpc-host", "0.0.0.0"]
     with pytest.raises(ValueError, match="--grpc-insecure"):
         teacher_config_from_args(build_parser().parse_args(flags))
     insecure = teacher_config_from_args(build_parser().parse_args([*flags, "--grpc-insecure"]))
-    assert insecure.grpc_insecure and insecure.grpc_host == "0.0.0.0"
+    assert insecure.grpc.insecure and insecure.grpc.host == "0.0.0.0"
     with caplog.at_level(logging.WARNING, logger="teacher_service.grpc.ingress"):
         warning = warn_if_exposed(insecure)
     assert "0.0.0.0 without TLS" in warning and "without a bearer token" in warning
@@ -315,7 +324,7 @@ def test_binding_off_loopback_needs_tls_and_a_token_unless_insecure(pki, tmp_pat
     cli_tls = teacher_config_from_args(build_parser().parse_args(
         [*flags, "--grpc-tls-cert", pki.server_cert, "--grpc-tls-key", pki.server_key, "--grpc-tls-client-ca", pki.ca,
          "--grpc-token-file", str(token), "--grpc-health-port", "9001"]))
-    assert cli_tls.grpc_tls_enabled() and cli_tls.grpc_tls_client_ca_file == pki.ca and cli_tls.grpc_health_port == 9001
+    assert cli_tls.grpc.tls_enabled() and cli_tls.grpc.tls_client_ca_file == pki.ca and cli_tls.grpc.health_port == 9001
     # allowed with the flag: the real server binds every interface (and answers on loopback)
     with RunningIngress(insecure, host="0.0.0.0") as ingress:
         assert embed_once(f"127.0.0.1:{ingress.port}").fingerprint == "fake"
@@ -368,8 +377,8 @@ def test_health_over_the_real_tls_ingress_follows_the_app(ray_cluster, pki, tmp_
     token.write_text("kd-tls-token")
     token.chmod(0o600)
     app = "kd-teacher-grpc-tls"
-    cfg = tls_config(pki, mutual=True, app_name=app, num_cpus=0.25, max_batch_size=64, grpc_health_port=0,
-                     grpc_token_file=str(token))
+    cfg = tls_config(pki, mutual=True, serving={"app_name": app, "num_cpus": 0.25, "max_batch_size": 64},
+                     health_port=0, token_file=str(token))
     deploy(cfg)
     try:
         addresses = ingress_addresses(app)

@@ -15,13 +15,13 @@ from messy_folder import FOLDER_SKIPS, FOREIGN_SKIPS, GOOD, make_folder, make_fo
 from tiny_models import running_app, tiny_teacher_overrides
 
 from student_trainer.config import DataConfig, ModelConfig, OptimConfig, TeacherSourceConfig, TrainConfig
-from teacher_service.config import TeacherConfig
+from teacher_service.config import ServingConfig, TeacherConfig
 
 pytestmark = pytest.mark.ray
 
 APP = "kd-teacher-messy-folder"
-TEACHER = TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(), app_name=APP, num_cpus=0.5,
-                        torch_threads=1, max_batch_size=64)
+TEACHER = TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(), torch_threads=1,
+                        serving=ServingConfig(app_name=APP, num_cpus=0.5, max_batch_size=64))
 
 
 def _summed(a: dict, b: dict) -> dict:

@@ -40,7 +40,7 @@ from student_trainer.train import (
     train_step,
 )
 from teacher_service.cache.centroids import class_centroids
-from teacher_service.config import TeacherConfig
+from teacher_service.config import ServingConfig, TeacherConfig
 from teacher_service.contract.preprocess import preprocess_spec, to_model_input
 from tiny_models import tiny_teacher_overrides
 
@@ -49,8 +49,8 @@ pytestmark = pytest.mark.timeout(240)
 DT, CLASSES, B, K = 48, 3, 4, 2
 CLIP_TASK_METHODS = ("clip", "kl", "crd", "fd", "mfd", "icl", "gd", "afd", "embed_kd")
 TINY_TEACHER = tiny_teacher_overrides(DT)
-TEACHER_CFG = TeacherConfig(model="ViT-B-32", overrides=TINY_TEACHER, app_name="kd-methods-test", num_cpus=0.5,
-                            torch_threads=1, max_batch_size=64)
+TEACHER_CFG = TeacherConfig(model="ViT-B-32", overrides=TINY_TEACHER, torch_threads=1,
+                            serving=ServingConfig(app_name="kd-methods-test", num_cpus=0.5, max_batch_size=64))
 
 
 # --------------------------------------------------------------------------- in-process steps

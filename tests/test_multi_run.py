@@ -24,7 +24,7 @@ from student_trainer.config import (
     TeacherSourceConfig,
     TrainConfig,
 )
-from teacher_service.config import TeacherConfig
+from teacher_service.config import ServingConfig, TeacherConfig
 from teacher_service.contract.protocol import EmbedRequest
 
 pytestmark = pytest.mark.ray
@@ -33,8 +33,9 @@ APP = "kd-teacher-multi-run"
 BATCH = 16
 STEPS = 3
 EPOCHS = 2
-TEACHER = TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(), app_name=APP, num_cpus=0.5,
-                        torch_threads=1, max_batch_size=64, expected_request_samples=BATCH)
+TEACHER = TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(), torch_threads=1,
+                        serving=ServingConfig(app_name=APP, num_cpus=0.5, max_batch_size=64,
+                                              expected_request_samples=BATCH))
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +192,7 @@ def test_weighted_fair_share_under_contention(teacher_app):
     max_ongoing_requests (32), so every waiting request is visible to the replica's scheduler."""
     weights = {"light": 1.0, "heavy": 3.0}
     windows = {"light": 10, "heavy": 20}
-    assert sum(windows.values()) <= TEACHER.max_ongoing_requests
+    assert sum(windows.values()) <= TEACHER.serving.max_ongoing_requests
     clients = [ClosedLoop(teacher_app, run, w, window=windows[run]) for run, w in weights.items()]
     for c in clients:
         c.start()
@@ -224,9 +225,10 @@ def test_identical_requests_from_two_runs_meet_on_one_replica(ray_cluster):
     """Two replicas, two runs sending the same batches at once: with view-affine routing every
     (key, view) is computed once over the whole pool, and both replicas take a share of the work."""
     app = "kd-teacher-two-replicas"
-    cfg = TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(), app_name=app, num_cpus=0.25,
-                        torch_threads=1, num_replicas=2, max_batch_size=64, expected_request_samples=8)
-    assert cfg.routing == "view_affinity"
+    cfg = TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(), torch_threads=1,
+                        serving=ServingConfig(app_name=app, num_cpus=0.25, num_replicas=2, max_batch_size=64,
+                                              expected_request_samples=8))
+    assert cfg.serving.routing == "view_affinity"
     batches = [[f"k{b}-{j}" for j in range(8)] for b in range(24)]
     with running_app(cfg) as handle:
         clients = [Replay(handle, f"run-{x}", batches) for x in "ab"]
@@ -292,11 +294,12 @@ def test_replicas_rise_under_load_and_fall_after(ray_cluster):
     from teacher_service.app import deploy
 
     app = "kd-teacher-autoscale"
-    cfg = TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(), app_name=app, num_cpus=0.25,
-                        torch_threads=1, max_batch_size=16, expected_request_samples=8, max_ongoing_requests=8,
-                        autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
-                                     "upscale_delay_s": 1, "downscale_delay_s": 3, "metrics_interval_s": 0.5,
-                                     "look_back_period_s": 2})
+    autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 1,
+                   "downscale_delay_s": 3, "metrics_interval_s": 0.5, "look_back_period_s": 2}
+    cfg = TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(), torch_threads=1,
+                        serving=ServingConfig(app_name=app, num_cpus=0.25, max_batch_size=16,
+                                              expected_request_samples=8, max_ongoing_requests=8,
+                                              autoscaling=autoscaling))
     handle = deploy(cfg)
     try:
         handle.info.remote().result(timeout_s=120)
@@ -320,8 +323,8 @@ def test_replicas_rise_under_load_and_fall_after(ray_cluster):
 
 def test_autoscaling_config_needs_an_explicit_max_and_is_checked_by_serve():
     with pytest.raises(ValueError, match="max_replicas explicitly"):
-        TeacherConfig(autoscaling={"min_replicas": 1})
+        TeacherConfig(serving=ServingConfig(autoscaling={"min_replicas": 1}))
     with pytest.raises(ValueError, match="autoscaling"):
-        TeacherConfig(autoscaling={"min_replicas": 3, "max_replicas": 2})
-    opts = TeacherConfig(autoscaling={"min_replicas": 1, "max_replicas": 4}).serve_options()
+        TeacherConfig(serving=ServingConfig(autoscaling={"min_replicas": 3, "max_replicas": 2}))
+    opts = ServingConfig(autoscaling={"min_replicas": 1, "max_replicas": 4}).serve_options()
     assert opts["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in opts

@@ -29,7 +29,7 @@ from teacher_service.cache.store import (
     rows_table,
     write_table_atomic,
 )
-from teacher_service.config import TeacherConfig
+from teacher_service.config import ServingConfig, TeacherConfig
 
 pytestmark = pytest.mark.ray
 
@@ -43,9 +43,10 @@ def _narrow_overrides() -> dict:
     return overrides
 
 
-TEACHERS = {"wide": TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(48), num_cpus=0.5,
-                                  torch_threads=1),
-            "narrow": TeacherConfig(model="ViT-B-32", overrides=_narrow_overrides(), num_cpus=0.5, torch_threads=1)}
+TEACHERS = {"wide": TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(48), torch_threads=1,
+                                  serving=ServingConfig(num_cpus=0.5)),
+            "narrow": TeacherConfig(model="ViT-B-32", overrides=_narrow_overrides(), torch_threads=1,
+                                    serving=ServingConfig(num_cpus=0.5))}
 
 
 @pytest.fixture(scope="module")

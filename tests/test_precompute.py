@@ -16,14 +16,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from teacher_service.cache.store import CacheMismatchError, EmbeddingCache, column_matrix, read_centroids, read_meta
-from teacher_service.config import TeacherConfig
+from teacher_service.config import ServingConfig, TeacherConfig
 from tiny_models import tiny_teacher_overrides
 
 pytestmark = pytest.mark.ray
 
 TINY_TEACHER = tiny_teacher_overrides()
-TEACHER = TeacherConfig(model="ViT-B-32", overrides=TINY_TEACHER, num_cpus=0.5, torch_threads=1,
-                        app_name="kd-teacher-precompute-test", max_batch_size=64, expected_request_samples=16)
+TEACHER = TeacherConfig(model="ViT-B-32", overrides=TINY_TEACHER, torch_threads=1,
+                        serving=ServingConfig(num_cpus=0.5, app_name="kd-teacher-precompute-test", max_batch_size=64,
+                                              expected_request_samples=16))
 VIEWS = 2
 SEED = 3
 
@@ -74,7 +75,7 @@ def test_one_file_per_shard_with_teacher_metadata(cache_dir, shards, engine):
     assert meta["recipe"] == {"function": "teacher_service.views.augment_view", "version": "1", "image_size": 32,
                               "seed": SEED, "train": True, "tokenizer": "ViT-B-32", "context_length": 16}
     assert meta["source"] == shards[1] and meta["views"] == VIEWS and meta["dtype"] == "float16"
-    assert meta["teacher_config"] == TEACHER.to_dict()
+    assert meta["teacher_config"] == TEACHER.replica_dict() and "grpc" not in meta["teacher_config"]
 
 
 @pytest.mark.parametrize("epoch", range(VIEWS))
@@ -207,18 +208,18 @@ def test_cli_precompute_through_a_running_app_then_audit(ray_cluster, shards, en
     deploy(TEACHER).info.remote().result(timeout_s=120)
     try:
         out = tmp_path / "via-app"
-        rc = main(["precompute", "--app-name", TEACHER.app_name, "--shards", shards[0], "--out", str(out),
+        rc = main(["precompute", "--app-name", TEACHER.serving.app_name, "--shards", shards[0], "--out", str(out),
                    "--views", "1", "--seed", str(SEED), "--batch-size", "50", "--json"])
         assert rc == 0
         summary = json.loads(capsys.readouterr().out)
         assert summary["computed"] == [shards[0]] and summary["fingerprint"] == engine.teacher.fingerprint
         meta = read_meta(str(out / "teachers" / summary["fingerprint"] / "train-000000.parquet"))
-        assert meta["app_name"] == TEACHER.app_name and meta["teacher_config"] is None
-        rc = main(["cache", "audit", str(out), "--samples", "10", "--app-name", TEACHER.app_name, "--json"])
+        assert meta["app_name"] == TEACHER.serving.app_name and meta["teacher_config"] is None
+        rc = main(["cache", "audit", str(out), "--samples", "10", "--app-name", TEACHER.serving.app_name, "--json"])
         report = json.loads(capsys.readouterr().out)
         assert rc == 0 and report["ok"] and report["worst_image_cosine"] >= 0.999
     finally:
-        serve.delete(TEACHER.app_name)
+        serve.delete(TEACHER.serving.app_name)
     # the app is gone and the cache recorded no config: the audit says what to pass instead
     assert main(["cache", "audit", str(out), "--samples", "4"]) == 2
     assert "--app-name" in capsys.readouterr().err
@@ -298,7 +299,8 @@ def test_precompute_killed_between_shards_resumes_without_loss_or_duplicates(tmp
     from teacher_service.shards import read_samples
 
     write_digits_shards(tmp_path / "data", image_size=32, samples_per_shard=100)
-    TeacherConfig(model="ViT-B-32", overrides=SLOW_TEACHER, num_cpus=0.5, torch_threads=1).to_yaml(
+    TeacherConfig(model="ViT-B-32", overrides=SLOW_TEACHER, torch_threads=1,
+                  serving=ServingConfig(num_cpus=0.5)).to_yaml(
         tmp_path / "teacher.yaml")
     shards = [str(tmp_path / "data" / f"train-{i:06d}.tar") for i in range(KILL_SHARDS)]
     cache = tmp_path / "cache"

@@ -18,7 +18,7 @@ import pytest
 
 from student_trainer.config import TeacherSourceConfig
 from student_trainer.data.batches import Batch, train_batches
-from teacher_service.config import TeacherConfig
+from teacher_service.config import ServingConfig, TeacherConfig
 from teacher_service.contract.augment import image_refs
 from teacher_service.contract.protocol import EmbedRequest, RequestError, RequestLimits, validate_request
 from teacher_service.serve.engine import TeacherEngine
@@ -345,8 +345,9 @@ def test_both_forms_answer_alike_over_serve(ray_cluster, shard_dir, batch):
         return m.__file__
 
     assert ray.get(module_file.remote()) == engine_module.__file__  # workers import this checkout
-    cfg = TeacherConfig(overrides=tiny_teacher_overrides(), app_name="kd-teacher-byref", num_cpus=0.5,
-                        torch_threads=1, max_batch_size=64, expected_request_samples=B, shard_roots=[str(shard_dir)])
+    cfg = TeacherConfig(overrides=tiny_teacher_overrides(), torch_threads=1,
+                        serving=ServingConfig(app_name="kd-teacher-byref", num_cpus=0.5, max_batch_size=64,
+                                              expected_request_samples=B, shard_roots=[str(shard_dir)]))
     with running_app(cfg) as handle:
         assert handle.info.remote().result(timeout_s=60)["by_reference"] is True
         pixels = handle.embed.remote(by_pixels(batch)).result(timeout_s=60)

@@ -8,13 +8,14 @@ import pytest
 from tiny_models import tiny_teacher_overrides
 
 from cluster.soak import SoakConfig, format_report, memory_growth_mib, run_soak
-from teacher_service.config import TeacherConfig
+from teacher_service.config import GrpcOptions, ServingConfig, TeacherConfig
 
 pytestmark = pytest.mark.ray
 
-TEACHER = TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(), app_name="kd-teacher-soak",
-                        num_cpus=0.5, torch_threads=1, max_batch_size=64, expected_request_samples=8,
-                        grpc_caller_max_in_flight=4)
+TEACHER = TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(), torch_threads=1,
+                        serving=ServingConfig(app_name="kd-teacher-soak", num_cpus=0.5, max_batch_size=64,
+                                              expected_request_samples=8),
+                        grpc=GrpcOptions(caller_max_in_flight=4))
 SOAK = SoakConfig(duration_s=20.0, warmup_s=4.0, students=3, grpc_clients=6)
 MEMORY_TOLERANCE_MIB = 32.0  # allocator noise over 16 s; a leak of one 16-sample batch per request is far more
 

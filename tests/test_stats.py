@@ -246,8 +246,8 @@ def test_batcher_skips_cancelled_requests():
 
 def test_deployment_path_without_serve_counts_and_answers():
     """The replica class itself (no Serve): concurrent callers share forwards; counters match."""
-    cfg = TeacherConfig.from_dict({**TINY, "max_batch_size": 16, "batch_wait_timeout_s": 0.02})
-    replica = TeacherDeployment.func_or_class(cfg.to_dict())
+    cfg = TeacherConfig.from_dict({**TINY, "serving": {"max_batch_size": 16, "batch_wait_timeout_s": 0.02}})
+    replica = TeacherDeployment.func_or_class(cfg.replica_dict())
     reqs = [request(4, seed, run=f"run{seed % 2}") for seed in range(6)]
 
     async def scenario():
@@ -280,8 +280,8 @@ def test_stats_over_two_replicas_and_kd_teacher_status(ray_cluster, capsys):
     from teacher_service.app import collect_stats, deploy, get_teacher_handle
 
     app = "kd-teacher-stats-test"
-    cfg = TeacherConfig.from_dict({**TINY, "app_name": app, "num_replicas": 2, "num_cpus": 0.25,
-                                   "max_batch_size": 32, "batch_wait_timeout_s": 0.05})
+    cfg = TeacherConfig.from_dict({**TINY, "serving": {"app_name": app, "num_replicas": 2, "num_cpus": 0.25,
+                                                       "max_batch_size": 32, "batch_wait_timeout_s": 0.05}})
     deploy(cfg)
     try:
         handle = get_teacher_handle(app, timeout_s=300)
@@ -326,7 +326,7 @@ def test_replica_answers_a_broken_forward_with_an_error_and_keeps_serving(monkey
     the replica answers the next request normally."""
     from teacher_service.serve.engine import TeacherOutputError
 
-    replica = TeacherDeployment.func_or_class(TeacherConfig.from_dict(TINY).to_dict())
+    replica = TeacherDeployment.func_or_class(TeacherConfig.from_dict(TINY).replica_dict())
     real = replica.teacher.encode_tensors
     broken = {"on": True}
 

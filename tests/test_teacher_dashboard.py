@@ -122,7 +122,7 @@ def test_watch_flag_takes_optional_positive_seconds(capsys):
 
 # ------------------------------------------------------------------ the node's metrics export port
 TINY = {"model": "ViT-B-32", "pretrained": None, "precision": "fp32", "device": "cpu", "seed": 0,
-        "torch_threads": 1, "num_cpus": 0.25, "max_batch_size": 16, "batch_wait_timeout_s": 0.01,
+        "torch_threads": 1, "serving": {"num_cpus": 0.25, "max_batch_size": 16, "batch_wait_timeout_s": 0.01},
         "overrides": {"embed_dim": 32,
                       "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
                       "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}}
@@ -179,7 +179,8 @@ def test_teacher_metrics_reach_the_metrics_export_port(ray_cluster, monkeypatch,
     token = tmp_path / "token"
     token.write_text("dash-token\n")
     token.chmod(0o600)
-    cfg = TeacherConfig.from_dict({**TINY, "app_name": app, "grpc_port": 0, "grpc_token_file": str(token)})
+    cfg = TeacherConfig.from_dict(TINY).updated({"serving.app_name": app, "grpc.port": 0,
+                                                 "grpc.token_file": str(token)})
     with running_app(cfg) as handle:
         handle.embed.remote(EmbedRequest(keys=[f"k{i}" for i in range(4)], run=run, tokens=tokens,
                                          images=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))

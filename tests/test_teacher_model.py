@@ -3,16 +3,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 
 import numpy as np
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from safetensors.torch import save_file
 
 from teacher_service import (
+    GrpcOptions,
     PreprocessSpec,
+    ServingConfig,
     TeacherConfig,
     compute_fingerprint,
     fit_context,
@@ -55,32 +59,120 @@ def rand_tokens(n, length=12, seed=0):
 
 
 # ---------------------------------------------------------------- config
+# The flat TeacherConfig before the split into sections (what YAML files written before it hold).
+FLAT = {"model": "ViT-B-32", "overrides": TINY, "precision": "bf16", "seed": 3, "torch_threads": 1,
+        "app_name": "kd-flat", "num_cpus": 0.5, "max_batch_size": 64, "expected_request_samples": 16,
+        "grpc_port": 0, "grpc_caller_max_in_flight": 8}
+NESTED = {"model": "ViT-B-32", "overrides": TINY, "precision": "bf16", "seed": 3, "torch_threads": 1,
+          "serving": {"app_name": "kd-flat", "num_cpus": 0.5, "max_batch_size": 64, "expected_request_samples": 16},
+          "grpc": {"port": 0, "caller_max_in_flight": 8}}
+
+
+def future_warnings(load):
+    """(what `load()` returns, the messages of the FutureWarnings it issued, every one kept)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = load()
+    return result, [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+
+
 def test_config_roundtrip_dict_and_yaml(tmp_path):
-    cfg = tiny_cfg(precision="bf16", num_cpus=0.5, torch_threads=2)
-    assert TeacherConfig.from_dict(cfg.to_dict()) == cfg
+    cfg = tiny_cfg(precision="bf16", torch_threads=2, serving=ServingConfig(num_cpus=0.5, shard_roots=["/data"]),
+                   grpc=GrpcOptions(port=0, caller_samples_per_s=50.0))
+    data = cfg.to_dict()
+    assert data["serving"]["num_cpus"] == 0.5 and data["grpc"]["caller_samples_per_s"] == 50.0
+    assert "num_cpus" not in data and not [k for k in data if k.startswith("grpc_")]
+    (same, said) = future_warnings(lambda: TeacherConfig.from_dict(data))
+    assert same == cfg and said == []
     cfg.to_yaml(tmp_path / "t.yaml")
-    assert TeacherConfig.from_yaml(tmp_path / "t.yaml") == cfg
+    (loaded, said) = future_warnings(lambda: TeacherConfig.from_yaml(tmp_path / "t.yaml"))
+    assert loaded == cfg and said == []
     assert not list(tmp_path.glob("*.tmp-*"))
+    assert cfg.updated({"serving.num_replicas": 3, "grpc.port": None, "precision": "fp16"}) == tiny_cfg(
+        precision="fp16", torch_threads=2, serving=ServingConfig(num_cpus=0.5, shard_roots=["/data"], num_replicas=3),
+        grpc=GrpcOptions(caller_samples_per_s=50.0))
+    with pytest.raises(ValueError, match=r"unknown section in 'serve.num_replicas'"):
+        cfg.updated({"serve.num_replicas": 3})
+
+
+def test_flat_config_loads_with_one_deprecation_line(tmp_path):
+    """A flat mapping (a YAML file, a Serve config's args) still loads, into the same config as the
+    sectioned one, with one warning for the whole load naming where each flat key went."""
+    (cfg, said) = future_warnings(lambda: TeacherConfig.from_dict(FLAT))
+    assert cfg == TeacherConfig.from_dict(NESTED) and cfg.serving.app_name == "kd-flat" and cfg.grpc.port == 0
+    assert said == ["teacher config: flat keys are deprecated: app_name -> serving.app_name, num_cpus -> "
+                    "serving.num_cpus, max_batch_size -> serving.max_batch_size, expected_request_samples -> "
+                    "serving.expected_request_samples, grpc_port -> grpc.port, grpc_caller_max_in_flight -> "
+                    "grpc.caller_max_in_flight"]
+    path = tmp_path / "flat.yaml"
+    path.write_text(yaml.safe_dump({"applications": [{"name": "kd-flat", "import_path": "x:y", "args": FLAT}]}))
+    (loaded, said) = future_warnings(lambda: TeacherConfig.from_yaml(path))
+    assert loaded == cfg and len(said) == 1 and said[0].startswith(f"{path}: teacher config: flat keys are deprecated")
+    (_, said) = future_warnings(lambda: TeacherConfig.from_dict({"model": "ViT-B-32", "precision": "fp16"}))
+    assert said == []  # the model's fields did not move: a model-only mapping is already the new shape
+    with pytest.raises(ValueError, match=r"serving.max_batch_size is given twice: as serving.max_batch_size and as "
+                                         r"the flat key max_batch_size"):
+        TeacherConfig.from_dict({"max_batch_size": 8, "serving": {"max_batch_size": 16}})
+    assert FLAT["app_name"] == "kd-flat" and "serving" not in FLAT  # the caller's mapping is left as it was
 
 
 def test_config_unknown_keys_are_named():
     with pytest.raises(ValueError, match=r"unknown keys \['bogus', 'max_batch'\]"):
         TeacherConfig.from_dict({"model": "ViT-B-32", "bogus": 1, "max_batch": 3})
+    with pytest.raises(ValueError, match=r"unknown keys \['serving.max_batch'\]; known keys of serving"):
+        TeacherConfig.from_dict({"serving": {"max_batch": 3}})
+    with pytest.raises(ValueError, match=r"unknown keys \['grpc.grpc_port'\]"):
+        TeacherConfig.from_dict({"grpc": {"grpc_port": 3}})
+    with pytest.raises(ValueError, match=r"serving: expected a mapping, got list"):
+        TeacherConfig.from_dict({"serving": [1]})
 
 
-def test_config_rejects_bad_values():
+def test_config_rejects_bad_values_naming_their_section():
     with pytest.raises(ValueError, match="precision"):
         TeacherConfig(precision="fp8")
-    with pytest.raises(ValueError, match="max_batch_size"):
-        TeacherConfig(max_batch_size=0)
+    with pytest.raises(ValueError, match=r"serving.max_batch_size: expected >= 1, got 0"):
+        TeacherConfig(serving=ServingConfig(max_batch_size=0))
+    with pytest.raises(ValueError, match=r"serving.shard_cache_mb: expected >= 0"):
+        TeacherConfig.from_dict({"serving": {"shard_cache_mb": -1}})
+    with pytest.raises(ValueError, match=r"grpc.port: expected an int in 0..65535"):
+        TeacherConfig.from_dict({"grpc": {"port": 70000}})
+    with pytest.raises(ValueError, match=r"grpc.port: expected an int in 0..65535"):  # the flat key, named anew
+        future_warnings(lambda: TeacherConfig.from_dict({"grpc_port": 70000}))
 
 
 def test_config_max_ongoing_requests_must_fill_a_batch():
     # 256 samples / 8 per request = 32 requests must be able to sit on one replica
     with pytest.raises(ValueError, match=r"max_ongoing_requests=16 is too small.*needs 32 requests"):
-        TeacherConfig(max_batch_size=256, expected_request_samples=8, max_ongoing_requests=16)
-    assert TeacherConfig(max_batch_size=256, expected_request_samples=8, max_ongoing_requests=32)
-    assert TeacherConfig(max_batch_size=256, expected_request_samples=64, max_ongoing_requests=4)
+        TeacherConfig(serving=ServingConfig(max_batch_size=256, expected_request_samples=8, max_ongoing_requests=16))
+    assert TeacherConfig(serving=ServingConfig(max_batch_size=256, expected_request_samples=8, max_ongoing_requests=32))
+    assert TeacherConfig(serving=ServingConfig(max_batch_size=256, expected_request_samples=64, max_ongoing_requests=4))
+
+
+def test_a_replica_receives_the_model_and_serving_only():
+    cfg = TeacherConfig.from_dict(NESTED)
+    replica = cfg.replica_dict()
+    assert set(replica) == set(cfg.to_dict()) - {"grpc"} and replica["serving"] == cfg.to_dict()["serving"]
+    rebuilt = TeacherConfig.from_dict(replica)
+    assert rebuilt.grpc == GrpcOptions() and rebuilt.serving == cfg.serving and rebuilt.precision == "bf16"
+
+
+def test_a_recorded_teacher_config_loads_in_either_shape_without_its_ingress(tmp_path):
+    """A cache's record of its teacher (flat when written before the sections) loads silently: its
+    reader cannot rewrite it; and the ingress's files it names (here: gone) are not read."""
+    record = {**FLAT, "grpc_token_file": str(tmp_path / "gone-token")}
+    (cfg, said) = future_warnings(lambda: TeacherConfig.from_record(record))
+    assert said == [] and cfg.grpc == GrpcOptions() and cfg.serving == TeacherConfig.from_dict(NESTED).serving
+    assert TeacherConfig.from_record(cfg.replica_dict()) == cfg
+
+
+def test_fingerprint_is_the_one_main_computed(teacher):
+    """The fingerprint follows from the model and preprocessing, not from the config's shape. The
+    values were printed on main at cbf4471 (before the split), with this test's TINY, by
+    `load_teacher(TeacherConfig(overrides=TINY)).fingerprint` and, for FLAT's teacher (bf16, seed 3,
+    with serving and gRPC fields), `load_teacher(TeacherConfig(**FLAT)).fingerprint`."""
+    assert teacher.fingerprint == "cf925d5e202ceb1b"
+    (flat, _) = future_warnings(lambda: TeacherConfig.from_dict(FLAT))
+    assert load_teacher(flat).fingerprint == "11e453a3d437ab48"
 
 
 # ---------------------------------------------------------------- preprocess

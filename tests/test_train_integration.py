@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from student_trainer.config import DataConfig, ModelConfig, OptimConfig, TeacherSourceConfig, TrainConfig
-from teacher_service.config import TeacherConfig
+from teacher_service.config import ServingConfig, TeacherConfig
 from tiny_models import tiny_teacher_overrides
 
 pytestmark = pytest.mark.ray
@@ -27,8 +27,9 @@ APP = "kd-teacher-train-integration"
 BATCH = 16
 STEPS = 3
 TINY_TEACHER = tiny_teacher_overrides()
-TEACHER_CFG = TeacherConfig(model="ViT-B-32", overrides=TINY_TEACHER, app_name=APP, num_cpus=0.5, torch_threads=1,
-                            max_batch_size=64, expected_request_samples=BATCH)
+TEACHER_CFG = TeacherConfig(model="ViT-B-32", overrides=TINY_TEACHER, torch_threads=1,
+                            serving=ServingConfig(app_name=APP, num_cpus=0.5, max_batch_size=64,
+                                                  expected_request_samples=BATCH))
 CHECKPOINT_FILES = ("model.pt", "model_config.json", "train_state.pt")
 FD_PROJECTION = "losses.fd.projection.image.weight"
 
@@ -51,13 +52,11 @@ def storage(tmp_path_factory) -> Path:
 def teacher_app(ray_cluster, shards):
     """Deploy the tiny teacher once, reading this module's shards (requests by reference); yields
     its info dict; deletes the app afterwards."""
-    import dataclasses
-
     from ray import serve
 
     from teacher_service.app import deploy
 
-    handle = deploy(dataclasses.replace(TEACHER_CFG, shard_roots=[str(shards)]))
+    handle = deploy(TEACHER_CFG.updated({"serving.shard_roots": [str(shards)]}))
     try:
         yield handle.info.remote().result(timeout_s=120)
     finally:

@@ -28,7 +28,7 @@ def running_app(cfg):
     try:
         yield handle
     finally:
-        serve.delete(cfg.app_name)
+        serve.delete(cfg.serving.app_name)
 
 
 def train_shards(tmp_path_factory, samples_per_shard: int = 100, name: str = "digits") -> str:

@@ -14,7 +14,7 @@ from student_trainer.config import (
     TrainConfig,
 )
 from student_trainer.factory import resolve_model
-from teacher_service.config import TeacherConfig
+from teacher_service.config import ServingConfig, TeacherConfig
 
 from cluster.bench.config import BenchConfig
 from cluster.bench.cores import CorePlan
@@ -60,12 +60,11 @@ def teacher_config(run: BenchRun, app_name: str, *, max_batch_size: int, request
     arch, overrides = resolve_model(ModelConfig(name=m.teacher, overrides=m.teacher_overrides))
     threads = plan.student_threads if inline else max(1, plan.teacher_threads // replicas)
     needed = math.ceil(max_batch_size / min(request_samples, max_batch_size))
-    return TeacherConfig(model=arch, overrides=overrides, app_name=app_name, num_replicas=replicas,
-                         num_cpus=1.0, num_gpus=1.0 if run.cfg.use_gpu and not inline else 0.0,
-                         precision=m.precision, max_batch_size=max_batch_size,
-                         expected_request_samples=request_samples, max_ongoing_requests=max(32, 2 * needed),
-                         torch_threads=threads, cpu_affinity=[] if inline else list(plan.teacher),
-                         seed=run.cfg.seed)
+    serving = ServingConfig(app_name=app_name, num_replicas=replicas, num_cpus=1.0,
+                            num_gpus=1.0 if run.cfg.use_gpu and not inline else 0.0, max_batch_size=max_batch_size,
+                            expected_request_samples=request_samples, max_ongoing_requests=max(32, 2 * needed))
+    return TeacherConfig(model=arch, overrides=overrides, precision=m.precision, torch_threads=threads,
+                         cpu_affinity=[] if inline else list(plan.teacher), seed=run.cfg.seed, serving=serving)
 
 
 def train_config(run: BenchRun, name: str, mode: str, *, app_name: str, losses: dict, batch_size: int,

@@ -189,7 +189,8 @@ def identity_us_per_sample(side: int, batch: int, context_length: int, repeats: 
 
 def _direct_rates(run: BenchRun, pb, info_out: dict) -> dict[int, list[float]]:
     base = teacher_config(run, APP, max_batch_size=max(pb.batch_sizes), request_samples=min(pb.batch_sizes))
-    actor = DirectForward.options(num_cpus=base.num_cpus, num_gpus=base.num_gpus).remote(base.to_dict())
+    actor = DirectForward.options(num_cpus=base.serving.num_cpus,
+                                  num_gpus=base.serving.num_gpus).remote(base.replica_dict())
     try:
         info_out.update(ray.get(actor.info.remote()))
         info_out["flops_per_sample"] = ray.get(actor.flops_per_sample.remote(run.cfg.models.image_size))

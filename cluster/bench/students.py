@@ -84,7 +84,7 @@ def precompute_cache(run: BenchRun, out: Path) -> dict:
     shards = resolve_shards(run.train_shards(sb.train_shards))
     tcfg = teacher_config(run, APP, max_batch_size=sb.batch_size, request_samples=sb.batch_size)
     summary = precompute(shards, str(out), views=1, teacher=tcfg, image_size=run.cfg.models.image_size,
-                         seed=run.cfg.seed, num_cpus=1.0, num_gpus=tcfg.num_gpus, concurrency=1,
+                         seed=run.cfg.seed, num_cpus=1.0, num_gpus=tcfg.serving.num_gpus, concurrency=1,
                          batch_size=sb.batch_size, progress=False)
     return {"rows": summary.rows, "wall_s": summary.wall_s, "teacher_s": summary.teacher_s}
 

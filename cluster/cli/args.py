@@ -85,11 +85,12 @@ def given(args: argparse.Namespace, names) -> dict[str, Any]:
 
 
 def teacher_config(path: Optional[str], updates: dict[str, Any]):
-    """TeacherConfig from a YAML file (or the defaults) with ``updates`` on top, validated once."""
+    """TeacherConfig from a YAML file (or the defaults) with ``updates`` on top, validated once; a
+    section's fields are dotted (``serving.num_replicas``, ``grpc.port``: `TeacherConfig.updated`)."""
     from teacher_service.config import TeacherConfig
 
     base = TeacherConfig.from_yaml(path) if path else TeacherConfig()
-    return TeacherConfig.from_dict({**base.to_dict(), **updates})
+    return base.updated(updates)
 
 
 def print_result(payload: dict, as_json: bool) -> None:

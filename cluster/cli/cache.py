@@ -48,8 +48,8 @@ def _precompute_one(args: argparse.Namespace, shards: list[str], teacher, app_na
         path = precompute_centroids(shards, args.out, args.class_centroids, teacher=teacher, app_name=app_name,
                                     image_size=args.image_size, num_classes=args.num_classes, seed=args.seed)
         return {"centroids": path, "per_class": args.class_centroids}
-    num_cpus = args.num_cpus if args.num_cpus is not None else (teacher.num_cpus if teacher else 0.25)
-    num_gpus = args.num_gpus if args.num_gpus is not None else (teacher.num_gpus if teacher else 0.0)
+    num_cpus = args.num_cpus if args.num_cpus is not None else (teacher.serving.num_cpus if teacher else 0.25)
+    num_gpus = args.num_gpus if args.num_gpus is not None else (teacher.serving.num_gpus if teacher else 0.0)
     summary = precompute(shards, args.out, views=args.views, teacher=teacher, app_name=app_name,
                          image_size=args.image_size, seed=args.seed, tokenizer=args.tokenizer,
                          context_length=args.context_length, batch_size=args.batch_size,

@@ -12,25 +12,27 @@ from typing import Optional, TextIO
 from cluster.cli.args import (add_address, add_app_names, add_teacher_model_args, given, json_arg,
                               positive_seconds, teacher_config)
 
+# flag (argparse dest) -> the TeacherConfig field it sets, dotted for a section's
 SERVE_FLAGS = {"model": "model", "pretrained": "pretrained", "overrides": "overrides", "precision": "precision",
-               "app_name": "app_name", "replicas": "num_replicas", "num_cpus": "num_cpus", "num_gpus": "num_gpus",
-               "max_batch_size": "max_batch_size", "autoscale": "autoscaling", "grpc_port": "grpc_port",
-               "grpc_host": "grpc_host", "grpc_token_file": "grpc_token_file", "grpc_tls_cert": "grpc_tls_cert_file",
-               "grpc_tls_key": "grpc_tls_key_file", "grpc_tls_client_ca": "grpc_tls_client_ca_file",
-               "grpc_insecure": "grpc_insecure", "grpc_health_port": "grpc_health_port"}
+               "app_name": "serving.app_name", "replicas": "serving.num_replicas", "num_cpus": "serving.num_cpus",
+               "num_gpus": "serving.num_gpus", "max_batch_size": "serving.max_batch_size",
+               "autoscale": "serving.autoscaling", "grpc_port": "grpc.port", "grpc_host": "grpc.host",
+               "grpc_token_file": "grpc.token_file", "grpc_tls_cert": "grpc.tls_cert_file",
+               "grpc_tls_key": "grpc.tls_key_file", "grpc_tls_client_ca": "grpc.tls_client_ca_file",
+               "grpc_insecure": "grpc.insecure", "grpc_health_port": "grpc.health_port"}
 
 
 def teacher_config_from_args(args: argparse.Namespace):
     """The TeacherConfig `kd teacher serve` deploys: --config YAML with the flags on top."""
     updates = {SERVE_FLAGS[flag]: value for flag, value in given(args, SERVE_FLAGS).items()}
     if args.replicas is not None and getattr(args, "autoscale", None) is None:
-        updates["autoscaling"] = None  # --replicas asks for a fixed pool, also over a config that autoscales
+        updates["serving.autoscaling"] = None  # --replicas asks for a fixed pool, also over a config that autoscales
     if getattr(args, "shard_root", None):  # replicas do not run in this directory
-        updates["shard_roots"] = [os.path.abspath(os.path.expanduser(root)) for root in args.shard_root]
+        updates["serving.shard_roots"] = [os.path.abspath(os.path.expanduser(root)) for root in args.shard_root]
     if getattr(args, "role_placement", False):
         from cluster.roles import teacher_placement
 
-        updates.update(teacher_placement())
+        updates.update({f"serving.{name}": value for name, value in teacher_placement().items()})
     return teacher_config(getattr(args, "config", None), updates)
 
 
@@ -40,11 +42,11 @@ def cmd_teacher_serve(args: argparse.Namespace) -> int:
 
     cfg = teacher_config_from_args(args)
     print(init_ray(args.address))
-    handle = deploy(cfg)  # with grpc_port: also the app's gRPC ingress, on this node
+    handle = deploy(cfg)  # with grpc.port: also the app's gRPC ingress, on this node
     info = handle.info.remote().result(timeout_s=600)
-    print(f"teacher app {cfg.app_name!r} is serving {info.get('model')} "
+    print(f"teacher app {cfg.serving.app_name!r} is serving {info.get('model')} "
           f"(embed_dim {info.get('embed_dim')}, fingerprint {info.get('fingerprint')})")
-    if cfg.grpc_port is not None:
+    if cfg.grpc.port is not None:
         print(grpc_banner(cfg))
     embedded = not (args.address or os.environ.get("RAY_ADDRESS"))
     if args.block or embedded:
@@ -56,7 +58,7 @@ def cmd_teacher_serve(args: argparse.Namespace) -> int:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            delete_teacher(cfg.app_name)
+            delete_teacher(cfg.serving.app_name)
     return 0
 
 
@@ -64,15 +66,16 @@ def grpc_banner(cfg) -> str:
     """Where the gRPC ingress listens and who can reach it."""
     from teacher_service.grpc.ingress import ingress_addresses
 
-    addresses = ingress_addresses(cfg.app_name) or {}
-    reach = "this machine only" if cfg.grpc_is_loopback() else "every host that can reach this address"
-    token = "bearer token required" if cfg.grpc_token_file else "no token required"
-    tls = ("mutual TLS" if cfg.grpc_tls_client_ca_file else "TLS") if cfg.grpc_tls_enabled() else "plaintext"
+    addresses = ingress_addresses(cfg.serving.app_name) or {}
+    options = cfg.grpc
+    reach = "this machine only" if options.is_loopback() else "every host that can reach this address"
+    token = "bearer token required" if options.token_file else "no token required"
+    tls = ("mutual TLS" if options.tls_client_ca_file else "TLS") if options.tls_enabled() else "plaintext"
     health = f"; grpc.health.v1 alone, plaintext, on {addresses['health']}" if addresses.get("health") else ""
     return (f"gRPC: TeacherService (Embed/Stats/Health) and grpc.health.v1 on {addresses.get('grpc')} "
             f"({reach}; {tls}; {token}){health}; "
-            f"per caller at most {cfg.grpc_caller_max_in_flight or 'unlimited'} in flight, "
-            f"{cfg.grpc_caller_samples_per_s or 'unlimited'} samples/s")
+            f"per caller at most {options.caller_max_in_flight or 'unlimited'} in flight, "
+            f"{options.caller_samples_per_s or 'unlimited'} samples/s")
 
 
 def cmd_teacher_status(args: argparse.Namespace) -> int:

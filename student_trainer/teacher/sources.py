@@ -141,7 +141,7 @@ class InlineTeacher(TeacherSource):
 
         teacher_cfg = cfg.teacher
         if device is not None and teacher_cfg.device == "auto":
-            teacher_cfg = type(teacher_cfg).from_dict({**teacher_cfg.to_dict(), "device": device})
+            teacher_cfg = teacher_cfg.updated({"device": device})
         self.engine = TeacherEngine(load_teacher(teacher_cfg))
         self.info = self.engine.teacher.info()
         self.embed_dim = int(self.info["embed_dim"])

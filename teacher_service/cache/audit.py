@@ -66,7 +66,7 @@ def audit_cache(cache_path: str, *, teacher: Optional[TeacherConfig] = None, app
         if not stored:
             raise ValueError(f"cache {cache.path} was computed through app {cache.meta.get('app_name')!r} and "
                              "records no teacher config: pass app_name (--app-name) or a teacher config")
-        embedder = make_embedder(TeacherConfig.from_dict(stored))
+        embedder = make_embedder(TeacherConfig.from_record(stored))
     else:
         embedder = make_embedder(teacher, app_name)
         cache = EmbeddingCache.open(cache_path, teacher=embedder.info["fingerprint"])

@@ -214,7 +214,7 @@ def precompute(shards: list[str], out: str, *, views: int, teacher: Optional[Tea
         raise ValueError(f"shards {clash[0]} and {clash[1]} would both write {shard_output(out, clash[0])}: "
                          "give shards with distinct file names")
     start = time.perf_counter()
-    teacher_dict = teacher.to_dict() if teacher is not None else None
+    teacher_dict = teacher.replica_dict() if teacher is not None else None  # the actors load it as a replica does
     resources = {"num_cpus": num_cpus, "num_gpus": num_gpus}
     info = ray.get(ray.remote(_probe).options(**resources).remote(teacher_dict, app_name))
     recipe = view_recipe(image_size, seed, train=True, tokenizer=tokenizer or info["model"],
@@ -326,7 +326,7 @@ def precompute_centroids(shards: list[str], out: str, per_class: int, *, teacher
     counts = np.bincount(labels[(labels >= 0) & (labels < classes)], minlength=classes)[:classes]
     info = {k: v for k, v in embedder.info.items() if k != "device"}
     meta = make_meta(info, view_recipe(image_size, None, train=False), kind="centroids", source=None,
-                     teacher_config=teacher.to_dict() if teacher is not None else None, app_name=app_name,
+                     teacher_config=teacher.replica_dict() if teacher is not None else None, app_name=app_name,
                      writer={"per_class": per_class, "seed": seed, "shards": len(shards), "skipped": skips.skipped})
     rows_dir = teacher_dir(make_private_dir(out), info["fingerprint"], create=True)
     names = class_names if len(class_names) == classes else None

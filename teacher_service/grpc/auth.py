@@ -5,7 +5,7 @@ or others is refused, since anyone on the machine could then call the teacher. I
 
 - one token (the whole file, no whitespace inside): every holder is the same authenticated
   caller, names itself with `kd-caller` metadata as before, and may ask any weight up to
-  `max_run_weight`; or
+  `serving.max_run_weight`; or
 - a table, one caller per line, `<caller-name> <max-weight> <token>` (blank lines and `#`
   comments skipped; a name may have several tokens, for rotation): a holder is that caller
   whatever `kd-caller` it sends, and its requests run at most at that weight.
@@ -33,11 +33,11 @@ class UnauthenticatedError(PermissionError):
 
 def read_token_file(path: str) -> str:
     """The file's text (surrounding whitespace stripped); refuses a missing, empty or shared file."""
-    check_owner_only(path, "grpc_token_file")
+    check_owner_only(path, "grpc.token_file")
     with open(path, encoding="utf-8") as f:
         token = f.read().strip()
     if not token:
-        raise ValueError(f"grpc_token_file {path!r} is empty")
+        raise ValueError(f"grpc.token_file {path!r} is empty")
     return token
 
 
@@ -51,13 +51,13 @@ def read_token_table(path: str, max_weight: float) -> dict[str, CallerGrant]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        token, grant = _table_entry(line, f"grpc_token_file {path!r} line {number}", max_weight)
+        token, grant = _table_entry(line, f"grpc.token_file {path!r} line {number}", max_weight)
         if token in table:
-            raise ValueError(f"grpc_token_file {path!r} line {number}: this token is already given to "
+            raise ValueError(f"grpc.token_file {path!r} line {number}: this token is already given to "
                              f"{table[token].name!r}")
         table[token] = grant
     if not table:
-        raise ValueError(f"grpc_token_file {path!r} has no token")
+        raise ValueError(f"grpc.token_file {path!r} has no token")
     return table
 
 
@@ -77,7 +77,7 @@ def _table_entry(line: str, where: str, max_weight: float) -> tuple[str, CallerG
     except ValueError:
         raise ValueError(f"{where}: the max-weight is not a number") from None
     if not (math.isfinite(weight) and 0 < weight <= max_weight):
-        raise ValueError(f"{where}: max-weight {weight:g} outside (0, max_run_weight={max_weight:g}]")
+        raise ValueError(f"{where}: max-weight {weight:g} outside (0, serving.max_run_weight={max_weight:g}]")
     return token, CallerGrant(name=name, max_weight=weight)
 
 

@@ -64,11 +64,11 @@ class CallerLimits:
 
     def __post_init__(self) -> None:
         if self.max_in_flight is not None and not (isinstance(self.max_in_flight, int) and self.max_in_flight >= 1):
-            raise ValueError(f"grpc_caller_max_in_flight: expected an int >= 1 or None, got {self.max_in_flight!r}")
+            raise ValueError(f"grpc.caller_max_in_flight: expected an int >= 1 or None, got {self.max_in_flight!r}")
         if self.samples_per_s is not None and not self.samples_per_s > 0:
-            raise ValueError(f"grpc_caller_samples_per_s: expected a number > 0 or None, got {self.samples_per_s!r}")
+            raise ValueError(f"grpc.caller_samples_per_s: expected a number > 0 or None, got {self.samples_per_s!r}")
         if self.burst_samples is not None and not (isinstance(self.burst_samples, int) and self.burst_samples >= 1):
-            raise ValueError(f"grpc_caller_burst_samples: expected an int >= 1 or None, got {self.burst_samples!r}")
+            raise ValueError(f"grpc.caller_burst_samples: expected an int >= 1 or None, got {self.burst_samples!r}")
         if not (isinstance(self.max_callers, int) and self.max_callers >= 1):
             raise ValueError(f"max_callers: expected an int >= 1, got {self.max_callers!r}")
 
@@ -142,7 +142,7 @@ class CallerAdmission:
         limits = self.limits
         if limits.max_in_flight is not None and state.in_flight >= limits.max_in_flight:
             raise CallerLimitError(
-                f"caller {name!r}: {state.in_flight} requests in flight, the limit is grpc_caller_max_in_flight="
+                f"caller {name!r}: {state.in_flight} requests in flight, the limit is grpc.caller_max_in_flight="
                 f"{limits.max_in_flight}; wait for an answer before sending more", "in_flight_limit")
         self._take_tokens(name, state, samples)
         state.in_flight += 1
@@ -168,11 +168,11 @@ class CallerAdmission:
         if samples > size:
             raise CallerLimitError(
                 f"caller {name!r}: a request of {samples} samples is larger than the bucket of {size:.0f} samples "
-                f"(grpc_caller_burst_samples); split it", "rate_limited")
+                f"(grpc.caller_burst_samples); split it", "rate_limited")
         if state.tokens < samples:
             wait = (samples - state.tokens) / rate
             raise CallerLimitError(
-                f"caller {name!r}: {samples} samples exceed the rate limit of grpc_caller_samples_per_s="
+                f"caller {name!r}: {samples} samples exceed the rate limit of grpc.caller_samples_per_s="
                 f"{rate:g} (bucket holds {state.tokens:.0f} of {size:.0f}); retry in {wait:.2f} s",
                 "rate_limited", wait)
         state.tokens -= samples

@@ -1,6 +1,6 @@
 """A small Python client for the teacher's gRPC API, for callers outside the Ray cluster.
 
-It talks to the app's gRPC ingress (`grpc_server`, `kd teacher serve --grpc-port`). Inside Ray,
+It talks to the app's gRPC ingress (`grpc.ingress`, `kd teacher serve --grpc-port`). Inside Ray,
 use the Serve handle (`teacher_service.app.get_teacher_handle`): it skips the ingress hop. Both paths run
 the same batched code and return the same `EmbedResponse`, bit for bit.
 """
@@ -74,7 +74,7 @@ class TeacherGrpcClient:
     name overrides it. The fair-share weight a request asks for is granted by the server: 1
     without a token, at most the token's cap with one. `app_name`, when set, goes out as
     ("application", name) and the ingress refuses it NOT_FOUND if it serves another app. `token`,
-    when set, is sent as "authorization: Bearer <token>"; a teacher with `grpc_token_file` refuses
+    when set, is sent as "authorization: Bearer <token>"; a teacher with `grpc.token_file` refuses
     calls without it (UnauthenticatedError). Refusals raise RequestError (INVALID_ARGUMENT),
     RequestTooLargeError (RESOURCE_EXHAUSTED, over the byte limit), CallerLimitError
     (RESOURCE_EXHAUSTED, over this caller's in-flight or samples/s limit: retry later) or

@@ -1,13 +1,13 @@
 """The teacher's gRPC ingress: our own grpc.aio server in a detached Ray actor, one per teacher app.
 
 Why not Serve's gRPC proxy: in ray 2.60 it binds `[::]:<port>` with no host option and its
-options are fixed when Serve starts. This server binds `TeacherConfig.grpc_host` (127.0.0.1
-unless configured otherwise) and `grpc_port`, and per Embed rpc:
-1. checks the bearer token (`auth.TokenCheck`) when the app has `grpc_token_file`, which grants
+options are fixed when Serve starts. This server binds `TeacherConfig.grpc.host` (127.0.0.1
+unless configured otherwise) and `grpc.port` (`config.GrpcOptions`), and per Embed rpc:
+1. checks the bearer token (`auth.TokenCheck`) when the app has `grpc.token_file`, which grants
    the caller a weight cap and, for a token the file maps to a name, its name;
 2. names the caller (that name, else `caller_limits.caller_name`: `kd-caller` metadata, else the
    peer's host);
-3. decodes the proto with the byte limit (`grpc_ingress.decode_embed_request`; never pickle);
+3. decodes the proto with the byte limit (`codec.decode_embed_request`; never pickle);
 4. admits it under the caller's in-flight and samples/s limits (`caller_limits.CallerAdmission`);
 5. forwards it through a DeploymentHandle with `run = "grpc:<caller>"` and the weight the server
    grants (`caller_limits.grant_weight`: 1 without a token, at most the token's cap with one): the
@@ -17,17 +17,17 @@ Refusals are answered at once with a status code, the reason as details and the 
 `kd-refusal` trailing metadata, and counted here (the replicas count what reaches them; the
 teacher's stats add both, `stats.add_ingress`).
 
-With `grpc_tls_cert_file` / `grpc_tls_key_file` the port speaks TLS only (`server_credentials`),
-and with `grpc_tls_client_ca_file` it also requires a client certificate that CA signed. The same
+With `grpc.tls_cert_file` / `grpc.tls_key_file` the port speaks TLS only (`server_credentials`),
+and with `grpc.tls_client_ca_file` it also requires a client certificate that CA signed. The same
 port serves the standard grpc.health.v1.Health (`AppHealth`: services "", the app's name and
 TeacherService's full name), unauthenticated since it tells only SERVING / NOT_SERVING:
 SERVING while Serve lists the app and a replica answered within the last poll (an Embed, or an
-`info` probe); `grpc_health_port` serves that Health alone in plaintext, for probes that cannot
+`info` probe); `grpc.health_port` serves that Health alone in plaintext, for probes that cannot
 speak TLS (Kubernetes' `grpc:` probe).
 
 The actor is named "<app>-grpc" in namespace "kd-teacher", detached (it outlives the command that
 started it, like the app), pinned to the node that started it (so 127.0.0.1 means that machine),
-and stops itself when its app is deleted. `teacher_service.app.deploy` starts it when `grpc_port` is set
+and stops itself when its app is deleted. `teacher_service.app.deploy` starts it when `grpc.port` is set
 and `teacher_service.app.delete_teacher` stops it with the app.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ from grpc_health.v1.health import aio as health_aio
 from teacher_service.grpc.auth import TokenCheck, UnauthenticatedError
 from teacher_service.grpc.caller_limits import CallerAdmission, CallerGrant, CallerLimitError, grant_weight, peer_host
 from teacher_service.grpc.caller_limits import caller_name as name_caller
-from teacher_service.config import TeacherConfig
+from teacher_service.config import GrpcOptions, TeacherConfig
 from teacher_service.grpc.codec import (
     MAX_DETAILS_CHARS,
     REFUSAL_METADATA,
@@ -131,10 +131,10 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         by app, run and kind, beside the replicas' own)."""
         self.cfg = cfg
         self.backend = backend
-        self.auth = TokenCheck.from_file(cfg.grpc_token_file, cfg.max_run_weight)
-        self.wire_limits = WireLimits(max_request_bytes=cfg.grpc_max_request_bytes)
-        self.admission = CallerAdmission(cfg.caller_limits(), clock)
-        self.counters = TeacherCounters(1, cfg.app_name, INGRESS_REPLICA, clock=clock, sink=sink)
+        self.auth = TokenCheck.from_file(cfg.grpc.token_file, cfg.serving.max_run_weight)
+        self.wire_limits = WireLimits(max_request_bytes=cfg.grpc.max_request_bytes)
+        self.admission = CallerAdmission(cfg.grpc.caller_limits(), clock)
+        self.counters = TeacherCounters(1, cfg.serving.app_name, INGRESS_REPLICA, clock=clock, sink=sink)
         self.address = ""
         self.last_answer: float | None = None  # clock time a replica last answered through this ingress
         self._clock = clock
@@ -191,8 +191,8 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         metadata = tuple(context.invocation_metadata() or ())
         grant = self.auth.check(metadata) if self.auth is not None else None
         asked = next((value for key, value in metadata if key == "application"), None)
-        if asked not in (None, self.cfg.app_name):
-            raise AppMismatchError(f"application: this gRPC port serves teacher app {self.cfg.app_name!r}, "
+        if asked not in (None, self.cfg.serving.app_name):
+            raise AppMismatchError(f"application: this gRPC port serves teacher app {self.cfg.serving.app_name!r}, "
                                    f"not {asked!r}")
         if grant is not None and grant.name is not None:
             return grant.name, grant
@@ -274,18 +274,18 @@ async def _answers(backend: TeacherBackend) -> bool:
 
 
 # ============================================================================================== server
-def server_credentials(cfg: TeacherConfig) -> grpc.ServerCredentials | None:
-    """TLS credentials from the config's PEM files (None: plaintext). With a client CA every caller
+def server_credentials(options: GrpcOptions) -> grpc.ServerCredentials | None:
+    """TLS credentials from the options' PEM files (None: plaintext). With a client CA every caller
     must present a certificate it signed; the handshake fails otherwise, before any rpc."""
-    if not cfg.grpc_tls_enabled():
+    if not options.tls_enabled():
         return None
-    with open(cfg.grpc_tls_key_file, "rb") as f:
+    with open(options.tls_key_file, "rb") as f:
         key = f.read()
-    with open(cfg.grpc_tls_cert_file, "rb") as f:
+    with open(options.tls_cert_file, "rb") as f:
         chain = f.read()
     client_ca = None
-    if cfg.grpc_tls_client_ca_file:
-        with open(cfg.grpc_tls_client_ca_file, "rb") as f:
+    if options.tls_client_ca_file:
+        with open(options.tls_client_ca_file, "rb") as f:
             client_ca = f.read()
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
                                        require_client_auth=client_ca is not None)
@@ -307,7 +307,7 @@ async def serve_grpc(servicer: TeacherServicer, host: str, port: int,
     pb_grpc.add_TeacherServiceServicer_to_server(servicer, server)
     if health is not None:
         health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
-    bound = _listen(server, host, port, server_credentials(servicer.cfg))
+    bound = _listen(server, host, port, server_credentials(servicer.cfg.grpc))
     await server.start()
     return server, bound
 
@@ -341,24 +341,25 @@ class GrpcIngress:
 
     def __init__(self, config: dict):
         self.cfg = TeacherConfig.from_dict(config)
-        self.servicer = TeacherServicer(self.cfg, ServeBackend(self.cfg.app_name),
-                                        sink=ray_metrics_sink(self.cfg.app_name, INGRESS_REPLICA))
-        self.health = AppHealth(self.cfg.app_name)
+        self.app_name = self.cfg.serving.app_name
+        self.servicer = TeacherServicer(self.cfg, ServeBackend(self.app_name),
+                                        sink=ray_metrics_sink(self.app_name, INGRESS_REPLICA))
+        self.health = AppHealth(self.app_name)
         self.servers: list[grpc.aio.Server] = []
         self.health_address = ""
         self._watch: asyncio.Task | None = None
 
     async def start(self) -> str:
         """Listen (and on the health port when configured); returns the bound "host:port"."""
-        host = self.cfg.grpc_host
+        options = self.cfg.grpc
         await self.health.set(False)  # until the first poll finds the app answering
-        server, port = await serve_grpc(self.servicer, host, int(self.cfg.grpc_port or 0), self.health)
+        server, port = await serve_grpc(self.servicer, options.host, int(options.port or 0), self.health)
         self.servers.append(server)
-        self.servicer.address = bind_address(host, port)
-        if self.cfg.grpc_health_port is not None:
-            server, port = await serve_health(self.health, host, self.cfg.grpc_health_port)
+        self.servicer.address = bind_address(options.host, port)
+        if options.health_port is not None:
+            server, port = await serve_health(self.health, options.host, options.health_port)
             self.servers.append(server)
-            self.health_address = bind_address(host, port)
+            self.health_address = bind_address(options.host, port)
         self._watch = asyncio.get_running_loop().create_task(self._follow_app())
         return self.servicer.address
 
@@ -388,7 +389,7 @@ class GrpcIngress:
                 missing = 0 if listed else missing + 1
                 await self.health.update(listed, self.servicer)
             await asyncio.sleep(WATCH_INTERVAL_S)
-        log.warning("gRPC ingress: teacher app %r is gone; stopping", self.cfg.app_name)
+        log.warning("gRPC ingress: teacher app %r is gone; stopping", self.app_name)
         await self.stop()
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
@@ -401,7 +402,7 @@ class GrpcIngress:
         except Exception as e:  # noqa: BLE001 - a busy or restarting controller is no reason to stop
             log.warning("gRPC ingress: cannot read Serve status: %s", e)
             return None
-        app = apps.get(self.cfg.app_name)
+        app = apps.get(self.app_name)
         return app is not None and not str(app.status).endswith("DELETING")
 
 
@@ -415,19 +416,20 @@ def find_ingress(app_name: str):
 
 
 def start_ingress(cfg: TeacherConfig, timeout_s: float = 60.0) -> str:
-    """(Re)start the gRPC ingress of `cfg.app_name` on this node; returns the address it listens on.
+    """(Re)start the gRPC ingress of `cfg.serving.app_name` on this node; returns the address it listens on.
 
     The app must be deployed (the ingress takes its handle at start). An ingress already running
     for the app is stopped first, so a redeploy applies new gRPC settings.
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    if cfg.grpc_port is None:
-        raise ValueError(f"teacher app {cfg.app_name!r}: grpc_port is None, so there is no gRPC ingress to start")
-    stop_ingress(cfg.app_name, timeout_s)
+    app_name = cfg.serving.app_name
+    if cfg.grpc.port is None:
+        raise ValueError(f"teacher app {app_name!r}: grpc.port is None, so there is no gRPC ingress to start")
+    stop_ingress(app_name, timeout_s)
     warn_if_exposed(cfg)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    actor = GrpcIngress.options(name=ingress_name(cfg.app_name), namespace=INGRESS_NAMESPACE, lifetime="detached",
+    actor = GrpcIngress.options(name=ingress_name(app_name), namespace=INGRESS_NAMESPACE, lifetime="detached",
                                 scheduling_strategy=here).remote(cfg.to_dict())
     try:
         return ray.get(actor.start.remote(), timeout=timeout_s)
@@ -441,12 +443,13 @@ def start_ingress(cfg: TeacherConfig, timeout_s: float = 60.0) -> str:
 
 def warn_if_exposed(cfg: TeacherConfig) -> str | None:
     """Log (and return) a warning when the ingress is reachable off this machine without TLS or a
-    token: only possible with `grpc_insecure`, which config validation requires for it."""
-    gaps = cfg.grpc_exposure_gaps()
+    token: only possible with `grpc.insecure`, which config validation requires for it."""
+    gaps = cfg.grpc.exposure_gaps()
     if not gaps:
         return None
-    message = (f"gRPC ingress of {cfg.app_name!r} listens on {cfg.grpc_host} without {' and without '.join(gaps)} "
-               "(grpc_insecure): anyone who reaches that address can use the teacher and read what it sends")
+    message = (f"gRPC ingress of {cfg.serving.app_name!r} listens on {cfg.grpc.host} without "
+               f"{' and without '.join(gaps)} (grpc.insecure): anyone who reaches that address can use the teacher "
+               "and read what it sends")
     log.warning(message)
     return message
 

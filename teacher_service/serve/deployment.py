@@ -4,14 +4,14 @@ Serve apps outlive the job that deployed them, so one `deploy()` serves every st
 later calls `get_teacher_handle(app_name)`. Requests are validated before they join a batch (a bad
 request fails alone); the batch itself is `TeacherEngine.embed_many`, run in a single worker thread.
 
-Batching is `batching.SampleBatcher` by default (`TeacherConfig.batcher = "fill"`): it forms a
+Batching is `batching.SampleBatcher` by default (`serving.batcher = "fill"`): it forms a
 batch only when the forward is free, where `@serve.batch` (`batcher = "serve"`, kept for
 comparison) seals the next batch while the previous forward still runs (see `batching`).
 
 Every replica keeps `TeacherCounters` (requests, samples requested / computed, errors, batch fill,
 queue wait and forward percentiles, per-run throughput), returned by `stats()` and exported as Ray
 metrics; `collect_stats` merges them over all replicas (Serve's handle broadcast). Callers
-outside Ray use the app's gRPC ingress (`grpc_server`, started by `deploy` when `grpc_port` is
+outside Ray use the app's gRPC ingress (`grpc.ingress`, started by `deploy` when `grpc.port` is
 set), which forwards to `embed` through a handle like any student.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ray.serve.handle import DeploymentHandle
 
 from teacher_service.serve.batching import Queued, SampleBatcher
 from teacher_service.serve.coalesce import Coalescer
-from teacher_service.config import TeacherConfig
+from teacher_service.config import ServingConfig, TeacherConfig
 from teacher_service.serve.engine import TeacherEngine
 from teacher_service.serve.references import ViewResolver
 from teacher_service.model import load_teacher
@@ -41,28 +41,31 @@ log = logging.getLogger(__name__)
 # ======================================================================================= deployment
 @serve.deployment
 class TeacherDeployment:
-    """One replica: a frozen teacher, its engine, a SampleBatcher and the replica's counters."""
+    """One replica: a frozen teacher, its engine, a SampleBatcher and the replica's counters.
+
+    `config` is `TeacherConfig.replica_dict()`: the model and serving sections, no gRPC."""
 
     def __init__(self, config: dict):
         self.cfg = TeacherConfig.from_dict(config)
+        self.serving = serving = self.cfg.serving
         self.teacher = load_teacher(self.cfg)
-        self.views = view_resolver(self.cfg)
-        self.engine = TeacherEngine(self.teacher, RequestLimits(max_samples=self.cfg.max_request_samples,
-                                                                max_weight=self.cfg.max_run_weight), self.views)
+        self.views = view_resolver(serving)
+        self.engine = TeacherEngine(self.teacher, RequestLimits(max_samples=serving.max_request_samples,
+                                                                max_weight=serving.max_run_weight), self.views)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-forward")
         self._views_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-views")
         self._digests = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-digest")
-        self.coalescer = Coalescer(self.cfg.coalesce_memory_rows, self.teacher.logit_scale,
+        self.coalescer = Coalescer(serving.coalesce_memory_rows, self.teacher.logit_scale,
                                    self.teacher.logit_bias, self.teacher.fingerprint,
                                    self.teacher.context_length, digest_executor=self._digests)
         self._clock = time.monotonic
         self._started = time.time()
         self.replica = _replica_id()
-        self.counters = TeacherCounters(self.cfg.max_batch_size, self.cfg.app_name, self.replica,
-                                        clock=self._clock, sink=ray_metrics_sink(self.cfg.app_name, self.replica))
-        self.batcher = SampleBatcher(self._run_batch, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s)
-        self._serve_batch.set_max_batch_size(self.cfg.max_batch_size)
-        self._serve_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.counters = TeacherCounters(serving.max_batch_size, serving.app_name, self.replica,
+                                        clock=self._clock, sink=ray_metrics_sink(serving.app_name, self.replica))
+        self.batcher = SampleBatcher(self._run_batch, serving.max_batch_size, serving.batch_wait_timeout_s)
+        self._serve_batch.set_max_batch_size(serving.max_batch_size)
+        self._serve_batch.set_batch_wait_timeout_s(serving.batch_wait_timeout_s)
 
     # ---- the handle API
     async def embed(self, request: EmbedRequest) -> EmbedResponse:
@@ -71,9 +74,9 @@ class TeacherDeployment:
 
     async def info(self) -> dict[str, Any]:
         """Teacher identity (fingerprint, sizes, scales) and the limits clients must respect."""
-        return {**self.teacher.info(), "app_name": self.cfg.app_name,
-                "max_batch_size": self.cfg.max_batch_size,
-                "max_request_samples": self.cfg.max_request_samples,
+        return {**self.teacher.info(), "app_name": self.serving.app_name,
+                "max_batch_size": self.serving.max_batch_size,
+                "max_request_samples": self.serving.max_request_samples,
                 "by_reference": self.views is not None,
                 "replica": self.replica, "uptime_s": time.time() - self._started}
 
@@ -81,7 +84,7 @@ class TeacherDeployment:
         """Path → "" where this replica can regenerate views of the shard, else why not (a caller
         deciding whether to send references, `send_pixels: auto`)."""
         if self.views is None:
-            return {p: "this teacher reads no shards (its shard_roots are empty)" for p in paths}
+            return {p: "this teacher reads no shards (its serving.shard_roots are empty)" for p in paths}
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._views_pool, self.views.check_shards, list(paths), sizes)
 
@@ -134,10 +137,10 @@ class TeacherDeployment:
 
     async def _submit(self, payload: tuple, size: int, arrived: float, run: str = "", weight: float = 1.0):
         """payload = (run label, request); `run`/`weight` drive the fill batcher's fair share."""
-        if self.cfg.batcher == "fill":
+        if self.serving.batcher == "fill":
             return await self.batcher.submit(payload, size, arrived, run, weight)
         item = Queued(payload, size, arrived, None)
-        if size > self.cfg.max_batch_size:  # Serve's queue refuses an item larger than a batch
+        if size > self.serving.max_batch_size:  # Serve's queue refuses an item larger than a batch
             return (await self._run_batch([item]))[0]
         return await self._serve_batch(item)
 
@@ -160,13 +163,11 @@ class TeacherDeployment:
         return results
 
 
-def view_resolver(cfg: TeacherConfig) -> ViewResolver | None:
+def view_resolver(serving: ServingConfig) -> ViewResolver | None:
     """The replica's reader of shards named by reference; None (pixels only) without shard_roots."""
-    if not cfg.shard_roots:
+    if not serving.shard_roots:
         return None
-    if not cfg.shard_cache_mb >= 0:
-        raise ValueError(f"shard_cache_mb: expected a size in MB >= 0, got {cfg.shard_cache_mb!r}")
-    return ViewResolver(cfg.shard_roots, cache_bytes=int(cfg.shard_cache_mb * 2**20))
+    return ViewResolver(serving.shard_roots, cache_bytes=int(serving.shard_cache_mb * 2**20))
 
 
 def _replica_id() -> str:
@@ -178,11 +179,13 @@ def _replica_id() -> str:
 
 # ============================================================================================ apps
 def build_app(cfg: TeacherConfig):
-    """The Serve application for `cfg` (not yet running); a bad shard_roots fails here, not in a replica."""
-    view_resolver(cfg)
-    return TeacherDeployment.options(**cfg.serve_options()).bind(cfg.replica_dict())
+    """The Serve application for `cfg` (not yet running); a bad shard_roots fails here, not in a replica.
+    Replicas get the model and serving sections only (`TeacherConfig.replica_dict`)."""
+    view_resolver(cfg.serving)
+    return TeacherDeployment.options(**cfg.serving.serve_options()).bind(cfg.replica_dict())
 
 
 def app_builder(args: dict):
-    """Serve config entry point (import_path teacher_service.serve.deployment:app_builder); args = TeacherConfig fields."""
-    return build_app(TeacherConfig.from_dict(dict(args or {})))
+    """Serve config entry point (import_path teacher_service.serve.deployment:app_builder); `args` is a
+    TeacherConfig mapping: sectioned (model fields, `serving`, `grpc`) or the deprecated flat one."""
+    return build_app(TeacherConfig.from_dict(dict(args or {}), where="Serve config args"))

@@ -59,7 +59,7 @@ class TeacherEngine:
             return request, None
         try:
             if self.views is None:
-                raise RequestError("image_refs: this teacher reads no shards (its shard_roots are empty); "
+                raise RequestError("image_refs: this teacher reads no shards (its serving.shard_roots are empty); "
                                    "send pixels")
             return self.views.resolve_with_digests(request)
         except RequestError:

@@ -102,7 +102,7 @@ class ViewResolver:
             raise _Refused("not an absolute path")
         real = os.path.realpath(path)
         if not any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in self.roots):
-            raise _Refused("not under this teacher's shard_roots (TeacherConfig.shard_roots)")
+            raise _Refused("not under this teacher's shard_roots (TeacherConfig serving.shard_roots)")
         return real
 
     def _index_or_problem(self, path: str) -> ShardIndex | _Refused:
@@ -184,10 +184,10 @@ class ViewResolver:
 def check_roots(roots: Sequence[str]) -> list[str]:
     """Real paths of `roots`; ValueError naming a root that is not an absolute path of a directory."""
     if isinstance(roots, str) or not all(isinstance(r, str) for r in roots):
-        raise ValueError(f"shard_roots: expected a list of directories, got {roots!r}")
+        raise ValueError(f"serving.shard_roots: expected a list of directories, got {roots!r}")
     for root in roots:
         if not os.path.isabs(os.path.expanduser(root)):
-            raise ValueError(f"shard_roots: {root!r} is not an absolute path")
+            raise ValueError(f"serving.shard_roots: {root!r} is not an absolute path")
     return [os.path.realpath(os.path.expanduser(r)) for r in roots]
 
 
