@@ -326,89 +326,155 @@ def add_ingress(stats: dict[str, Any], ingress: dict[str, Any]) -> dict[str, Any
     return out
 
 
-class RayMetricsSink:
-    """Mirrors the counters into Ray metrics (Prometheus names get Ray's `ray_` prefix).
+# ------------------------------------------------------------------------------------- Ray metrics
+WAIT_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+FILL_BOUNDS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.999)
+RUN_TAGS = ("app", "run")
+SOURCES = ("replica", "ingress")  # the processes that export teacher metrics
 
-    Tags: `app` and `run` where the value is per run; gauges also carry `replica` so replicas do
-    not overwrite each other. Run gauges keep their last value after a run stops sending.
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One teacher metric as Ray registers it (Prometheus adds the `ray_` prefix, `_total` to a
+    counter and `_bucket` / `_sum` / `_count` to a histogram), with the tags it carries and the
+    processes that export it. `METRICS` is the one list: the sink builds from it, the dashboard
+    test and docs/cluster.md are checked against it."""
+
+    name: str
+    kind: str  # "counter", "gauge" or "histogram"
+    description: str
+    tags: tuple[str, ...]
+    sources: tuple[str, ...] = ("replica",)
+    boundaries: tuple[float, ...] = ()
+
+
+METRICS = (
+    MetricSpec("kd_teacher_requests", "counter", "requests accepted", RUN_TAGS),
+    MetricSpec("kd_teacher_samples_requested", "counter", "samples in accepted requests", RUN_TAGS),
+    MetricSpec("kd_teacher_samples_computed", "counter", "samples run through the teacher", RUN_TAGS),
+    MetricSpec("kd_teacher_samples_answered", "counter", "samples answered", RUN_TAGS),
+    MetricSpec("kd_teacher_samples_coalesced", "counter", "samples answered by a forward another request started",
+               RUN_TAGS),
+    MetricSpec("kd_teacher_samples_from_cache", "counter", "samples answered from the replica's recent rows",
+               RUN_TAGS),
+    MetricSpec("kd_teacher_errors", "counter", "requests refused or failed", ("app", "run", "kind"),
+               sources=SOURCES),
+    MetricSpec("kd_teacher_batches", "counter", "teacher forward passes", ("app",)),
+    MetricSpec("kd_teacher_batch_fill_ratio", "histogram", "samples per forward / max_batch_size", ("app",),
+               boundaries=FILL_BOUNDS),
+    MetricSpec("kd_teacher_queue_wait_s", "histogram", "request arrival to its forward start", ("app",),
+               boundaries=WAIT_BOUNDS),
+    MetricSpec("kd_teacher_forward_s", "histogram", "forward pass time (preprocess + encode)", ("app",),
+               boundaries=WAIT_BOUNDS),
+    MetricSpec("kd_teacher_run_samples_per_s", "gauge", "answered samples/s over the sliding window",
+               ("app", "run", "replica")),
+    MetricSpec("kd_teacher_in_flight", "gauge", "accepted requests not answered yet", ("app", "replica")),
+)
+
+
+def zero_series(spec: MetricSpec, app: str, replica: str, run: str) -> list[dict[str, str]]:
+    """The tag sets of `spec` exported at 0 before anything is counted: every combination known
+    without traffic (the app, the replica, each error kind) for `run` ('' when the app deploys:
+    Prometheus reads an empty label as absent, so panels summing by run show the app's 0). None
+    for a histogram: Ray 2.60 exports its buckets only from its first observation."""
+    if spec.kind == "histogram":
+        return []
+    known = {"app": [app], "replica": [replica], "run": [run], "kind": list(ERROR_KINDS)}
+    series: list[dict[str, str]] = [{}]
+    for key in spec.tags:
+        series = [{**tags, key: value} for tags in series for value in known[key]]
+    return series
+
+
+class RayMetricsSink:
+    """Mirrors the counters into Ray metrics (`METRICS`, those its `source` exports).
+
+    Every counter and gauge is exported at 0 when the sink is made (the replica or ingress
+    starts) and for each run the first time it is counted, so a dashboard panel reads 0 on a
+    healthy pool rather than "No data", and a series exists before its first increment (a
+    Prometheus `rate()` sees an increment only from a sample before it). Gauges carry `replica`
+    so replicas do not overwrite each other; run gauges keep their last value after a run stops.
     """
 
-    WAIT_BOUNDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
-    FILL_BOUNDS = [0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.999]
-
-    def __init__(self, app_name: str, replica: str):
+    def __init__(self, app_name: str, replica: str, source: str = "replica"):
         from ray.util.metrics import Counter, Gauge, Histogram
 
+        if source not in SOURCES:
+            raise ValueError(f"metrics source: expected one of {SOURCES}, got {source!r}")
+        self._app_name, self._replica_name = app_name, replica
         self._app = {"app": app_name}
         self._replica = {"app": app_name, "replica": replica}
-        run_tags = ("app", "run")
-        self.requests = Counter("kd_teacher_requests", "requests accepted", tag_keys=run_tags)
-        self.samples_requested = Counter("kd_teacher_samples_requested", "samples in accepted requests",
-                                         tag_keys=run_tags)
-        self.samples_computed = Counter("kd_teacher_samples_computed", "samples run through the teacher",
-                                        tag_keys=run_tags)
-        self.samples_answered = Counter("kd_teacher_samples_answered", "samples answered", tag_keys=run_tags)
-        self.samples_coalesced = Counter("kd_teacher_samples_coalesced",
-                                         "samples answered by a forward another request started", tag_keys=run_tags)
-        self.samples_from_cache = Counter("kd_teacher_samples_from_cache",
-                                          "samples answered from the replica's recent rows", tag_keys=run_tags)
-        self.errors = Counter("kd_teacher_errors", "requests refused or failed", tag_keys=("app", "run", "kind"))
-        self.batches = Counter("kd_teacher_batches", "teacher forward passes", tag_keys=("app",))
-        self.fill = Histogram("kd_teacher_batch_fill_ratio", "samples per forward / max_batch_size",
-                              boundaries=self.FILL_BOUNDS, tag_keys=("app",))
-        self.wait = Histogram("kd_teacher_queue_wait_s", "request arrival to its forward start",
-                              boundaries=self.WAIT_BOUNDS, tag_keys=("app",))
-        self.forward = Histogram("kd_teacher_forward_s", "forward pass time (preprocess + encode)",
-                                 boundaries=self.WAIT_BOUNDS, tag_keys=("app",))
-        self.rate = Gauge("kd_teacher_run_samples_per_s", "answered samples/s over the sliding window",
-                          tag_keys=("app", "run", "replica"))
-        self.pending = Gauge("kd_teacher_in_flight", "accepted requests not answered yet",
-                             tag_keys=("app", "replica"))
+        self._metrics: dict[str, Any] = {}
+        for spec in METRICS:
+            if source not in spec.sources:
+                continue
+            if spec.kind == "histogram":
+                self._metrics[spec.name] = Histogram(spec.name, spec.description, boundaries=list(spec.boundaries),
+                                                     tag_keys=spec.tags)
+            else:
+                self._metrics[spec.name] = {"counter": Counter, "gauge": Gauge}[spec.kind](
+                    spec.name, spec.description, tag_keys=spec.tags)
+        self._runs: set[str] = set()
+        self._export_zeros(run="")
 
     def request(self, run: str, samples: int) -> None:
-        tags = {**self._app, "run": run}
-        self.requests.inc(1, tags)
-        if samples:
-            self.samples_requested.inc(samples, tags)
+        self._inc("kd_teacher_requests", 1, run)
+        self._inc("kd_teacher_samples_requested", samples, run)
 
     def reused(self, run: str, coalesced: int, from_cache: int) -> None:
-        tags = {**self._app, "run": run}
-        if coalesced:
-            self.samples_coalesced.inc(coalesced, tags)
-        if from_cache:
-            self.samples_from_cache.inc(from_cache, tags)
+        self._inc("kd_teacher_samples_coalesced", coalesced, run)
+        self._inc("kd_teacher_samples_from_cache", from_cache, run)
 
     def error(self, run: str, kind: str) -> None:
-        self.errors.inc(1, {**self._app, "run": run, "kind": kind})
+        self._inc("kd_teacher_errors", 1, run, kind=kind)
 
     def answered(self, run: str, samples: int, samples_per_s: float) -> None:
-        if samples:
-            self.samples_answered.inc(samples, {**self._app, "run": run})
-        self.rate.set(samples_per_s, {**self._replica, "run": run})
+        self._inc("kd_teacher_samples_answered", samples, run)
+        self._metrics["kd_teacher_run_samples_per_s"].set(samples_per_s, {**self._replica, "run": run})
 
     def batch(self, per_run: dict[str, int], fill: float, forward_s: float, waits: list[float]) -> None:
-        self.batches.inc(1, self._app)
+        self._metrics["kd_teacher_batches"].inc(1, self._app)
         for run, samples in per_run.items():
-            if samples:
-                self.samples_computed.inc(samples, {**self._app, "run": run})
-        self.fill.observe(fill, self._app)
-        self.forward.observe(forward_s, self._app)
+            self._inc("kd_teacher_samples_computed", samples, run)
+        self._metrics["kd_teacher_batch_fill_ratio"].observe(fill, self._app)
+        self._metrics["kd_teacher_forward_s"].observe(forward_s, self._app)
         for w in waits:
-            self.wait.observe(w, self._app)
+            self._metrics["kd_teacher_queue_wait_s"].observe(w, self._app)
 
     def in_flight(self, n: int) -> None:
-        self.pending.set(n, self._replica)
+        self._metrics["kd_teacher_in_flight"].set(n, self._replica)
+
+    # ---- internals
+    def _inc(self, name: str, value: int, run: str, **tags: str) -> None:
+        """Add `value` (Ray refuses 0) to a per-run counter, its run's series exported at 0 first."""
+        if run not in self._runs:
+            self._export_zeros(run)
+        if value:
+            self._metrics[name].inc(value, {**self._app, "run": run, **tags})
+
+    def _export_zeros(self, run: str) -> None:
+        """Export at 0 every series `zero_series` names for `run` ('' : the app-wide ones)."""
+        self._runs.add(run)
+        for spec in METRICS:
+            if spec.name not in self._metrics or (run and "run" not in spec.tags):
+                continue
+            metric = self._metrics[spec.name]
+            for tags in zero_series(spec, self._app_name, self._replica_name, run):
+                if spec.kind == "gauge":
+                    metric.set(0, tags)
+                else:  # `Counter.inc` refuses 0; `_record` is the checked call beneath it, which exports 0
+                    metric._record(0, tags)
 
 
-def ray_metrics_sink(app_name: str, replica: str) -> MetricsSink | None:
-    """Ray metrics when running in a Ray worker (a replica, the gRPC ingress); None (counters
-    only) elsewhere."""
+def ray_metrics_sink(app_name: str, replica: str, source: str = "replica") -> MetricsSink | None:
+    """Ray metrics when running in a Ray worker (a replica, or `source="ingress"`: the gRPC
+    ingress, which exports its refusals only); None (counters only) elsewhere."""
     import ray
 
     if not ray.is_initialized():
         return None
     try:
-        return RayMetricsSink(app_name, replica)
+        return RayMetricsSink(app_name, replica, source)
     except Exception as e:  # noqa: BLE001 - metrics are an export, never a reason to fail serving
         log.warning("teacher metrics disabled: %s", e)
         return None

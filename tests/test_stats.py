@@ -137,6 +137,118 @@ def test_sink_mirrors_the_counters():
     assert [c for c in sink.calls if c[0] == "in_flight"][-1] == ("in_flight", 0)
 
 
+class RayMetricStandIns:
+    """Stand-ins for ray.util.metrics' Counter, Gauge and Histogram that keep what a sink exports:
+    (name, tags) → value for counters and gauges, → observations for histograms. Tags are checked
+    as Ray checks them (every tag key, string values), and `Counter.inc` refuses 0 as Ray's does."""
+
+    def __init__(self, monkeypatch):
+        import ray.util.metrics
+
+        self.kinds: dict[str, str] = {}
+        self.series: dict[tuple[str, frozenset], float | list[float]] = {}
+        for kind in ("counter", "gauge", "histogram"):
+            monkeypatch.setattr(ray.util.metrics, kind.capitalize(), self._metric_class(kind))
+
+    def value(self, name: str, **tags: str):
+        return self.series[(name, frozenset(tags.items()))]
+
+    def named(self, name: str) -> dict[frozenset, float | list[float]]:
+        return {tags: v for (n, tags), v in self.series.items() if n == name}
+
+    def _metric_class(self, kind: str):
+        stand_ins = self
+
+        class Metric:
+            def __init__(self, name, description="", boundaries=None, tag_keys=()):
+                assert isinstance(tag_keys, tuple) and (boundaries is not None) == (kind == "histogram")
+                self.name, self.tag_keys = name, tag_keys
+                stand_ins.kinds[name] = kind
+
+            def _key(self, tags):
+                assert set(tags) == set(self.tag_keys) and all(isinstance(v, str) for v in tags.values()), tags
+                return self.name, frozenset(tags.items())
+
+            def _record(self, value, tags):
+                key = self._key(tags)
+                if kind == "histogram":
+                    stand_ins.series.setdefault(key, []).append(value)
+                elif kind == "gauge":
+                    stand_ins.series[key] = value
+                else:
+                    stand_ins.series[key] = stand_ins.series.get(key, 0) + value
+
+            def inc(self, value=1.0, tags=None):
+                if value <= 0:
+                    raise ValueError(f"value must be >0, got {value}")
+                self._record(value, tags)
+
+            set = observe = _record
+
+        return Metric
+
+
+def test_ray_sink_exports_every_counter_and_gauge_at_zero_before_anything_is_counted(monkeypatch):
+    from teacher_service.stats import ERROR_KINDS, METRICS, RayMetricsSink
+
+    ray_metrics = RayMetricStandIns(monkeypatch)
+    RayMetricsSink("app", "r1")
+    assert ray_metrics.kinds == {spec.name: spec.kind for spec in METRICS}  # the declaration is what registers
+    run_counters = ("requests", "samples_requested", "samples_computed", "samples_answered", "samples_coalesced",
+                    "samples_from_cache")
+    expected = {**{(f"kd_teacher_{c}", frozenset({("app", "app"), ("run", "")})): 0 for c in run_counters},
+                **{("kd_teacher_errors", frozenset({("app", "app"), ("run", ""), ("kind", k)})): 0
+                   for k in ERROR_KINDS},
+                ("kd_teacher_batches", frozenset({("app", "app")})): 0,
+                ("kd_teacher_in_flight", frozenset({("app", "app"), ("replica", "r1")})): 0,
+                ("kd_teacher_run_samples_per_s", frozenset({("app", "app"), ("run", ""), ("replica", "r1")})): 0}
+    assert ray_metrics.series == expected  # histograms: nothing until observed (Ray exports no empty one)
+
+
+def test_ray_sink_zeroes_a_runs_series_at_its_first_call_and_then_mirrors_the_counters(monkeypatch):
+    from teacher_service.stats import ERROR_KINDS, RayMetricsSink
+
+    ray_metrics = RayMetricStandIns(monkeypatch)
+    counters = known_sequence(Clock(), RayMetricsSink("app", "r1"))
+    counters.reused("b", 0, 2)
+    runs = counters.snapshot()["runs"]
+    accepted = {"a": 4, "b": 2, "anonymous": 0}  # kd_teacher_requests counts accepted requests
+    for run in ("a", "b", "anonymous"):
+        tags = {"app": "app", "run": run}
+        assert ray_metrics.value("kd_teacher_requests", **tags) == accepted[run]
+        exported = {key: ray_metrics.value(f"kd_teacher_{name}", **tags) for key, name in (
+            ("samples_requested", "samples_requested"), ("samples", "samples_answered"),
+            ("samples_computed", "samples_computed"), ("samples_coalesced", "samples_coalesced"),
+            ("samples_from_cache", "samples_from_cache"))}
+        assert exported == {key: runs[run][key] for key in exported}, run  # 0 where nothing was counted
+        errors = {k: ray_metrics.value("kd_teacher_errors", **tags, kind=k) for k in ERROR_KINDS}
+        assert sum(errors.values()) == runs[run]["errors"] and set(errors) == set(ERROR_KINDS)
+    assert ray_metrics.value("kd_teacher_errors", app="app", run="a", kind="internal") == 1
+    assert ray_metrics.value("kd_teacher_errors", app="app", run="anonymous", kind="invalid") == 1
+    assert ray_metrics.value("kd_teacher_samples_from_cache", app="app", run="b") == 2
+    assert ray_metrics.value("kd_teacher_samples_coalesced", app="app", run="b") == 0
+    assert ray_metrics.value("kd_teacher_batches", app="app") == 2
+    assert ray_metrics.value("kd_teacher_in_flight", app="app", replica="r1") == 0
+    assert sorted(ray_metrics.value("kd_teacher_batch_fill_ratio", app="app")) == pytest.approx([6 / 16, 10 / 16])
+    assert len(ray_metrics.value("kd_teacher_queue_wait_s", app="app")) == 4
+    assert all(v == 0 for tags, v in ray_metrics.named("kd_teacher_requests").items() if ("run", "") in tags)
+
+
+def test_the_ingress_sink_exports_only_its_refusals_at_zero_then_counts_them(monkeypatch):
+    from teacher_service.stats import ERROR_KINDS, RayMetricsSink
+
+    ray_metrics = RayMetricStandIns(monkeypatch)
+    counters = TeacherCounters(1, "app", "grpc-ingress", sink=RayMetricsSink("app", "grpc-ingress", "ingress"))
+    assert ray_metrics.kinds == {"kd_teacher_errors": "counter"}  # not a replica: no in-flight gauge to count
+    assert ray_metrics.named("kd_teacher_errors") == {
+        frozenset({("app", "app"), ("run", ""), ("kind", k)}): 0 for k in ERROR_KINDS}
+    counters.refused(counters.received("grpc:10.0.0.7"), "unauthenticated")
+    assert {k: ray_metrics.value("kd_teacher_errors", app="app", run="grpc:10.0.0.7", kind=k) for k in ERROR_KINDS
+            } == {k: int(k == "unauthenticated") for k in ERROR_KINDS}
+    with pytest.raises(ValueError, match="metrics source: expected one of"):
+        RayMetricsSink("app", "x", "proxy")
+
+
 def test_run_names_are_bounded_and_labelled():
     c = TeacherCounters(8)
     labels = {c.received(f"run-{i}") for i in range(MAX_RUNS + 10)}

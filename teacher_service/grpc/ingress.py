@@ -343,7 +343,7 @@ class GrpcIngress:
         self.cfg = TeacherConfig.from_dict(config)
         self.app_name = self.cfg.serving.app_name
         self.servicer = TeacherServicer(self.cfg, ServeBackend(self.app_name),
-                                        sink=ray_metrics_sink(self.app_name, INGRESS_REPLICA))
+                                        sink=ray_metrics_sink(self.app_name, INGRESS_REPLICA, "ingress"))
         self.health = AppHealth(self.app_name)
         self.servers: list[grpc.aio.Server] = []
         self.health_address = ""
