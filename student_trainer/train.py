@@ -20,7 +20,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,7 @@ from student_trainer.checkpoint import (
     save_student,
 )
 from student_trainer.config import TrainConfig
-from student_trainer.data.batches import Batch, eval_set, steps_per_epoch, train_batches
+from student_trainer.data.batches import Batch, steps_per_epoch, train_batches
 from teacher_service.shards import SkipCounts, load_dataset_info, resolve_shards
 from student_trainer.distributed import average_gradients, sum_over_ranks
 from student_trainer.events import RunEvents, tensorboard_dir
@@ -58,7 +58,7 @@ from student_trainer.progress import (VERBOSE_KEY, ProgressPoster, StepSnapshot,
                                       quiet_worker_console, watch_run)
 from student_trainer.scheduler import set_lr, warmup_cosine
 from student_trainer.teacher.outputs import merge_outputs
-from student_trainer.teacher.sources import NoTeacher, make_teacher_source
+from student_trainer.teacher.sources import NoTeacher, TeacherSource, make_teacher_source
 
 TRAIN_STATE_FILE = "train_state.pt"
 log = logging.getLogger(__name__)
@@ -416,63 +416,79 @@ def optimizer_steps_per_epoch(cfg: TrainConfig, shards: list[str], world: int) -
     return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker. `config` is `TrainConfig.to_dict()`, plus the driver's
-    console choice under `VERBOSE_KEY` (absent: verbose, as a hand-built trainer expects) and its
-    command line under `COMMAND_KEY` (for the checkpoints' provenance)."""
+@dataclass(frozen=True)
+class Worker:
+    """This Ray Train worker: the run's configuration, its rank among `world` ranks, its device."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    command: str | None = None  # the driver's command line, for the checkpoints' provenance
+
+
+def _start_worker(config: dict) -> Worker:
+    """This worker, its process set up: console, file modes, cores, threads and the seed. `config`
+    is `TrainConfig.to_dict()` plus the driver's console choice under `VERBOSE_KEY` and its command
+    line under `COMMAND_KEY`."""
     import ray.train
     import ray.train.torch
 
     cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k not in (VERBOSE_KEY, COMMAND_KEY)})
-    command = config.get(COMMAND_KEY)
     if not config.get(VERBOSE_KEY, True):
         quiet_worker_console()
     private_umask()  # checkpoints this worker writes (and Ray Train copies to storage) are owner-only
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     pin_process(cfg.cpu_affinity)  # e.g. students on other cores than a teacher on the same machine
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     torch.manual_seed(cfg.seed)
-    device = ray.train.torch.get_device()
+    return Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
+                  config.get(COMMAND_KEY))
 
-    tokenizer = create_tokenizer(student_shape(cfg.model), cfg.model)  # the real model is created below
-    shards = resolve_shards(cfg.data.train_shards)
+
+def _teacher_source(worker: Worker, shards: list[str]) -> TeacherSource:
+    """The run's teacher source, its augmentation views named by the recipe and the shards."""
+    cfg = worker.cfg
     recipe = view_recipe(cfg.data.image_size, cfg.seed)
-    source = make_teacher_source(cfg.teacher, run=cfg.run_name, device=str(device), recipe=recipe,
-                                 view_namespace=view_namespace(recipe, "\n".join(sorted(shards))))
-    resume = _read_checkpoint(source.info.get("fingerprint", ""), cfg.teacher.allow_teacher_change)
-    position = resume.position if resume is not None else Position()
-    options = _loss_options(cfg, source, tokenizer, shards)
-    # losses that need no per-batch teacher output (clip, siglip, embed_kd with its centroids)
-    # do not ask the teacher for every batch
-    needs_teacher = bool(losses_needing_teacher(cfg.losses, options.get("class_centroids") is not None))
-    stream_source = source if needs_teacher else NoTeacher()
-    # the ranks agree every step whether the teacher answered (one tiny all-reduce) only where it can be lost
-    can_lose_teacher = needs_teacher and source.can_lose_teacher
-    steps = optimizer_steps_per_epoch(cfg, shards, world)
-    total_steps = steps * cfg.epochs
+    return make_teacher_source(cfg.teacher, run=cfg.run_name, device=str(worker.device), recipe=recipe,
+                               view_namespace=view_namespace(recipe, "\n".join(sorted(shards))))
 
-    def open_epoch(epoch: int, first: int) -> tuple[Iterator[list], SkipCounts]:
+
+@dataclass
+class EpochReader:
+    """Opens an epoch's optimizer-step groups on this rank: its batches with their teacher outputs
+    (`source` is `NoTeacher` when no loss needs them per batch)."""
+
+    worker: Worker
+    shards: list[str]
+    tokenizer: Callable
+    source: TeacherSource
+    steps: int  # optimizer steps per epoch
+
+    def open(self, epoch: int, first: int) -> tuple[Iterator[list], SkipCounts]:
         """The epoch's optimizer-step groups from step `first` on, its first prefetch window already
         sent to a pool (`TeacherSource.stream(eager=True)`), and its bad-sample counts (filled as
         it is read)."""
-        skips = SkipCounts()
-        batches = train_batches(shards, rank=rank, world_size=world, batch_size=cfg.data.batch_size,
-                                image_size=cfg.data.image_size, epoch=epoch, seed=cfg.seed,
-                                tokenizer=tokenizer, shuffle_buffer=cfg.data.shuffle_buffer,
+        cfg, skips = self.worker.cfg, SkipCounts()
+        batches = train_batches(self.shards, rank=self.worker.rank, world_size=self.worker.world,
+                                batch_size=cfg.data.batch_size, image_size=cfg.data.image_size, epoch=epoch,
+                                seed=cfg.seed, tokenizer=self.tokenizer, shuffle_buffer=cfg.data.shuffle_buffer,
                                 view=cfg.data.view_of(epoch), start_batch=first * cfg.accum_steps, skips=skips)
-        batches = itertools.islice(batches, (steps - first) * cfg.accum_steps)
+        batches = itertools.islice(batches, (self.steps - first) * cfg.accum_steps)
         try:
-            stream = stream_source.stream(batches, view=cfg.data.view_of(epoch), eager=True)
+            stream = self.source.stream(batches, view=cfg.data.view_of(epoch), eager=True)
         except Exception as error:  # noqa: BLE001 - raised at the epoch's first step, after the last checkpoint
             stream = _raising(error)
         return _grouped(stream, cfg.accum_steps), skips
 
-    # the first epoch's first answers are computed while the student is created (its weights loaded
-    # or inherited) and the module, optimizer and DDP are built
-    upcoming = open_epoch(position.epoch, position.epoch_step) if position.epoch < cfg.epochs else None
-    student = create_student(cfg.model, device)
+
+def _build_module(worker: Worker, source: TeacherSource, options: dict, needs_teacher: bool,
+                  resume: Resume | None) -> tuple[DistillModule, torch.optim.Optimizer, dict | None]:
+    """The student (created, then its weights inherited, or a resume's loaded) and the run's losses
+    in one `DistillModule`, its AdamW, and how the student's weights started (for the provenance)."""
+    cfg = worker.cfg
+    student = create_student(cfg.model, worker.device)
     init = resume.recorded.get("init") if resume is not None else _initialise(student, cfg)
     centroids = options.get("class_centroids")
     teacher_dim = source.embed_dim or (int(centroids.shape[1]) if centroids is not None else embed_dim(student))
@@ -481,102 +497,206 @@ def train_loop_per_worker(config: dict) -> None:
     if losses.needs_teacher != needs_teacher:
         raise RuntimeError(f"losses {cfg.losses}: the built set says needs_teacher={losses.needs_teacher}, "
                            f"losses_needing_teacher said {needs_teacher}")
-    module = DistillModule(student, losses, preprocess_spec(student)).to(device)
+    module = DistillModule(student, losses, preprocess_spec(student)).to(worker.device)
     optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     if resume is not None:
         resume.load_into(module, optimizer)
-    ddp = ray.train.torch.prepare_model(module)
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    run_start = time.perf_counter()
-    step, samples_done = position.step, 0
-    events = RunEvents.for_rank(cfg.storage_path, cfg.run_name, rank)
-    progress = ProgressPoster.for_rank(cfg.run_name, rank)
+    return module, optimizer, init
 
-    def metrics_of(sums: dict, skips: SkipCounts, epoch: int, done: int, first: int, started: float,
-                   profile: StepProfile) -> dict:
-        elapsed = time.perf_counter() - started
-        metrics = {k: v / max(1, done - first) for k, v in sums.items()}
-        metrics.update(source.stats.as_metrics())
-        metrics.update(profile.as_metrics())
-        metrics.update(sum_over_ranks(skips.as_metrics(), device))  # a collective: every rank reports here
+
+@dataclass
+class EpochTally:
+    """One epoch as it trains: the step it started at (inside the epoch when resumed), its
+    bad samples by reason (summed over ranks when reported), when it started, where its steps'
+    time went, and its loss sums."""
+
+    epoch: int
+    first: int
+    skips: SkipCounts
+    started: float
+    profile: StepProfile
+    sums: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class WorkerLoop:
+    """What one worker's loop carries across epochs: the model, its optimizer and DDP wrapper, the
+    teacher source, where the run started (`start`) and stands (`step`, `samples_done`), and where
+    it reports (the rank's event file and progress line)."""
+
+    worker: Worker
+    source: TeacherSource
+    steps: int  # optimizer steps per epoch
+    start: Position
+    module: DistillModule
+    optimizer: torch.optim.Optimizer
+    ddp: torch.nn.Module
+    init: dict | None  # how the student's weights started, for the provenance
+    can_lose_teacher: bool  # the ranks agree every step whether the teacher answered (one tiny all-reduce)
+    use_amp: bool
+    scaler: torch.amp.GradScaler
+    started: float
+    step: int
+    events: RunEvents
+    progress: ProgressPoster
+    samples_done: int = 0
+
+    @classmethod
+    def create(cls, worker: Worker, source: TeacherSource, steps: int, resume: Resume | None, options: dict,
+               needs_teacher: bool) -> WorkerLoop:
+        """Build the model (`_build_module`), wrap it in DDP, and start the run's clocks and reports."""
+        import ray.train.torch
+
+        module, optimizer, init = _build_module(worker, source, options, needs_teacher, resume)
+        ddp = ray.train.torch.prepare_model(module)
+        start = resume.position if resume is not None else Position()
+        use_amp = worker.device.type == "cuda"
+        cfg = worker.cfg
+        return cls(worker, source, steps, start, module, optimizer, ddp, init,
+                   can_lose_teacher=needs_teacher and source.can_lose_teacher, use_amp=use_amp,
+                   scaler=torch.amp.GradScaler("cuda", enabled=use_amp), started=time.perf_counter(),
+                   step=start.step, events=RunEvents.for_rank(cfg.storage_path, cfg.run_name, worker.rank),
+                   progress=ProgressPoster.for_rank(cfg.run_name, worker.rank))
+
+    def train_epoch(self, epoch: int, groups: Iterator[list], skips: SkipCounts) -> dict | None:
+        """Train `epoch` (from the resumed step in the run's first); its metrics, or None when the
+        teacher was lost and the run stopped, checkpointed at the first step not trained."""
+        first = self.start.epoch_step if epoch == self.start.epoch else 0
+        tally = EpochTally(epoch, first, skips, time.perf_counter(), StepProfile(lambda: self.source.stats.wait_s))
+        self.ddp.train()
+        for i, (group, lost) in enumerate(tally.profile.iterate(_until_unavailable(groups)), start=first):
+            if lost is not None and not self.can_lose_teacher:
+                raise lost
+            if self.can_lose_teacher and not _every_rank_ok(lost is None, self.worker.world, self.worker.device):
+                self._stop(lost, tally, i)
+                return None
+            parts = self._train_step(tally, i, group)
+            self._after_step(tally, i, parts)
+        return self.metrics(tally, self.steps)
+
+    def _train_step(self, tally: EpochTally, i: int, group: list) -> dict[str, torch.Tensor]:
+        """Optimizer step `i` of the epoch on `group` (its micro-batches and their teacher outputs)
+        at the scheduled LR; its losses are added to the epoch's sums."""
+        cfg, device = self.worker.cfg, self.worker.device
+        set_lr(self.optimizer, warmup_cosine(self.step, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
+                                             total_steps=self.steps * cfg.epochs))
+        with tally.profile.part("convert"):
+            merged = merge_outputs([t for _, t in group])  # one teacher's or an ensemble's
+            teacher = merged.to_tensors(device) if merged is not None else None
+            micro_batches = [_as_tensors(b, device) for b, _ in group]
+        with tally.profile.part("compute"):
+            parts = train_step(self.module, self.optimizer, micro_batches, teacher,
+                               seed=mask_seed(cfg.seed, self.step, self.worker.rank), ddp=self.ddp,
+                               scaler=self.scaler, grad_clip_norm=cfg.optim.grad_clip_norm, use_amp=self.use_amp,
+                               where=f"epoch {tally.epoch} step {i}")
+        self.step += 1
+        self.samples_done += sum(len(b.keys) for b, _ in group) * self.worker.world
+        for k, v in parts.items():
+            tally.sums[k] = tally.sums.get(k, 0.0) + float(v)
+        return parts
+
+    def _after_step(self, tally: EpochTally, i: int, parts: dict) -> None:
+        """Rank 0's progress line and event record, its console line every `log_every_steps`, and a
+        checkpoint every `checkpoint_every_steps` (the epoch's last step has the epoch's)."""
+        cfg = self.worker.cfg
+        if self.worker.rank == 0:
+            snapshot = self._snapshot(parts, Position(tally.epoch, i + 1, self.step))
+            self.events.step(snapshot)
+            self.progress.post(snapshot)
+            if cfg.log_every_steps and self.step % cfg.log_every_steps == 0:  # console with --verbose
+                log.info("[%s] epoch %d/%d step %d/%d loss %.4f", cfg.run_name, tally.epoch + 1, cfg.epochs, i + 1,
+                         self.steps, float(parts["loss"]))
+        if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 and i + 1 < self.steps:
+            metrics = self.metrics(tally, i + 1)
+            self.events.report(self.step, metrics)
+            self.checkpoint(metrics, Position(tally.epoch, i + 1, self.step))
+
+    def _snapshot(self, parts: dict, at: Position) -> StepSnapshot:
+        """Rank 0's view after an optimizer step, for the progress line and the event file (`at`: the
+        epoch, the steps of it trained, the global step)."""
+        cfg, elapsed_s = self.worker.cfg, time.perf_counter() - self.started
+        return StepSnapshot(
+            step=at.step, total_steps=self.steps * cfg.epochs, start_step=self.start.step, epoch=at.epoch + 1,
+            epochs=cfg.epochs, epoch_step=at.epoch_step, steps=self.steps, elapsed_s=round(elapsed_s, 3),
+            samples_per_s=round(self.samples_done / max(elapsed_s, 1e-9), 3),
+            teacher_wait_s=round(self.source.stats.wait_s, 4), lr=float(self.optimizer.param_groups[0]["lr"]),
+            logit_scale=float(self.module.student.logit_scale.detach().exp()),
+            losses={k: float(v) for k, v in parts.items() if k == "loss" or k.endswith("_loss")})
+
+    def metrics(self, tally: EpochTally, done: int) -> dict:
+        """What is reported after `done` steps of the epoch: loss means over the steps trained, the
+        teacher's and the profile's figures, bad samples summed over ranks (a collective: every rank
+        calls this at the same step), throughput and memory."""
+        cfg, world, device = self.worker.cfg, self.worker.world, self.worker.device
+        elapsed, trained = time.perf_counter() - tally.started, done - tally.first
+        metrics = {k: v / max(1, trained) for k, v in tally.sums.items()}
+        metrics.update(self.source.stats.as_metrics())
+        metrics.update(tally.profile.as_metrics())
+        metrics.update(sum_over_ranks(tally.skips.as_metrics(), device))
         metrics.update({
-            "epoch": epoch + 1, "epoch_step": done, "step": step, "resumed_from_step": position.step,
+            "epoch": tally.epoch + 1, "epoch_step": done, "step": self.step, "resumed_from_step": self.start.step,
             "epoch_time_s": round(elapsed, 3), "accum_steps": cfg.accum_steps,
-            "train_samples_per_s": round((done - first) * cfg.accum_steps * cfg.data.batch_size * world
+            "train_samples_per_s": round(trained * cfg.accum_steps * cfg.data.batch_size * world
                                          / max(elapsed, 1e-9), 3),
-            "run_samples_per_s": round(samples_done / max(time.perf_counter() - run_start, 1e-9), 3),
-            "world_size": world, "teacher_mode": source.mode,
-            "teacher_fingerprint": source.info.get("fingerprint", ""), "teacher_model": source.info.get("model"),
-            "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "run_samples_per_s": round(self.samples_done / max(time.perf_counter() - self.started, 1e-9), 3),
+            "world_size": world, "teacher_mode": self.source.mode,
+            "teacher_fingerprint": self.source.info.get("fingerprint", ""),
+            "teacher_model": self.source.info.get("model"), "peak_rss_mb": round(_peak_rss_mb(), 1),
         })
         if device.type == "cuda":
             metrics["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         return metrics
 
-    for epoch in range(position.epoch, cfg.epochs):
-        first = position.epoch_step if epoch == position.epoch else 0
-        groups, skips = upcoming  # skips: bad samples this epoch, by reason (summed over ranks when reported)
-        sums: dict[str, float] = {}
-        epoch_start = time.perf_counter()
-        profile = StepProfile(lambda: source.stats.wait_s)
-        ddp.train()
-        for i, (group, lost) in enumerate(profile.iterate(_until_unavailable(groups)), start=first):
-            if lost is not None and not can_lose_teacher:
-                raise lost
-            if can_lose_teacher and not _every_rank_ok(lost is None, world, device):
-                metrics = metrics_of(sums, skips, epoch, i, first, epoch_start, profile)
-                events.report(step, metrics)
-                events.close()
-                _stop_for_teacher(lost, metrics, module, optimizer, cfg, Position(epoch, i, step), init, command)
-                return
-            set_lr(optimizer, warmup_cosine(step, base_lr=cfg.optim.lr,
-                                            warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps))
-            with profile.part("convert"):
-                merged = merge_outputs([t for _, t in group])  # one teacher's or an ensemble's
-                teacher = merged.to_tensors(device) if merged is not None else None
-                micro_batches = [_as_tensors(b, device) for b, _ in group]
-            with profile.part("compute"):
-                parts = train_step(module, optimizer, micro_batches, teacher,
-                                   seed=mask_seed(cfg.seed, step, rank), ddp=ddp, scaler=scaler,
-                                   grad_clip_norm=cfg.optim.grad_clip_norm, use_amp=use_amp,
-                                   where=f"epoch {epoch} step {i}")
-            step += 1
-            samples_done += sum(len(b.keys) for b, _ in group) * world
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            if rank == 0:
-                snapshot = _snapshot(cfg, module, optimizer, parts, Position(epoch, i + 1, step), steps,
-                                     position.step, time.perf_counter() - run_start, samples_done,
-                                     source.stats.wait_s)
-                events.step(snapshot)
-                progress.post(snapshot)
-            if rank == 0 and cfg.log_every_steps and step % cfg.log_every_steps == 0:  # console with --verbose
-                log.info("[%s] epoch %d/%d step %d/%d loss %.4f", cfg.run_name, epoch + 1, cfg.epochs, i + 1,
-                         steps, float(parts["loss"]))
-            if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and i + 1 < steps:
-                metrics = metrics_of(sums, skips, epoch, i + 1, first, epoch_start, profile)
-                events.report(step, metrics)
-                _report(metrics, module, optimizer, cfg, Position(epoch, i + 1, step), init, command)
-        metrics = metrics_of(sums, skips, epoch, steps, first, epoch_start, profile)
-        events.report(step, metrics)
+    def checkpoint(self, metrics: dict, position: Position) -> None:
+        """Report `metrics`; rank 0 adds a checkpoint that resumes at `position`."""
+        _report(metrics, self.module, self.optimizer, self.worker.cfg, position, self.init, self.worker.command)
+
+    def _stop(self, lost: TeacherUnavailableError | None, tally: EpochTally, i: int) -> None:
+        """The teacher is lost (here, or on another rank when `lost` is None): checkpoint at step `i`
+        of the epoch, the first not trained, and report why the run stops."""
+        metrics = self.metrics(tally, i)
+        self.events.report(self.step, metrics)
+        self.events.close()
+        _stop_for_teacher(lost, metrics, self.module, self.optimizer, self.worker.cfg,
+                          Position(tally.epoch, i, self.step), self.init, self.worker.command)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker. `config` is `TrainConfig.to_dict()`, plus the driver's
+    console choice under `VERBOSE_KEY` (absent: verbose, as a hand-built trainer expects) and its
+    command line under `COMMAND_KEY` (for the checkpoints' provenance).
+
+    Set-up (the teacher source, the latest checkpoint, the loss options) comes before the first
+    epoch's stream opens, and the model is built (`WorkerLoop.create`) after it; each epoch trains
+    (`WorkerLoop.train_epoch`), reports, opens the next epoch's stream and writes its checkpoint."""
+    worker = _start_worker(config)
+    cfg = worker.cfg
+    tokenizer = create_tokenizer(student_shape(cfg.model), cfg.model)  # the real model is created below
+    shards = resolve_shards(cfg.data.train_shards)
+    source = _teacher_source(worker, shards)
+    resume = _read_checkpoint(source.info.get("fingerprint", ""), cfg.teacher.allow_teacher_change)
+    start = resume.position if resume is not None else Position()
+    options = _loss_options(cfg, source, tokenizer, shards)
+    # losses that need no per-batch teacher output (clip, siglip, embed_kd with its centroids)
+    # do not ask the teacher for every batch
+    needs_teacher = bool(losses_needing_teacher(cfg.losses, options.get("class_centroids") is not None))
+    reader = EpochReader(worker, shards, tokenizer, source if needs_teacher else NoTeacher(),
+                         optimizer_steps_per_epoch(cfg, shards, worker.world))
+    # the first epoch's first answers are computed while the student is created (its weights loaded
+    # or inherited) and the module, optimizer and DDP are built
+    upcoming = reader.open(start.epoch, start.epoch_step) if start.epoch < cfg.epochs else None
+    loop = WorkerLoop.create(worker, source, reader.steps, resume, options, needs_teacher)
+    for epoch in range(start.epoch, cfg.epochs):
+        groups, skips = upcoming
+        metrics = loop.train_epoch(epoch, groups, skips)
+        if metrics is None:
+            return  # the teacher was lost: checkpointed and reported; the driver raises why
+        loop.events.report(loop.step, metrics)
         # the next epoch's first answers are computed while this epoch's checkpoint is written
-        upcoming = open_epoch(epoch + 1, 0) if epoch + 1 < cfg.epochs else None
-        _report(metrics, module, optimizer, cfg, Position(epoch + 1, 0, step), init, command)
-    events.close()
-
-
-def _snapshot(cfg: TrainConfig, module: DistillModule, optimizer, parts: dict, at: Position, steps: int,
-              start_step: int, elapsed_s: float, samples_done: int, teacher_wait_s: float) -> StepSnapshot:
-    """Rank 0's view after an optimizer step, for the progress line and the event file (`at`: the
-    epoch, the steps of it trained, the global step)."""
-    return StepSnapshot(
-        step=at.step, total_steps=steps * cfg.epochs, start_step=start_step, epoch=at.epoch + 1,
-        epochs=cfg.epochs, epoch_step=at.epoch_step, steps=steps, elapsed_s=round(elapsed_s, 3),
-        samples_per_s=round(samples_done / max(elapsed_s, 1e-9), 3), teacher_wait_s=round(teacher_wait_s, 4),
-        lr=float(optimizer.param_groups[0]["lr"]), logit_scale=float(module.student.logit_scale.detach().exp()),
-        losses={k: float(v) for k, v in parts.items() if k == "loss" or k.endswith("_loss")})
+        upcoming = reader.open(epoch + 1, 0) if epoch + 1 < cfg.epochs else None
+        loop.checkpoint(metrics, Position(epoch + 1, 0, loop.step))
+    loop.events.close()
 
 
 def _stop_for_teacher(lost: TeacherUnavailableError | None, metrics: dict, module: DistillModule, optimizer,
