@@ -208,14 +208,95 @@ def _log_eval(metrics: dict, evaluation: dict) -> None:
         log_eval(metrics["tensorboard"], int(metrics["step"]), evaluation)
 
 
-def run_demo(cfg: DemoConfig) -> dict:
-    """Run the whole demo; returns the report (also written to `<workdir>/report.json`)."""
+def _serve_and_distill(cfg: DemoConfig, teacher_cfgs: list, stamp: str, epochs: int,
+                       workdir: Path) -> tuple[list[dict], dict[str, dict]]:
+    """Serve each teacher as its own app, distil the students from them (`_distill`), and delete
+    the apps, also when something failed; the teachers' infos and the students' last metrics."""
     from ray import serve
 
-    from teacher_service.shards import resolve_shards
-    from student_trainer.evaluate import evaluate_checkpoint, evaluate_teacher
-    from student_trainer.export import export_checkpoint
     from teacher_service.app import deploy
+
+    infos = []
+    try:
+        for teacher_cfg in teacher_cfgs:
+            _say(f"deploying the teacher as Serve app {teacher_cfg.serving.app_name!r}")
+            infos.append(deploy(teacher_cfg, access_log=cfg.verbose).info.remote().result(timeout_s=300))
+            _say(f"teacher fingerprint {infos[-1]['fingerprint']}, embed_dim {infos[-1]['embed_dim']}")
+        distilled = _distill(cfg, stamp, epochs, workdir)
+    finally:
+        for teacher_cfg in teacher_cfgs:
+            serve.delete(teacher_cfg.serving.app_name)
+    return infos, distilled
+
+
+def _baseline(cfg: DemoConfig, stamp: str, epochs: int, workdir: Path) -> dict:
+    """The same student trained without a teacher on the same budget; its last metrics."""
+    _say(f"training the same {STUDENT} without a teacher, same budget")
+    run = _run_cfg(cfg, f"demo-baseline-{stamp}", STUDENT, epochs, TeacherSourceConfig(mode="none"), {"clip": 1.0})
+    return _train(run, workdir / "student_baseline", cfg.verbose)
+
+
+def _evaluate(teacher_cfgs: list, trained: list[tuple[Path, dict]], students: dict[str, dict], workdir: Path,
+              val: str) -> list[dict]:
+    """The table's rows: each teacher (as served) and each student checkpoint on the val split, each
+    evaluation also added to the TensorBoard files of the run it evaluates."""
+    from student_trainer.evaluate import evaluate_checkpoint, evaluate_teacher
+
+    _say("evaluating teacher, distilled student and baseline on the val split")
+    rows = []
+    for i, (teacher_cfg, (_, teacher_metrics)) in enumerate(zip(teacher_cfgs, trained)):
+        teacher_eval = evaluate_teacher(teacher_cfg, val)
+        rows.append(_row("teacher" if i == 0 else f"teacher_{i + 1}", teacher_metrics, teacher_eval,
+                         teacher_eval.pop("params")))
+        _log_eval(teacher_metrics, teacher_eval)
+    for name, metrics in students.items():
+        evaluation = evaluate_checkpoint(workdir / name, val)
+        rows.append(_row(name, metrics, evaluation, evaluation.pop("params")))
+        _log_eval(metrics, evaluation)
+    return rows
+
+
+GAIN_METRICS = ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "t2i_r1")
+
+
+def _gain(models: dict, student: str) -> dict:
+    """What `student` gains over the no-teacher baseline, per metric."""
+    return {m: round(models[student][m] - models["student_baseline"][m], 4) for m in GAIN_METRICS}
+
+
+def _demo_report(cfg: DemoConfig, rows: list[dict], infos: list[dict], epochs: tuple[int, int],
+                 started: float) -> dict:
+    """The demo's report.json: every model's row, the students' gains over the baseline, the
+    teachers' fingerprints and the budget."""
+    models = {r["model"]: {k: v for k, v in r.items() if k != "model"} for r in rows}
+    report = {"models": models, "baseline": "student_baseline",
+              "gain_over_baseline": _gain(models, "student_distilled"), "teacher_fingerprint": infos[0]["fingerprint"]}
+    if cfg.teachers > 1:
+        report["teacher_fingerprints"] = [i["fingerprint"] for i in infos]
+        report["ensemble_gain_over_baseline"] = _gain(models, "student_ensemble")
+    return {**report, "distill_losses": cfg.distill_losses, "epochs": {"teacher": epochs[0], "student": epochs[1]},
+            "workers": cfg.workers, "batch_size_per_worker": cfg.batch_size,
+            "demo_wall_time_s": round(time.perf_counter() - started, 1)}
+
+
+def _say_outcome(cfg: DemoConfig, report: dict, workdir: Path) -> None:
+    """The closing lines: distilled vs baseline (and the ensemble's, with several teachers)."""
+    d, b = report["models"]["student_distilled"], report["models"]["student_baseline"]
+    _say(f"distilled vs baseline zero-shot top-1: {d['zero_shot_top1']:.4f} vs {b['zero_shot_top1']:.4f} "
+         f"({report['gain_over_baseline']['zero_shot_top1']:+.4f}); "
+         f"report written to {workdir / 'report.json'} ({report['demo_wall_time_s']:.0f}s)")
+    if cfg.teachers > 1:
+        e = report["models"]["student_ensemble"]
+        _say(f"ensemble of {cfg.teachers} vs one teacher vs baseline zero-shot top-1: {e['zero_shot_top1']:.4f} vs "
+             f"{d['zero_shot_top1']:.4f} vs {b['zero_shot_top1']:.4f}")
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run the whole demo; returns the report (also written to `<workdir>/report.json`): the digit
+    shards, the teachers (trained or reused) served as Serve apps, the students distilled from them,
+    the no-teacher baseline, every model evaluated on the val split, and the runs' curves drawn."""
+    from student_trainer.export import export_checkpoint
+    from teacher_service.shards import resolve_shards
 
     from cluster.local import init_ray
     from cluster.report import write_report
@@ -232,64 +313,17 @@ def run_demo(cfg: DemoConfig) -> dict:
     resolve_shards(val)
     trained = [_ensure_teacher(cfg, stamp, teacher_epochs, data_dir, i) for i in range(cfg.teachers)]
     teacher_cfgs = [_teacher_config(cfg, d, i) for i, (d, _) in enumerate(trained)]
-    infos = []
-    try:
-        for teacher_cfg in teacher_cfgs:
-            _say(f"deploying the teacher as Serve app {teacher_cfg.serving.app_name!r}")
-            infos.append(deploy(teacher_cfg, access_log=cfg.verbose).info.remote().result(timeout_s=300))
-            _say(f"teacher fingerprint {infos[-1]['fingerprint']}, embed_dim {infos[-1]['embed_dim']}")
-        distilled = _distill(cfg, stamp, student_epochs, workdir)
-    finally:
-        for teacher_cfg in teacher_cfgs:
-            serve.delete(teacher_cfg.serving.app_name)
-    info = infos[0]
+    infos, distilled = _serve_and_distill(cfg, teacher_cfgs, stamp, student_epochs, workdir)
+    students = {**distilled, "student_baseline": _baseline(cfg, stamp, student_epochs, workdir)}
 
-    _say(f"training the same {STUDENT} without a teacher, same budget")
-    base_cfg = _run_cfg(cfg, f"demo-baseline-{stamp}", STUDENT, student_epochs,
-                        TeacherSourceConfig(mode="none"), {"clip": 1.0})
-    base_metrics = _train(base_cfg, workdir / "student_baseline", cfg.verbose)
-
-    _say("evaluating teacher, distilled student and baseline on the val split")
-    rows = []
-    for i, (teacher_cfg, (_, teacher_metrics)) in enumerate(zip(teacher_cfgs, trained)):
-        teacher_eval = evaluate_teacher(teacher_cfg, val)
-        rows.append(_row("teacher" if i == 0 else f"teacher_{i + 1}", teacher_metrics, teacher_eval,
-                         teacher_eval.pop("params")))
-        _log_eval(teacher_metrics, teacher_eval)
-    for name, metrics in [*distilled.items(), ("student_baseline", base_metrics)]:
-        evaluation = evaluate_checkpoint(workdir / name, val)
-        rows.append(_row(name, metrics, evaluation, evaluation.pop("params")))
-        _log_eval(metrics, evaluation)
-    exported = [export_checkpoint(workdir / n, workdir / "export" / n, force=True) for n in [*distilled, "student_baseline"]]
+    rows = _evaluate(teacher_cfgs, trained, students, workdir, val)
+    exported = [export_checkpoint(workdir / n, workdir / "export" / n, force=True) for n in students]
     _say(f"students exported for open_clip alone (create_model_and_transforms('local-dir:DIR')): {', '.join(map(str, exported))}")
-
-    models = {r["model"]: {k: v for k, v in r.items() if k != "model"} for r in rows}
-    report = {
-        "models": models,
-        "baseline": "student_baseline",
-        "gain_over_baseline": {m: round(models["student_distilled"][m] - models["student_baseline"][m], 4)
-                               for m in ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "t2i_r1")},
-        "teacher_fingerprint": info["fingerprint"],
-        **({"teacher_fingerprints": [i["fingerprint"] for i in infos],
-            "ensemble_gain_over_baseline": {m: round(models["student_ensemble"][m] - models["student_baseline"][m], 4)
-                                            for m in ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "t2i_r1")}}
-           if cfg.teachers > 1 else {}),
-        "distill_losses": cfg.distill_losses,
-        "epochs": {"teacher": teacher_epochs, "student": student_epochs},
-        "workers": cfg.workers, "batch_size_per_worker": cfg.batch_size,
-        "demo_wall_time_s": round(time.perf_counter() - demo_start, 1),
-    }
+    report = _demo_report(cfg, rows, infos, (teacher_epochs, student_epochs), demo_start)
     tmp = workdir / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, workdir / "report.json")
-    report = write_report([Path(m["run_dir"]) for m in (*distilled.values(), base_metrics)], workdir)  # PNGs
+    report = write_report([Path(m["run_dir"]) for m in students.values()], workdir)  # PNGs
     print("\n" + format_table(rows) + "\n", flush=True)
-    d, b = report["models"]["student_distilled"], report["models"]["student_baseline"]
-    _say(f"distilled vs baseline zero-shot top-1: {d['zero_shot_top1']:.4f} vs {b['zero_shot_top1']:.4f} "
-         f"({report['gain_over_baseline']['zero_shot_top1']:+.4f}); "
-         f"report written to {workdir / 'report.json'} ({report['demo_wall_time_s']:.0f}s)")
-    if cfg.teachers > 1:
-        e = report["models"]["student_ensemble"]
-        _say(f"ensemble of {cfg.teachers} vs one teacher vs baseline zero-shot top-1: {e['zero_shot_top1']:.4f} vs "
-             f"{d['zero_shot_top1']:.4f} vs {b['zero_shot_top1']:.4f}")
+    _say_outcome(cfg, report, workdir)
     return report
