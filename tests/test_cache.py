@@ -104,7 +104,7 @@ def test_parquet_round_trip_fixed_size_fp16(tmp_path):
         np.testing.assert_array_equal(table.column("image_digest").to_numpy()[sel], want["idig"])
     _, meta = read_rows(str(tmp_path / "train-000000.parquet"))
     assert meta["fingerprint"] == "fp-A" and meta["dtype"] == "float16" and meta["embed_dim"] == D
-    assert meta["recipe"]["function"] == "teacher_service.views.augment_view" and meta["recipe"]["seed"] == 0
+    assert meta["recipe"]["function"] == "teacher_service.contract.augment.augment_view" and meta["recipe"]["seed"] == 0
     assert meta["teacher"]["preprocess"] == PRE and meta["views"] == 2 and meta["source"] == "/data/x.tar"
 
 
@@ -346,11 +346,29 @@ def test_centroids_round_trip_and_fingerprint(tmp_path):
 # views shared by teacher and student
 
 
-def test_student_transform_is_the_teacher_views_module():
-    import teacher_service.contract.augment as transform
-    import teacher_service.contract.augment as views
+def test_the_recipe_names_the_augment_function_that_makes_the_views():
+    """The name every cache records resolves to the function itself (it named a moved module once)."""
+    import importlib
 
-    assert transform.augment_view is views.augment_view and transform.view_rng is views.view_rng
+    from teacher_service.contract.augment import augment_view
+
+    module, _, name = RECIPE["function"].rpartition(".")
+    assert getattr(importlib.import_module(module), name) is augment_view
+
+
+def test_a_cache_recording_the_former_function_name_stays_readable(tmp_path):
+    """Caches written before augment.py moved record "teacher_service.views.augment_view": the same
+    function, so a run opens them, appends to them and compacts old and new files together."""
+    former = {**RECIPE, "function": "teacher_service.views.augment_view"}
+    write_shard_file(tmp_path / "train-000000.parquet", keys_(4), recipe=former)
+    cache = EmbeddingCache.open(str(tmp_path), teacher_info=info(), recipe=RECIPE)
+    assert len(cache) == 4
+    write_shard_file(tmp_path / f"{APPEND_PREFIX}new-0-a.parquet", keys_(2, "n"), recipe=RECIPE)
+    write_shard_file(tmp_path / f"{APPEND_PREFIX}old-0-b.parquet", keys_(2, "o"), recipe=former)
+    assert compact(str(tmp_path)).rows_written == 4
+    assert len(EmbeddingCache.open(str(tmp_path), recipe=RECIPE)) == 8
+    with pytest.raises(CacheMismatchError, match="function 'teacher_service.views.augment_view' vs 'elsewhere.f'"):
+        EmbeddingCache.open(str(tmp_path), recipe={**RECIPE, "function": "elsewhere.f"})
 
 
 def test_digests_follow_pixels_and_fitted_tokens():

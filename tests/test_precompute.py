@@ -72,7 +72,7 @@ def test_one_file_per_shard_with_teacher_metadata(cache_dir, shards, engine):
     meta = read_meta(str(cache_dir / "train-000001.parquet"))
     info = engine.teacher.info()
     assert meta["fingerprint"] == info["fingerprint"] and meta["teacher"]["preprocess"] == info["preprocess"]
-    assert meta["recipe"] == {"function": "teacher_service.views.augment_view", "version": "1", "image_size": 32,
+    assert meta["recipe"] == {"function": "teacher_service.contract.augment.augment_view", "version": "1", "image_size": 32,
                               "seed": SEED, "train": True, "tokenizer": "ViT-B-32", "context_length": 16}
     assert meta["source"] == shards[1] and meta["views"] == VIEWS and meta["dtype"] == "float16"
     assert meta["teacher_config"] == TEACHER.replica_dict() and "grpc" not in meta["teacher_config"]

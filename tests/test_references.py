@@ -207,6 +207,16 @@ def test_other_augment_version_or_no_shard_roots_are_refused(engine, teacher, ba
         TeacherEngine(teacher).embed(by_reference(batch))
 
 
+def test_a_recipe_naming_the_augment_function_by_its_former_name_is_served(engine, batch):
+    """A client from before augment.py moved names the same function as "teacher_service.views.augment_view"."""
+    req = by_reference(batch)
+    req.image_refs.recipe["function"] = "teacher_service.views.augment_view"
+    assert engine.embed(req).keys == batch.keys
+    req.image_refs.recipe["function"] = "elsewhere.augment_view"
+    with pytest.raises(RequestError, match="views made by elsewhere.augment_view"):
+        engine.embed(req)
+
+
 def test_validation_of_references(batch):
     limits = RequestLimits()
     ok = by_reference(batch)

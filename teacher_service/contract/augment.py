@@ -6,7 +6,7 @@ never Python's salted ``hash``) of the sample key, the view id (the epoch in tra
 run seed. No flips: the data is digits and handwriting, where a mirror changes the meaning.
 
 This lives in ``teacher_service`` (which never imports student code) so the precompute job can
-compute the very views students train on; ``student_trainer.transform`` re-exports it. The
+compute the very views students train on (`student_trainer.data.batches` imports it). The
 recipe (:func:`view_recipe`) and the digests (:func:`image_digests`, :func:`token_digests`) let a
 cache prove that its embeddings were computed from the pixels and tokens a student now holds.
 """
@@ -26,7 +26,10 @@ RATIO_RANGE = (4.0 / 5.0, 5.0 / 4.0)  # mild aspect jitter (width / height of th
 BRIGHTNESS_RANGE = (0.8, 1.2)
 CONTRAST_RANGE = (0.8, 1.2)
 
-AUGMENT_FUNCTION = "teacher_service.views.augment_view"
+AUGMENT_FUNCTION = "teacher_service.contract.augment.augment_view"
+# the same function under the name it had before this module moved: caches and clients that
+# recorded it stay valid (`same_augment_function`)
+FORMER_AUGMENT_FUNCTIONS = ("teacher_service.views.augment_view",)
 AUGMENT_VERSION = "1"  # bump whenever augment_view's output changes for any input: caches notice
 RECIPE_VIEW_FIELDS = ("function", "version", "image_size", "seed", "train")
 # The plain view (`augment_view(train=False)`, what evaluation feeds a model at its own input size)
@@ -112,12 +115,19 @@ def view_recipe(image_size: int | None, seed: int | None, train: bool = True, **
             "seed": None if seed is None else int(seed), "train": bool(train), **extra}
 
 
+def same_augment_function(a: str, b: str) -> bool:
+    """Whether two recipes' ``function`` names are the same function (a former name counts)."""
+    names = (AUGMENT_FUNCTION, *FORMER_AUGMENT_FUNCTIONS)
+    return a == b or (a in names and b in names)
+
+
 def recipe_differences(a: dict, b: dict) -> list[str]:
     """Human-readable differences in the pixel-deciding fields of two recipes (None is unknown)."""
     diffs = []
     for name in RECIPE_VIEW_FIELDS:
         va, vb = a.get(name), b.get(name)
-        if va is not None and vb is not None and va != vb:
+        same = same_augment_function(va, vb) if name == "function" else va == vb
+        if va is not None and vb is not None and not same:
             diffs.append(f"{name} {va!r} vs {vb!r}")
     return diffs
 

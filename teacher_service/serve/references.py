@@ -23,7 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from teacher_service.contract.augment import AUGMENT_FUNCTION, AUGMENT_VERSION, augment_view, image_sha256
+from teacher_service.contract.augment import (AUGMENT_FUNCTION, AUGMENT_VERSION, augment_view, image_sha256,
+                                             same_augment_function)
 from teacher_service.contract.protocol import EmbedRequest, ImageRefs, RequestError
 from teacher_service.shards.index import ShardIndex, ShardIndexError, file_stamp
 from teacher_service.shards.reader import ReaderLimits, SampleError, decode_sample
@@ -193,7 +194,7 @@ def check_roots(roots: Sequence[str]) -> list[str]:
 
 def _check_recipe(recipe: dict) -> None:
     """Only views this teacher's augment code would make can be regenerated."""
-    if (recipe["function"], recipe["version"]) != (AUGMENT_FUNCTION, AUGMENT_VERSION):
+    if not same_augment_function(recipe["function"], AUGMENT_FUNCTION) or recipe["version"] != AUGMENT_VERSION:
         raise RequestError(f"image_refs.recipe: views made by {recipe['function']} version {recipe['version']}; "
                            f"this teacher makes {AUGMENT_FUNCTION} version {AUGMENT_VERSION}: send pixels")
 
