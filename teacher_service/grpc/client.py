@@ -1,8 +1,8 @@
 """A small Python client for the teacher's gRPC API, for callers outside the Ray cluster.
 
-It talks to the app's gRPC ingress (`grpc.ingress`, `kd teacher serve --grpc-port`). Inside Ray,
-use the Serve handle (`teacher_service.app.get_teacher_handle`): it skips the ingress hop. Both paths run
-the same batched code and return the same `EmbedResponse`, bit for bit.
+It talks to the app's gRPC ingress (`teacher_service.grpc.ingress`, `kd teacher serve --grpc-port`).
+Inside Ray, use the Serve handle (`teacher_service.app.get_teacher_handle`): it skips the ingress hop.
+Both paths run the same batched code and return the same `EmbedResponse`, bit for bit.
 """
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ comparison) seals the next batch while the previous forward still runs (see `bat
 Every replica keeps `TeacherCounters` (requests, samples requested / computed, errors, batch fill,
 queue wait and forward percentiles, per-run throughput), returned by `stats()` and exported as Ray
 metrics; `collect_stats` merges them over all replicas (Serve's handle broadcast). Callers
-outside Ray use the app's gRPC ingress (`grpc.ingress`, started by `deploy` when `grpc.port` is
-set), which forwards to `embed` through a handle like any student.
+outside Ray use the app's gRPC ingress (`teacher_service.grpc.ingress`, started by `deploy` when
+`grpc.port` is set), which forwards to `embed` through a handle like any student.
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ def protoc(*args: str) -> None:
 
 
 def generate(out_root: str | os.PathLike | None = None) -> list[Path]:
-    """Write the stubs under `out_root`/teacher_service/proto (default: in place); return their paths."""
+    """Write the stubs under `out_root`/teacher_service/grpc/proto (default: in place); return their paths."""
     with tempfile.TemporaryDirectory() as tmp:
         protoc(f"--python_out={tmp}", f"--grpc_python_out={tmp}")
         dest = Path(out_root) / PROTO_DIR.relative_to(ROOT) if out_root else PROTO_DIR
