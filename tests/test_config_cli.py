@@ -200,6 +200,25 @@ def test_train_flags_override_the_yaml(tmp_path):
     assert not train_config_from_args(build_parser().parse_args(["train", "--config", str(path)])).use_gpu
 
 
+def test_max_steps_per_epoch_flag_and_its_deprecated_former_name(capsys):
+    """`--max-steps` set max_steps_per_epoch under a name that said otherwise: it still works, hidden
+    from --help, with one line naming the flag to use."""
+    from cluster.cli.train import train_config_from_args
+
+    def parsed(*flags: str) -> TrainConfig:
+        return train_config_from_args(build_parser().parse_args(["train", "--train-shards", "x", *flags]))
+
+    assert parsed("--max-steps-per-epoch", "4").max_steps_per_epoch == 4
+    assert capsys.readouterr().err == ""
+    assert parsed("--max-steps", "3").max_steps_per_epoch == 3
+    assert capsys.readouterr().err == "kd: warning: --max-steps is deprecated, use --max-steps-per-epoch\n"
+    assert parsed().max_steps_per_epoch is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--max-steps-per-epoch" in out and "--max-steps " not in out and "--max-steps\n" not in out
+
+
 def test_teacher_serve_flags_pick_a_fixed_or_an_autoscaled_pool(tmp_path):
     from cluster.cli import build_parser
     from cluster.cli.teacher import teacher_config_from_args

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any, Optional
 
 ADDRESS_HELP = {
@@ -37,6 +38,25 @@ def add_app_names(p: argparse.ArgumentParser, help_text: str) -> None:
     """``--app-name``, repeatable: one teacher app, or several (an ensemble's pools) in order."""
     p.add_argument("--app-name", dest="app_name", action="append", metavar="APP",
                    help=f"{help_text} (repeat for several teachers: --app-name a --app-name b)")
+
+
+class _DeprecatedAlias(argparse.Action):
+    """A flag's former name: hidden from --help, sets the flag's value, and says once which name to use."""
+
+    def __init__(self, option_strings: list[str], dest: str, new_name: str, **kwargs: Any) -> None:
+        self.new_name = new_name
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"kd: warning: {option_string} is deprecated, use {self.new_name}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(p: argparse.ArgumentParser, old_name: str, new_name: str, **kwargs: Any) -> None:
+    """``old_name`` keeps working as ``new_name`` (the dest argparse gives it; ``kwargs`` as in its
+    add_argument, e.g. ``type``), printing one deprecation line when used."""
+    dest = new_name.lstrip("-").replace("-", "_")
+    p.add_argument(old_name, dest=dest, action=_DeprecatedAlias, new_name=new_name, **kwargs)
 
 
 def json_arg(text: str) -> dict:

@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from cluster.cli.args import add_address, add_app_names, add_verbose, weight_arg
+from cluster.cli.args import add_address, add_app_names, add_deprecated_alias, add_verbose, weight_arg
 from student_trainer.teacher.modes import TeacherMode
 
 # flag → TrainConfig field (dotted for nested configs); a flag left out keeps the config's value
 TRAIN_FLAGS = {
     "run_name": "run_name", "storage_path": "storage_path", "epochs": "epochs", "workers": "num_workers",
-    "max_steps": "max_steps_per_epoch", "seed": "seed", "train_shards": "data.train_shards",
+    "max_steps_per_epoch": "max_steps_per_epoch", "seed": "seed", "train_shards": "data.train_shards",
     "val_shards": "data.val_shards", "batch_size": "data.batch_size", "num_views": "data.num_views",
     "student": "model.name", "teacher_mode": "teacher.mode",
     "cache_path": "teacher.cache_path", "cache_teacher": "teacher.cache_teacher",
@@ -126,7 +126,8 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--loss", type=weight_arg, action="append",
                    help="NAME[=WEIGHT], repeatable, e.g. --loss clip --loss kl=1 --loss fd=2000")
     p.add_argument("--epochs", type=int, help="epochs")
-    p.add_argument("--max-steps", type=int, help="cap on steps per epoch")
+    p.add_argument("--max-steps-per-epoch", type=int, metavar="STEPS", help="cap on optimizer steps per epoch")
+    add_deprecated_alias(p, "--max-steps", "--max-steps-per-epoch", type=int)
     p.add_argument("--workers", type=int, help="DDP workers")
     p.add_argument("--batch-size", type=int, help="per-worker batch size")
     p.add_argument("--seed", type=int, help="seed")
