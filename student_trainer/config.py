@@ -180,6 +180,9 @@ class TrainConfig:
     accum_steps: int = 1  # micro-batches per optimizer step (exact for contrastive/distill losses)
     num_workers: int = 2
     use_gpu: bool = False
+    # GPUs each worker reserves with use_gpu: a fraction shares one GPU with other workers or a
+    # teacher replica (`TeacherConfig.num_gpus`), e.g. 0.5 each for a teacher and a student on one card
+    gpus_per_worker: float = 1.0
     cpus_per_worker: float = 1.0
     worker_label_selector: dict = field(default_factory=dict)  # node labels workers need, e.g. {"kd-role": "student"}
     worker_resources: dict = field(default_factory=dict)  # custom resources per worker, e.g. {"kd_student": 1}
@@ -201,6 +204,9 @@ class TrainConfig:
         self._validate_init()
         check_placement(self.worker_label_selector, self.worker_resources, "worker_label_selector", "worker_resources")
         check_cores(self.cpu_affinity)
+        if not 0 < self.gpus_per_worker <= 1:
+            raise ValueError(f"gpus_per_worker must be in (0, 1] (a worker trains on one device), "
+                             f"got {self.gpus_per_worker!r}")
         roots = write_roots(self.write_roots)
         check_under_roots(self.storage_path, roots, "storage_path")
         for member in self.teacher.members():

@@ -746,11 +746,12 @@ def build_trainer(cfg: TrainConfig, verbose: bool = True):
 
 
 def worker_resources(cfg: TrainConfig) -> dict:
-    """Each Ray Train worker's reservation: CPUs, one GPU when use_gpu, and the custom resources
-    that keep workers on student nodes (GPUs alone cannot: teacher nodes have them too)."""
+    """Each Ray Train worker's reservation: CPUs, `gpus_per_worker` GPUs when use_gpu (a fraction
+    shares a card), and the custom resources that keep workers on student nodes (GPUs alone
+    cannot: teacher nodes have them too)."""
     resources = {"CPU": cfg.cpus_per_worker, **cfg.worker_resources}
     if cfg.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = cfg.gpus_per_worker
     return resources
 
 

@@ -250,6 +250,17 @@ def rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def gpu_peak_bytes() -> int | None:
+    """The most CUDA memory torch held allocated in this process so far (tensors, not the caching
+    allocator's reserve), on its current device; None where this process never used CUDA. A
+    replica reports it beside `rss_bytes`: what the teacher needs on a card it shares."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return int(torch.cuda.max_memory_allocated())
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile (q in [0, 100]); None for no values."""
     if not values:
@@ -287,6 +298,8 @@ def merge_stats(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
             out[key] = first[key]
     out["uptime_s"] = max(s.get("uptime_s", 0.0) for s in snapshots)
     out["rss_bytes"] = sum(s.get("rss_bytes", 0) for s in snapshots)  # the pool's resident memory
+    gpu = [s["gpu_peak_bytes"] for s in snapshots if s.get("gpu_peak_bytes") is not None]
+    out["gpu_peak_bytes"] = sum(gpu) if gpu else None  # the replicas' peaks added up (each on its own card)
     runs: dict[str, dict[str, float]] = {}
     for s in snapshots:
         for label, r in s.get("runs", {}).items():
@@ -301,7 +314,7 @@ def merge_stats(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
     out.update(summarize(out, waits, forwards))
     out["replicas"] = {s.get("replica", f"#{i}"): {k: s.get(k) for k in (
         "requests", "samples", "batches", "batch_fill_mean", "in_flight", "queue_wait_p50_s", "uptime_s",
-        "rss_bytes")}
+        "rss_bytes", "gpu_peak_bytes")}
         for i, s in enumerate(snapshots)}
     out["replicas_answered"] = len(snapshots)
     return out

@@ -50,6 +50,12 @@ def test_placement_reaches_serve_and_train_options():
     assert opts["label_selector"] == {"kd-role": "teacher"} and opts["resources"] == {"kd_teacher": 1}
     cfg = TrainConfig(**student_placement(), use_gpu=True)
     assert worker_resources(cfg) == {"CPU": 1.0, "kd_student": 1, "GPU": 1}
+    shared = TrainConfig(**student_placement(), use_gpu=True, gpus_per_worker=0.5)
+    assert worker_resources(shared)["GPU"] == 0.5  # a student beside a teacher replica on one card
+    assert "GPU" not in worker_resources(TrainConfig(gpus_per_worker=0.5))  # no GPU without use_gpu
+    for bad in (0.0, 1.5, -1.0):
+        with pytest.raises(ValueError, match="gpus_per_worker"):
+            TrainConfig(gpus_per_worker=bad).validate()
     with pytest.raises(ValueError, match="serving.resources: 'GPU' has its own field"):
         ServingConfig(resources={"GPU": 1})
     with pytest.raises(ValueError, match="worker_label_selector: expected a mapping"):

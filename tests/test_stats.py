@@ -12,7 +12,7 @@ import pytest
 from teacher_service import EmbedRequest, RequestError, TeacherConfig, TeacherEngine, load_teacher
 from teacher_service.serve.batching import SampleBatcher
 from teacher_service.serve.deployment import TeacherDeployment
-from teacher_service.stats import MAX_RUNS, TeacherCounters, merge_stats, percentile
+from teacher_service.stats import MAX_RUNS, TeacherCounters, gpu_peak_bytes, merge_stats, percentile
 
 TINY = {"model": "ViT-B-32", "pretrained": None, "precision": "fp32", "device": "cpu", "seed": 0,
         "torch_threads": 1,
@@ -274,8 +274,21 @@ def test_merge_pools_replicas():
     assert set(merged["runs"]) == {"a", "b", "c", "anonymous"} and merged["runs"]["c"]["samples"] == 16
     assert set(merged["replicas"]) == {"r1", "r2"} and merged["replicas"]["r2"]["batches"] == 1
     assert percentile([], 50) is None and percentile([3.0, 1.0, 2.0], 100) == 3.0
+    assert merged["gpu_peak_bytes"] is None  # no replica used CUDA
+    on_gpu = merge_stats([{**one, "gpu_peak_bytes": 3 * 2**30}, {**one, "replica": "r2", "gpu_peak_bytes": 2**30},
+                          {**one, "replica": "r3", "gpu_peak_bytes": None}])
+    assert on_gpu["gpu_peak_bytes"] == 4 * 2**30 and on_gpu["replicas"]["r2"]["gpu_peak_bytes"] == 2**30
     with pytest.raises(ValueError, match="no replica snapshots"):
         merge_stats([])
+
+
+def test_gpu_peak_is_none_in_a_process_that_never_used_cuda():
+    """A CPU replica reports no GPU figure rather than a zero that reads as 'measured, none used'."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        pytest.skip("CUDA already used in this process")
+    assert gpu_peak_bytes() is None
 
 
 def test_a_runs_weight_is_its_latest_requests_and_merges_as_the_largest():

@@ -33,7 +33,7 @@ from teacher_service.serve.engine import TeacherEngine
 from teacher_service.serve.references import ViewResolver
 from teacher_service.model import load_teacher
 from teacher_service.contract.protocol import EmbedRequest, EmbedResponse, RequestError, RequestLimits
-from teacher_service.stats import TeacherCounters, ray_metrics_sink, rss_bytes
+from teacher_service.stats import TeacherCounters, gpu_peak_bytes, ray_metrics_sink, rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class TeacherDeployment:
                 "model": self.cfg.model, "uptime_s": time.time() - self._started,
                 "coalesce_in_flight_rows": self.coalescer.in_flight_rows(),
                 "coalesce_recent_rows": self.coalescer.recent_rows(), "rss_bytes": rss_bytes(),
+                "gpu_peak_bytes": gpu_peak_bytes(),
                 **(self.views.stats if self.views is not None else {})}
 
     # ---- internals
