@@ -57,11 +57,19 @@ check_wheels() {
 }
 
 install_wheels() {
-  # The packages the GPU image lacks, from the carried wheels, into $SITE (first on PYTHONPATH).
+  # The packages the GPU image lacks, from the carried wheels, into $SITE (first on PYTHONPATH);
+  # a rerun on the same warm machine finds them there (same list) and skips pip.
   check_wheels
-  echo "gpu_check.sh: installing $(ls "$WHEELS"/*.whl | wc -l) carried wheels into $SITE"
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl \
-    || fail "pip could not install the carried wheels into $SITE"
+  local listed
+  listed=$(sha256sum benchmarks/gpu_wheels.txt | cut -d' ' -f1)
+  if [ "$(cat "$SITE/.kd-wheels" 2>/dev/null)" = "$listed" ]; then
+    echo "gpu_check.sh: the carried wheels are installed in $SITE already"
+  else
+    echo "gpu_check.sh: installing $(ls "$WHEELS"/*.whl | wc -l) carried wheels into $SITE"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      "$WHEELS"/*.whl || fail "pip could not install the carried wheels into $SITE"
+    echo "$listed" > "$SITE/.kd-wheels"
+  fi
   export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
   export PATH="$SITE/bin:$PATH"
 }
