@@ -181,7 +181,7 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     # GPUs each worker reserves with use_gpu: a fraction shares one GPU with other workers or a
-    # teacher replica (`TeacherConfig.num_gpus`), e.g. 0.5 each for a teacher and a student on one card
+    # teacher replica (`ServingConfig.num_gpus`), e.g. 0.5 each for a teacher and a student on one card
     gpus_per_worker: float = 1.0
     cpus_per_worker: float = 1.0
     worker_label_selector: dict = field(default_factory=dict)  # node labels workers need, e.g. {"kd-role": "student"}

@@ -1,7 +1,7 @@
 """One student with AMP beside the teacher pool on one GPU, by teacher mode (none, remote, cache).
 
 The pool and the student's Ray Train worker each reserve `gpu_share` of the card
-(`TeacherConfig.num_gpus`, `TrainConfig.gpus_per_worker`). The cache mode reads a cache the
+(`ServingConfig.num_gpus`, `TrainConfig.gpus_per_worker`). The cache mode reads a cache the
 project's precompute job (`teacher_service.cache.precompute`) filled through the running pool.
 Per mode: samples/s of the last epoch and its ratio to `none`, the step profile
 (`student_trainer.profile`: data, teacher wait, convert, compute, other, ms per step), the
@@ -76,8 +76,8 @@ def run_students(cfg, run: BenchRun) -> dict[str, Any]:
     from teacher_service.app import collect_stats, deploy
 
     share = cfg.gpu_share if run.cfg.use_gpu else 0.0
-    tcfg = dataclasses.replace(teacher_config(run, APP, max_batch_size=2 * cfg.student_batch,
-                                              request_samples=cfg.student_batch), num_gpus=share)
+    tcfg = teacher_config(run, APP, max_batch_size=2 * cfg.student_batch, request_samples=cfg.student_batch)
+    tcfg = dataclasses.replace(tcfg, serving=dataclasses.replace(tcfg.serving, num_gpus=share))
     run.log(f"students: deploying the pool ({cfg.teacher}, {cfg.teacher_precision}, {share} GPU)")
     handle = deploy(tcfg, access_log=False)
     handle.info.remote().result(timeout_s=600)

@@ -42,7 +42,8 @@ def _gpu_peak_mb(forward) -> float | None:
 def direct_rates(cfg, run: BenchRun) -> tuple[dict, dict]:
     """{(precision, batch): [samples/s per repeat]} of the direct forward, and the teacher's info."""
     base = teacher_config(run, APP, max_batch_size=max(cfg.batch_sizes), request_samples=min(cfg.batch_sizes))
-    actor = DirectForward.options(num_cpus=base.num_cpus, num_gpus=base.num_gpus).remote(base.to_dict())
+    actor = DirectForward.options(num_cpus=base.serving.num_cpus,
+                                  num_gpus=base.serving.num_gpus).remote(base.replica_dict())
     try:
         info = ray.get(actor.info.remote())
         rates: dict = {}
@@ -72,7 +73,8 @@ def served_rates(cfg, run: BenchRun, info: dict) -> tuple[dict, dict, dict]:
     base = teacher_config(run, APP, max_batch_size=max(cfg.batch_sizes), request_samples=min(cfg.batch_sizes))
     for precision in cfg.precisions:
         run.log(f"teacher: deploying the pool in {precision}")
-        handle = deploy(dataclasses.replace(base, precision=precision, batch_wait_timeout_s=0.0), access_log=False)
+        serving = dataclasses.replace(base.serving, batch_wait_timeout_s=0.0)
+        handle = deploy(dataclasses.replace(base, precision=precision, serving=serving), access_log=False)
         handle.info.remote().result(timeout_s=600)
         for rep in range(cfg.repeats):
             for b in cfg.batch_sizes:
