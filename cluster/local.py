@@ -1,10 +1,13 @@
-"""Connecting to Ray: an existing cluster (address / RAY_ADDRESS) or an embedded local one."""
+"""Connecting to Ray: an existing cluster (address / RAY_ADDRESS, with its token: cluster.auth) or an
+embedded local one."""
 from __future__ import annotations
 
 import logging
 import os
 import re
 from typing import Callable, Optional
+
+from cluster.auth import cluster_auth
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +51,9 @@ def _connect(address: Optional[str], num_cpus: Optional[int], object_store_mb: O
     if address:
         if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a Ray job's driver: the job's runtime env applies
             runtime_env = None  # (Ray refuses a second one that sets the same fields)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver,
-                 logging_level=logging_level)
+        with cluster_auth(address):  # the cluster's token where Ray looks for it; a missing one: one line
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver,
+                     logging_level=logging_level)
         return f"connected to Ray cluster at {address}"
     cpus = num_cpus or default_local_cpus()
     runtime_env["worker_process_setup_hook"] = "student_trainer.progress.quiet_placement_group_cleaner"

@@ -18,6 +18,8 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
+from cluster.auth import ClusterAuthError, cluster_auth
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # gitignore syntax; a leading "/" anchors a name to the working dir's root, so the packages'
 # own `data/` and `cache/` subpackages are uploaded while a top-level data/ or cache/ folder is not
@@ -28,13 +30,17 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 def job_client(address: Optional[str]):
     """A JobSubmissionClient for `address` (else $RAY_ADDRESS if it is an http address, else the
-    local dashboard); fails naming the address when nothing answers there."""
+    local dashboard), sending the cluster's token when Ray finds one (cluster.auth); fails naming
+    the address when nothing answers there, or what to set when the job server wants a token."""
     from ray.job_submission import JobSubmissionClient
 
     env = os.environ.get("RAY_ADDRESS", "")
     address = address or (env if env.startswith("http") else DEFAULT_ADDRESS)
     try:
-        return JobSubmissionClient(address)
+        with cluster_auth(address):  # the client checks the server's version: a refused token fails here
+            return JobSubmissionClient(address)
+    except ClusterAuthError:
+        raise
     except Exception as e:  # connection refused, wrong port: say where we looked
         raise SystemExit(f"kd: no Ray job server at {address} ({e}); pass --address http://<head>:8265 "
                          "(the dashboard port; `ray dashboard CLUSTER.yaml` forwards it)") from e

@@ -24,10 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input or configuration: one `kd: error:` line, no traceback."""
+    from cluster.auth import ClusterAuthError
     from teacher_service.app import TeacherUnavailableError
     from teacher_service.cache import CacheError
 
-    return (ValueError, FileNotFoundError, CacheError, TeacherUnavailableError)
+    return (ValueError, FileNotFoundError, CacheError, TeacherUnavailableError, ClusterAuthError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
