@@ -254,3 +254,30 @@ def test_kuberay_grpc_node_serves_the_ingress_its_probe_checks(tmp_path):
     args.config = str(CONFIGS / "serve_teacher_cluster.yaml")
     cfg = teacher_config_from_args(args)
     assert cfg.grpc.exposure_gaps() == [] and cfg.grpc.tls_client_ca_file == pki.ca and cfg.serving.app_name == app
+
+
+RAY_AUTH_ENV = [{"name": "RAY_AUTH_MODE", "value": "token"},
+                {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "kd-ray-auth", "key": "auth_token"}}}]
+
+
+def test_every_kuberay_pod_that_talks_to_ray_has_the_clusters_token_and_not_the_grpc_one():
+    """Token authentication (cluster.auth, docs/cluster.md): every Ray container of the RayCluster,
+    the gRPC node that joins it and each RayJob's submitter (which runs `ray job submit`) take
+    RAY_AUTH_MODE=token and RAY_AUTH_TOKEN from the one Secret kd-ray-auth, as KubeRay's guide wires
+    it; the gRPC ingress's token stays in its own Secret, which no Ray variable reads."""
+    spec = load(KUBERAY / "raycluster.yaml")["spec"]
+    pods = {f"raycluster {g.get('groupName', 'head')}": g["template"]["spec"]
+            for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]}
+    deployment, _ = yaml.safe_load_all((KUBERAY / "teacher-grpc.yaml").read_text())
+    pods["teacher-grpc"] = deployment["spec"]["template"]["spec"]
+    for name in ("rayjob-teacher.yaml", "rayjob-student.yaml"):
+        job = load(KUBERAY / name)["spec"]
+        assert job["submissionMode"] == "K8sJobMode"  # a submitter pod, whose template is this one
+        pods[name] = job["submitterPodTemplate"]["spec"]
+    assert len(pods) == 6
+    for name, pod in pods.items():
+        for container in pod["containers"]:  # the gRPC node's init container only copies files: not Ray
+            assert container["image"].startswith(f"rayproject/ray:{ray.__version__}"), name
+            assert container.get("env") == RAY_AUTH_ENV, (name, container["name"])
+    grpc_secrets = {v["secret"]["secretName"] for v in pods["teacher-grpc"]["volumes"] if "secret" in v}
+    assert grpc_secrets == {"kd-teacher-grpc"} and "kd-ray-auth" not in grpc_secrets
