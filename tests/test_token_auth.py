@@ -27,7 +27,7 @@ BIN = Path(sys.executable).parent  # the venv's ray and serve, which may not be 
 HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
               "metrics-export-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
               "runtime-env-agent-port")
-ATTEMPTS = 4  # starts of the head (see token_head)
+ATTEMPTS = 6  # starts of the head (see token_head): at load 50-100 on 2 cores about half miss Ray's wait
 AUTH_NAMES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN", "~/.ray/auth_token")
 
 
