@@ -57,7 +57,8 @@ class FakeTeacher:
             raise RuntimeError("teacher forward failed")
         texts = None if req.tokens is None else np.stack([text_features(t) for t in req.tokens])
         return EmbedResponse(keys=list(req.keys), image_features=np.stack([image_features(im) for im in req.images]),
-                             text_features=texts, logit_scale=10.0, logit_bias=None, fingerprint="fp")
+                             text_features=texts, logit_scale=10.0, logit_bias=None, fingerprint="fp",
+                             compute_s=0.5 * len(req.keys))  # as an engine would: its share of a forward
 
     @property
     def computed(self) -> int:
@@ -103,6 +104,7 @@ def test_concurrent_overlapping_requests_compute_each_sample_once():
     check(ra, req(["k0", "k1", "k2", "k3"])), check(rb, req(["k2", "k3", "k4", "k4"]))
     assert (ua.computed, ua.coalesced, ua.from_cache) == (4, 0, 0)
     assert (ub.computed, ub.coalesced, ub.from_cache) == (1, 3, 0)  # k2, k3 in a's forward; 2nd k4
+    assert (ra.compute_s, rb.compute_s) == (2.0, 0.5)  # teacher-seconds of the rows each computed only
 
 
 def test_recent_rows_answer_later_requests_and_are_bounded():
@@ -113,10 +115,10 @@ def test_recent_rows_answer_later_requests_and_are_bounded():
         check(resp, req(["k2", "k1", "k0"]))
         await co.embed(req(["k3"]), teacher)  # evicts the least recently used row (k2)
         _, after = await co.embed(req(["k2", "k3"]), teacher)
-        return teacher, co, again, after
+        return teacher, co, again, after, resp
 
-    teacher, co, again, after = asyncio.run(scenario())
-    assert (again.computed, again.from_cache) == (0, 3)
+    teacher, co, again, after, resp = asyncio.run(scenario())
+    assert (again.computed, again.from_cache) == (0, 3) and resp.compute_s == 0.0  # nothing computed for it
     assert (after.computed, after.from_cache) == (1, 1)
     assert teacher.calls == [["k0", "k1", "k2"], ["k3"], ["k2"]] and co.recent_rows() == 3
 
@@ -219,7 +221,7 @@ def test_requests_without_a_view_pass_through():
         for _ in range(2):
             resp, reuse = await co.embed(req(["k0", "k0"], view=""), teacher)
             check(resp, req(["k0", "k0"]))
-            assert reuse.computed == 2
+            assert reuse.computed == 2 and resp.compute_s == 1.0  # the forward's own figure, passed on
         return teacher
 
     assert asyncio.run(scenario()).calls == [["k0", "k0"], ["k0", "k0"]]

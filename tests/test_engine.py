@@ -121,3 +121,16 @@ def test_nan_features_fail_only_their_request_and_are_never_answered(teacher, mo
     assert "NaN/Inf image_features for 1 of 4 samples (first: 'b1-2')" in str(results[1])
     with pytest.raises(TeacherOutputError):
         engine.embed(request(6, prefix="c"))
+
+
+def test_each_response_carries_its_share_of_the_forward_seconds(teacher):
+    """`compute_s`: the forward's seconds split by the requests' samples (3 : 2 : 4 : 1 here),
+    together the forward's time (the run's teacher-seconds add these up)."""
+    engine = TeacherEngine(teacher)
+    reqs = mixed_requests()
+    responses = engine.embed_many(reqs)
+    shares = [r.compute_s for r in responses]
+    assert sum(shares) == pytest.approx(engine.stats["forward_s"]) and all(s > 0 for s in shares)
+    assert [s / shares[3] for s in shares] == pytest.approx([3, 2, 4, 1])
+    alone = engine.embed(request(2, seed=5))
+    assert alone.compute_s == pytest.approx(engine.stats["forward_s"] - sum(shares))  # a forward of its own

@@ -99,7 +99,14 @@ class EmbedRequest:
 
 @dataclass
 class EmbedResponse:
-    """Features for one request, row i for keys[i]; L2-normalised float16 [b, D] or None."""
+    """Features for one request, row i for keys[i]; L2-normalised float16 [b, D] or None.
+
+    `compute_s` is the teacher compute this request caused: the seconds of each forward pass it
+    was in, pro-rated by its share of that forward's samples. Rows answered from another request's
+    forward or from a replica's recent rows (`serve.coalesce`) add nothing: they are charged to the
+    request that computed them. A student sums it into its run's teacher-seconds (docs/design.md);
+    it never changes the features. The gRPC reply does not carry it (0 there).
+    """
 
     keys: list[str]
     image_features: np.ndarray | None
@@ -107,6 +114,7 @@ class EmbedResponse:
     logit_scale: float
     logit_bias: float | None
     fingerprint: str
+    compute_s: float = 0.0
 
     def __len__(self) -> int:
         return len(self.keys)

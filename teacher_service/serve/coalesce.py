@@ -167,7 +167,8 @@ class Coalescer:
             text_features=_stack([r[1] for r in rows]) if request.tokens is not None else None,
             logit_scale=any_resp.logit_scale if any_resp else self.logit_scale,
             logit_bias=any_resp.logit_bias if any_resp else self.logit_bias,
-            fingerprint=any_resp.fingerprint if any_resp else self.fingerprint)
+            fingerprint=any_resp.fingerprint if any_resp else self.fingerprint,
+            compute_s=getattr(answers.get(id(own)), "compute_s", 0.0))  # only the rows this request computed
 
 
 def sample_identities(request: EmbedRequest, fingerprint: str, context_length: int,

@@ -105,11 +105,13 @@ class TeacherEngine:
         feats = t.encode_tensors(pixels, tokens)
         image_parts = _split(feats.get("image_features"), img_idx, reqs)
         text_parts = _split(feats.get("text_features"), tok_idx, reqs)
+        n = sum(len(r) for r in reqs)
+        forward_s = time.perf_counter() - t0
         out = [EmbedResponse(keys=list(r.keys), image_features=image_parts.get(j),
                              text_features=text_parts.get(j), logit_scale=t.logit_scale,
-                             logit_bias=t.logit_bias, fingerprint=t.fingerprint) for j, r in enumerate(reqs)]
-        n = sum(len(r) for r in reqs)
-        self._count(requests=len(reqs), samples=n, batches=1, forward_s=time.perf_counter() - t0, batch=n)
+                             logit_bias=t.logit_bias, fingerprint=t.fingerprint,
+                             compute_s=forward_s * len(r) / n) for j, r in enumerate(reqs)]
+        self._count(requests=len(reqs), samples=n, batches=1, forward_s=forward_s, batch=n)
         return [_finite_or_error(resp) for resp in out]
 
     def _count(self, requests: int = 0, samples: int = 0, batches: int = 0, errors: int = 0,
