@@ -47,6 +47,7 @@ from student_trainer.config import (
     TrainConfig,
 )
 from student_trainer.factory import resolve_model
+from student_trainer.intervals import interval
 from student_trainer.losses import DEFAULT_WEIGHTS
 from teacher_service.config import ServingConfig, TeacherConfig
 
@@ -284,17 +285,6 @@ def final_scales(checkpoint_dir: Path) -> dict:
 EVAL_KEYS = ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "t2i_r1")
 METRICS = (*EVAL_KEYS, "samples_per_s", "peak_rss_mb")
 BASELINE = "no teacher (clip)"
-
-
-def interval(values: list[float]) -> tuple[float, float, float]:
-    """Mean and its two-sided 95 % Student-t interval (a single value: that value, no width)."""
-    from scipy.stats import t
-
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, mean, mean
-    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
 
 
 def summarise(runs: list[dict], baseline: Optional[list[dict]] = None) -> dict:

@@ -194,6 +194,9 @@ class TrainConfig:
     # Also checkpoint every N optimizer steps inside an epoch (0: only at epoch ends), so a killed
     # worker or a stop for an absent teacher loses at most N steps; a resume starts at that step.
     checkpoint_every_steps: int = 0
+    # Evaluate the student on data.val_shards every N optimizer steps and after the last one (0: off):
+    # zero-shot top-1/5 and retrieval R@1, the run's evaluation curve (`student_trainer.step_eval`)
+    eval_every_steps: int = 0
     max_failures: int = 2  # Ray Train restarts of the worker group from the last checkpoint (-1: unlimited)
 
     def validate(self) -> TrainConfig:
@@ -225,6 +228,11 @@ class TrainConfig:
         if self.checkpoint_every_steps < 0 or self.max_failures < -1:
             raise ValueError(f"checkpoint_every_steps must be >= 0 and max_failures >= -1, got "
                              f"{self.checkpoint_every_steps} and {self.max_failures}")
+        if self.eval_every_steps < 0:
+            raise ValueError(f"eval_every_steps must be >= 0 (0: no evaluation curve), got {self.eval_every_steps}")
+        if self.eval_every_steps and not self.data.val_shards:
+            raise ValueError(f"eval_every_steps={self.eval_every_steps} evaluates on data.val_shards, which is "
+                             "empty: give the test split's shards (--val-shards) or set eval_every_steps to 0")
         if not self.losses:
             self.losses = dict(DEFAULT_DISTILL_LOSSES) if self.teacher.has_teacher else {"clip": 1.0}
         if not any(w for w in self.losses.values()):

@@ -74,14 +74,15 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
         param.grad.div_(world_size)
 
 
-def sum_over_ranks(counts: dict[str, int], device: torch.device) -> dict[str, int]:
-    """Integer counters summed over every rank (one all-reduce); the identity in one process.
+def sum_over_ranks(counts: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Counters summed over every rank (one all-reduce, in float64: integers stay exact and come
+    back as ints); the identity in one process.
 
     Every rank must pass the same keys: they are summed in sorted order.
     """
     if not is_distributed() or not counts:
         return dict(counts)
     keys = sorted(counts)
-    values = torch.tensor([int(counts[k]) for k in keys], dtype=torch.int64, device=device)
+    values = torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return dict(zip(keys, values.tolist()))
+    return {k: int(round(v)) if isinstance(counts[k], int) else v for k, v in zip(keys, values.tolist())}

@@ -10,6 +10,7 @@ item counts against it), so a degenerate model that scores everything equally ge
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,22 +45,38 @@ def _image_features(model, images: np.ndarray, *, batch_size: int, device: str) 
     return torch.cat(chunks)
 
 
+def _token_tensor(tokens) -> torch.Tensor:
+    return tokens if torch.is_tensor(tokens) else torch.as_tensor(np.asarray(tokens))
+
+
 @torch.no_grad()
-def _text_features(model, texts: list[str], *, tokenizer, batch_size: int, device: str) -> torch.Tensor:
+def _token_features(model, tokens: torch.Tensor, *, batch_size: int, device: str) -> torch.Tensor:
     chunks = []
-    for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(texts[start : start + batch_size])
-        tokens = (tokens if torch.is_tensor(tokens) else torch.as_tensor(np.asarray(tokens))).to(device)
-        chunks.append(model.encode_text(tokens, normalize=True).float())
+    for start in range(0, len(tokens), batch_size):
+        chunks.append(model.encode_text(tokens[start : start + batch_size].to(device), normalize=True).float())
     return torch.cat(chunks)
+
+
+def _text_features(model, texts: list[str], *, tokenizer, batch_size: int, device: str) -> torch.Tensor:
+    return _token_features(model, _token_tensor(tokenizer(texts)), batch_size=batch_size, device=device)
+
+
+def class_prompts(class_names: list[str], templates: list[str]) -> list[str]:
+    """Every template filled with every class name, class-major (what `class_embeddings` averages)."""
+    return [template.format(name) for name in class_names for template in templates]
+
+
+def _class_means(features: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[C·T, D] prompt features → [C, D]: per class, the normalised mean over its templates."""
+    features = features.view(num_classes, features.shape[0] // num_classes, -1).mean(dim=1)
+    return torch.nn.functional.normalize(features, dim=-1)
 
 
 def class_embeddings(model, class_names: list[str], templates: list[str], *, tokenizer, batch_size: int, device: str) -> torch.Tensor:
     """[C, D]: per class, the normalised mean of the normalised template text features."""
-    prompts = [template.format(name) for name in class_names for template in templates]
-    features = _text_features(model, prompts, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    features = features.view(len(class_names), len(templates), -1).mean(dim=1)
-    return torch.nn.functional.normalize(features, dim=-1)
+    features = _text_features(model, class_prompts(class_names, templates), tokenizer=tokenizer,
+                              batch_size=batch_size, device=device)
+    return _class_means(features, len(class_names))
 
 
 def zero_shot_metrics(image_features: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -91,6 +108,57 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     return metrics
 
 
+@dataclass
+class EvalInputs:
+    """A test split made ready to evaluate any number of times: its images (uint8, as the student
+    sees them), labels, each image's caption among the unique captions, and the class prompts and
+    unique captions already tokenised (the evaluation curve prepares them once per worker)."""
+
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    labels: torch.Tensor  # int64 [N]
+    caption_ids: torch.Tensor  # int64 [N]
+    prompt_tokens: torch.Tensor  # [C·T, L], class-major
+    caption_tokens: torch.Tensor  # [U, L]
+    num_classes: int
+
+    @classmethod
+    def prepare(cls, data: Batch, *, class_names: list[str], templates: list[str], tokenizer) -> EvalInputs:
+        if len(data.keys) == 0:
+            raise ValueError("evaluation got an empty Batch")
+        if not class_names or not templates:
+            raise ValueError(f"evaluation needs class names and templates, got {len(class_names)} and {len(templates)}")
+        unique = list(dict.fromkeys(data.captions))
+        index = {caption: i for i, caption in enumerate(unique)}
+        return cls(images=data.images, labels=torch.as_tensor(np.asarray(data.labels, dtype=np.int64)),
+                   caption_ids=torch.as_tensor([index[c] for c in data.captions], dtype=torch.int64),
+                   prompt_tokens=_token_tensor(tokenizer(class_prompts(class_names, templates))),
+                   caption_tokens=_token_tensor(tokenizer(unique)), num_classes=len(class_names))
+
+
+def evaluate_inputs(model, inputs: EvalInputs, *, batch_size: int = 256, device: str = "cpu",
+                    rows: np.ndarray | None = None, gather=None) -> dict[str, float]:
+    """Zero-shot top-1/top-5 and retrieval R@1/5/10 (fractions in [0, 1]) of ``model`` on ``inputs``.
+
+    ``rows`` (with ``gather``) embeds only those images here: ``gather(features)`` returns every
+    image's features in order (`step_eval` spreads one evaluation over the DDP ranks so). The
+    model is put in eval mode for the measurement and returned to its previous mode.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        images = inputs.images if rows is None else inputs.images[rows]
+        features = _image_features(model, images, batch_size=batch_size, device=device)
+        features = gather(features) if gather is not None else features
+        prompts = _token_features(model, inputs.prompt_tokens, batch_size=batch_size, device=device)
+        texts = _token_features(model, inputs.caption_tokens, batch_size=batch_size, device=device)
+    finally:
+        model.train(was_training)
+    classes = _class_means(prompts, inputs.num_classes)
+    metrics = zero_shot_metrics(features, classes, inputs.labels.to(features.device))
+    metrics.update(retrieval_metrics(features, texts, inputs.caption_ids.to(features.device)))
+    return metrics
+
+
 def evaluate_model(
     model,
     data: Batch,
@@ -105,25 +173,8 @@ def evaluate_model(
 
     The model is put in eval mode for the measurement and returned to its previous mode.
     """
-    if len(data.keys) == 0:
-        raise ValueError("evaluate_model got an empty Batch")
-    if not class_names or not templates:
-        raise ValueError(f"evaluate_model needs class names and templates, got {len(class_names)} and {len(templates)}")
-    was_training = model.training
-    model.eval()
-    try:
-        images = _image_features(model, data.images, batch_size=batch_size, device=device)
-        classes = class_embeddings(model, class_names, templates, tokenizer=tokenizer, batch_size=batch_size, device=device)
-        unique = list(dict.fromkeys(data.captions))
-        index = {caption: i for i, caption in enumerate(unique)}
-        texts = _text_features(model, unique, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    finally:
-        model.train(was_training)
-    labels = torch.as_tensor(np.asarray(data.labels, dtype=np.int64), device=images.device)
-    caption_ids = torch.as_tensor([index[c] for c in data.captions], device=images.device)
-    metrics = zero_shot_metrics(images, classes, labels)
-    metrics.update(retrieval_metrics(images, texts, caption_ids))
-    return metrics
+    inputs = EvalInputs.prepare(data, class_names=class_names, templates=templates, tokenizer=tokenizer)
+    return evaluate_inputs(model, inputs, batch_size=batch_size, device=device)
 
 
 def evaluate_on_shards(model, shards, *, tokenizer, limit: int | None = None,

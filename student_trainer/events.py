@@ -12,7 +12,11 @@ reader that drops the prefix (`kd report`) finds the same names everywhere:
   retries, wait, cache hits ...), the `data_*` counters (skipped samples by reason, in total),
   `train_samples_per_s`, `run_samples_per_s`, `epoch_time_s`, and the step profile `step_<part>_ms`
   (data, teacher_wait, convert, compute, other: student_trainer.profile);
-- `eval/` per evaluation (`log_eval`): zero-shot top-1/5, retrieval R@1/5/10 both ways.
+- `eval/` per evaluation (`log_eval`, and the evaluation curve's points, `eval_point`): zero-shot
+  top-1/5, retrieval R@1/5/10 both ways; the curve's points add `eval_s` (that evaluation's
+  seconds), `train_wall_s` and `teacher_s` (the run's so far), by step;
+- `eval_by_samples/` the curve's figures again with the samples seen (all ranks) as the x axis
+  (`kd report` reads these by step only from `eval/`).
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ TENSORBOARD_DIR = "tensorboard"
 EVAL_METRICS = ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 _EPOCH_METRICS = ("train_samples_per_s", "run_samples_per_s", "epoch_time_s")
 _EPOCH_PREFIXES = ("teacher_", "data_", "step_")
+BY_SAMPLES = "eval_by_samples"  # tag prefix of the curve drawn against samples seen, not steps
+_POINT_CLOCKS = ("eval_s", "train_wall_s", "teacher_s")
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +83,19 @@ class RunEvents:
         for key, value in metrics.items():
             if _at_reports(key) and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._w.add_scalar(f"epoch/{key}", value, step)
+        self._w.flush()
+
+    def eval_point(self, point: Mapping) -> None:
+        """One point of the evaluation curve (`step_eval`): `eval/<metric>` at its step, and
+        `eval_by_samples/<metric>` at its samples seen."""
+        if self._w is None:
+            return
+        for key in (*EVAL_METRICS, *_POINT_CLOCKS):
+            if isinstance(point.get(key), (int, float)):
+                self._w.add_scalar(f"eval/{key}", point[key], int(point["step"]))
+        for key in EVAL_METRICS:
+            if isinstance(point.get(key), (int, float)):
+                self._w.add_scalar(f"{BY_SAMPLES}/{key}", point[key], int(point["samples_seen"]))
         self._w.flush()
 
     def close(self) -> None:

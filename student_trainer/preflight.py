@@ -32,6 +32,8 @@ def check_run(cfg: TrainConfig) -> None:
     steps_per_epoch(shards, world_size=cfg.num_workers, batch_size=cfg.data.batch_size)
     if cfg.teacher.is_ensemble:
         _check_ensemble(cfg)
+    if cfg.eval_every_steps:
+        _check_eval_shards(cfg)
     _check_losses(cfg, members)
     fingerprints = {m.name: _check_teacher(cfg, m) for m in members}
     if any(fp is None for fp in fingerprints.values()):
@@ -78,6 +80,17 @@ def _check_ensemble(cfg: TrainConfig) -> None:
     if routed and {**OPTION_DEFAULTS, **cfg.loss_options}["ensemble_average"] == "logits":
         raise ValueError("loss_options.ensemble_average 'logits' needs every teacher on every sample; "
                          f"teachers {routed} answer only their labels: use 'probs'")
+def _check_eval_shards(cfg: TrainConfig) -> None:
+    """The evaluation curve's test split: shards that exist, with the class names and zero-shot
+    templates a zero-shot evaluation needs in their dataset.json."""
+    from teacher_service.shards import load_dataset_info
+
+    info = load_dataset_info(resolve_shards(cfg.data.val_shards))
+    if not info.get("class_names") or not info.get("templates"):
+        raise ValueError(f"eval_every_steps: the dataset.json of data.val_shards {cfg.data.val_shards} has no "
+                         "class_names or templates, which zero-shot evaluation needs (write them with `kd data`)")
+
+
 def _latest_checkpoint(cfg: TrainConfig) -> Path | None:
     """The checkpoint a rerun of this run name resumes (None: a fresh run, or storage the driver cannot list)."""
     from student_trainer.checkpoint import latest_checkpoint

@@ -26,6 +26,7 @@ class StepProfile:
         self.steps = 0
         self.compute_cpu_s = 0.0  # the loop thread's CPU time inside `compute`
         self.first_wait_s = 0.0  # the first step's wait: filling the prefetch window, which nothing hides
+        self.aside_s = 0.0  # work in the loop body that is not training (`aside`), in no part
         self._cpu_start = (time.process_time(), time.thread_time())  # made on the loop's thread
 
     def background_cpu_s(self) -> float:
@@ -53,11 +54,24 @@ class StepProfile:
             if not self.steps:
                 self.first_wait_s = waited
             self.totals["data"] += max(0.0, fetched - start - waited)
-            timed = self.totals["convert"] + self.totals["compute"]
+            timed = self._timed()
             yield item
             body = time.perf_counter() - fetched
-            self.totals["other"] += max(0.0, body - (self.totals["convert"] + self.totals["compute"] - timed))
+            self.totals["other"] += max(0.0, body - (self._timed() - timed))
             self.steps += 1
+
+    def _timed(self) -> float:
+        return self.totals["convert"] + self.totals["compute"] + self.aside_s
+
+    @contextlib.contextmanager
+    def aside(self) -> Iterator[None]:
+        """Time work inside the loop body that is not a training step's (an evaluation of the
+        curve): charged to no part, so the step profile stays the training's."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.aside_s += time.perf_counter() - start
 
     @contextlib.contextmanager
     def part(self, name: str) -> Iterator[None]:

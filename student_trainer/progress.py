@@ -52,16 +52,25 @@ def board_name(run_name: str) -> str:
 
 
 class _Board:
-    """Holds the latest snapshot of one run (as a dict): rank 0 writes, the driver reads."""
+    """Holds the latest snapshot of one run (as a dict) and its evaluation points: rank 0 writes,
+    the driver reads."""
 
     def __init__(self) -> None:
         self._latest: dict | None = None
+        self._evals: list[dict] = []
 
     def post(self, snapshot: dict) -> None:
         self._latest = snapshot
 
+    def post_eval(self, point: dict) -> None:
+        self._evals.append(point)
+
     def latest(self) -> dict | None:
         return self._latest
+
+    def evals_after(self, seen: int) -> list[dict]:
+        """The evaluation points after the first `seen` (the driver prints each once)."""
+        return self._evals[seen:]
 
 
 class ProgressPoster:
@@ -86,8 +95,16 @@ class ProgressPoster:
         if now - self._last < self._every_s and snapshot.epoch_step < snapshot.steps:
             return
         self._last = now
+        self._send("post", asdict(snapshot))
+
+    def post_eval(self, point: dict) -> None:
+        """One point of the evaluation curve, for its console line (every one is shown)."""
+        if self._board is not None:
+            self._send("post_eval", dict(point))
+
+    def _send(self, method: str, payload: dict) -> None:
         try:
-            self._board.post.remote(asdict(snapshot))
+            getattr(self._board, method).remote(payload)
         except Exception:  # noqa: BLE001 - the board is a convenience, never a failure
             self._board = None
 
@@ -123,6 +140,16 @@ def format_progress(s: StepSnapshot) -> str:
             f"ETA {_duration(eta) if eta is not None else '?'}")
 
 
+def format_eval(point: dict) -> str:
+    """`eval at step 40 (1.3k samples): zero-shot top-1 0.8120, top-5 0.9900 | 1:23 training, 4.1 teacher-s, eval 2.3s`."""
+    figures = ", ".join(f"{name} {point[key]:.4f}" for key, name in
+                        (("zero_shot_top1", "zero-shot top-1"), ("zero_shot_top5", "top-5"), ("i2t_r1", "i2t R@1"))
+                        if isinstance(point.get(key), (int, float)))
+    return (f"eval at step {point.get('step')} ({point.get('samples_seen', 0):,} samples): {figures} | "
+            f"{_duration(point.get('train_wall_s', 0.0))} training, {point.get('teacher_s', 0.0):.1f} "
+            f"teacher-s, eval {point.get('eval_s', 0.0):.1f}s")
+
+
 def format_summary(run_name: str, metrics: dict, wall_s: float, tensorboard: str | None = None) -> str:
     """The line a finished run ends with: where it got, how fast, what it skipped, where its curves are."""
     parts = [f"[{run_name}] done in {_duration(wall_s)}", f"epoch {metrics.get('epoch', '?')}",
@@ -130,6 +157,8 @@ def format_summary(run_name: str, metrics: dict, wall_s: float, tensorboard: str
     if "loss" in metrics:
         parts.append(f"loss {float(metrics['loss']):.4f}")
     parts.append(f"{float(metrics.get('run_samples_per_s', 0.0)):.1f} samples/s")
+    if isinstance(metrics.get("zero_shot_top1"), (int, float)):
+        parts.append(f"zero-shot top-1 {float(metrics['zero_shot_top1']):.4f}")
     if metrics.get("teacher_requests"):
         parts.append(f"teacher wait {float(metrics.get('teacher_wait_s', 0.0)):.1f}s, "
                      f"{metrics.get('teacher_retries', 0)} retries")
@@ -152,6 +181,7 @@ class ProgressLine:
         self._bar: Any = None
         self._last_line = (0, -1.0)  # (epoch, monotonic time) of the last plain line
         self._latest: StepSnapshot | None = None
+        self.evals_shown = 0  # evaluation points printed so far (`eval_line`)
         self.summary: str | None = None  # printed by close(); `watch_run` closes the line
 
     def update(self, s: StepSnapshot) -> None:
@@ -174,6 +204,14 @@ class ProgressLine:
                              bar_format="{desc} {bar:20}")  # the text carries its own rate and ETA
         self._bar.n = s.step
         self._bar.set_description_str(f"[{self.run_name}] {format_progress(s)}", refresh=True)
+
+    def eval_line(self, point: dict) -> None:
+        """One line per evaluation, above the bar on a terminal."""
+        line = f"[{self.run_name}] {format_eval(point)}"
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -218,11 +256,14 @@ def _poll_once(board, line: ProgressLine) -> None:
     import ray
 
     try:
-        latest = ray.get(board.latest.remote(), timeout=10)
+        latest, evals = ray.get([board.latest.remote(), board.evals_after.remote(line.evals_shown)], timeout=10)
     except Exception:  # noqa: BLE001 - a slow or gone board only delays the line
         return
     if latest:
         line.update(StepSnapshot(**latest))
+    for point in evals:
+        line.eval_line(point)
+    line.evals_shown += len(evals)
 
 
 # --------------------------------------------------------------------------- the workers' console

@@ -48,7 +48,7 @@ from student_trainer.config import TrainConfig
 from student_trainer.data.batches import Batch, steps_per_epoch, train_batches
 from teacher_service.shards import SkipCounts, load_dataset_info, resolve_shards
 from student_trainer.distributed import average_gradients, sum_over_ranks
-from student_trainer.events import RunEvents, tensorboard_dir
+from student_trainer.events import EVAL_METRICS, RunEvents, tensorboard_dir
 from student_trainer.factory import create_student, create_tokenizer, embed_dim, student_shape
 from student_trainer.losses import (OPTION_DEFAULTS, LossSet, accumulated_backward, build_losses,
                                     losses_needing_teacher)
@@ -57,10 +57,15 @@ from student_trainer.profile import StepProfile
 from student_trainer.progress import (VERBOSE_KEY, ProgressPoster, StepSnapshot, format_summary,
                                       quiet_worker_console, watch_run)
 from student_trainer.scheduler import set_lr, warmup_cosine
+from student_trainer.step_eval import StepEvaluator
 from student_trainer.teacher.outputs import merge_outputs
 from student_trainer.teacher.sources import NoTeacher, TeacherSource, make_teacher_source
 
 TRAIN_STATE_FILE = "train_state.pt"
+# The run's cumulative clocks, kept in every checkpoint so a resumed run's curve goes on counting:
+# samples seen (all ranks), training wall time without evaluations, teacher-seconds (all ranks,
+# docs/design.md) and evaluation seconds.
+RUN_CLOCKS = ("samples_seen", "train_wall_s", "teacher_s", "eval_s")
 log = logging.getLogger(__name__)
 _MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -222,6 +227,11 @@ class Resume:
     model_state: dict
     train_state: dict
 
+    @property
+    def clocks(self) -> dict:
+        """The run's `RUN_CLOCKS` at the checkpoint (empty from a checkpoint written before them)."""
+        return dict(self.train_state.get("clocks") or {})
+
     def load_into(self, module: DistillModule, optimizer: torch.optim.Optimizer) -> None:
         module.student.load_state_dict(self.model_state)
         module.losses.load_state_dict(self.train_state["losses"])
@@ -277,7 +287,7 @@ def _report(metrics: dict, module: DistillModule, optimizer, cfg: TrainConfig, p
         save_student(module.student, cfg.model, d)
         torch.save({"losses": module.losses.state_dict(), "optimizer": optimizer.state_dict(),
                     "next_epoch": position.epoch, "next_epoch_step": position.epoch_step,
-                    "step": position.step,
+                    "step": position.step, "clocks": {k: metrics[k] for k in RUN_CLOCKS if k in metrics},
                     "teacher_fingerprint": metrics["teacher_fingerprint"]}, Path(d) / TRAIN_STATE_FILE)
         (Path(d) / "metrics.json").write_text(json.dumps(metrics, indent=2))
         teacher = {"fingerprint": metrics["teacher_fingerprint"], "model": metrics.get("teacher_model")}
@@ -517,6 +527,7 @@ class EpochTally:
     started: float
     profile: StepProfile
     sums: dict[str, float] = field(default_factory=dict)
+    eval_s: float = 0.0  # evaluation time inside the epoch, kept off its time and throughput
 
 
 @dataclass
@@ -540,12 +551,16 @@ class WorkerLoop:
     step: int
     events: RunEvents
     progress: ProgressPoster
+    evaluator: StepEvaluator | None = None  # the evaluation curve (`eval_every_steps`)
+    base: dict = field(default_factory=dict)  # the run's `RUN_CLOCKS` at the resumed checkpoint
     samples_done: int = 0
+    eval_s: float = 0.0  # this process's evaluation seconds
 
     @classmethod
     def create(cls, worker: Worker, source: TeacherSource, steps: int, resume: Resume | None, options: dict,
-               needs_teacher: bool) -> WorkerLoop:
-        """Build the model (`_build_module`), wrap it in DDP, and start the run's clocks and reports."""
+               needs_teacher: bool, tokenizer: Callable) -> WorkerLoop:
+        """Build the model (`_build_module`), wrap it in DDP, and start the run's clocks and reports
+        (and its evaluation curve, with `eval_every_steps`)."""
         import ray.train.torch
 
         module, optimizer, init = _build_module(worker, source, options, needs_teacher, resume)
@@ -553,11 +568,14 @@ class WorkerLoop:
         start = resume.position if resume is not None else Position()
         use_amp = worker.device.type == "cuda"
         cfg = worker.cfg
+        events = RunEvents.for_rank(cfg.storage_path, cfg.run_name, worker.rank)
+        progress = ProgressPoster.for_rank(cfg.run_name, worker.rank)
         return cls(worker, source, steps, start, module, optimizer, ddp, init,
                    can_lose_teacher=needs_teacher and source.can_lose_teacher, use_amp=use_amp,
                    scaler=torch.amp.GradScaler("cuda", enabled=use_amp), started=time.perf_counter(),
-                   step=start.step, events=RunEvents.for_rank(cfg.storage_path, cfg.run_name, worker.rank),
-                   progress=ProgressPoster.for_rank(cfg.run_name, worker.rank))
+                   step=start.step, events=events, progress=progress,
+                   evaluator=_evaluator(worker, tokenizer, events, progress, start.step),
+                   base=resume.clocks if resume is not None else {})
 
     def train_epoch(self, epoch: int, groups: Iterator[list], skips: SkipCounts) -> dict | None:
         """Train `epoch` (from the resumed step in the run's first); its metrics, or None when the
@@ -607,10 +625,36 @@ class WorkerLoop:
             if cfg.log_every_steps and self.step % cfg.log_every_steps == 0:  # console with --verbose
                 log.info("[%s] epoch %d/%d step %d/%d loss %.4f", cfg.run_name, tally.epoch + 1, cfg.epochs, i + 1,
                          self.steps, float(parts["loss"]))
+        last = tally.epoch == cfg.epochs - 1 and i + 1 == self.steps  # the run's last step: its final point
+        if self.evaluator is not None and (self.evaluator.due(self.step) or last):
+            self._evaluate(tally)
         if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 and i + 1 < self.steps:
             metrics = self.metrics(tally, i + 1)
             self.events.report(self.step, metrics)
             self.checkpoint(metrics, Position(tally.epoch, i + 1, self.step))
+
+    def _evaluate(self, tally: EpochTally) -> None:
+        """A point of the evaluation curve, at this step on every rank (a collective); its time is
+        kept off the training clock, the epoch's time and the step profile."""
+        started = time.perf_counter()
+        with tally.profile.aside():
+            self.evaluator.evaluate(self.module.student, self.clocks(tally.epoch))
+        spent = time.perf_counter() - started
+        self.eval_s += spent
+        tally.eval_s += spent
+
+    def train_wall_s(self) -> float:
+        """This process's training time so far, evaluations left out."""
+        return time.perf_counter() - self.started - self.eval_s
+
+    def clocks(self, epoch: int) -> dict:
+        """Where the run stands, over every rank and resume: the step, the epoch (1-based), samples
+        seen, training wall time and teacher-seconds (`curves.CURVE_CLOCKS`). A collective."""
+        teacher_s = sum_over_ranks({"teacher_s": float(self.source.stats.compute_s)}, self.worker.device)["teacher_s"]
+        return {"step": self.step, "epoch": epoch + 1,
+                "samples_seen": int(self.base.get("samples_seen", 0)) + self.samples_done,
+                "train_wall_s": round(float(self.base.get("train_wall_s", 0.0)) + self.train_wall_s(), 4),
+                "teacher_s": round(float(self.base.get("teacher_s", 0.0)) + teacher_s, 6)}
 
     def _snapshot(self, parts: dict, at: Position) -> StepSnapshot:
         """Rank 0's view after an optimizer step, for the progress line and the event file (`at`: the
@@ -619,7 +663,7 @@ class WorkerLoop:
         return StepSnapshot(
             step=at.step, total_steps=self.steps * cfg.epochs, start_step=self.start.step, epoch=at.epoch + 1,
             epochs=cfg.epochs, epoch_step=at.epoch_step, steps=self.steps, elapsed_s=round(elapsed_s, 3),
-            samples_per_s=round(self.samples_done / max(elapsed_s, 1e-9), 3),
+            samples_per_s=round(self.samples_done / max(self.train_wall_s(), 1e-9), 3),
             teacher_wait_s=round(self.source.stats.wait_s, 4), lr=float(self.optimizer.param_groups[0]["lr"]),
             logit_scale=float(self.module.student.logit_scale.detach().exp()),
             losses={k: float(v) for k, v in parts.items() if k == "loss" or k.endswith("_loss")})
@@ -629,7 +673,7 @@ class WorkerLoop:
         teacher's and the profile's figures, bad samples summed over ranks (a collective: every rank
         calls this at the same step), throughput and memory."""
         cfg, world, device = self.worker.cfg, self.worker.world, self.worker.device
-        elapsed, trained = time.perf_counter() - tally.started, done - tally.first
+        elapsed, trained = time.perf_counter() - tally.started - tally.eval_s, done - tally.first
         metrics = {k: v / max(1, trained) for k, v in tally.sums.items()}
         metrics.update(self.source.stats.as_metrics())
         metrics.update(tally.profile.as_metrics())
@@ -639,14 +683,25 @@ class WorkerLoop:
             "epoch_time_s": round(elapsed, 3), "accum_steps": cfg.accum_steps,
             "train_samples_per_s": round(trained * cfg.accum_steps * cfg.data.batch_size * world
                                          / max(elapsed, 1e-9), 3),
-            "run_samples_per_s": round(self.samples_done / max(time.perf_counter() - self.started, 1e-9), 3),
+            "run_samples_per_s": round(self.samples_done / max(self.train_wall_s(), 1e-9), 3),
             "world_size": world, "teacher_mode": self.source.mode,
             "teacher_fingerprint": self.source.info.get("fingerprint", ""),
             "teacher_model": self.source.info.get("model"), "peak_rss_mb": round(_peak_rss_mb(), 1),
         })
         if device.type == "cuda":
             metrics["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-        return metrics
+        metrics.update(self.clocks(tally.epoch))
+        metrics["eval_s"] = round(float(self.base.get("eval_s", 0.0)) + self.eval_s, 4)
+        return {**metrics, **self._curve_metrics()}
+
+    def _curve_metrics(self) -> dict:
+        """The evaluation curve so far (`eval_curve`), and its figures at the top level when its
+        last point is at this step (a report at another step has none of its own)."""
+        points = self.evaluator.points if self.evaluator is not None else []
+        if not points:
+            return {}
+        now = {k: v for k, v in points[-1].items() if k in EVAL_METRICS} if points[-1]["step"] == self.step else {}
+        return {**now, "eval_curve": list(points)}
 
     def checkpoint(self, metrics: dict, position: Position) -> None:
         """Report `metrics`; rank 0 adds a checkpoint that resumes at `position`."""
@@ -686,7 +741,7 @@ def train_loop_per_worker(config: dict) -> None:
     # the first epoch's first answers are computed while the student is created (its weights loaded
     # or inherited) and the module, optimizer and DDP are built
     upcoming = reader.open(start.epoch, start.epoch_step) if start.epoch < cfg.epochs else None
-    loop = WorkerLoop.create(worker, source, reader.steps, resume, options, needs_teacher)
+    loop = WorkerLoop.create(worker, source, reader.steps, resume, options, needs_teacher, tokenizer)
     for epoch in range(start.epoch, cfg.epochs):
         groups, skips = upcoming
         metrics = loop.train_epoch(epoch, groups, skips)
@@ -697,6 +752,21 @@ def train_loop_per_worker(config: dict) -> None:
         upcoming = reader.open(epoch + 1, 0) if epoch + 1 < cfg.epochs else None
         loop.checkpoint(metrics, Position(epoch + 1, 0, loop.step))
     loop.events.close()
+
+
+def _evaluator(worker: Worker, tokenizer: Callable, events: RunEvents, progress: ProgressPoster,
+               start_step: int) -> StepEvaluator | None:
+    """The run's evaluation curve (None without `eval_every_steps`); rank 0 keeps a resumed run's
+    earlier points and writes the curve file into the run's folder (local storage only)."""
+    cfg = worker.cfg
+    if not cfg.eval_every_steps:
+        return None
+    local = worker.rank == 0 and "://" not in cfg.storage_path
+    evaluator = StepEvaluator(cfg.data.val_shards, cfg.eval_every_steps, worker.rank, worker.world, worker.device,
+                              tokenizer, str(Path(cfg.storage_path) / cfg.run_name) if local else None,
+                              events, progress)
+    evaluator.resume(start_step)
+    return evaluator
 
 
 def _stop_for_teacher(lost: TeacherUnavailableError | None, metrics: dict, module: DistillModule, optimizer,

@@ -38,6 +38,7 @@ class RecordingSource(TeacherSource):
 
         def answers():
             for batch in batches:
+                self.stats.compute_s += 0.25  # teacher-seconds, as a pool's answers carry them
                 rows = rng.standard_normal((len(batch), TEACHER_DIM)).astype(np.float16)
                 yield batch, TeacherOutputs(rows, rows.copy(), 50.0, None, self.info["fingerprint"])
 
@@ -53,8 +54,12 @@ def shards(tmp_path_factory):
     return out
 
 
-def run_loop(monkeypatch, shards, tmp_path, lost_at_view: int | None = None) -> list:
-    """Two epochs of two steps through `train_loop_per_worker`, in this process; the log of what happened, in order."""
+def run_loop(monkeypatch, shards, tmp_path, lost_at_view: int | None = None, captured: dict | None = None,
+             **changes) -> list:
+    """Two epochs of two steps through `train_loop_per_worker`, in this process; the log of what happened, in order.
+
+    `changes`: TrainConfig fields set on top (`eval_every_steps`, `accum_steps`, ...; data.val_shards
+    is the digits' val split). `captured` gets the last report's metrics and its checkpoint's weights."""
     import ray.train
     import ray.train.torch
 
@@ -81,6 +86,9 @@ def run_loop(monkeypatch, shards, tmp_path, lost_at_view: int | None = None) -> 
 
     def report(metrics, checkpoint=None):
         log.append(("report", metrics["epoch"], checkpoint is not None) + (("stopped",) if "stopped" in metrics else ()))
+        if captured is not None and checkpoint is not None:
+            captured["metrics"] = metrics
+            captured["weights"] = torch.load(os.path.join(checkpoint.path, "model.pt"), weights_only=True)
 
     monkeypatch.setattr(train, "make_teacher_source", lambda *a, **k: RecordingSource(log, lost_at_view))
     monkeypatch.setattr(train, "DistillModule", LoggedModule)
@@ -96,6 +104,9 @@ def run_loop(monkeypatch, shards, tmp_path, lost_at_view: int | None = None) -> 
                       teacher=TeacherSourceConfig(mode="remote", app_name="unused"),
                       losses={"clip": 1.0, "kl": 1.0}, optim=OptimConfig(lr=1e-3, warmup_steps=1), epochs=2,
                       max_steps_per_epoch=2, num_workers=1, torch_threads=1, log_every_steps=0)
+    cfg.data.val_shards = str(shards / "val")
+    for name, value in changes.items():
+        setattr(cfg, name, value)
     umask = os.umask(0o022)
     try:
         train.train_loop_per_worker(cfg.to_dict())

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.ray
 APP = "kd-teacher-train-integration"
 BATCH = 16
 STEPS = 3
+EVAL_EVERY = 2  # the remote run and its resume evaluate at steps 2, 3 (the last), then 4, 6
 TINY_TEACHER = tiny_teacher_overrides()
 TEACHER_CFG = TeacherConfig(model="ViT-B-32", overrides=TINY_TEACHER, torch_threads=1,
                             serving=ServingConfig(app_name=APP, num_cpus=0.5, max_batch_size=64,
@@ -105,6 +106,7 @@ def first_run(shards, storage, teacher_app):
     from student_trainer.train import run_training
 
     cfg = train_cfg(shards, storage, "remote-kd")
+    cfg.eval_every_steps = EVAL_EVERY  # the evaluation curve, on two DDP workers
     start = time.perf_counter()
     result = run_training(cfg)
     return cfg, result, checkpoint_state(result), time.perf_counter() - start
@@ -131,6 +133,13 @@ def test_remote_distillation_run(first_run, teacher_app):
     stats = serve.get_app_handle(APP).stats.remote().result(timeout_s=30)
     assert stats["requests"] >= 2 * STEPS and stats["samples"] == BATCH * stats["requests"]  # both ranks asked
     assert stats["errors"] == 0
+    # the evaluation curve: both ranks at steps 2 and 3; teacher-seconds are the pool's forward
+    # seconds its answers carried, summed over both ranks (no more than the pool computed)
+    points = m["eval_curve"]
+    assert [p["step"] for p in points] == [EVAL_EVERY, STEPS]
+    assert [p["samples_seen"] for p in points] == [EVAL_EVERY * 2 * BATCH, STEPS * 2 * BATCH]
+    assert 0 < points[0]["teacher_s"] < points[1]["teacher_s"] <= m["teacher_s"] <= stats["forward_s"] + 1e-6
+    assert m["zero_shot_top1"] == points[-1]["zero_shot_top1"] and train_state["clocks"]["teacher_s"] == m["teacher_s"]
     print(f"first remote run: {seconds:.1f}s")
 
 
@@ -139,6 +148,7 @@ def resumed_run(first_run, shards, storage):
     from student_trainer.train import run_training
 
     cfg = train_cfg(shards, storage, first_run[0].run_name, epochs=2)
+    cfg.eval_every_steps = EVAL_EVERY
     result = run_training(cfg)
     return result, checkpoint_state(result)
 
@@ -156,6 +166,13 @@ def test_rerun_with_same_name_resumes(first_run, resumed_run, teacher_app):
     assert "text_projection" in changed and len(changed) > len(state) // 2
     assert (train_state["next_epoch"], train_state["next_epoch_step"], train_state["step"]) == (2, 0, 2 * STEPS)
     assert not torch.equal(train_state["losses"][FD_PROJECTION], first_train_state["losses"][FD_PROJECTION])
+    # the curve goes on across the resume: the first run's points, then the resumed run's, the
+    # clocks continuing from the checkpoint's
+    points = m["eval_curve"]
+    assert [p["step"] for p in points] == [2, 3, 4, 6] and points[:2] == first_run[1].metrics["eval_curve"]
+    assert [p["samples_seen"] for p in points] == [s * 2 * BATCH for s in (2, 3, 4, 6)]
+    for clock in ("train_wall_s", "teacher_s"):
+        assert all(a[clock] < b[clock] for a, b in zip(points, points[1:])), clock
 
 
 def test_checkpoint_loads_and_evaluates(resumed_run, shards):
@@ -169,7 +186,11 @@ def test_checkpoint_loads_and_evaluates(resumed_run, shards):
         for k, v in model.state_dict().items():
             assert torch.equal(v, state[k]), k
         metrics = evaluate_checkpoint(d, str(shards / "val"), limit=100)
+        whole = evaluate_checkpoint(d, str(shards / "val"))
     assert metrics["samples"] == 100
+    # the last point of the curve, each of two ranks embedding half the split, says what one process says
+    for name in ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "t2i_r1"):
+        assert result.metrics[name] == pytest.approx(whole[name], abs=1.01 / whole["samples"]), name
     for name in ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "t2i_r10"):
         assert 0.0 <= metrics[name] <= 1.0, (name, metrics[name])
     assert metrics["zero_shot_top1"] <= metrics["zero_shot_top5"]
@@ -276,7 +297,7 @@ def test_event_files_hold_every_curve_across_a_resume(first_run, resumed_run, st
     from student_trainer.events import log_eval
 
     cfg = first_run[0]
-    log_eval(str(storage / cfg.run_name / "tensorboard"), 2 * STEPS, {"zero_shot_top1": 0.25, "i2t_r1": 0.125})
+    log_eval(str(storage / cfg.run_name / "tensorboard"), 5, {"zero_shot_top1": 0.25, "i2t_r1": 0.125})
     scalars = event_scalars(storage / cfg.run_name)
     every_step = list(range(1, 2 * STEPS + 1))  # 3 steps, then 3 more after the resume: one curve
     for tag in ("train/loss", "train/clip_loss", "train/kl_loss", "train/fd_loss", "train/lr", "train/logit_scale",
@@ -291,7 +312,9 @@ def test_event_files_hold_every_curve_across_a_resume(first_run, resumed_run, st
                 "epoch/step_compute_ms", "epoch/step_teacher_wait_ms"):
         assert [step for step, _ in scalars[tag]] == [STEPS, 2 * STEPS], tag  # one point per epoch
     assert dict(scalars["epoch/teacher_requests"])[STEPS] == STEPS
-    assert scalars["eval/zero_shot_top1"] == [(2 * STEPS, 0.25)] and scalars["eval/i2t_r1"] == [(2 * STEPS, 0.125)]
+    # the curve's points (steps 2, 3, then 4, 6), and a `kd eval` joined at step 5
+    assert sorted(step for step, _ in scalars["eval/zero_shot_top1"]) == [2, 3, 4, 5, 6]
+    assert (5, 0.25) in scalars["eval/zero_shot_top1"] and (5, 0.125) in scalars["eval/i2t_r1"]
 
 
 def _kd_train(shards: Path, storage: Path, run_name: str, *flags: str) -> subprocess.Popen:

@@ -15,7 +15,7 @@ TRAIN_FLAGS = {
     "student": "model.name", "teacher_mode": "teacher.mode",
     "cache_path": "teacher.cache_path", "cache_teacher": "teacher.cache_teacher",
     "teacher_patience": "teacher.patience_s",
-    "checkpoint_every": "checkpoint_every_steps", "max_failures": "max_failures",
+    "checkpoint_every": "checkpoint_every_steps", "eval_every": "eval_every_steps", "max_failures": "max_failures",
     "inherit_layers": "model.inherit_layers",
 }
 
@@ -134,6 +134,10 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (nccl, AMP)")
     p.add_argument("--checkpoint-every", type=int, metavar="STEPS",
                    help="also checkpoint every STEPS optimizer steps inside an epoch (default: epoch ends only)")
+    p.add_argument("--eval-every", type=int, metavar="STEPS",
+                   help="evaluate the student on --val-shards every STEPS optimizer steps and after the last "
+                        "(zero-shot top-1/5, retrieval R@1): eval_curve.json in the run folder, eval/* in "
+                        "TensorBoard, one console line each (default: no evaluation while training)")
     p.add_argument("--max-failures", type=int,
                    help="worker-group restarts from the last checkpoint after a worker dies (-1: unlimited)")
     p.add_argument("--teacher-patience", type=float, metavar="SECONDS",

@@ -40,10 +40,12 @@ class CacheStats:
     misses: int = 0
     appends: int = 0
     read_s: float = 0.0  # time spent looking up, reading and checking cached rows
+    hits_uncosted: int = 0  # distinct rows used from files that record no teacher seconds (appends, older caches)
 
     def as_metrics(self) -> dict:
         return {"teacher_cache_hits": self.hits, "teacher_cache_misses": self.misses,
-                "teacher_cache_appends": self.appends, "teacher_cache_read_s": round(self.read_s, 4)}
+                "teacher_cache_appends": self.appends, "teacher_cache_read_s": round(self.read_s, 4),
+                "teacher_cache_hits_uncosted": self.hits_uncosted}
 
 
 @dataclass
@@ -58,13 +60,17 @@ class TeacherStats:
     samples_by_reference: int = 0  # answered from references to the shards, not sent pixels
     retries: int = 0
     wait_s: float = 0.0  # time the training loop spent blocked on teacher results
+    # teacher-seconds: the teacher compute this worker's answers cost (docs/design.md, per mode):
+    # the answers' `compute_s` (inline, remote, hybrid misses) and cache hits' precompute share
+    compute_s: float = 0.0
     fingerprints: set = field(default_factory=set)
     cache: CacheStats | None = None
 
     def as_metrics(self) -> dict:
         metrics = {"teacher_requests": self.requests, "teacher_samples": self.samples,
                    "teacher_samples_by_reference": self.samples_by_reference,
-                   "teacher_retries": self.retries, "teacher_wait_s": round(self.wait_s, 4)}
+                   "teacher_retries": self.retries, "teacher_wait_s": round(self.wait_s, 4),
+                   "teacher_compute_s": round(self.compute_s, 6)}
         if self.cache is not None:
             metrics.update(self.cache.as_metrics())
         return metrics
@@ -156,6 +162,7 @@ class InlineTeacher(TeacherSource):
             self.stats.wait_s += time.perf_counter() - start
             self.stats.requests += 1
             self.stats.samples += len(batch.keys)
+            self.stats.compute_s += resp.compute_s
             yield batch, TeacherOutputs.from_response(resp)
 
 
@@ -286,6 +293,7 @@ class RemoteTeacher(TeacherSource):
                 start = time.perf_counter()
                 resp = self._answer(batch, request, pending)
                 self.stats.wait_s += time.perf_counter() - start
+                self.stats.compute_s += getattr(resp, "compute_s", 0.0)  # 0 from a pool older than the field
                 self._check(resp, batch)
                 yield tag, TeacherOutputs.from_response(resp)
 
@@ -412,6 +420,7 @@ class _CacheSource(TeacherSource):
     def _init_views(self, verify_rows: int | None = 8) -> None:
         self._streams = 0
         self._warned = False
+        self._used_rows: dict[int, np.ndarray] = {}  # per segment, the rows already charged (`_charge`)
         self.verify_rows = verify_rows
         self._verify_rng = np.random.default_rng(0)
 
@@ -446,8 +455,27 @@ class _CacheSource(TeacherSource):
                                                                  ("image_digest", "text_digest")}, idig, tdig)
         self.stats.cache.hits += int(hit_rows.size)
         self.stats.cache.misses += int(miss_rows.size)
+        self._charge([locs[i] for i in hit_rows])
         self.stats.cache.read_s += time.perf_counter() - start
         return _Plan(batch, view, hit_rows, miss_rows, hits, idig, tdig)
+
+    def _charge(self, locs: list[tuple[int, int]]) -> None:
+        """Add to the teacher-seconds what the cached rows at `locs` cost to compute, each row once
+        per worker (a row reused in a later epoch cost the teacher nothing more); rows of files that
+        record no cost are counted as uncosted hits instead."""
+        by_segment: dict[int, list[int]] = {}
+        for seg, row in locs:
+            by_segment.setdefault(seg, []).append(row)
+        for seg, rows in by_segment.items():
+            used = self._used_rows.setdefault(seg, np.zeros(len(self.cache.segments[seg].image_digest), bool))
+            new = np.unique(np.asarray(rows, np.int64))
+            new = new[~used[new]]
+            used[new] = True
+            cost = self.cache.teacher_s(seg)
+            if cost is None:
+                self.stats.cache.hits_uncosted += int(new.size)
+            else:
+                self.stats.compute_s += cost * new.size
 
     def _verify_positions(self, n: int) -> np.ndarray:
         if self.verify_rows is None or n <= self.verify_rows:
@@ -660,13 +688,18 @@ class EnsembleStats:
         """Time the loop spent blocked on any teacher (the members wait one after another)."""
         return sum(m.wait_s for m in self.members)
 
+    @property
+    def compute_s(self) -> float:
+        """Teacher-seconds of every teacher together."""
+        return sum(m.compute_s for m in self.members)
+
     def as_metrics(self) -> dict:
         metrics: dict = {}
         for name, stats in zip(self.names, self.members):
             own = stats.as_metrics()
             for key, value in own.items():
                 metrics[key] = round(metrics.get(key, 0) + value, 4)
-            for key in ("requests", "samples", "wait_s"):
+            for key in ("requests", "samples", "wait_s", "compute_s"):
                 metrics[f"teacher_{name}_{key}"] = own[f"teacher_{key}"]
         return metrics
 

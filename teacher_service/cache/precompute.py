@@ -238,7 +238,8 @@ def precompute(shards: list[str], out: str, *, views: int, teacher: Optional[Tea
                     "fingerprint": info["fingerprint"], "batch_size": batch_size}
         for done in _embedded_shards(todo, udf_args, concurrency=concurrency, resources=resources, progress=progress):
             meta = {**base_meta[done.shard], "writer": {**base_meta[done.shard]["writer"], "samples": done.samples,
-                                                        "skipped": done.skipped}}
+                                                        "skipped": done.skipped,
+                                                        "teacher_s": round(done.teacher_s, 6)}}
             summary.rows += _write_shard(outputs[done.shard], meta, done.rows)
             summary.computed.append(done.shard)
             summary.samples += done.samples

@@ -217,6 +217,13 @@ def write_table_atomic(table: pa.Table, path: str) -> str:
     return path
 
 
+def row_cost_s(meta: dict, rows: int) -> Optional[float]:
+    """Teacher seconds per row of a file whose writer recorded its teacher time (``writer.teacher_s``,
+    `kd precompute`), else None."""
+    spent = (meta.get("writer") or {}).get("teacher_s")
+    return float(spent) / rows if isinstance(spent, (int, float)) and rows > 0 else None
+
+
 def read_rows(path: str, columns: Optional[Iterable[str]] = None) -> tuple[pa.Table, dict]:
     """(table, meta) of one row file, checksums verified; CacheCorruptError names a bad file."""
     meta = read_meta(path)
@@ -349,6 +356,7 @@ class _Segment:
     text_digest: np.ndarray
     image_emb: Optional[np.ndarray] = None
     text_emb: Optional[np.ndarray] = None
+    row_cost_s: Optional[float] = None  # teacher seconds per row, where the file records them (`row_cost_s`)
 
 
 class EmbeddingCache:
@@ -433,6 +441,7 @@ class EmbeddingCache:
                     continue
                 check_compatible(meta, path=f, expected_from=f"the rest of cache {self.path}", **self._expect)
                 self._index_table(table, f)
+                self.segments[-1].row_cost_s = row_cost_s(meta, table.num_rows)
                 self.files.append(f)
                 self._seen.add(f)
                 added += 1
@@ -491,6 +500,13 @@ class EmbeddingCache:
     def views_of(self, key: str) -> list[int]:
         """The view ids cached for ``key`` (a scan: for error messages)."""
         return sorted(v for k, v in self.index if k == key)
+
+    def teacher_s(self, seg: int) -> Optional[float]:
+        """Teacher seconds one row of segment ``seg`` cost to compute: its file's record
+        (:func:`row_cost_s`), 0.0 for rows this process added (their computation was counted where
+        it happened), None for a file that records none (appended rows, caches written before)."""
+        segment = self.segments[seg]
+        return 0.0 if segment.path is None else segment.row_cost_s
 
     # -- reading ------------------------------------------------------------------------------
     def locate(self, keys: list[str], view: int) -> list[Optional[tuple[int, int]]]:
