@@ -3,10 +3,16 @@
 What a run leaves (Ray Train V2 writes no result.json or progress.csv): under
 `<storage_path>/<run_name>/`, `checkpoint_manager_snapshot.json` and the kept `checkpoint_*/` folders,
 each holding the `metrics.json` rank 0 reported with it (`student_trainer.train._report`), and any
-TensorBoard event files (`events.out.tfevents.*`, per-step scalars). Both are read; a step found in
-both takes the event file's values on top. Evaluation figures (zero-shot top-1/top-5, retrieval
-R@1) come from the runs' metrics where they hold them, and from a `report.json` with `models` (the
-demo's, which also names its no-teacher `baseline`).
+TensorBoard event files (`events.out.tfevents.*`, per-step scalars), and the evaluation curve of a run
+trained with `eval_every_steps` (`eval_curve.json`, `student_trainer.curves`). All are read; a step
+found in several takes the event file's values over the checkpoint's, and the curve's (exact where
+TensorBoard keeps float32) over both. Evaluation figures (zero-shot top-1/top-5,
+retrieval R@1) come from the runs' metrics and curves where they hold them, and from a `report.json`
+with `models` (the demo's, which also names its no-teacher `baseline`).
+
+With a baseline that has a final zero-shot top-1 (a run's or a model's), each run's curve is read
+for time-to-quality: the first evaluation at or above it, in steps, samples, training wall time and
+teacher-seconds, or "never" (`time_to_quality` in report.json, `eval_curves.png`).
 """
 from __future__ import annotations
 
@@ -18,10 +24,15 @@ from pathlib import Path
 
 from cluster.bench.records import write_atomic
 from cluster.plots import pyplot, save_png
+from student_trainer.curves import REACH_CLOCKS, final_value, first_reaching, read_curve
+from student_trainer.events import BY_SAMPLES
 
 EVAL_METRICS = ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "t2i_r1")
 SNAPSHOT = "checkpoint_manager_snapshot.json"
 CURVES_PNG, FINALS_PNG, REPORT_JSON = "learning_curves.png", "final_metrics.png", "report.json"
+EVAL_CURVES_PNG = "eval_curves.png"
+CURVE_AXES = (("step", "optimizer steps"), ("samples_seen", "samples seen"), ("train_wall_s", "training time (s)"),
+              ("teacher_s", "teacher-seconds"))
 
 
 @dataclass
@@ -32,6 +43,7 @@ class RunHistory:
     path: Path
     points: list[dict] = field(default_factory=list)
     evaluation: dict = field(default_factory=dict)  # of the latest checkpoint, when `kd report --val-shards` ran it
+    curve: list[dict] = field(default_factory=list)  # the evaluation curve (`eval_every_steps`), oldest first
 
     def final(self) -> dict:
         """The last value of every metric (a metric absent from the last report keeps its last value),
@@ -78,6 +90,8 @@ def _event_points(run_dir: Path) -> list[dict]:
         acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags().get("scalars", []):
+            if tag.startswith(f"{BY_SAMPLES}/"):  # drawn against samples seen: not a step's value
+                continue
             for e in acc.Scalars(tag):
                 by_step.setdefault(int(e.step), {"step": float(e.step)})[tag.rsplit("/", 1)[-1]] = float(e.value)
     return list(by_step.values())
@@ -86,9 +100,10 @@ def _event_points(run_dir: Path) -> list[dict]:
 def load_run(run_dir: Path) -> RunHistory:
     """The run's metrics by step from what Ray Train and the run left in `run_dir`."""
     by_step: dict[float, dict] = {}
-    for p in _checkpoint_points(run_dir) + _event_points(run_dir):
+    curve = read_curve(run_dir)
+    for p in _checkpoint_points(run_dir) + _event_points(run_dir) + [_numbers(c) for c in curve]:
         by_step.setdefault(p["step"], {}).update(p)
-    return RunHistory(run_dir.name, run_dir, [by_step[s] for s in sorted(by_step)])
+    return RunHistory(run_dir.name, run_dir, [by_step[s] for s in sorted(by_step)], curve=curve)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -206,6 +221,46 @@ def plot_finals(entries: dict[str, dict], baseline: str | None, path: Path) -> P
     return save_png(fig, path)
 
 
+def baseline_final(runs: list[RunHistory], entries: dict[str, dict], baseline: str | None) -> float | None:
+    """The baseline's final zero-shot top-1: its curve's last point, else its final metrics."""
+    run = next((r for r in runs if r.name == baseline), None)
+    value = final_value(run.curve) if run is not None else None
+    if value is None and baseline in entries:
+        value = entries[baseline].get("zero_shot_top1")
+    return value
+
+
+def time_to_quality(runs: list[RunHistory], threshold: float) -> dict[str, dict | None]:
+    """Each run with a curve: the clocks of its first evaluation at or above `threshold`, None for never."""
+    out: dict[str, dict | None] = {}
+    for run in runs:
+        if run.curve:
+            point = first_reaching(run.curve, threshold)
+            out[run.name] = None if point is None else {k: point.get(k) for k in REACH_CLOCKS}
+    return out
+
+
+def plot_eval_curves(runs: list[RunHistory], threshold: float | None, path: Path) -> Path | None:
+    """Zero-shot top-1 of every run's curve against steps, samples seen, training time and
+    teacher-seconds (one panel each, the runs overlaid), the baseline's final as a dashed line.
+    None when no run has a curve."""
+    runs = [r for r in runs if r.curve]
+    if not runs:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(CURVE_AXES), figsize=(4.0 * len(CURVE_AXES), 3.4), sharey=True, squeeze=False)
+    for ax, (key, label) in zip(axes[0], CURVE_AXES):
+        for run in runs:
+            pts = [(p[key], p["zero_shot_top1"]) for p in run.curve if key in p and "zero_shot_top1" in p]
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3, label=run.name)
+        if threshold is not None:
+            ax.axhline(threshold, linestyle="--", color="grey", linewidth=1, label="baseline final")
+        ax.set_xlabel(label)
+    axes[0][0].set_ylabel("zero-shot top-1")
+    axes[0][0].legend(fontsize=6)
+    return save_png(fig, path)
+
+
 def write_report(paths: list[Path], out: Path, baseline: str | None = None, val_shards: str | None = None,
                  eval_limit: int | None = None) -> dict:
     """Draw the runs found under `paths` into `out` and record them in `out/report.json`, keeping
@@ -219,12 +274,18 @@ def write_report(paths: list[Path], out: Path, baseline: str | None = None, val_
     models, found_baseline = known_models([*paths, out])
     baseline = baseline or found_baseline
     existing = json.loads((out / REPORT_JSON).read_text()) if (out / REPORT_JSON).is_file() else {}
-    drawn = [plot_curves(runs, out / CURVES_PNG), plot_finals(final_entries(runs, models), baseline, out / FINALS_PNG)]
+    entries = final_entries(runs, models)
+    threshold = baseline_final(runs, entries, baseline) if baseline else None
+    drawn = [plot_curves(runs, out / CURVES_PNG), plot_finals(entries, baseline, out / FINALS_PNG),
+             plot_eval_curves(runs, threshold, out / EVAL_CURVES_PNG)]
     doc = {**existing, "runs": {r.name: {"path": str(r.path), "reports": len(r.points), "final": r.final()}
                                 for r in runs},
            "plots": [p.name for p in drawn if p is not None]}
     if baseline:
         doc["baseline"] = baseline
+    if threshold is not None and any(r.curve for r in runs):
+        doc["time_to_quality"] = {"baseline": baseline, "zero_shot_top1": threshold,
+                                  "runs": time_to_quality(runs, threshold)}
     write_atomic(out / REPORT_JSON, json.dumps(doc, indent=2, default=str))
     return doc
 

@@ -141,3 +141,40 @@ def test_val_shards_evaluate_each_runs_latest_checkpoint(tmp_path, monkeypatch):
     assert evaluated == [("checkpoint_2026-12-02_10-00-01.000000", "val-*.tar", 9)] * 2
     assert doc["runs"]["a"]["final"]["zero_shot_top1"] == 0.5 and doc["runs"]["b"]["final"]["zero_shot_top1"] == 0.25
     assert doc["runs"]["a"]["final"]["loss"] == 6.0 and "note" not in doc["runs"]["a"]["final"]
+
+
+def write_curve(run: Path, top1: list[float], every: int = 2) -> list[dict]:
+    """An evaluation curve as `kd train --eval-every` leaves it (student_trainer.step_eval)."""
+    points = [{"step": every * (i + 1), "epoch": 1, "samples_seen": 32 * every * (i + 1),
+               "train_wall_s": 1.5 * (i + 1), "teacher_s": 0.25 * (i + 1), "eval_s": 0.1, "zero_shot_top1": v}
+              for i, v in enumerate(top1)]
+    (run / "eval_curve.json").write_text(json.dumps({"points": points}))
+    return points
+
+
+def test_eval_curves_and_steps_to_the_baselines_final(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    base, fast, slow = fake_run(runs, "base", [6]), fake_run(runs, "fast", [6]), fake_run(runs, "slow", [6])
+    write_curve(base, [0.3, 0.5, 0.6])
+    write_curve(fast, [0.4, 0.6, 0.7])
+    write_curve(slow, [0.2, 0.3, 0.4])
+    write_events(fast, {2: {"eval/zero_shot_top1": 0.4}, 64: {"eval_by_samples/zero_shot_top1": 0.4}})
+    run = load_run(fast)
+    assert [p["step"] for p in run.points] == [2.0, 4.0, 6.0]  # by-samples scalars are not steps
+    assert run.series("zero_shot_top1") == ([2.0, 4.0, 6.0], [0.4, 0.6, 0.7])
+    doc = write_report([runs], tmp_path / "out", baseline="base")
+    assert "eval_curves.png" in doc["plots"] and png_size(tmp_path / "out" / "eval_curves.png")[1] > 400
+    reading = doc["time_to_quality"]
+    assert (reading["baseline"], reading["zero_shot_top1"]) == ("base", 0.6)
+    assert reading["runs"]["fast"] == {"step": 4, "samples_seen": 128, "train_wall_s": 3.0, "teacher_s": 0.5}
+    assert reading["runs"]["base"]["step"] == 6 and reading["runs"]["slow"] is None
+    assert main(["report", str(runs), "--out", str(tmp_path / "cli"), "--baseline", "base"]) == 0
+    out = capsys.readouterr().out
+    assert "steps to the baseline's final zero-shot top-1 (0.6000, base):" in out
+    assert "  fast: 4 steps, 128 samples, 3.0 s training, 0.5 teacher-s" in out and "  slow: never" in out
+
+
+def test_without_curves_there_is_no_time_to_quality(tmp_path):
+    fake_run(tmp_path / "runs", "a", [2])
+    doc = write_report([tmp_path / "runs"], tmp_path / "out", baseline="a")
+    assert "time_to_quality" not in doc and "eval_curves.png" not in doc["plots"]
