@@ -4,7 +4,8 @@
 Under DDP every rank embeds its own slice of the test images (rank r takes images r, r+W, ...),
 the image features are gathered (one all_gather, padded to one length) and every rank computes
 the figures on the whole set with `evaluate.evaluate_inputs`, the code `kd eval` runs: one
-evaluation costs each rank 1/W of the images and gives exactly the one-process figures. (Rank 0
+evaluation costs each rank 1/W of the images and gives one process's figures (up to the rounding
+of batched forwards). (Rank 0
 alone would leave the other ranks idle at the next all-reduce for the whole evaluation.) The
 class prompts and unique captions are few; every rank embeds them. The ranks evaluate at the same
 global optimizer step (`step % eval_every_steps`), which counts whole optimizer steps whatever

@@ -157,6 +157,25 @@ def test_eval_every_steps_is_checked_before_anything_runs():
         TrainConfig(data=DataConfig(train_shards="x"), eval_every_steps=5).validate()
 
 
+def test_a_test_split_without_zero_shot_templates_is_refused_on_the_driver(shards, tmp_path):  # noqa: F811
+    import shutil
+
+    from student_trainer.config import DataConfig, TrainConfig
+    from student_trainer.preflight import check_run
+
+    for tar in shards.glob("val-*.tar"):
+        shutil.copy(tar, tmp_path)
+    info = json.loads((shards / "dataset.json").read_text())
+    (tmp_path / "dataset.json").write_text(json.dumps({**info, "templates": []}))
+    cfg = TrainConfig(data=DataConfig(train_shards=str(shards / "train"), val_shards=str(tmp_path / "val"),
+                                      batch_size=8),
+                      num_workers=1, eval_every_steps=2)
+    with pytest.raises(ValueError, match="has no class_names or templates"):
+        check_run(cfg)
+    cfg.data.val_shards = str(shards / "val")
+    check_run(cfg)
+
+
 def test_kd_train_eval_every_sets_the_field(shards):  # noqa: F811
     from cluster.cli.main import build_parser
     from cluster.cli.train import train_config_from_args
