@@ -21,10 +21,17 @@ from student_trainer.config import (
     TeacherSourceConfig,
     TrainConfig,
 )
-from student_trainer.factory import resolve_model
+from student_trainer.factory import check_model_config, resolve_model
 
 STUDENT = "digits-student"
 TEACHER = "digits-teacher"
+
+
+def check_models() -> None:
+    """The demo's teacher and student, checked as `kd train` checks a student (both are trained as
+    one), so a broken preset fails before Ray starts, not in the first run's workers."""
+    for model in (TEACHER, STUDENT):
+        check_model_config(ModelConfig(name=model))
 
 
 @dataclass

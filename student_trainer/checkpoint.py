@@ -18,7 +18,8 @@ from student_trainer.config import ModelConfig, TeacherSourceConfig, TrainConfig
 from student_trainer.factory import create_student, open_clip_model_cfg, student_shape
 from student_trainer.teacher.outputs import split_ensemble_fingerprint
 from teacher_service.atomic_files import write_atomic
-from teacher_service.model import load_checkpoint_strict, no_random_init_warning
+from teacher_service.model import load_checkpoint_strict
+from teacher_service.model_check import no_random_init_warning
 
 MODEL_FILE = "model.pt"
 MODEL_CONFIG_FILE = "model_config.json"

@@ -30,7 +30,8 @@ from student_trainer.events import EVAL_METRICS
 from student_trainer.factory import count_parameters
 from teacher_service.atomic_files import atomic_path
 from teacher_service.contract.augment import EVAL_RESIZE
-from teacher_service.model import load_checkpoint_strict, load_state_dict_file, no_random_init_warning
+from teacher_service.model import load_checkpoint_strict, load_state_dict_file
+from teacher_service.model_check import no_random_init_warning
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"

@@ -9,6 +9,7 @@ import open_clip
 import torch
 
 from student_trainer.config import ModelConfig
+from teacher_service.model_check import check_model, meta_model
 
 _TEXT_VOCAB = 49408
 
@@ -33,6 +34,10 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# how a student's model fields are named in errors: the run config's keys
+STUDENT_FIELDS = ("model.name", "model.pretrained", "model.overrides")
+
+
 def resolve_model(cfg: ModelConfig) -> tuple[str, dict]:
     """(open_clip architecture name, create_model kwargs) for a preset or a plain architecture."""
     if cfg.name in PRESETS:
@@ -41,11 +46,16 @@ def resolve_model(cfg: ModelConfig) -> tuple[str, dict]:
         overrides.update(copy.deepcopy(cfg.overrides))
         return preset["base"], overrides
     if cfg.name not in open_clip.list_models():
-        raise ValueError(
-            f"unknown model {cfg.name!r}: not an open_clip architecture nor a preset "
-            f"({', '.join(sorted(PRESETS))})"
-        )
+        check_model(cfg.name, fields=STUDENT_FIELDS, presets=PRESETS)  # names the nearest architectures and presets
     return cfg.name, copy.deepcopy(cfg.overrides)
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """The student's architecture (or preset), pretrained tag or file and overrides checked against
+    open_clip as a teacher's are (`teacher_service.model_check`), so a mistake fails on the driver
+    instead of in every Ray Train worker."""
+    arch, overrides = resolve_model(cfg)
+    check_model(arch, cfg.pretrained, overrides, fields=STUDENT_FIELDS, presets=PRESETS)
 
 
 # `open_clip.create_model` arguments that change the architecture, and the model_cfg entry each sets
@@ -90,8 +100,7 @@ def student_shape(cfg: ModelConfig) -> torch.nn.Module:
     teacher requests) before the real model is created. Leaves the global RNG as it found it, so
     the real model's initialisation does not depend on whether this was called."""
     arch, overrides = resolve_model(cfg)
-    with torch.random.fork_rng(devices=[]):
-        return open_clip.create_model(arch, pretrained=None, device="meta", output_dict=True, **overrides)
+    return meta_model(arch, output_dict=True, **overrides)
 
 
 def create_tokenizer(model: torch.nn.Module, cfg: ModelConfig) -> Callable:

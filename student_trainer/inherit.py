@@ -217,11 +217,9 @@ def _weights_only(cfg: TeacherConfig) -> TeacherConfig:
 
 def architecture_state(arch: str, overrides: dict) -> dict[str, torch.Tensor]:
     """The state dict of an open_clip architecture on the meta device: shapes without memory or init cost."""
-    import open_clip
+    from teacher_service.model_check import meta_model
 
-    with torch.device("meta"):
-        model = open_clip.create_model(arch, pretrained=None, device="meta", **overrides)
-    return model.state_dict()
+    return meta_model(arch, **overrides).state_dict()
 
 
 def check_inheritable(cfg: TrainConfig) -> dict:

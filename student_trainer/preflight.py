@@ -2,10 +2,10 @@
 
 Ray Train restarts the worker group after a failure (`max_failures`): right for a dead worker or
 replica, wrong for a configuration mistake, which fails the same way every time. Everything a run
-can know is wrong before it trains (shards, loss names, an empty or missing cache, a cache of
-another teacher or recipe, a teacher app that is not deployed, Embed-KD without centroids, a
-student that cannot inherit the teacher's weights, `send_pixels: reference` against a teacher that
-reads no shards) is refused here with one clear message; `run_training` calls it first.
+can know is wrong before it trains (the student's model, shards, loss names, an empty or missing
+cache, a cache of another teacher or recipe, a teacher app that is not deployed, Embed-KD without
+centroids, a student that cannot inherit the teacher's weights, `send_pixels: reference` against a
+teacher that reads no shards) is refused here with one clear message; `run_training` calls it first.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from student_trainer.config import TeacherSourceConfig, TrainConfig
 from student_trainer.data.batches import steps_per_epoch
+from student_trainer.factory import check_model_config
 from student_trainer.losses import ENSEMBLE_AVERAGES, LOSSES, OPTION_DEFAULTS, losses_needing_teacher
 from student_trainer.teacher.modes import TeacherMode
 from student_trainer.teacher.outputs import ensemble_fingerprint
@@ -27,6 +28,7 @@ def check_run(cfg: TrainConfig) -> None:
     With several teachers (`teacher.sources`) each is checked as a single one would be, and the
     errors name it."""
     cfg.validate()
+    check_model_config(cfg.model)  # an inline teacher's model was checked when its TeacherConfig was built
     members = cfg.teacher.members()
     shards = resolve_shards(cfg.data.train_shards)
     steps_per_epoch(shards, world_size=cfg.num_workers, batch_size=cfg.data.batch_size)

@@ -310,12 +310,16 @@ class TeacherConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field. The sections check their own fields
-        when built (`ServingConfig.validate`, `GrpcOptions.validate`); this checks the model's and the
+        when built (`ServingConfig.validate`, `GrpcOptions.validate`); this checks the model's (the
+        architecture, pretrained tag or file and overrides against open_clip: `model_check`) and the
         one rule across sections: a token file's weight caps within serving.max_run_weight."""
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model: expected a non-empty open_clip model name, got {self.model!r}")
         if not isinstance(self.overrides, dict):
             raise ValueError(f"overrides: expected a dict of create_model kwargs, got {type(self.overrides).__name__}")
+        from teacher_service.model_check import check_model
+
+        check_model(self.model, self.pretrained, self.overrides)  # open_clip's registry and files only: no download
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from teacher_service.config import TeacherConfig
 from teacher_service.contract.preprocess import PreprocessSpec, fit_context, preprocess_spec, to_model_input
+from teacher_service.model_check import no_random_init_warning
 
 log = logging.getLogger(__name__)
 
@@ -160,24 +161,6 @@ def load_checkpoint_strict(model: torch.nn.Module, path: str | os.PathLike) -> N
             f"{len(shapes)} shape mismatches {shapes[:5]}"
         )
     model.load_state_dict(state, strict=True)
-
-
-class _DropRandomInitWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("No pretrained weights loaded")
-
-
-@contextlib.contextmanager
-def no_random_init_warning():
-    """open_clip warns on the root logger that a model made without a pretrained tag is random;
-    a model whose weights come from a local file next (a teacher checkpoint, a student loaded for
-    evaluation) is not, so that warning would mislead."""
-    drop = _DropRandomInitWarning()
-    logging.getLogger().addFilter(drop)
-    try:
-        yield
-    finally:
-        logging.getLogger().removeFilter(drop)
 
 
 def load_teacher(cfg: TeacherConfig) -> FrozenTeacher:

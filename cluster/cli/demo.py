@@ -7,8 +7,9 @@ from cluster.cli.args import add_address, add_verbose
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cluster.demo import DemoConfig, run_demo
+    from cluster.demo import DemoConfig, check_models, run_demo
 
+    check_models()  # before the embedded cluster starts and the workdir is made
     cfg = DemoConfig(workdir=args.workdir, quick=args.quick, teacher_epochs=args.teacher_epochs,
                      student_epochs=args.student_epochs, address=args.address,
                      verbose=args.verbose, teachers=args.teachers)

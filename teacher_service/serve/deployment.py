@@ -24,6 +24,7 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from teacher_service.serve.batching import Queued, SampleBatcher
@@ -186,7 +187,18 @@ def build_app(cfg: TeacherConfig):
     return TeacherDeployment.options(**cfg.serving.serve_options()).bind(cfg.replica_dict())
 
 
+class ServeConfigError(ValueError, RayServeException):
+    """A Serve config whose `args` are not a valid teacher. Serve reports a RayServeException raised
+    by an app builder as the app's DEPLOY_FAILED message, as it is, once; any other exception it
+    retries in 3 more build tasks and reports as a traceback."""
+
+
 def app_builder(args: dict):
     """Serve config entry point (import_path teacher_service.serve.deployment:app_builder); `args` is a
-    TeacherConfig mapping: sectioned (model fields, `serving`, `grpc`) or the deprecated flat one."""
-    return build_app(TeacherConfig.from_dict(dict(args or {}), where="Serve config args"))
+    TeacherConfig mapping: sectioned (model fields, `serving`, `grpc`) or the deprecated flat one.
+    A bad config (an unknown model, a missing checkpoint, ...) fails `serve deploy` here, with the
+    message `kd teacher serve` prints for it, before any replica starts."""
+    try:
+        return build_app(TeacherConfig.from_dict(dict(args or {}), where="Serve config args"))
+    except ValueError as e:
+        raise ServeConfigError(str(e)) from None
