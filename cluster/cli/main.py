@@ -22,13 +22,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input or configuration: one `kd: error:` line, no traceback."""
-    from cluster.auth import ClusterAuthError
-    from teacher_service.app import TeacherUnavailableError
-    from teacher_service.cache import CacheError
+# the project's own errors that mean bad input: (module, class)
+PROJECT_USER_ERRORS = (("teacher_service.app", "TeacherUnavailableError"), ("teacher_service.cache", "CacheError"),
+                       ("cluster.auth", "ClusterAuthError"))
 
-    return (ValueError, FileNotFoundError, CacheError, TeacherUnavailableError, ClusterAuthError)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input or configuration: one `kd: error:` line, no traceback. The project's
+    own are taken from their modules only when those are loaded (one that is not raised nothing), so
+    a configuration refused before Ray starts is reported without importing Ray and Serve."""
+    errors: list[type[BaseException]] = [ValueError, FileNotFoundError]
+    for module, name in PROJECT_USER_ERRORS:
+        error = getattr(sys.modules.get(module), name, None)
+        if error is not None:
+            errors.append(error)
+    return tuple(errors)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,10 +37,10 @@ def teacher_config_from_args(args: argparse.Namespace):
 
 
 def cmd_teacher_serve(args: argparse.Namespace) -> int:
+    cfg = teacher_config_from_args(args)  # a bad config fails here, before Ray and Serve are even imported
     from cluster.local import init_ray
     from teacher_service.app import delete_teacher, deploy
 
-    cfg = teacher_config_from_args(args)
     print(init_ray(args.address))
     handle = deploy(cfg)  # with grpc.port: also the app's gRPC ingress, on this node
     info = handle.info.remote().result(timeout_s=600)
