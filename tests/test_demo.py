@@ -94,6 +94,7 @@ def test_quick_demo_with_two_teachers_adds_an_ensemble_student(tmp_path, monkeyp
     def fake_train(train_cfg, out_dir, verbose=False):
         trained[out_dir.name] = train_cfg
         out_dir.mkdir(parents=True)
+        (out_dir / "model.pt").write_bytes(b"stand-in weights")  # what the teacher's config is checked against
         return {"step": 2, "wall_time_s": 1.0, "run_dir": str(tmp_path / "runs" / train_cfg.run_name)}
 
     class Handle:  # deploy(cfg).info.remote().result(timeout_s=...)

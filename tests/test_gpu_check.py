@@ -10,6 +10,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -23,7 +24,7 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 
 
 def _script(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHON": shutil.which("python") or "python3", **(env or {})}
+    full_env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, env=full_env, check=False)
 

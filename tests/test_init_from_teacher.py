@@ -233,8 +233,8 @@ def checkpoint_of(result) -> tuple[dict[str, torch.Tensor], dict]:
 def test_a_run_starts_from_the_inherited_weights_and_a_resume_keeps_its_own(ray_cluster, shards, tmp_path):
     """lr 0 keeps the weights where they started, so the checkpoint after a step shows the start.
 
-    The resume names a teacher whose weights cannot be loaded (a checkpoint file that does not
-    exist): a resume that loaded the teacher again would fail; it restores its checkpoint instead."""
+    The resume names a teacher whose weights cannot be loaded (a file that is not a
+    checkpoint): a resume that loaded the teacher again would fail; it restores its checkpoint instead."""
     from student_trainer.train import run_training
     from teacher_service.model import load_teacher
 
@@ -255,7 +255,9 @@ def test_a_run_starts_from_the_inherited_weights_and_a_resume_keeps_its_own(ray_
     assert record["command"] == driver_command() and record["data"]["class_names"] == CLASS_NAMES
     assert record["config"]["model"]["init_from_teacher"] is True and record["config"]["run_name"] == "inherit"
 
-    other = TeacherConfig(model=TEACHER_ARCH, overrides=TEACHER_OVERRIDES, pretrained=str(tmp_path / "gone.pt"))
+    broken = tmp_path / "broken.pt"  # passes the driver's file check, fails any load
+    broken.write_bytes(b"not a checkpoint")
+    other = TeacherConfig(model=TEACHER_ARCH, overrides=TEACHER_OVERRIDES, pretrained=str(broken))
     result = run_training(run_cfg(shards, tmp_path, teacher=other, epochs=2))
     resumed, resumed_record = checkpoint_of(result)
     assert (result.metrics["step"], result.metrics["resumed_from_step"]) == (2, 1)

@@ -96,7 +96,7 @@ def test_each_teacher_has_its_own_rows_under_its_fingerprint(root, fingerprints)
         assert teachers[fp] == str(root / TEACHERS_DIR / fp)
         assert sorted(p.name for p in Path(teachers[fp]).iterdir()) == ["train-000000.parquet", "train-000001.parquet"]
         meta = read_meta(str(Path(teachers[fp]) / "train-000000.parquet"))
-        assert meta["fingerprint"] == fp and meta["teacher_config"] == TEACHERS[name].to_dict()
+        assert meta["fingerprint"] == fp and meta["teacher_config"] == TEACHERS[name].replica_dict()
     widths = {fp: EmbeddingCache.open(str(root), teacher=fp).embed_dim for fp in teachers}
     assert widths == {fingerprints["wide"]: 48, fingerprints["narrow"]: 32}
 

@@ -364,7 +364,8 @@ def test_answer_for_other_keys_raises(monkeypatch, sleeps):
 def test_stats_metrics_names():
     stats = TeacherStats(requests=3, samples=48, retries=1, wait_s=0.123456)
     assert stats.as_metrics() == {"teacher_requests": 3, "teacher_samples": 48, "teacher_samples_by_reference": 0,
-                                  "teacher_retries": 1, "teacher_wait_s": 0.1235}
+                                  "teacher_retries": 1, "teacher_wait_s": 0.1235,
+                                  "teacher_compute_s": 0.0}
 
 
 # ---------------------------------------------------------------------------------------------
