@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine: `make demo` and `make test` (each creates .venv first).
-# `make bench` runs the benchmark suite (BENCH_PRESET=smoke|cpu|gpu, default cpu) into benchmarks/results.
+# `make bench` runs the benchmark suite (`kd bench`, code in benchmarks/suite; BENCH_PRESET=smoke|cpu|gpu, default cpu)
+# into benchmarks/results.
 # `make reliability` reruns the fault and limit tests whose figures docs/reliability.md quotes and
 # writes those figures to benchmarks/results/reliability/*.json (one pytest per file: one Ray cluster at a time).
 PYTHON ?= python3

@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from cluster.bench.records import write_atomic
 from student_trainer.checkpoint import load_model_config, read_provenance
 from student_trainer.config import (
     DataConfig,
@@ -49,6 +48,7 @@ from student_trainer.config import (
 from student_trainer.factory import resolve_model
 from student_trainer.intervals import interval
 from student_trainer.losses import DEFAULT_WEIGHTS
+from teacher_service.atomic_files import write_atomic
 from teacher_service.config import ServingConfig, TeacherConfig
 
 STUDENT = "digits-student"

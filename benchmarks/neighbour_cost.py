@@ -32,7 +32,7 @@ CONDITIONS = ("idle", "teacher", "spin")
 
 
 def _models(preset_name: str):
-    from cluster.bench.config import preset
+    from benchmarks.suite.config import preset
 
     return preset(preset_name).models
 
@@ -153,7 +153,8 @@ def main() -> None:
         p.error(f"needs two cores, this process has {cores}")
     student = cores[0] if args.student_core is None else args.student_core
     other = cores[-1] if args.other_core is None else args.other_core
-    from cluster.bench.records import machine_info, write_atomic
+    from benchmarks.suite.records import machine_info
+    from teacher_service.atomic_files import write_atomic
 
     machine = machine_info({"student": 1, "teacher": 1})
     started = time.time()

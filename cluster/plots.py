@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from cluster.bench.records import write_atomic
+from teacher_service.atomic_files import write_atomic
 
 DPI = 110
 

@@ -22,10 +22,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.bench.records import write_atomic
 from cluster.plots import pyplot, save_png
 from student_trainer.curves import REACH_CLOCKS, final_value, first_reaching, read_curve
 from student_trainer.events import BY_SAMPLES
+from teacher_service.atomic_files import write_atomic
 
 EVAL_METRICS = ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "t2i_r1")
 SNAPSHOT = "checkpoint_manager_snapshot.json"

@@ -3,18 +3,20 @@ sizes on the shared Ray cluster, so the suite cannot rot. No timed assertions: o
 section produced well-formed records (finite values, the median within min..max, context)."""
 from __future__ import annotations
 
+import ast
 import builtins
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 
-from cluster.bench.config import SECTIONS, preset
-from cluster.bench.cores import plan_cores
-from cluster.bench.pool import identity_us_per_sample, reference_us_per_sample, reference_wire_bytes, wire_bytes
-from cluster.bench.records import Record
-from cluster.bench.report import write_outputs
+from benchmarks.suite.config import SECTIONS, preset
+from benchmarks.suite.cores import plan_cores
+from benchmarks.suite.pool import identity_us_per_sample, reference_us_per_sample, reference_wire_bytes, wire_bytes
+from benchmarks.suite.records import Record
+from benchmarks.suite.report import write_outputs
 from teacher_service.affinity import pin_process
 
 
@@ -74,10 +76,10 @@ def test_a_process_started_on_the_teachers_core_can_pin_itself_to_a_students_cor
 
 @TWO_CORES
 def test_an_embedded_benchs_driver_and_ray_processes_go_to_the_teachers_cores_and_nothing_else_moves():
-    from cluster.bench.cores import keep_ray_on_teacher_cores
+    from benchmarks.suite.cores import keep_ray_on_teacher_cores
 
     out = _in_a_fresh_process(
-        "import os; from cluster.bench.cores import keep_ray_on_teacher_cores, plan_cores\n"
+        "import os; from benchmarks.suite.cores import keep_ray_on_teacher_cores, plan_cores\n"
         "cores = sorted(os.sched_getaffinity(0)); plan = plan_cores(True, cores=cores)\n"
         "os.environ.pop('RAY_ADDRESS', None)\n"
         "print(keep_ray_on_teacher_cores(plan, None) == plan.teacher == sorted(os.sched_getaffinity(0)),"
@@ -99,7 +101,7 @@ def test_multi_clients_send_new_pixels_every_step_and_equal_ones_across_runs():
     """The pool coalesces by content: a client repeating its pixels would be answered from recent rows."""
     import numpy as np
 
-    from cluster.bench.multi import step_views
+    from benchmarks.suite.multi import step_views
     from teacher_service.contract.augment import image_sha256
 
     base = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
@@ -133,6 +135,27 @@ def test_presets_validate():
     cfg.students.pool_batch_requests = 0
     with pytest.raises(ValueError, match="pool_batch_requests"):
         cfg.validate()
+
+
+def _imports_of_benchmarks(tree: ast.AST) -> list[ast.stmt]:
+    return [node for node in ast.walk(tree)
+            if (isinstance(node, ast.Import) and any(a.name.split(".")[0] == "benchmarks" for a in node.names))
+            or (isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "benchmarks")]
+
+
+def test_only_the_kd_bench_entry_imports_measurement_code_and_only_when_it_runs():
+    """Measurement lives apart from the product (issue 27): no module of the product packages imports
+    `benchmarks`, except `kd bench`'s argument wiring, and that one inside its functions only."""
+    root = Path(__file__).resolve().parents[1]
+    importers = {}
+    for package in ("teacher_service", "student_trainer", "cluster"):
+        for path in sorted((root / package).rglob("*.py")):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            if _imports_of_benchmarks(tree):
+                importers[path.relative_to(root).as_posix()] = tree
+    assert set(importers) == {"cluster/cli/bench.py"}
+    wiring = importers["cluster/cli/bench.py"]
+    assert not [node for node in wiring.body if node in _imports_of_benchmarks(wiring)]  # none at module level
 
 
 def test_report_without_matplotlib_still_writes_json_and_markdown(tmp_path, monkeypatch):
@@ -203,7 +226,7 @@ def test_the_smoke_form_of_a_preset_keeps_its_structure_at_smoke_sizes():
     architecture families, thinned so a CPU box runs it (the full run: see issue 16's note)."""
     import open_clip
 
-    from cluster.bench.config import smoke_form
+    from benchmarks.suite.config import smoke_form
 
     gpu = preset("gpu")
     form = smoke_form(gpu).validate()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from benchmark_scripts import load_script
+from benchmarks import core_usage
 
 
 def test_the_student_core_is_split_into_the_student_and_everyone_else(tmp_path, capsys):
@@ -19,16 +19,15 @@ def test_the_student_core_is_split_into_the_student_and_everyone_else(tmp_path, 
                                   "13": ["ray::ServeReplica:app:TeacherDeployment", 0.40, [1]]}})
     path = tmp_path / "cores.jsonl"
     path.write_text("".join(json.dumps(s) + "\n" for s in samples))
-    load_script("core_usage").report(str(path), student_core=0, top=5)
+    core_usage.report(str(path), student_core=0, top=5)
     out = capsys.readouterr().out
     assert "0.900 of core 0" in out and "other processes on that core 6.0 %" in out and "steal 1.0 %" in out
     assert "pid 13 ray::ServeReplica" in out and "50 % of one core" in out  # (0.1 + 0.4) per second
 
 
 def test_it_reads_this_machines_cores_and_processes():
-    module = load_script("core_usage")
-    cores = module.core_times()
+    cores = core_usage.core_times()
     assert cores and all({"busy", "steal", "idle"} <= set(v) for v in cores.values())
-    cpu, affinity = module.process_times()[os.getpid()]
+    cpu, affinity = core_usage.process_times()[os.getpid()]
     assert cpu >= 0 and affinity == sorted(os.sched_getaffinity(0))
-    assert module.process_name(os.getpid()) != "?"
+    assert core_usage.process_name(os.getpid()) != "?"

@@ -6,9 +6,7 @@ import math
 
 import pytest
 
-from benchmark_scripts import load_script
-
-methods = load_script("methods")
+from benchmarks import methods
 
 
 def test_interval_is_the_student_t_95_percent_interval_of_the_mean():

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from benchmark_scripts import load_script
+from benchmarks import neighbour_cost
 
 
 def test_ratios_are_per_repeat_against_that_repeats_idle_run():
     results = {"idle": {"cpu_ms": [100.0, 200.0], "wall_ms": [100.0, 200.0]},
                "teacher": {"cpu_ms": [110.0, 200.0], "wall_ms": [120.0, 260.0]},
                "spin": {"cpu_ms": [100.0, 180.0], "wall_ms": [100.0, 180.0]}}
-    out = load_script("neighbour_cost").summarise(results)
+    out = neighbour_cost.summarise(results)
     assert out["idle"]["cpu_ms"]["ratio_to_idle_median"] == 1.0
     teacher = out["teacher"]["cpu_ms"]
     assert (teacher["ratio_min"], teacher["ratio_max"]) == pytest.approx((1.0, 1.1))  # 110/100, 200/200

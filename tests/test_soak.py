@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from tiny_models import tiny_teacher_overrides
 
-from cluster.soak import SoakConfig, format_report, memory_growth_mib, run_soak
+from benchmarks.soak import SoakConfig, format_report, memory_growth_mib, run_soak
 from teacher_service.config import GrpcOptions, ServingConfig, TeacherConfig
 
 pytestmark = pytest.mark.ray

@@ -118,7 +118,7 @@ def test_every_teacher_mode_flag_offers_every_mode():
 
 
 def test_the_bench_runs_every_mode_hybrid_before_cache():
-    from cluster.bench.config import MODES
+    from benchmarks.suite.config import MODES
 
     assert sorted(MODES) == sorted(TeacherMode.values()) and all(type(m) is str for m in MODES)
     assert MODES.index("hybrid") < MODES.index("cache")  # cache reads what the cold hybrid run filled

@@ -80,7 +80,7 @@ def gpu_config() -> GpuCheckConfig:
 def dry_run_config() -> GpuCheckConfig:
     """Every section and loop of the real run, tiny, on CPU: the bench's smoke form of the gpu
     preset's architectures (two layers at 32 px), a few requests and steps."""
-    from cluster.bench.config import preset, smoke_form
+    from benchmarks.suite.config import preset, smoke_form
 
     thin = smoke_form(preset("gpu")).models
     return GpuCheckConfig(

@@ -53,7 +53,7 @@ def machine_section() -> dict[str, Any]:
     GPUs and the library versions the check ran with."""
     import open_clip
 
-    from cluster.bench.records import machine_info
+    from benchmarks.suite.records import machine_info
 
     info = machine_info()
     gpus = gpu_details()

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cluster.bench.records import finite_json, now_iso
+from benchmarks.suite.records import finite_json, now_iso
 from teacher_service.atomic_files import write_atomic
 
 from benchmarks.gpu_check.config import SECTIONS

@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from cluster.bench.records import finite_json, machine_info, now_iso
+from benchmarks.suite.records import finite_json, machine_info, now_iso
 from teacher_service.atomic_files import write_atomic
 
 from benchmarks.gpu_check.config import SECTIONS, GpuCheckConfig
@@ -30,10 +30,10 @@ class Workspace:
         self._run = None
 
     def bench_run(self, section: str):
-        """The bench's run state (`cluster.bench.common.BenchRun`), Ray connected, shards written."""
-        from cluster.bench.common import BenchRun, architectures
-        from cluster.bench.config import BenchConfig, Models
-        from cluster.bench.cores import plan_cores
+        """The bench's run state (`benchmarks.suite.common.BenchRun`), Ray connected, shards written."""
+        from benchmarks.suite.common import BenchRun, architectures
+        from benchmarks.suite.config import BenchConfig, Models
+        from benchmarks.suite.cores import plan_cores
         from cluster.local import init_ray
         from student_trainer.data.write_shards import write_digits_shards
 

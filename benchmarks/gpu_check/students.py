@@ -19,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from cluster.bench.common import BenchRun, teacher_config, train_config
-from cluster.bench.students import PROFILED, pool_forward_s
+from benchmarks.suite.common import BenchRun, teacher_config, train_config
+from benchmarks.suite.students import PROFILED, pool_forward_s
 
 from benchmarks.gpu_check.machine import GpuMemorySampler
 

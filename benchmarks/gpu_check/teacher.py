@@ -18,8 +18,8 @@ from typing import Any
 
 import ray
 
-from cluster.bench.common import BenchRun, teacher_config
-from cluster.bench.pool import DirectForward, make_requests, served_rate
+from benchmarks.suite.common import BenchRun, teacher_config
+from benchmarks.suite.pool import DirectForward, make_requests, served_rate
 
 APP = "kd-gpu-check-pool"
 

@@ -1,4 +1,6 @@
-"""`kd bench` argument wiring (the suite itself is `cluster.bench.suite`)."""
+"""`kd bench` argument wiring only: the suite is measurement code, kept apart from the product in the
+top-level `benchmarks` package (`benchmarks.suite`), and imported here, in this command's functions
+alone, which is the one place product code reaches it."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +8,6 @@ import shlex
 import sys
 
 from cluster.cli.args import add_address, add_verbose
-from cluster.bench.config import MODES, PRESETS, SECTIONS, preset, smoke_form
 
 DESCRIPTION = """\
 Measure where the time and memory go, side by side in one run, and write
@@ -54,7 +55,8 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from cluster.bench.suite import run_suite
+    from benchmarks.suite.config import preset, smoke_form
+    from benchmarks.suite.run import run_suite
 
     cfg = preset(args.preset)
     if args.smoke_form:
@@ -79,6 +81,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub, fmt) -> None:
+    from benchmarks.suite.config import MODES, PRESETS, SECTIONS  # plain data: the choices below
+
     p = sub.add_parser("bench", formatter_class=argparse.RawDescriptionHelpFormatter, description=DESCRIPTION,
                        help="benchmark suite: throughput, memory, pool, cache, scale model")
     p.add_argument("--preset", choices=sorted(PRESETS), default="smoke", help="sizes (see above); default smoke")

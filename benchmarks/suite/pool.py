@@ -26,7 +26,7 @@ from teacher_service.app import deploy
 from teacher_service.grpc.codec import encode_embed_reply, encode_embed_request
 from teacher_service.contract.protocol import EmbedRequest, EmbedResponse
 
-from cluster.bench.common import BenchRun, teacher_config
+from benchmarks.suite.common import BenchRun, teacher_config
 
 SECTION = "pool"
 APP = "kd-bench-pool"

@@ -13,16 +13,16 @@ import time
 import traceback
 from pathlib import Path
 
-from cluster.bench.cache import run_cache
-from cluster.bench.common import BenchRun, architectures
-from cluster.bench.config import SECTIONS, BenchConfig
-from cluster.bench.cores import keep_ray_on_teacher_cores, plan_cores
-from cluster.bench.multi import run_multi
-from cluster.bench.pool import run_pool
-from cluster.bench.records import load_average, machine_info, now_iso
-from cluster.bench.report import write_outputs
-from cluster.bench.scale import run_scale
-from cluster.bench.students import run_students
+from benchmarks.suite.cache import run_cache
+from benchmarks.suite.common import BenchRun, architectures
+from benchmarks.suite.config import SECTIONS, BenchConfig
+from benchmarks.suite.cores import keep_ray_on_teacher_cores, plan_cores
+from benchmarks.suite.multi import run_multi
+from benchmarks.suite.pool import run_pool
+from benchmarks.suite.records import load_average, machine_info, now_iso
+from benchmarks.suite.report import write_outputs
+from benchmarks.suite.scale import run_scale
+from benchmarks.suite.students import run_students
 
 RUNNERS = {"students": run_students, "pool": run_pool, "multi": run_multi, "cache": run_cache, "scale": run_scale}
 APPS = ("kd-bench-teacher", "kd-bench-pool", "kd-bench-multi")

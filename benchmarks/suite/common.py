@@ -16,9 +16,9 @@ from student_trainer.config import (
 from student_trainer.factory import resolve_model
 from teacher_service.config import ServingConfig, TeacherConfig
 
-from cluster.bench.config import BenchConfig
-from cluster.bench.cores import CorePlan
-from cluster.bench.records import Record
+from benchmarks.suite.config import BenchConfig
+from benchmarks.suite.cores import CorePlan
+from benchmarks.suite.records import Record
 
 
 @dataclass

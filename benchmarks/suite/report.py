@@ -6,8 +6,10 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from cluster.bench.records import Record, finite_json, write_atomic
 from cluster.plots import pyplot, save_png
+from teacher_service.atomic_files import write_atomic
+
+from benchmarks.suite.records import Record, finite_json
 
 TITLES = {
     "students": "1. Student side, by teacher mode",

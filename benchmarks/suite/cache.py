@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.bench.common import BenchRun
+from benchmarks.suite.common import BenchRun
 
 SECTION = "cache"
 

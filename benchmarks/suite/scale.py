@@ -13,7 +13,7 @@ Inputs:
 from __future__ import annotations
 
 
-from cluster.bench.common import BenchRun
+from benchmarks.suite.common import BenchRun
 
 SECTION = "scale"
 PROFILE_SOURCE = "open_clip docs/model_profile.csv (github.com/mlfoundations/open_clip)"
@@ -73,7 +73,7 @@ def run_scale(run: BenchRun) -> None:
     serve_ratio = min(1.0, run.shared.get("serve_ratio", 1.0))
     req_bytes = run.shared.get("wire_scale", (None, None))[0]
     if req_bytes is None:
-        from cluster.bench.pool import wire_bytes
+        from benchmarks.suite.pool import wire_bytes
 
         req_bytes = wire_bytes(64, sc.image_size, sc.context_length, sc.embed_dim)[0]
     eff = measured_efficiency_ratio(run)
@@ -87,7 +87,7 @@ def run_scale(run: BenchRun) -> None:
             kind="model", note=note)
     for student in sc.students:
         _student_rows(run, student, teacher_sps, base, eff, note)
-    from cluster.bench.pool import reference_wire_bytes
+    from benchmarks.suite.pool import reference_wire_bytes
 
     ref_bytes = reference_wire_bytes(64, sc.image_size, sc.context_length)
     for gbps in sc.link_gbps:

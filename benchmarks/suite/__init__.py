@@ -1,8 +1,9 @@
 """`kd bench`: where the time and memory go, measured side by side in one run.
 
-The suite lives in `cluster/` (not in the top-level `benchmarks/` folder) because `kd` is an
-installed entry point and `benchmarks/` is not an installed package: `cluster` is, and imports
-flow cluster → student_trainer → teacher_service, which is what every section needs.
+Measurement lives apart from the product: `kd bench` (`cluster/cli/bench.py`) only parses its
+arguments and imports this package when it runs; `run.run_suite` is what it calls. The package
+is installed with the product (pyproject's packages), and imports flow one way: benchmarks →
+cluster → student_trainer → teacher_service, never back.
 
 Sections (each writes `Record`s, see `records`):
 - `students`: samples/s, peak memory and teacher-seconds of one student by teacher mode;

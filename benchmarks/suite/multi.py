@@ -20,7 +20,7 @@ import ray
 
 from teacher_service.app import collect_stats, deploy
 
-from cluster.bench.common import BenchRun, teacher_config, train_config
+from benchmarks.suite.common import BenchRun, teacher_config, train_config
 
 SECTION = "multi"
 APP = "kd-bench-multi"

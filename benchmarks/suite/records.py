@@ -114,15 +114,6 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def write_atomic(path: Path, text: str | bytes) -> Path:
-    """Write to `<name>.tmp-<pid>` then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    (tmp.write_bytes if isinstance(text, bytes) else tmp.write_text)(text)
-    os.replace(tmp, path)
-    return path
-
-
 def finite_json(obj: Any) -> str:
     """JSON with NaN/inf refused (a figure that is not a number must not pass as one)."""
     return json.dumps(obj, indent=2, allow_nan=False, default=_plain)

@@ -25,8 +25,8 @@ from student_trainer.train import run_training
 from teacher_service.app import collect_stats, deploy
 from teacher_service.shards import resolve_shards, shard_sample_counts
 
-from cluster.bench.common import BenchRun, teacher_config, train_config
-from cluster.bench.config import MODES
+from benchmarks.suite.common import BenchRun, teacher_config, train_config
+from benchmarks.suite.config import MODES
 
 PROFILED = (*PARTS, "compute_cpu", "background_cpu")
 CPU_NOTES = {
