@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -22,6 +21,7 @@ from student_trainer.config import (
     TrainConfig,
 )
 from student_trainer.factory import check_model_config, resolve_model
+from teacher_service.atomic_files import atomic_path, write_atomic
 
 STUDENT = "digits-student"
 TEACHER = "digits-teacher"
@@ -87,17 +87,13 @@ def _train(train_cfg: TrainConfig, out_dir: Path, verbose: bool = False) -> dict
     start = time.perf_counter()
     result = run_training(train_cfg, verbose=verbose)
     wall = time.perf_counter() - start
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with result.checkpoint.as_directory() as d:
-        shutil.copytree(d, tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
     metrics = dict(result.metrics or {})
     metrics["wall_time_s"] = round(wall, 1)
     metrics["tensorboard"] = tensorboard_dir(train_cfg.with_absolute_paths().storage_path, train_cfg.run_name)
     metrics["run_dir"] = str(Path(train_cfg.with_absolute_paths().storage_path) / train_cfg.run_name)
-    (out_dir / "run_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    with atomic_path(out_dir, replace_dir=True) as tmp, result.checkpoint.as_directory() as d:
+        shutil.copytree(d, tmp)  # the folder appears whole, its metrics with it, or the old one stays
+        (tmp / "run_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     return metrics
 
 
@@ -151,7 +147,7 @@ def _ensure_teacher(cfg: DemoConfig, stamp: str, epochs: int, data_dir: Path, in
     run = _run_cfg(cfg, f"demo-teacher-{stamp}{suffix}", TEACHER, epochs, TeacherSourceConfig(mode="none"),
                    {"clip": 1.0})
     metrics = _train(run, teacher_dir, cfg.verbose)
-    (teacher_dir / TEACHER_STAMP).write_text(json.dumps(identity, indent=2))
+    write_atomic(teacher_dir / TEACHER_STAMP, json.dumps(identity, indent=2))
     return teacher_dir, metrics
 
 
@@ -327,9 +323,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     exported = [export_checkpoint(workdir / n, workdir / "export" / n, force=True) for n in students]
     _say(f"students exported for open_clip alone (create_model_and_transforms('local-dir:DIR')): {', '.join(map(str, exported))}")
     report = _demo_report(cfg, rows, infos, (teacher_epochs, student_epochs), demo_start)
-    tmp = workdir / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, workdir / "report.json")
+    write_atomic(workdir / "report.json", json.dumps(report, indent=2))
     report = write_report([Path(m["run_dir"]) for m in students.values()], workdir)  # PNGs
     print("\n" + format_table(rows) + "\n", flush=True)
     _say_outcome(cfg, report, workdir)

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from teacher_service.atomic_files import write_atomic
 from teacher_service.config import TeacherConfig, check_cores, check_placement, nest_flat_keys, warn_flat_keys
 from teacher_service.private_files import check_under_roots, write_roots
 
@@ -296,7 +297,8 @@ class TrainConfig:
         return cls.from_dict(data)
 
     def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write atomically: a run started from this file never reads half of it."""
+        write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _validate_source(t: TeacherSourceConfig, p: str) -> None:

@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from teacher_service.atomic_files import write_atomic
+
 PRECISIONS = ("fp32", "fp16", "bf16")
 BATCHERS = ("fill", "serve")
 ROUTINGS = ("view_affinity", "power_of_two")
@@ -398,12 +400,8 @@ class TeacherConfig:
             raise ValueError(f"{path}: {e}") from e
 
     def to_yaml(self, path: str | os.PathLike) -> None:
-        """Write atomically (tmp file + os.replace)."""
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
-        os.replace(tmp, path)
+        """Write atomically: a reader (a `kd teacher serve --config` elsewhere) sees the whole file or none."""
+        write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 SECTIONS: dict[str, type] = {"serving": ServingConfig, "grpc": GrpcOptions}

@@ -24,6 +24,18 @@ def test_train_config_yaml_round_trip(tmp_path):
     assert again.optim.betas == (0.9, 0.95)
 
 
+def test_train_config_is_written_atomically_over_an_old_one(tmp_path):
+    """A new file moved into place, never the old one rewritten in place: a reader that opened the old
+    config still reads all of it, and no temporary is left beside it."""
+    path = tmp_path / "run.yaml"
+    TrainConfig(run_name="old").to_yaml(path)
+    with open(path) as reader:
+        TrainConfig(run_name="new").to_yaml(path)
+        assert "run_name: old" in reader.read()
+    assert TrainConfig.from_yaml(path).run_name == "new"
+    assert os.listdir(tmp_path) == ["run.yaml"]
+
+
 def test_unknown_keys_are_named():
     with pytest.raises(ValueError, match="data.batchsize"):
         TrainConfig.from_dict({"data": {"batchsize": 3}})

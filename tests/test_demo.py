@@ -168,6 +168,44 @@ def test_quick_demo_with_two_teachers_adds_an_ensemble_student(tmp_path, monkeyp
     assert exported == {n: (tmp_path / "demo" / "export" / n, True) for n in students}
 
 
+def test_a_trained_checkpoint_replaces_the_old_folder_whole_or_not_at_all(tmp_path, monkeypatch):
+    """`_train` copies the run's final checkpoint, with its run_metrics.json, over an earlier folder:
+    a reader sees the old folder or the new one, and a copy that fails leaves the old one and no
+    temporary. Training stood in for (a checkpoint folder holding model.pt)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import student_trainer.train
+    from cluster.demo import _train
+    from student_trainer.config import DataConfig, TrainConfig
+    from teacher_service.atomic_files import TMP_MARK
+
+    checkpoint = tmp_path / "ray-checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "model.pt").write_bytes(b"new weights")
+    result = SimpleNamespace(metrics={"step": 7},
+                             checkpoint=SimpleNamespace(as_directory=lambda: contextlib.nullcontext(checkpoint)))
+    monkeypatch.setattr(student_trainer.train, "run_training", lambda cfg, verbose=False: result)
+    out = tmp_path / "demo" / "teacher"
+    out.mkdir(parents=True)
+    (out / "model.pt").write_bytes(b"old weights")
+    (out / "stale.txt").write_text("from the earlier run")
+    run = TrainConfig(run_name="t", storage_path=str(tmp_path / "runs"), data=DataConfig(train_shards="x.tar"))
+
+    metrics = _train(run, out)
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt", "run_metrics.json"]
+    assert (out / "model.pt").read_bytes() == b"new weights"
+    assert json.loads((out / "run_metrics.json").read_text()) == json.loads(json.dumps(metrics, default=str))
+    assert metrics["step"] == 7 and metrics["run_dir"] == str(tmp_path / "runs" / "t")
+
+    (checkpoint / "model.pt").write_bytes(b"newer weights")
+    monkeypatch.setattr("shutil.copytree", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        _train(run, out)
+    assert (out / "model.pt").read_bytes() == b"new weights"
+    assert not [p for p in out.parent.iterdir() if TMP_MARK in p.name]
+
+
 def test_a_teacher_left_in_the_workdir_is_checked_before_it_is_reused(demo):
     """Reused only for the same architecture, data, seed and epochs (this test edits the workdir: last)."""
     from cluster.demo import reusable_teacher, teacher_identity

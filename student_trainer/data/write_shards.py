@@ -7,8 +7,8 @@ is known, ``<key>.cls``. A ``dataset.json`` next to the shards records class nam
 templates (the digits' own, else the generic ones of `student_trainer.data.templates` unless the
 caller names others) and per-shard sample counts, so readers can balance ranks without scanning tars.
 
-Every file is written to ``<name>.tmp-<pid>`` and moved into place with ``os.replace``, so a
-crash never leaves a half-written shard. Tar headers carry a fixed mtime/owner and members are
+Every file is written under a temporary name and moved into place (``teacher_service.atomic_files``),
+so a crash never leaves a half-written shard. Tar headers carry a fixed mtime/owner and members are
 written in a fixed order, so the same inputs give byte-identical shards.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from student_trainer.data.templates import GENERIC_TEMPLATES, check_templates
+from teacher_service.atomic_files import atomic_path, write_atomic
 from teacher_service.shards import DATASET_INFO, ImageDecodeError, decode_rgb8
 
 CLASS_NAMES: list[str] = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -69,24 +70,12 @@ class ShardSummary:
 
 
 # ---------------------------------------------------------------------------------------------
-# atomic file helpers
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as stream:
-            stream.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+# writing files (atomically: teacher_service.atomic_files)
 
 
 def _write_tar(path: Path, samples: list[dict[str, bytes]]) -> None:
     """Write ``samples`` (``{"__key__": str, ext: bytes}``) as a reproducible tar, atomically."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as stream, tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
             for sample in samples:
                 key = sample["__key__"]
@@ -98,10 +87,6 @@ def _write_tar(path: Path, samples: list[dict[str, bytes]]) -> None:
                     info.uid = info.gid = 0
                     info.uname = info.gname = "kd"
                     tar.addfile(info, io.BytesIO(sample[ext]))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _remove_stale_shards(out_dir: Path, split: str, keep: list[str]) -> None:
@@ -120,7 +105,7 @@ def _update_dataset_info(out_dir: Path, split: str, shard_names: list[str], coun
     info.setdefault("templates", list(GENERIC_TEMPLATES))
     info.setdefault("splits", {})
     info["splits"][split] = {"shards": shard_names, "samples": int(sum(counts)), "samples_per_shard": counts}
-    _atomic_write_bytes(path, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    write_atomic(path, json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
 def _stable_int(*parts: object) -> int:

@@ -23,8 +23,9 @@ key, view)``.
 File kinds are told apart by name: shard files from ``kd precompute``, ``append-*`` files (unique
 per writer, so concurrent appenders never touch the same file), ``compacted-*`` from
 :func:`compact`, and ``centroids.parquet`` (Embed-KD class centroids, not rows). Every write is a
-tmp file plus ``os.replace``, so readers see whole files or nothing; a truncated or corrupt file
-raises :class:`CacheCorruptError` naming it (pages carry checksums). Readers dedupe on ``(key, view)``.
+temporary file moved into place (``teacher_service.atomic_files``), so readers see whole files or
+nothing; a truncated or corrupt file raises :class:`CacheCorruptError` naming it (pages carry
+checksums). Readers dedupe on ``(key, view)``.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from teacher_service.atomic_files import TMP_MARK, atomic_path
 from teacher_service.private_files import make_private, make_private_dir
 from teacher_service.contract.augment import recipe_differences
 
@@ -198,22 +200,16 @@ def rows_table(meta: dict, keys: list[str], views, image_emb: np.ndarray, text_e
 
 
 def write_table_atomic(table: pa.Table, path: str) -> str:
-    """Write ``table`` to ``path`` via ``<path>.tmp-<pid>-<rand>`` + fsync + ``os.replace``.
+    """Write ``table`` to ``path`` atomically and durably (`atomic_path` with fsync: rows a crash
+    must not lose), owner-only before it is visible.
 
     Embeddings are stored uncompressed without dictionaries (fp16 noise does not compress) and
     every page carries a CRC so a flipped byte is caught on read.
     """
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        pq.write_table(table, tmp, compression="none", use_dictionary=False, write_page_checksum=True,
+    with atomic_path(path, fsync=True) as tmp:
+        pq.write_table(table, str(tmp), compression="none", use_dictionary=False, write_page_checksum=True,
                        row_group_size=_ROW_GROUP_ROWS)
         make_private(tmp)  # embeddings are a run's expensive output: owner-only on a shared machine
-        with open(tmp, "rb+") as stream:
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -653,7 +649,7 @@ def remove_stale_tmp(path: str, older_than_s: float = STALE_TMP_S) -> list[str]:
     space); files touched within ``older_than_s`` may be a write in progress and are kept."""
     cutoff = time.time() - older_than_s
     removed = []
-    for tmp in glob.glob(os.path.join(glob.escape(path), "*.parquet.tmp-*")):
+    for tmp in glob.glob(os.path.join(glob.escape(path), f"*.parquet{TMP_MARK}*")):
         with contextlib.suppress(FileNotFoundError):
             if os.stat(tmp).st_mtime < cutoff:
                 os.unlink(tmp)

@@ -2,15 +2,17 @@
 
 The .proto is compiled relative to the repository root so the generated modules import each other
 as `teacher_service.grpc.proto.teacher_pb2` (a flat `import teacher_pb2` would break inside the
-package). Output is written to a temporary directory and moved into place (atomic per file).
+package). protoc writes to a temporary directory; each stub then goes atomically into place
+(`write_atomic`).
 """
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+from teacher_service.atomic_files import write_atomic
 
 PROTO_DIR = Path(__file__).resolve().parent
 ROOT = PROTO_DIR.parents[2]
@@ -35,16 +37,9 @@ def generate(out_root: str | os.PathLike | None = None) -> list[Path]:
     """Write the stubs under `out_root`/teacher_service/grpc/proto (default: in place); return their paths."""
     with tempfile.TemporaryDirectory() as tmp:
         protoc(f"--python_out={tmp}", f"--grpc_python_out={tmp}")
+        built = Path(tmp) / PROTO_DIR.relative_to(ROOT)
         dest = Path(out_root) / PROTO_DIR.relative_to(ROOT) if out_root else PROTO_DIR
-        dest.mkdir(parents=True, exist_ok=True)
-        written = []
-        for name in STUBS:
-            target = dest / name
-            staged = target.with_name(f"{name}.tmp-{os.getpid()}")
-            shutil.copyfile(Path(tmp) / PROTO_DIR.relative_to(ROOT) / name, staged)
-            os.replace(staged, target)
-            written.append(target)
-    return written
+        return [write_atomic(dest / name, (built / name).read_bytes()) for name in STUBS]
 
 
 def descriptor_set(out_file: str | os.PathLike) -> None:
