@@ -714,7 +714,7 @@ def rerender(out: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- main
-def main(argv: Optional[list[str]] = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher-dir", help="student-format teacher checkpoint dir (required to train)")
     parser.add_argument("--data-dir", help="digits shards (default: <teacher-dir>/../data, else written)")
@@ -750,35 +750,43 @@ def main(argv: Optional[list[str]] = None) -> dict:
                              f"'clip + {ENSEMBLE_METHOD} (teacher 2)' and '(teachers 1 + 2)' (an ensemble of both pools)")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite the .md from the existing .json (no training)")
+    return parser
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The arguments, refused before anything starts where they cannot make a report."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.render_only:
-        return rerender(Path(args.out))
+        return args
     if not args.teacher_dir:
         parser.error("--teacher-dir is required (a trained teacher, e.g. the demo's <workdir>/teacher)")
     if args.choose and Path(args.choose).resolve() == Path(args.out).with_suffix(".json").resolve():
         parser.error(f"--choose {args.choose} is the report's own JSON (--out {args.out} writes it): the chosen "
                      f"factors would replace the runs; name another file, e.g. methods_weights.json")
+    return args
 
-    from ray import serve
 
-    from cluster.local import init_ray
-    from student_trainer.evaluate import evaluate_teacher
-    from student_trainer.factory import count_parameters, create_student
-    from teacher_service.app import deploy
-
-    print(init_ray(args.address, quiet=True), flush=True)
-    teacher_dir = Path(args.teacher_dir).resolve()
-    tcfg = teacher_config(teacher_dir)
-    data = find_data(args)
+def rows_to_run(args: argparse.Namespace) -> tuple[dict[str, dict], Optional[dict]]:
+    """The table's rows (`methods_to_run`, plus the ensemble rows with a second teacher) and the
+    calibration their weights come from (`--weights-from`), if any."""
     calibration = json.loads(Path(args.weights_from).read_text()) if args.weights_from else None
     chosen = {m: c["factor"] for m, c in calibration["methods"].items()} if calibration else None
     extra = ensemble_rows(chosen) if args.second_teacher_dir else {}
     only = [n for n in args.only if n not in extra] if args.only else None
     methods = methods_to_run(args.with_siglip, only, args.with_inherit, tuple(args.grid), chosen)
     methods.update({k: v for k, v in extra.items() if not args.only or k in args.only})
-    out = Path(args.out)
+    return methods, calibration
+
+
+def new_report(args: argparse.Namespace, argv: Optional[list[str]], data: Path, tcfg: TeacherConfig,
+               tcfg_2: Optional[TeacherConfig], methods: dict[str, dict], calibration: Optional[dict]) -> dict:
+    """The report before any run: what was run, on what, and both teachers evaluated on the val split."""
+    from student_trainer.evaluate import evaluate_teacher
+    from student_trainer.factory import count_parameters, create_student
+
+    teacher_dir = Path(args.teacher_dir).resolve()
     teacher_eval = evaluate_teacher(tcfg, str(data / "val-*.tar"))
-    tcfg_2 = teacher_config(Path(args.second_teacher_dir).resolve(), APP_2) if args.second_teacher_dir else None
     second = {}
     if tcfg_2 is not None:
         eval_2 = evaluate_teacher(tcfg_2, str(data / "val-*.tar"))
@@ -786,32 +794,28 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                      "model": load_model_config(Path(args.second_teacher_dir)).name,
                                      "overrides": tcfg_2.overrides, "fingerprint": eval_2.pop("fingerprint", None),
                                      "eval": eval_2}}
-    report = {
-        "meta": {
-            "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python " + shlex.join([sys.argv[0], *(argv or sys.argv[1:])]),
-            "machine": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU, "
-                       f"torch 1 thread per worker",
-            "epochs": args.epochs, "batch_size": args.batch_size, "workers": args.workers,
-            "global_batch": args.batch_size * args.workers, "seeds": args.seeds,
-            "teacher_dir": str(teacher_dir), "teacher_model": load_model_config(teacher_dir).name,
-            "teacher_mode": args.teacher_mode, "teacher_fingerprint": teacher_eval.get("fingerprint"),
-            "teacher_eval": {k: v for k, v in teacher_eval.items() if k != "fingerprint"},
-            "student_params": count_parameters(create_student(ModelConfig(name=STUDENT))),
-            "data_dir": str(data),
-            "load_avg_1m_start": round(os.getloadavg()[0], 2), "concurrent": args.concurrent,
-            "calibration": {**calibration, "file": args.weights_from} if calibration else None,
-            **model_facts(teacher_dir), **second,
-        },
-        "methods": methods, "runs": {name: [] for name in methods},
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python " + shlex.join([sys.argv[0], *(argv or sys.argv[1:])]),
+        "machine": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU, "
+                   f"torch 1 thread per worker",
+        "epochs": args.epochs, "batch_size": args.batch_size, "workers": args.workers,
+        "global_batch": args.batch_size * args.workers, "seeds": args.seeds,
+        "teacher_dir": str(teacher_dir), "teacher_model": load_model_config(teacher_dir).name,
+        "teacher_mode": args.teacher_mode, "teacher_fingerprint": teacher_eval.get("fingerprint"),
+        "teacher_eval": {k: v for k, v in teacher_eval.items() if k != "fingerprint"},
+        "student_params": count_parameters(create_student(ModelConfig(name=STUDENT))),
+        "data_dir": str(data),
+        "load_avg_1m_start": round(os.getloadavg()[0], 2), "concurrent": args.concurrent,
+        "calibration": {**calibration, "file": args.weights_from} if calibration else None,
+        **model_facts(teacher_dir), **second,
     }
-    bench_start = time.perf_counter()
-    import ray
+    return {"meta": meta, "methods": methods, "runs": {name: [] for name in methods}}
 
-    address = ray.get_runtime_context().gcs_address
-    if args.teacher_mode == "remote":
-        deploy(tcfg).info.remote().result(timeout_s=300)
-    if tcfg_2 is not None:
-        deploy(tcfg_2).info.remote().result(timeout_s=300)
+
+def runs_to_train(args: argparse.Namespace, report: dict) -> list[tuple[str, dict, int]]:
+    """Every (row, spec, seed) of the table, less those an earlier report (`--reuse-from`) already
+    ran under the same budget, teacher and data: those go into `report` as they are."""
+    methods = report["methods"]
     items = [] if args.cost_only else [(name, spec, seed) for seed in args.seeds for name, spec in methods.items()]
     reusable = reusable_runs(args.reuse_from, report["meta"], methods)
     reused = [(name, seed) for name, _, seed in items if (name, seed) in reusable]
@@ -821,6 +825,23 @@ def main(argv: Optional[list[str]] = None) -> dict:
     report["meta"].update(reused_runs=len(reused), reuse_from=args.reuse_from)
     if reused:
         print(f"reused {len(reused)} runs from {args.reuse_from}; {len(items)} to train", flush=True)
+    return items
+
+
+def train_table(args: argparse.Namespace, report: dict, data: Path, tcfg: TeacherConfig,
+                tcfg_2: Optional[TeacherConfig], address: str, out: Path) -> None:
+    """The table's runs, `--concurrent` at a time on the shared pool(s), the report saved after each
+    group (a long benchmark stopped halfway keeps what it measured); the pools are deleted after."""
+    from ray import serve
+
+    from teacher_service.app import deploy
+
+    bench_start = time.perf_counter()
+    if args.teacher_mode == "remote":
+        deploy(tcfg).info.remote().result(timeout_s=300)
+    if tcfg_2 is not None:
+        deploy(tcfg_2).info.remote().result(timeout_s=300)
+    items = runs_to_train(args, report)
     groups = [items[i:i + args.concurrent] for i in range(0, len(items), args.concurrent)]
     try:
         start_counts = pool_counts(APP) if args.teacher_mode == "remote" else None
@@ -842,16 +863,43 @@ def main(argv: Optional[list[str]] = None) -> dict:
             serve.delete(APP)
         if tcfg_2 is not None:
             serve.delete(APP_2)
+
+
+def cost_table(args: argparse.Namespace, report: dict, data: Path, tcfg: TeacherConfig, address: str,
+               out: Path) -> None:
+    """`--cost-row` in every `--cost-modes` mode (`run_costs`), saved with its plot."""
+    from ray import serve
+
+    if args.cost_row not in report["methods"]:
+        raise SystemExit(f"--cost-row {args.cost_row!r} is not one of the rows run: {list(report['methods'])}")
+    try:
+        report["meta"]["cost_row"] = args.cost_row
+        report["cost"] = run_costs(args, data, args.cost_row, report["methods"][args.cost_row], tcfg, address)
+        save(report, out)
+        plot_cost(report, out.with_name(out.stem + "_cost.png"))
+    finally:
+        serve.delete(APP)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = parse_args(argv)
+    if args.render_only:
+        return rerender(Path(args.out))
+    import ray
+
+    from cluster.local import init_ray
+
+    print(init_ray(args.address, quiet=True), flush=True)
+    tcfg = teacher_config(Path(args.teacher_dir).resolve())
+    tcfg_2 = teacher_config(Path(args.second_teacher_dir).resolve(), APP_2) if args.second_teacher_dir else None
+    data = find_data(args)
+    methods, calibration = rows_to_run(args)
+    out = Path(args.out)
+    report = new_report(args, argv, data, tcfg, tcfg_2, methods, calibration)
+    address = ray.get_runtime_context().gcs_address
+    train_table(args, report, data, tcfg, tcfg_2, address, out)
     if args.cost_row:
-        if args.cost_row not in methods:
-            raise SystemExit(f"--cost-row {args.cost_row!r} is not one of the rows run: {list(methods)}")
-        try:
-            report["meta"]["cost_row"] = args.cost_row
-            report["cost"] = run_costs(args, data, args.cost_row, methods[args.cost_row], tcfg, address)
-            save(report, out)
-            plot_cost(report, out.with_name(out.stem + "_cost.png"))
-        finally:
-            serve.delete(APP)
+        cost_table(args, report, data, tcfg, address, out)
     if args.choose:
         picked = {"seeds": args.seeds, "grid": args.grid, "epochs": args.epochs, "from": str(out),
                   "methods": choose_factors(report)}

@@ -101,3 +101,31 @@ def test_the_chosen_factors_may_not_replace_the_calibration_report(tmp_path, cap
         methods.main(["--teacher-dir", str(tmp_path), "--out", str(out), "--choose", str(tmp_path / "cal.json")])
     assert "is the report's own JSON" in capsys.readouterr().err
     assert not (tmp_path / "cal.json").exists()
+
+
+def test_the_rows_take_the_calibrated_weights_and_reused_runs_are_not_trained_again(tmp_path):
+    """`main`'s steps before training: the rows at the factors a --choose file picked (with the
+    ensemble rows of a second teacher, --only keeping some), then the runs an earlier report made
+    under the same budget go into this report and only the others are trained."""
+    cal = tmp_path / "weights.json"
+    cal.write_text(methods.json.dumps({"methods": {"fd": {"factor": 0.25}}}))
+    args = methods.parse_args(["--teacher-dir", str(tmp_path), "--weights-from", str(cal), "--seeds", "0", "1",
+                               "--second-teacher-dir", str(tmp_path), "--only", "no teacher (clip)", "clip + fd",
+                               "clip + icl (teacher 2)"])
+    rows, calibration = methods.rows_to_run(args)
+    assert list(rows) == ["no teacher (clip)", "clip + fd", "clip + icl (teacher 2)"]
+    assert rows["clip + fd"]["losses"]["fd"] == 0.25 * methods.DEFAULT_WEIGHTS["fd"]
+    assert rows["clip + icl (teacher 2)"]["apps"] == [methods.APP_2] and calibration["methods"]["fd"]["factor"] == 0.25
+
+    meta = {"epochs": 10, "batch_size": 64, "workers": 2, "teacher_mode": "remote",
+            "teacher_fingerprint": "abc", "data_dir": "/d"}
+    old = tmp_path / "old.json"
+    old.write_text(methods.json.dumps({"meta": meta, "methods": {"clip + fd": rows["clip + fd"]},
+                                       "runs": {"clip + fd": [{"seed": 1, "zero_shot_top1": 0.7}]}}))
+    args = methods.parse_args(["--teacher-dir", str(tmp_path), "--seeds", "0", "1", "--reuse-from", str(old)])
+    report = {"meta": dict(meta), "methods": rows, "runs": {name: [] for name in rows}}
+    items = methods.runs_to_train(args, report)
+    assert [(name, seed) for name, _, seed in items] == [(n, s) for s in (0, 1) for n in rows if (n, s) != ("clip + fd", 1)]
+    assert report["runs"]["clip + fd"] == [{"seed": 1, "zero_shot_top1": 0.7, "reused_from": str(old)}]
+    assert report["meta"]["reused_runs"] == 1
+    assert methods.runs_to_train(methods.parse_args(["--teacher-dir", str(tmp_path), "--cost-only"]), report) == []
