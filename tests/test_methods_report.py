@@ -129,3 +129,24 @@ def test_the_rows_take_the_calibrated_weights_and_reused_runs_are_not_trained_ag
     assert report["runs"]["clip + fd"] == [{"seed": 1, "zero_shot_top1": 0.7, "reused_from": str(old)}]
     assert report["meta"]["reused_runs"] == 1
     assert methods.runs_to_train(methods.parse_args(["--teacher-dir", str(tmp_path), "--cost-only"]), report) == []
+
+
+def test_the_arguments_are_refused_before_anything_starts_and_the_grid_rows_follow_the_flags(tmp_path, capsys):
+    """`parse_args` refuses a run with no teacher (but not --render-only, which trains nothing);
+    `rows_to_run` without a calibration gives every grid factor, SigLIP and each row's inherit twin."""
+    with pytest.raises(SystemExit):
+        methods.parse_args(["--out", str(tmp_path / "m.md")])
+    assert "--teacher-dir is required" in capsys.readouterr().err
+    assert methods.parse_args(["--render-only", "--out", str(tmp_path / "m.md")]).teacher_dir is None
+
+    args = methods.parse_args(["--teacher-dir", str(tmp_path), "--grid", "0.5", "2", "--with-siglip",
+                               "--with-inherit", "--only", "no teacher (siglip)", "clip + kl ×0.5",
+                               "clip + kl ×2 (init from teacher)"])
+    rows, calibration = methods.rows_to_run(args)
+    assert calibration is None
+    assert list(rows) == ["no teacher (siglip)", "clip + kl ×0.5", "clip + kl ×2 (init from teacher)"]
+    assert rows["no teacher (siglip)"]["losses"] == {"siglip": 1.0} and not rows["no teacher (siglip)"]["teacher"]
+    assert rows["clip + kl ×0.5"]["losses"]["kl"] == 0.5 * methods.DEFAULT_WEIGHTS["kl"]
+    assert not rows["clip + kl ×0.5"]["inherit"] and rows["clip + kl ×2 (init from teacher)"]["inherit"]
+    with pytest.raises(SystemExit, match="unknown --only rows"):
+        methods.rows_to_run(methods.parse_args(["--teacher-dir", str(tmp_path), "--only", "clip + kl ×3"]))
