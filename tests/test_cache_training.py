@@ -95,8 +95,10 @@ def test_cache_mode_trains_with_no_teacher_running(ray_cluster, shards, precompu
 
     from student_trainer.train import run_training
 
-    assert APP not in serve.status().applications  # nothing to fall back on
-    result = run_training(train_cfg(shards, tmp_path, "cache-run", "cache", precomputed, epochs=2))
+    cfg = train_cfg(shards, tmp_path, "cache-run", "cache", precomputed, epochs=2)
+    cfg.teacher.app_name = "kd-teacher-never-deployed"  # the module's app may run: this run's never does
+    assert cfg.teacher.app_name not in serve.status().applications  # nothing to fall back on
+    result = run_training(cfg)
     m = result.metrics
     assert m["teacher_mode"] == "cache" and m["epoch"] == 2
     assert m["teacher_fingerprint"] == EmbeddingCache.open(str(precomputed)).fingerprint
@@ -152,15 +154,22 @@ def app_samples(handle) -> int:
     return int(handle.stats.remote().result(timeout_s=30)["samples"])
 
 
-@pytest.fixture(scope="module")
-def hybrid_cache(tmp_path_factory) -> Path:
-    """Filled by the first hybrid test, trained from by the last (tests run in file order)."""
-    return tmp_path_factory.mktemp("hybrid") / "cache"
+@pytest.fixture
+def hybrid_cache(shards, teacher_app, tmp_path) -> Path:
+    """A hybrid cache as the runs of the next test leave it: epoch 0's views, and one batch of epoch 1's."""
+    from student_trainer.teacher.sources import make_teacher_source
+
+    cfg = TeacherSourceConfig(mode="hybrid", cache_path=str(tmp_path / "hybrid"), app_name=APP, prefetch=2)
+    list(make_teacher_source(cfg, run="fill", recipe=view_recipe(32, 0)).stream(epoch_batches(shards, 0), view=0))
+    list(make_teacher_source(cfg, run="rerun", recipe=view_recipe(32, 0)).stream(epoch_batches(shards, 1, n=1),
+                                                                                 view=1))
+    return tmp_path / "hybrid"
 
 
-def test_hybrid_fills_then_serves_repeated_views_from_cache(shards, teacher_app, hybrid_cache):
+def test_hybrid_fills_then_serves_repeated_views_from_cache(shards, teacher_app, tmp_path):
     from student_trainer.teacher.sources import HybridTeacher, make_teacher_source
 
+    hybrid_cache = tmp_path / "cache"
     cfg = TeacherSourceConfig(mode="hybrid", cache_path=str(hybrid_cache), app_name=APP, prefetch=2)
     source = make_teacher_source(cfg, run="fill", recipe=view_recipe(32, 0))
     assert isinstance(source, HybridTeacher)
@@ -249,7 +258,7 @@ def test_hybrid_training_serves_hits_and_appends_misses(shards, teacher_app, hyb
     wanted = [(k, epoch) for epoch in (0, 1) for b in epoch_batches(shards, epoch) for k in b.keys]
     before = EmbeddingCache.open(str(hybrid_cache), create=True, teacher_info=teacher_app.info.remote().result())
     hits = sum(pair in before for pair in wanted)
-    assert 0 < hits < len(wanted)  # the earlier test left epoch 0 and part of epoch 1
+    assert 0 < hits < len(wanted)  # the fixture left epoch 0 and part of epoch 1
     start = app_samples(teacher_app)
     m = run_training(train_cfg(shards, tmp_path, "hybrid-train", "hybrid", hybrid_cache, epochs=2)).metrics
     misses = len(wanted) - hits

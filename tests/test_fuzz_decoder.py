@@ -1,8 +1,10 @@
 """Fuzzing what the teacher accepts from the network: any bytes, and any well-formed message with
 hostile field values, must end as a servable request or a RequestError naming the field — never
-another exception (a replica crash) and never a silently wrong array. Case counts are printed
-(`pytest -s tests/test_fuzz_decoder.py`)."""
+another exception (a replica crash) and never a silently wrong array. Each test prints how many cases
+it ran (`pytest -s tests/test_fuzz_decoder.py`)."""
 from __future__ import annotations
+
+from collections import Counter
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -15,7 +17,7 @@ from teacher_service.contract.protocol import RequestError, RequestLimits, valid
 
 LIMITS = WireLimits(max_request_bytes=1 << 20)
 REQUEST_LIMITS = RequestLimits(max_samples=64, max_image_side=64, max_context_length=32, vocab_size=1000)
-CASES = {"bytes": 0, "messages": 0, "servable": 0}
+CASES: Counter[str] = Counter()  # the cases the running fuzzer tried; each test starts from zero
 SETTINGS = settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
 
 dtypes = st.sampled_from(["uint8", "int32", "int64", "float16", "float32", "float64", "object", "", "<u1",
@@ -89,7 +91,7 @@ def decode_and_validate(msg: pb.EmbedRequest) -> bool:
 
 @SETTINGS
 @given(st.binary(max_size=4096))
-def test_any_bytes_are_refused_or_decoded_cleanly(data):
+def fuzz_any_bytes(data):
     CASES["bytes"] += 1
     try:
         msg = pb.EmbedRequest.FromString(data)
@@ -98,15 +100,22 @@ def test_any_bytes_are_refused_or_decoded_cleanly(data):
     decode_and_validate(msg)
 
 
+def test_any_bytes_are_refused_or_decoded_cleanly():
+    CASES.clear()
+    fuzz_any_bytes()
+    print(f"decoder fuzz: {CASES['bytes']} random byte strings")
+    assert CASES["bytes"] > 0  # hypothesis may stop early, but not before a case ran
+
+
 @SETTINGS
 @given(st.one_of(messages(), near_valid()))
-def test_hostile_messages_are_refused_with_the_field_named_or_served_exactly(msg):
+def fuzz_hostile_messages(msg):
     CASES["messages"] += 1
     CASES["servable"] += decode_and_validate(msg)
 
 
-def test_zz_report_case_counts():
-    """Runs last in this file: how many cases the fuzzers above ran (hypothesis may stop early)."""
-    print(f"decoder fuzz: {CASES['bytes']} random byte strings, {CASES['messages']} hostile messages "
-          f"({CASES['servable']} of them servable)")
-    assert CASES["bytes"] > 0 and CASES["messages"] > 0
+def test_hostile_messages_are_refused_with_the_field_named_or_served_exactly():
+    CASES.clear()
+    fuzz_hostile_messages()
+    print(f"decoder fuzz: {CASES['messages']} hostile messages ({CASES['servable']} of them servable)")
+    assert CASES["messages"] > 0

@@ -2,10 +2,11 @@
 flips, truncation, garbage members, garbage files). The reader must never raise anything but
 NoUsableSamplesError, every batch must have the right shapes and dtypes, and every sample it
 yields must be one written valid, with its own caption, label and pixels wherever the mutation
-left its bytes alone. Case counts are printed (`pytest -s tests/test_fuzz_shard_reader.py`)."""
+left its bytes alone. Each test prints how many cases it ran (`pytest -s tests/test_fuzz_shard_reader.py`)."""
 from __future__ import annotations
 
 import tarfile
+from collections import Counter
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from teacher_service.contract.augment import augment_view
 from teacher_service.shards import decode_rgb8
 
 LIMITS = ReaderLimits(max_caption_bytes=300, max_member_bytes=1 << 16, max_image_pixels=4096)
-CASES = {"eval": 0, "train": 0, "mutated": 0, "yielded": 0, "skipped": 0, "no_usable": 0}
+CASES: Counter[str] = Counter()  # the cases the running fuzzer tried; each test starts from zero
 SETTINGS = settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
 
 
@@ -254,7 +255,7 @@ def _must_yield(shard: Shard) -> list[str]:
 
 @SETTINGS
 @given(drawn=st.integers(1, 3).flatmap(lambda n: st.tuples(*[shards(i) for i in range(n)])))
-def test_eval_reader_skips_bad_input_and_yields_only_written_samples(tokenizer, drawn):
+def fuzz_eval_reader(tokenizer, drawn):
     CASES["eval"] += 1
     drawn = list(drawn)
     with tempfile.TemporaryDirectory() as d:
@@ -284,7 +285,7 @@ def test_eval_reader_skips_bad_input_and_yields_only_written_samples(tokenizer, 
 
 @settings(SETTINGS, max_examples=200)
 @given(drawn=st.tuples(shards(0), shards(1)), world=st.integers(1, 2), batch_size=st.integers(1, 3))
-def test_train_reader_yields_exact_full_batches_of_written_samples(tokenizer, drawn, world, batch_size):
+def fuzz_train_reader(tokenizer, drawn, world, batch_size):
     CASES["train"] += 1
     drawn = list(drawn)
     with tempfile.TemporaryDirectory() as d:
@@ -307,10 +308,17 @@ def test_train_reader_yields_exact_full_batches_of_written_samples(tokenizer, dr
                 _check_yielded(batch, drawn, 6, train=True)
 
 
-def test_zz_report_case_counts():
-    """Runs last in this file: how many cases the fuzzers above ran (hypothesis may stop early)."""
-    print(f"shard reader fuzz: {CASES['eval']} eval cases, {CASES['train']} train cases "
-          f"({CASES['mutated']} shards mutated), {CASES['yielded']} samples yielded, "
-          f"{CASES['skipped']} skipped, {CASES['no_usable']} with no usable sample")
-    assert CASES["eval"] > 0 and CASES["train"] > 0
+def test_eval_reader_skips_bad_input_and_yields_only_written_samples(tokenizer):
+    CASES.clear()
+    fuzz_eval_reader(tokenizer)
+    print(f"shard reader fuzz: {CASES['eval']} eval cases ({CASES['mutated']} shards mutated), {CASES['yielded']} "
+          f"samples yielded, {CASES['skipped']} skipped, {CASES['no_usable']} with no usable sample")
+    assert CASES["eval"] > 0  # hypothesis may stop early, but not before a case ran
 
+
+def test_train_reader_yields_exact_full_batches_of_written_samples(tokenizer):
+    CASES.clear()
+    fuzz_train_reader(tokenizer)
+    print(f"shard reader fuzz: {CASES['train']} train cases ({CASES['mutated']} shards mutated), "
+          f"{CASES['no_usable']} readers with no usable sample")
+    assert CASES["train"] > 0
