@@ -1,6 +1,7 @@
 """Run configuration round trips and the `kd` command line surface."""
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -65,17 +66,33 @@ def test_warmup_cosine_shape():
     assert lrs[-1] < 1e-3
 
 
-SUBCOMMANDS = [["data", "digits"], ["data", "folder"], ["data", "idx"], ["teacher", "serve"], ["teacher", "status"],
-               ["teacher", "stop"], ["train"], ["eval"], ["demo"], ["sweep"], ["report"]]
+def command_parsers(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()):
+    """(words, parser) for `kd` and every command and subcommand under it, walked from the real parser."""
+    yield words, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from command_parsers(sub, (*words, name))
 
 
-@pytest.mark.parametrize("words", [[]] + SUBCOMMANDS, ids=lambda w: " ".join(w) or "kd")
+COMMANDS = [words for words, _ in command_parsers(build_parser())]
+
+
+def test_the_command_walk_finds_nested_commands():
+    assert {(), ("train",), ("teacher",), ("teacher", "serve"), ("cache", "info"), ("data", "digits")} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("words", COMMANDS, ids=lambda w: " ".join(w) or "kd")
 def test_every_command_has_help(words, capsys):
+    """`kd ... --help` exits 0 and explains the command: its usage line and its own description."""
+    description = dict(command_parsers(build_parser()))[words].description
+    assert description and description.strip(), f"`kd {' '.join(words)}` has no description"
     with pytest.raises(SystemExit) as exit_info:
-        build_parser().parse_args(words + ["--help"])
+        build_parser().parse_args([*words, "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "usage: kd" in out
+    assert out.startswith(" ".join(["usage: kd", *words]))
+    assert "".join(description.split()) in "".join(out.split())  # wrapped (also at hyphens), but all there
     assert len(out.splitlines()) > 3
 
 

@@ -172,9 +172,14 @@ def add_parser(sub, fmt) -> None:
     add_verbose(p)
     p.set_defaults(func=cmd_precompute)
 
-    cache = sub.add_parser("cache", formatter_class=fmt, help="inspect, audit and compact an embedding cache")
+    cache = sub.add_parser("cache", formatter_class=fmt, help="inspect, audit and compact an embedding cache",
+                           description="Inspect (info), check against the live teacher (audit) or merge the "
+                                       "append files of (compact) an embedding cache that kd precompute or "
+                                       "hybrid runs wrote.")
     c_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
-    p = c_sub.add_parser("info", formatter_class=fmt, help="each teacher's rows, files, recipe, bytes per row")
+    p = c_sub.add_parser("info", formatter_class=fmt, help="each teacher's rows, files, recipe, bytes per row",
+                         description="For each teacher of the cache: its model, rows, files, duplicate rows, views, "
+                                     "view recipe and bytes per row (read from the files; no teacher is loaded).")
     p.add_argument("cache", help="cache directory")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_cache_info)

@@ -143,7 +143,9 @@ def cmd_teacher_stop(args: argparse.Namespace) -> int:
 
 def add_parser(sub, fmt) -> None:
     teacher = sub.add_parser("teacher", help="deploy and inspect the teacher pool (Ray Serve)",
-                             formatter_class=fmt)
+                             formatter_class=fmt,
+                             description="Deploy the frozen teacher as a named Serve app (serve), print its info "
+                                         "and counters (status), or delete it (stop).")
     t_sub = teacher.add_subparsers(dest="teacher_command", required=True, metavar="ACTION")
     p = t_sub.add_parser("serve", formatter_class=fmt, help="deploy the teacher as a named Serve app",
                          description="Deploy a frozen open_clip teacher as a named, detached Serve "
