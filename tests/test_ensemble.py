@@ -380,7 +380,7 @@ def test_every_pool_has_its_prefetch_window_in_flight_while_a_batch_trains(monke
     """Two remote teachers (scripted Serve handles): while batch t trains, each pool already holds the
     requests for t+1 .. t+prefetch, as one remote teacher alone does; a lost one stops the stream."""
     import teacher_service.app as app
-    from test_teacher_client import FakeHandle, make_batches
+    from test_teacher_sources import FakeHandle, make_batches
 
     from student_trainer.teacher.sources import make_teacher_source
     from teacher_service.app import TeacherUnavailableError
@@ -407,7 +407,7 @@ def test_both_pools_get_their_first_window_before_either_is_waited_on(monkeypatc
     """Remote teachers of an ensemble send their first prefetch windows at once (`eager`), so the
     first batch of an epoch waits for the slowest pool, not for the pools one after another."""
     import teacher_service.app as app
-    from test_teacher_client import FakeHandle, make_batches
+    from test_teacher_sources import FakeHandle, make_batches
 
     from student_trainer.teacher.sources import make_teacher_source
 
@@ -433,7 +433,7 @@ def test_an_eager_ensemble_stream_has_every_pools_window_in_flight_when_it_retur
     """`stream(eager=True)` on an ensemble opens every member at the call (the loop overlaps the
     first answers with its set-up); a lazy one asks no pool before its first `next()`."""
     import teacher_service.app as app
-    from test_teacher_client import FakeHandle, make_batches
+    from test_teacher_sources import FakeHandle, make_batches
 
     from student_trainer.teacher.sources import make_teacher_source
 

@@ -1,7 +1,7 @@
 """Fuzzing what the teacher accepts from the network: any bytes, and any well-formed message with
 hostile field values, must end as a servable request or a RequestError naming the field — never
 another exception (a replica crash) and never a silently wrong array. Each test prints how many cases
-it ran (`pytest -s tests/test_fuzz_decoder.py`)."""
+it ran (`pytest -s tests/test_fuzz_codec.py`)."""
 from __future__ import annotations
 
 from collections import Counter
