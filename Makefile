@@ -1,4 +1,7 @@
 # Two entry points for a fresh machine: `make demo` and `make test` (each creates .venv first).
+# `make test` is the whole suite (what CI runs: .ci/run) and prints its 15 slowest tests;
+# `make test-quick` leaves out the tests marked `ray` (they start Ray) or `slow` (training, several
+# processes): the edit-test cycle, a few minutes on 2 cores.
 # `make bench` runs the benchmark suite (`kd bench`, code in benchmarks/suite; BENCH_PRESET=smoke|cpu|gpu, default cpu)
 # into benchmarks/results.
 # `make reliability` reruns the fault and limit tests whose figures docs/reliability.md quotes and
@@ -18,7 +21,7 @@ RELIABILITY_TESTS = \
 	tests/test_faults.py \
 	tests/test_soak.py
 
-.PHONY: venv demo test bench reliability clean
+.PHONY: venv demo test test-quick bench reliability clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +35,10 @@ demo: $(STAMP)
 	$(VENV)/bin/kd demo --workdir kd-demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -ra --durations=40 tests
+	$(VENV)/bin/python -m pytest -q -ra --durations=15 tests
+
+test-quick: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -ra -m "not ray and not slow" tests
 
 $(BENCH_STAMP): $(STAMP)
 	$(VENV)/bin/python -m pip install --quiet -e '.[test,bench]'

@@ -19,7 +19,7 @@ N = WORLD * B
 WEIGHTS = {"kl": 1.0, "crd": 1.0, "fd": 100.0, "icl": 1.0}
 # teacher 1 answers 3 rows of rank 0 and 1 of rank 1: per-rank means would weigh them unequally
 ANSWERED = [torch.ones(N, dtype=torch.bool), torch.tensor([1, 1, 0, 1, 0, 0, 1, 0], dtype=torch.bool)]
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]  # two spawned ranks
 
 
 def _inputs() -> dict:

@@ -115,12 +115,14 @@ def run_loop(monkeypatch, shards, tmp_path, lost_at_view: int | None = None, cap
     return log
 
 
+@pytest.mark.slow  # trains: two epochs of the loop, in this process
 def test_each_epochs_first_window_goes_out_before_the_work_it_overlaps(monkeypatch, shards, tmp_path):
     assert run_loop(monkeypatch, shards, tmp_path) == [
         ("stream", 0, True), "student created", "module built", "ddp prepared",  # epoch 1's window, then the model
         ("stream", 1, True), ("report", 1, True), ("report", 2, True)]  # epoch 2's window, then epoch 1's checkpoint
 
 
+@pytest.mark.slow  # trains: two epochs of the loop, in this process
 def test_a_teacher_lost_while_the_next_epoch_opens_still_gets_the_epochs_checkpoint(monkeypatch, shards, tmp_path):
     """Opening epoch 2 ahead meets a lost teacher: epoch 1's checkpoint is still written, and the
     loss surfaces at epoch 2's first step, which checkpoints and stops (resumable), as before."""

@@ -20,7 +20,7 @@ WORLD, B, DS, DT, CLASSES = 2, 4, 8, 12, 3
 N = WORLD * B
 FEATURE_KEYS = ("image_features", "text_features", "masked_image_features", "logit_scale", "logit_bias")
 ACCUM_WEIGHTS = {"clip": 1.0, "kl": 1.0, "fd": 2000.0}
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]  # two spawned ranks
 
 
 def _make_inputs() -> dict:
