@@ -206,12 +206,18 @@ def test_a_trained_checkpoint_replaces_the_old_folder_whole_or_not_at_all(tmp_pa
     assert not [p for p in out.parent.iterdir() if TMP_MARK in p.name]
 
 
-def test_a_teacher_left_in_the_workdir_is_checked_before_it_is_reused(demo):
-    """Reused only for the same architecture, data, seed and epochs (this test edits the workdir: last)."""
+def test_a_teacher_left_in_the_workdir_is_checked_before_it_is_reused(demo, tmp_path):
+    """Reused only for the same architecture, data, seed and epochs (edits a copy of the demo's
+    teacher and data description: the demo's workdir stays as the run left it)."""
+    import shutil
+
     from cluster.demo import reusable_teacher, teacher_identity
 
-    cfg, report, tmp_path = demo
-    teacher_dir, data_dir = tmp_path / "demo" / "teacher", tmp_path / "demo" / "data"
+    cfg, report, demo_path = demo
+    teacher_dir, data_dir = tmp_path / "teacher", tmp_path / "data"
+    shutil.copytree(demo_path / "demo" / "teacher", teacher_dir)
+    data_dir.mkdir()
+    shutil.copy(demo_path / "demo" / "data" / "dataset.json", data_dir)
     identity = teacher_identity(cfg, data_dir, 1)
     assert reusable_teacher(teacher_dir, identity) is None
     assert "epochs" in reusable_teacher(teacher_dir, teacher_identity(cfg, data_dir, 30))

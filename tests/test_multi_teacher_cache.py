@@ -125,17 +125,19 @@ def test_each_teachers_rows_are_its_forward_on_the_students_pixels(root, shards,
 
 
 def test_rerun_skips_each_teachers_done_shards_and_writes_centroids_per_teacher(root, shards, fingerprints,
-                                                                                capsys):
+                                                                                tmp_path, capsys):
     yamls = [root.parent / f"{name}.yaml" for name in TEACHERS]
+    rerun = tmp_path / "cache"
+    shutil.copytree(root, rerun)  # the centroids it writes stay out of the module's root
     capsys.readouterr()
-    _precompute(root, shards, yamls)
+    _precompute(rerun, shards, yamls)
     again = json.loads(capsys.readouterr().out)
     assert sorted(again) == sorted(fingerprints.values())
     assert all(r["computed"] == [] and len(r["skipped"]) == 2 for r in again.values())
-    _precompute(root, shards, yamls, "--class-centroids", "2")
+    _precompute(rerun, shards, yamls, "--class-centroids", "2")
     capsys.readouterr()
     for name, fp in fingerprints.items():
-        centroids, meta = read_centroids(str(root), fingerprint=fp)
+        centroids, meta = read_centroids(str(rerun), fingerprint=fp)
         assert centroids.shape == (10, {"wide": 48, "narrow": 32}[name]) and meta["fingerprint"] == fp
 
 
