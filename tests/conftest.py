@@ -102,3 +102,13 @@ def ray_cluster():
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_app(ray_cluster):
+    """The tiny teacher app of tiny_models.shared_teacher(), deployed once for the session (a
+    deploy costs seconds) and shared by the tests that only read from it; its handle."""
+    from tiny_models import running_app, shared_teacher
+
+    with running_app(shared_teacher()) as handle:
+        yield handle

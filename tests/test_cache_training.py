@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_models import running_app, tiny_teacher_overrides, train_shards
+from tiny_models import shared_teacher, train_shards
 
 from student_trainer.config import (
     DataConfig,
@@ -32,18 +32,14 @@ from teacher_service.cache.store import (
     compact,
     teacher_dir,
 )
-from teacher_service.config import ServingConfig, TeacherConfig
 from teacher_service.contract.augment import view_recipe
 
 pytestmark = pytest.mark.ray
 
-APP = "kd-teacher-cache-training"
 BATCH = 16
 STEPS = 3
-TINY_TEACHER = tiny_teacher_overrides()
-TEACHER = TeacherConfig(model="ViT-B-32", overrides=TINY_TEACHER, torch_threads=1,
-                        serving=ServingConfig(app_name=APP, num_cpus=0.5, max_batch_size=64,
-                                              expected_request_samples=BATCH))
+TEACHER = shared_teacher()  # the session's app (tiny_teacher_app) for hybrid, an actor of its own for precompute
+APP = TEACHER.serving.app_name
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +141,9 @@ def test_cache_source_serves_exact_rows_and_refuses_misses(shards, precomputed):
 
 
 @pytest.fixture(scope="module")
-def teacher_app(ray_cluster):
-    with running_app(TEACHER) as handle:
-        yield handle
+def teacher_app(tiny_teacher_app):
+    """The session's shared app: the tests below count its samples by differences."""
+    return tiny_teacher_app
 
 
 def app_samples(handle) -> int:

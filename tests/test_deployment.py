@@ -13,7 +13,6 @@ from teacher_service import (
     EmbedRequest,
     EmbedResponse,
     RequestError,
-    ServingConfig,
     TeacherConfig,
     TeacherEngine,
     load_teacher,
@@ -172,27 +171,25 @@ def test_access_log_is_off_unless_asked_for(ray_cluster):
 
 
 @pytest.mark.ray
-def test_a_run_cannot_plant_rows_under_another_runs_view_and_keys(ray_cluster):
+def test_a_run_cannot_plant_rows_under_another_runs_view_and_keys(tiny_teacher_app):
     """Over Serve handles: run "attacker" sends run "victim"'s view and keys with all-255 pixels
     first; the victim is then answered with the forward of its own pixels (on main: with the
     attacker's rows). The victim's pixels under other keys and another view come from the
     replica's recent rows: coalescing follows the content."""
     import dataclasses
 
-    from tiny_models import running_app, tiny_teacher_overrides
+    from tiny_models import shared_teacher
 
-    cfg = TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(), torch_threads=1,
-                        serving=ServingConfig(app_name="kd-teacher-integrity", num_cpus=0.25, max_batch_size=64))
+    handle = tiny_teacher_app  # the session's shared app: counted below by differences
     victim = dataclasses.replace(request(4, seed=31), run="victim", view="ns-integrity/0")
     attack = dataclasses.replace(victim, run="attacker", images=np.full_like(victim.images, 255))
     renamed = dataclasses.replace(victim, run="third", view="other-ns/5", keys=[f"x{i}" for i in range(4)])
-    with running_app(cfg) as handle:
-        planted = handle.embed.remote(attack).result(timeout_s=60)
-        got = handle.embed.remote(victim).result(timeout_s=60)
-        before = handle.stats.remote().result(timeout_s=30)
-        again = handle.embed.remote(renamed).result(timeout_s=60)
-        after = handle.stats.remote().result(timeout_s=30)
-    local = TeacherEngine(load_teacher(cfg))
+    planted = handle.embed.remote(attack).result(timeout_s=60)
+    got = handle.embed.remote(victim).result(timeout_s=60)
+    before = handle.stats.remote().result(timeout_s=30)
+    again = handle.embed.remote(renamed).result(timeout_s=60)
+    after = handle.stats.remote().result(timeout_s=30)
+    local = TeacherEngine(load_teacher(shared_teacher()))
     want = local.embed(dataclasses.replace(victim, view=""))
     assert_same(got, want)
     assert np.abs(planted.image_features.astype(np.float32) - want.image_features.astype(np.float32)).max() > 0.05

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_models import running_app, tiny_teacher_overrides, train_shards
+from tiny_models import running_app, shared_teacher, tiny_teacher_overrides, train_shards
 
 from student_trainer.config import DataConfig, ModelConfig, OptimConfig, TeacherSourceConfig, TrainConfig
 from teacher_service.config import ServingConfig, TeacherConfig
 
 pytestmark = pytest.mark.ray
 
-APPS = ("kd-ensemble-wide", "kd-ensemble-narrow")
+APPS = (shared_teacher().serving.app_name, "kd-ensemble-narrow")  # wide (48): the session's app, tiny_teacher_app
 BATCH, STEPS, WORKERS = 16, 3, 2
 LOW_DIGITS = [0, 1, 2, 3, 4]
 
@@ -33,9 +33,10 @@ def shards(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def apps(ray_cluster):
-    with running_app(_teacher(APPS[0], 48)) as wide, running_app(_teacher(APPS[1], 32)) as narrow:
-        yield wide, narrow
+def apps(tiny_teacher_app):
+    """The wide teacher is the session's shared app (the tests count its samples by run name)."""
+    with running_app(_teacher(APPS[1], 32)) as narrow:
+        yield tiny_teacher_app, narrow
 
 
 def ensemble_cfg(shards: str, storage: Path, run: str, sources: list[dict]) -> TrainConfig:

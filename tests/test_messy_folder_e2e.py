@@ -12,16 +12,14 @@ import json
 
 import pytest
 from messy_folder import FOLDER_SKIPS, FOREIGN_SKIPS, GOOD, make_folder, make_foreign_shard
-from tiny_models import running_app, tiny_teacher_overrides
+from tiny_models import shared_teacher
 
 from student_trainer.config import DataConfig, ModelConfig, OptimConfig, TeacherSourceConfig, TrainConfig
-from teacher_service.config import ServingConfig, TeacherConfig
 
 pytestmark = pytest.mark.ray
 
-APP = "kd-teacher-messy-folder"
-TEACHER = TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(), torch_threads=1,
-                        serving=ServingConfig(app_name=APP, num_cpus=0.5, max_batch_size=64))
+TEACHER = shared_teacher()  # precompute's teacher, and the session's app (tiny_teacher_app) for hybrid
+APP = TEACHER.serving.app_name
 
 
 def _summed(a: dict, b: dict) -> dict:
@@ -39,7 +37,7 @@ def _run(shards: str, storage, name: str, mode: str, cache, epochs: int, views: 
         log_every_steps=0, seed=0)
 
 
-def test_messy_folder_through_every_teacher_mode(ray_cluster, tmp_path, capsys):
+def test_messy_folder_through_every_teacher_mode(tiny_teacher_app, tmp_path, capsys):
     from cluster.cli import main
     from student_trainer.evaluate import evaluate_checkpoint
     from student_trainer.train import run_training
@@ -83,8 +81,7 @@ def test_messy_folder_through_every_teacher_mode(ray_cluster, tmp_path, capsys):
         assert m[f"data_skipped_{reason}"] >= count  # each pass over the foreign shard counts its bad samples
 
     # hybrid: view 2 is new, asked of the pool once and appended; views 0-1 still come from the cache
-    with running_app(TEACHER):
-        result = run_training(_run(shards, tmp_path / "runs", "messy-hybrid", "hybrid", cache, epochs=3, views=3))
+    result = run_training(_run(shards, tmp_path / "runs", "messy-hybrid", "hybrid", cache, epochs=3, views=3))
     m = result.metrics
     assert m["teacher_cache_appends"] == m["teacher_cache_misses"] == m["teacher_samples"] == 8
     assert m["teacher_cache_hits"] == 2 * 2 * 4

@@ -334,7 +334,9 @@ def shards(tmp_path_factory) -> Path:
 
 
 def test_every_method_trains_in_the_ray_loop(shards, tmp_path, ray_cluster):
-    """clip + kl + crd + fd + mfd + icl + gd + afd + embed_kd in one DDP run, accum_steps=2."""
+    """clip + kl + crd + fd + mfd + icl + gd + afd + embed_kd in one DDP run, accum_steps=2: also the
+    suite's run with an inline teacher (each rank its own, asked once per micro-batch)."""
+    from teacher_service.model import load_teacher
     from teacher_service.shards import resolve_shards
     from student_trainer.teacher.sources import InlineTeacher
     from student_trainer.train import run_training
@@ -354,6 +356,7 @@ def test_every_method_trains_in_the_ray_loop(shards, tmp_path, ray_cluster):
     result = run_training(cfg)
     m = result.metrics
     assert m["step"] == steps and m["accum_steps"] == 2 and m["world_size"] == 2
+    assert m["teacher_mode"] == "inline" and m["teacher_fingerprint"] == load_teacher(TEACHER_CFG).fingerprint
     assert m["teacher_requests"] == steps * 2 and m["teacher_samples"] == steps * 2 * batch  # per rank
     for name in CLIP_TASK_METHODS:
         assert math.isfinite(m[f"{name}_loss"]) and m[f"{name}_loss"] > 0, (name, m.get(f"{name}_loss"))

@@ -17,6 +17,18 @@ def shards(tmp_path_factory) -> str:
     return train_shards(tmp_path_factory, samples_per_shard=40, name="preflight")
 
 
+@pytest.fixture(scope="module")
+def cache(ray_cluster, shards, tmp_path_factory):
+    """TEACHER's rows of the first shard (one view, seed 0): read by the tests below, never written."""
+    from teacher_service.cache.precompute import precompute
+    from teacher_service.shards import resolve_shards
+
+    out = tmp_path_factory.mktemp("preflight-cache")
+    precompute(resolve_shards(shards)[:1], str(out), views=1, teacher=TEACHER, image_size=32, seed=0, num_cpus=0.5,
+               progress=False)
+    return out
+
+
 def cfg_for(shards: str, tmp_path, mode: str = "none", losses=None, cache=None, **kwargs) -> TrainConfig:
     return TrainConfig(run_name="preflight", storage_path=str(tmp_path / "runs"), model=ModelConfig(name="digits-student"),
                        data=DataConfig(train_shards=shards, image_size=32, batch_size=8),
@@ -41,17 +53,12 @@ def test_missing_or_empty_cache_is_refused(shards, tmp_path):
         check_run(cfg_for(shards, tmp_path, "cache", {"clip": 1.0, "kl": 1.0}, cache=tmp_path / "empty"))
 
 
-def test_cache_of_another_recipe_and_embed_kd_without_centroids(ray_cluster, shards, tmp_path):
-    from teacher_service.cache.precompute import precompute
-    from teacher_service.shards import resolve_shards
-
-    precompute(resolve_shards(shards)[:1], str(tmp_path / "cache"), views=1, teacher=TEACHER, image_size=32, seed=0,
-               num_cpus=0.5, progress=False)
+def test_cache_of_another_recipe_and_embed_kd_without_centroids(cache, shards, tmp_path):
     with pytest.raises(CacheMismatchError, match="seed"):
-        check_run(cfg_for(shards, tmp_path, "cache", {"clip": 1.0, "kl": 1.0}, cache=tmp_path / "cache", seed=3))
-    check_run(cfg_for(shards, tmp_path, "cache", {"clip": 1.0, "kl": 1.0}, cache=tmp_path / "cache"))
+        check_run(cfg_for(shards, tmp_path, "cache", {"clip": 1.0, "kl": 1.0}, cache=cache, seed=3))
+    check_run(cfg_for(shards, tmp_path, "cache", {"clip": 1.0, "kl": 1.0}, cache=cache))
     with pytest.raises(ValueError, match=r"embed_kd needs class centroids.*kd precompute --class-centroids"):
-        check_run(cfg_for(shards, tmp_path, "cache", {"clip": 1.0, "embed_kd": 1.0}, cache=tmp_path / "cache"))
+        check_run(cfg_for(shards, tmp_path, "cache", {"clip": 1.0, "embed_kd": 1.0}, cache=cache))
 
 
 def test_absent_teacher_app_is_refused_naming_it(ray_cluster, shards, tmp_path):
@@ -76,23 +83,19 @@ def test_kd_train_on_an_empty_cache_prints_one_error_and_starts_nothing(shards, 
     assert ray.is_initialized() == was_up  # refused before a cluster (let alone a worker) started
 
 
-def test_resuming_against_another_teacher_is_refused_naming_both(ray_cluster, shards, tmp_path):
+def test_resuming_against_another_teacher_is_refused_naming_both(cache, shards, tmp_path):
     """A checkpoint records the teacher it was distilled from; a rerun with another one is refused on the driver."""
     import json
 
     from student_trainer.checkpoint import TeacherChangedError
     from teacher_service.cache import EmbeddingCache
-    from teacher_service.cache.precompute import precompute
-    from teacher_service.shards import resolve_shards
 
-    precompute(resolve_shards(shards)[:1], str(tmp_path / "cache"), views=1, teacher=TEACHER, image_size=32, seed=0,
-               num_cpus=0.5, progress=False)
-    fingerprint = EmbeddingCache.open(str(tmp_path / "cache")).fingerprint
+    fingerprint = EmbeddingCache.open(str(cache)).fingerprint
     checkpoint = tmp_path / "runs" / "preflight" / "checkpoint_2026-12-02_00-00-00.000000"
     checkpoint.mkdir(parents=True)
     (checkpoint / "provenance.json").write_text(json.dumps(
         {"teacher": {"fingerprint": "0123456789abcdef", "model": "ViT-L-14", "mode": "remote"}, "losses": {}}))
-    cfg = cfg_for(shards, tmp_path, "cache", {"clip": 1.0, "kl": 1.0}, cache=tmp_path / "cache")
+    cfg = cfg_for(shards, tmp_path, "cache", {"clip": 1.0, "kl": 1.0}, cache=cache)
     with pytest.raises(TeacherChangedError, match=f"'0123456789abcdef'.*ViT-L-14.*'{fingerprint}'"):
         check_run(cfg)
     cfg.teacher.allow_teacher_change = True

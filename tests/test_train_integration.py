@@ -1,8 +1,9 @@
 """The student training path end to end on the shared local Ray cluster.
 
 One tiny teacher app (embed_dim 48, so the FD projection to the student's 64 is exercised) serves
-every remote run of this module; digits shards are written once. Tests run in file order: the
-resume test continues the first run, the evaluation test reads the resumed checkpoint.
+every remote run of this module; digits shards are written once. The first run and its resume are
+module fixtures, read by the tests in any order; the run with an inline teacher is
+tests/test_methods_training.py's.
 """
 from __future__ import annotations
 
@@ -215,19 +216,6 @@ def test_missing_teacher_app_fails_fast(shards, storage, ray_cluster):
     with pytest.raises(Exception, match=missing):
         run_training(cfg)
     assert time.perf_counter() - start < 90
-
-
-def test_inline_teacher_run(shards, storage, ray_cluster):
-    from student_trainer.train import run_training
-
-    cfg = train_cfg(shards, storage, "inline-kd", mode="inline", workers=1, steps=2)
-    result = run_training(cfg)
-    m = result.metrics
-    assert m["teacher_mode"] == "inline" and m["teacher_requests"] == 2 and m["teacher_samples"] == 2 * BATCH
-    assert m["step"] == 2 and math.isfinite(m["loss"])
-    from teacher_service.model import load_teacher
-
-    assert m["teacher_fingerprint"] == load_teacher(TEACHER_CFG).fingerprint
 
 
 def test_bad_samples_are_skipped_and_counted_in_epoch_metrics(tmp_path, storage, ray_cluster):

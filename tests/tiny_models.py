@@ -16,6 +16,17 @@ def tiny_teacher_overrides(embed_dim: int = 48) -> dict:
     }
 
 
+def shared_teacher():
+    """The config of the session's shared tiny teacher app (tests/conftest.py: `tiny_teacher_app`),
+    for the tests that only read from a teacher: they count by run name or by differences, never
+    from the app's start. One replica, `tiny_teacher_overrides()` at seed 0."""
+    from teacher_service.config import ServingConfig, TeacherConfig
+
+    return TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(), torch_threads=1,
+                         serving=ServingConfig(app_name="kd-teacher-tiny-shared", num_cpus=0.5, max_batch_size=64,
+                                               expected_request_samples=16))
+
+
 @contextlib.contextmanager
 def running_app(cfg):
     """Deploy the teacher app `cfg` on the session's cluster, yield its handle once it answers, delete it after."""
