@@ -21,6 +21,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # step by up to 2 s (about 3 s a run here, measured): the suite trains ~80 short runs. Set before
 # ray.init so the session's cluster, its controllers and `kd` subprocesses all see it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Each run also starts a PreemptionWatcher actor, a process of its own (started, Ray imported) that
+# waits for node drains, which no test makes: the suite's runs go without it.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 RAY_FIXTURES = {"ray_cluster"}  # fixtures that start Ray: a test using one (even indirectly) is marked `ray`
 GUARD_SITE = Path(__file__).with_name("ray_guard")
