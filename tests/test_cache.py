@@ -278,6 +278,7 @@ def test_concurrent_thread_appenders_lose_and_duplicate_nothing(tmp_path):
     assert cache.duplicates > 0  # keys divisible by 3 were appended by every writer
 
 
+@pytest.mark.slow  # three spawned appender processes
 def test_concurrent_process_appenders_then_compaction(tmp_path):
     base = keys_(30)
     write_shard_file(tmp_path / "train-000000.parquet", base)

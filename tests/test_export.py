@@ -151,6 +151,7 @@ def project_predictions(checkpoint: Path, data: Path) -> dict[str, int]:
     return dict(zip(batch.keys, (images @ classes.T).argmax(dim=1).tolist()))
 
 
+@pytest.mark.slow  # a fresh process with plain open_clip scores 360 samples
 def test_plain_open_clip_loads_the_export_and_scores_what_kd_eval_scores(exported, data, tmp_path):
     out = exported["out"]
     assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE, CARD_FILE])

@@ -97,6 +97,7 @@ def _check_students(s: dict) -> None:
     assert {c["enforced"] for c in s["checks"]} == {False}  # the dry run enforces no speed target
 
 
+@pytest.mark.slow  # the bash wrapper runs the losses section in a process of its own
 def test_the_wrapper_runs_a_dry_section_and_writes_the_report(tmp_path):
     done = _script("--dry-run", "--sections", "losses", "--out", str(tmp_path))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
