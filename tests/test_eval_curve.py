@@ -87,6 +87,7 @@ def runs(tmp_path_factory, shards):  # noqa: F811 - the imported fixture
     return out
 
 
+@pytest.mark.slow  # `runs`: trains twice through the loop, in this process
 def test_points_every_n_steps_and_after_the_last_with_the_runs_clocks(runs):
     points = runs["eval"]["metrics"]["eval_curve"]
     assert [p["step"] for p in points] == [2, 4, 5]  # every 2 optimizer steps, and the last
@@ -101,6 +102,7 @@ def test_points_every_n_steps_and_after_the_last_with_the_runs_clocks(runs):
         assert 0.0 <= p["zero_shot_top1"] <= p["zero_shot_top5"] <= 1.0 and 0.0 <= p["i2t_r1"] <= 1.0
 
 
+@pytest.mark.slow  # `runs`: trains twice through the loop, in this process
 def test_the_curve_is_written_and_reported_with_the_final_metrics(runs):
     run = runs["eval"]
     metrics, points = run["metrics"], run["metrics"]["eval_curve"]
@@ -112,6 +114,7 @@ def test_the_curve_is_written_and_reported_with_the_final_metrics(runs):
     assert "eval_curve" not in runs["plain"]["metrics"] and "zero_shot_top1" not in runs["plain"]["metrics"]
 
 
+@pytest.mark.slow  # `runs`: trains twice through the loop, in this process
 def test_the_curve_is_in_tensorboard_by_step_and_by_samples(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -124,6 +127,7 @@ def test_the_curve_is_in_tensorboard_by_step_and_by_samples(runs):
     assert [e.step for e in acc.Scalars("eval/teacher_s")] == [2, 4, 5]
 
 
+@pytest.mark.slow  # `runs`: trains twice through the loop, in this process
 def test_evaluating_does_not_change_training(runs):
     """Same seed and data: the final weights are identical with and without the evaluations."""
     with_eval, plain = runs["eval"]["weights"], runs["plain"]["weights"]
@@ -133,6 +137,7 @@ def test_evaluating_does_not_change_training(runs):
     assert runs["eval"]["log"] == runs["plain"]["log"]  # the same streams opened, the same reports
 
 
+@pytest.mark.slow  # `runs`: trains twice through the loop, in this process
 def test_the_last_point_is_what_kd_eval_says_of_the_final_weights(runs, shards, tmp_path):  # noqa: F811
     from student_trainer.checkpoint import save_student
     from student_trainer.config import ModelConfig
