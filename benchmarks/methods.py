@@ -57,6 +57,7 @@ SINGLE = ("kl", "crd", "fd", "mfd", "icl", "gd", "afd", "embed_kd")
 CLIP_KD_PUBLISHED = ("fd", "mfd", "icl", "crd", "gd", "afd")  # ViT-B/16 → ViT-T/16, zero-shot IN top-1
 SIGLIP_INIT = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}  # open_clip's SigLIP init
 INHERITED = " (init from teacher)"  # suffix of a row whose student starts from the teacher's weights
+PURE = "pure distillation (kl)"  # no contrastive task loss: the student learns the teacher's similarities only
 
 
 APP_2 = APP + "-2"
@@ -100,6 +101,7 @@ def methods_to_run(with_siglip: bool, only: Optional[list[str]] = None, with_inh
     rows["clip + icl + kl"] = {"losses": {"clip": 1.0, "icl": DEFAULT_WEIGHTS["icl"] * chosen.get("icl", 1.0),
                                           "kl": DEFAULT_WEIGHTS["kl"] * chosen.get("kl", 1.0)},
                                "teacher": True, "overrides": {}}
+    rows[PURE] = {"losses": {"kl": DEFAULT_WEIGHTS["kl"] * chosen.get("kl", 1.0)}, "teacher": True, "overrides": {}}
     rows["CLIP-KD (clip+crd+icl+fd)"] = {
         "losses": {"clip": 1.0, **{m: DEFAULT_WEIGHTS[m] * chosen.get(m, 1.0) for m in ("crd", "icl", "fd")}},
         "teacher": True, "overrides": {}}
@@ -137,14 +139,21 @@ def teacher_config(teacher_dir: Path, app: str = APP) -> TeacherConfig:
                          serving=ServingConfig(app_name=app, num_cpus=1.0, max_batch_size=256))
 
 
-def model_facts(teacher_dir: Path) -> dict:
+def model_facts(teacher_dir: Path, student: str = STUDENT) -> dict:
     """Widths and patch counts the notes under the table refer to."""
     from student_trainer.factory import create_student
     from student_trainer.masking import num_patches
 
     _, overrides = resolve_model(load_model_config(teacher_dir))
     return {"teacher_embed_dim": overrides.get("embed_dim"),
-            "student_patches": num_patches(create_student(ModelConfig(name=STUDENT)))}
+            "student_patches": num_patches(create_student(ModelConfig(name=student)))}
+
+
+def data_name(data: Path) -> str:
+    """The data set the shards came from (`dataset.json`'s source, e.g. fashion-mnist), else digits."""
+    meta = json.loads((data / "dataset.json").read_text()) if (data / "dataset.json").is_file() else {}
+    source = meta.get("source")
+    return source.get("dataset", "digits") if isinstance(source, dict) else "digits"
 
 
 def find_data(args: argparse.Namespace) -> Path:
@@ -167,12 +176,12 @@ def train_cfg(args, data: Path, name: str, spec: dict, seed: int, tcfg: TeacherC
     return TrainConfig(
         run_name=f"methods-{_slug(name)}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}",
         storage_path=str(Path(args.workdir) / "runs"),
-        model=ModelConfig(name=STUDENT, overrides=dict(spec["overrides"]), init_from_teacher=inherit),
+        model=ModelConfig(name=args.student, overrides=dict(spec["overrides"]), init_from_teacher=inherit),
         data=DataConfig(train_shards=str(data / "train-*.tar"), val_shards=str(data / "val-*.tar"),
                         image_size=32, batch_size=args.batch_size),
         teacher=_teacher_source(spec, mode, tcfg, inherit),
         losses=dict(spec["losses"]), epochs=args.epochs, num_workers=args.workers, seed=seed,
-        log_every_steps=0, torch_threads=1,
+        log_every_steps=0, torch_threads=1, eval_every_steps=args.eval_every,
     ).validate()
 
 
@@ -188,7 +197,11 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
 
 
-REUSE_META = ("epochs", "batch_size", "workers", "teacher_mode", "teacher_fingerprint", "data_dir")
+REUSE_META = ("epochs", "batch_size", "workers", "teacher_mode", "teacher_fingerprint", "data_dir", "student",
+              "eval_every")
+
+
+REUSE_DEFAULTS = {"student": STUDENT, "eval_every": 0}  # what a report made before these fields were recorded ran
 
 
 def reusable_runs(files: list[str], meta: dict, methods: dict[str, dict]) -> dict[tuple[str, int], dict]:
@@ -199,7 +212,7 @@ def reusable_runs(files: list[str], meta: dict, methods: dict[str, dict]) -> dic
     for file in files:
         old = json.loads(Path(file).read_text())
         for key in REUSE_META:
-            if old["meta"].get(key) != meta.get(key):
+            if old["meta"].get(key, REUSE_DEFAULTS.get(key)) != meta.get(key, REUSE_DEFAULTS.get(key)):
                 raise SystemExit(f"--reuse-from {file}: its {key} is {old['meta'].get(key)!r}, "
                                  f"this run's is {meta.get(key)!r}")
         second_same = ((old["meta"].get("second_teacher") or {}).get("fingerprint")
@@ -244,6 +257,7 @@ def run_group(args, data: Path, items: list[tuple[str, dict, int]], tcfg: Teache
 
 def _evaluated(cfg: TrainConfig, outcome, data: Path, seed: int) -> dict:
     from student_trainer.checkpoint import latest_checkpoint
+    from student_trainer.curves import CURVE_CLOCKS, read_curve
     from student_trainer.evaluate import evaluate_checkpoint
 
     checkpoint = latest_checkpoint(Path(cfg.storage_path) / cfg.run_name)
@@ -258,6 +272,8 @@ def _evaluated(cfg: TrainConfig, outcome, data: Path, seed: int) -> dict:
         "teacher_wait_s": m.get("teacher_wait_s"),
         **final_scales(checkpoint), "init": (read_provenance(checkpoint) or {}).get("init"),
         "final_losses": {k: v for k, v in m.items() if k.endswith("_loss")},
+        "curve": [{k: p.get(k) for k in (*CURVE_CLOCKS, "zero_shot_top1")}
+                  for p in read_curve(Path(cfg.storage_path) / cfg.run_name)],
     }
 
 
@@ -459,13 +475,13 @@ def render(report: dict) -> str:
     base = summary.get(BASELINE, {}).get("zero_shot_top1")
     seeds = meta["seeds"]
     lines = [
-        "# Distillation methods on the digits task, one budget",
+        f"# Distillation methods on {meta.get('data_name', 'digits')}, one budget",
         "",
         f"Generated by `benchmarks/methods.py` on {meta['date']}; command:",
         "",
         f"    {meta['command']}",
         "",
-        f"Machine: {meta['machine']}. Student `{STUDENT}` ({meta['student_params']:,} parameters) trained "
+        f"Machine: {meta['machine']}. Student `{meta.get('student', STUDENT)}` ({meta['student_params']:,} parameters) trained "
         f"{meta['epochs']} epochs, batch {meta['batch_size']} × {meta['workers']} DDP workers "
         f"({meta['global_batch']} global), AdamW lr 1e-3 warmup 20 + cosine, seed(s) {seeds}; "
         f"teacher `{meta['teacher_model']}` from `{meta['teacher_dir']}` ({meta['teacher_mode']} mode, "
@@ -523,6 +539,7 @@ def render(report: dict) -> str:
                  f"Total benchmark wall time: {meta.get('wall_time_s', 0) / 60:.1f} min.")
     if meta.get("postscript"):
         lines.append(f"- {meta['postscript']}")
+    lines += ttq_lines(report)
     lines += pool_lines(meta)
     lines += calibration_lines(meta)
     lines += cost_lines(report)
@@ -533,6 +550,34 @@ def render(report: dict) -> str:
         lines += ["", "## Reading the numbers", "", *notes]
     lines += ["", *ranking_note(summary, base)]
     return "\n".join(lines) + "\n"
+
+
+def _clock(t: dict, clock: str, fmt: str) -> str:
+    if t.get(clock) is None:
+        return "never"
+    lo, hi = t.get(f"{clock}_lo"), t.get(f"{clock}_hi")
+    span = f" [{lo:{fmt}}, {hi:{fmt}}]" if t["reached"] > 1 and lo is not None and lo != hi else ""
+    return f"{t[clock]:{fmt}}{span}"
+
+
+def ttq_lines(report: dict) -> list[str]:
+    """Time-to-quality: what each row spent to reach the no-teacher rows' final zero-shot top-1."""
+    ttq = report.get("time_to_baseline") or {}
+    if not ttq:
+        return []
+    target = next(iter(ttq.values()))["threshold"]
+    lines = ["", f"## Time to the no-teacher student's final zero-shot top-1 ({100 * target:.1f} %)", "",
+             f"Each run evaluated on the val split every {report['meta'].get('eval_every')} optimizer steps and "
+             "after its last; the first evaluation at or above the target. Mean [95 % interval] over the seeds "
+             "that reached it; training wall time excludes the evaluations; teacher-seconds are the pool's "
+             "forward time spent on the run's requests.", "",
+             "| run | seeds reaching it | optimizer steps | samples seen | training wall s | teacher-seconds |",
+             "|---|---|---|---|---|---|"]
+    for name, t in ttq.items():
+        lines.append(f"| {name} | {t['reached']} of {t['runs']} | {_clock(t, 'step', '.0f')} | "
+                     f"{_clock(t, 'samples_seen', '.0f')} | {_clock(t, 'train_wall_s', '.0f')} | "
+                     f"{_clock(t, 'teacher_s', '.1f')} |")
+    return lines
 
 
 def pool_lines(meta: dict) -> list[str]:
@@ -666,7 +711,9 @@ def plot(report: dict, path: Path) -> None:
     rows = [(n, s) for n, s in report["summary"].items() if s.get("runs")]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+    curves = report.get("time_to_baseline")
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(15 if curves else 8, 0.45 * len(rows) + 1.5))
+    ax = axes[0] if curves else axes
     means = [100 * s["zero_shot_top1"] for _, s in rows]
     errs = [[100 * (s["zero_shot_top1"] - s["zero_shot_top1_lo"]) for _, s in rows],
             [100 * (s["zero_shot_top1_hi"] - s["zero_shot_top1"]) for _, s in rows]]
@@ -680,15 +727,81 @@ def plot(report: dict, path: Path) -> None:
     if teacher is not None:
         ax.axvline(100 * teacher, color="C3", linestyle=":", label="teacher")
     meta = report["meta"]
-    ax.set_xlabel(f"zero-shot top-1 % on digits val (mean, 95 % interval over seeds {meta['seeds']})")
-    ax.set_title(f"{STUDENT}, {meta['epochs']} epochs, teacher {meta['teacher_model']}")
+    ax.set_xlabel(f"zero-shot top-1 % on {meta.get('data_name', 'digits')} val "
+                  f"(mean, 95 % interval over seeds {meta['seeds']})")
+    ax.set_title(f"{meta.get('student', STUDENT)}, {meta['epochs']} epochs, teacher {meta['teacher_model']}")
     ax.legend(loc="lower right", fontsize=8)
+    if curves:
+        plot_curves(report, axes[1])
     save_png(fig, path)
+
+
+def plot_curves(report: dict, ax) -> None:
+    """Each row's evaluation curve, zero-shot top-1 against optimizer steps, averaged over its seeds
+    at the shared evaluation steps, with the no-teacher final as the time-to-quality line."""
+    for i, (name, runs) in enumerate(report["runs"].items()):
+        by_step: dict[int, list[float]] = {}
+        for run in runs:
+            for point in run.get("curve") or []:
+                if point.get("zero_shot_top1") is not None:
+                    by_step.setdefault(point["step"], []).append(point["zero_shot_top1"])
+        if by_step:
+            steps = sorted(by_step)
+            style = {"color": "0.3", "linewidth": 2.5} if name == BASELINE else {"color": f"C{i % 10}"}
+            ax.plot(steps, [100 * statistics.mean(by_step[t]) for t in steps], label=name, **style)
+    target = report["summary"].get(BASELINE, {}).get("zero_shot_top1")
+    if target is not None:
+        ax.axhline(100 * target, color="0.3", linestyle="--")
+    ax.set_xlabel("optimizer steps")
+    ax.set_ylabel("zero-shot top-1 % (mean over seeds)")
+    ax.set_title("evaluation curves: time to the no-teacher final (dashed)")
+    ax.legend(fontsize=7)
+
+
+def time_to_baseline(report: dict) -> dict[str, dict]:
+    """Per row with evaluation curves: the clocks (steps, samples, training wall seconds,
+    teacher-seconds) at which each seed's student first reached the no-teacher rows' mean final
+    zero-shot top-1, with intervals over the seeds that got there (`student_trainer.curves`)."""
+    from student_trainer.curves import time_to_quality
+
+    target = report["summary"].get(BASELINE, {}).get("zero_shot_top1")
+    if target is None:
+        return {}
+    out = {}
+    for name, runs in report["runs"].items():
+        curves = [r["curve"] for r in runs if "error" not in r and r.get("curve")]
+        if curves:
+            out[name] = {**time_to_quality(curves, target), "seeds": [r["seed"] for r in runs
+                                                                     if "error" not in r and r.get("curve")]}
+    return out
+
+
+def result_rows(report: dict) -> dict:
+    """The report in the results schema of issue 29: the teacher, then one entry per row with its
+    per-seed figures, the paired gain's interval and the steps each seed took to the baseline."""
+    rows = []
+    for name, spec in report["methods"].items():
+        s, ttq = report["summary"].get(name, {}), report.get("time_to_baseline", {}).get(name, {})
+        ok = [r for r in report["runs"][name] if "error" not in r]
+        steps = {seed: (p or {}).get("step") for seed, p in zip(ttq.get("seeds", []), ttq.get("per_run", []))}
+        rows.append({"name": name, "losses": spec["losses"], "answer_dtype": spec.get("answer_dtype", "float16"),
+                     "teacher": bool(spec.get("teacher")), "inherit": bool(spec.get("inherit")),
+                     "teachers": spec.get("apps") or ([APP] if spec.get("teacher") else []),
+                     "seeds": [r["seed"] for r in ok], "zero_shot_top1": [r["zero_shot_top1"] for r in ok],
+                     "gain_vs_baseline_ci95": ([s["gain_zero_shot_top1_lo"], s["gain_zero_shot_top1_hi"]]
+                                               if "gain_zero_shot_top1_lo" in s and name != BASELINE else None),
+                     "steps_to_baseline_final": [steps.get(r["seed"]) for r in ok] if ttq else None})
+    meta = report["meta"]
+    return {"teacher": {"model": meta.get("teacher_model"), "fingerprint": meta.get("teacher_fingerprint"),
+                        **meta.get("teacher_eval", {})},
+            "second_teacher": meta.get("second_teacher"), "rows": rows}
 
 
 def save(report: dict, out: Path) -> None:
     baseline = report["runs"].get(BASELINE)
     report["summary"] = {name: summarise(runs, baseline) for name, runs in report["runs"].items()}
+    report["time_to_baseline"] = time_to_baseline(report)
+    report.update(result_rows(report))
     write_atomic(out.with_suffix(".json"), json.dumps(report, indent=2, default=str))
     write_atomic(out, render(report))
 
@@ -719,6 +832,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher-dir", help="student-format teacher checkpoint dir (required to train)")
     parser.add_argument("--data-dir", help="digits shards (default: <teacher-dir>/../data, else written)")
     parser.add_argument("--workdir", default="/tmp/kd-methods-bench", help="run storage")
+    parser.add_argument("--student", default=STUDENT, help="the student preset or open_clip architecture every row trains")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="evaluate each run on the val split every N optimizer steps (its curve gives the "
+                             "time-to-quality columns: steps to the no-teacher rows' final zero-shot top-1)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64, help="per worker")
     parser.add_argument("--workers", type=int, default=2)
@@ -803,11 +920,12 @@ def new_report(args: argparse.Namespace, argv: Optional[list[str]], data: Path, 
         "teacher_dir": str(teacher_dir), "teacher_model": load_model_config(teacher_dir).name,
         "teacher_mode": args.teacher_mode, "teacher_fingerprint": teacher_eval.get("fingerprint"),
         "teacher_eval": {k: v for k, v in teacher_eval.items() if k != "fingerprint"},
-        "student_params": count_parameters(create_student(ModelConfig(name=STUDENT))),
+        "student": args.student, "eval_every": args.eval_every, "data_name": data_name(data),
+        "student_params": count_parameters(create_student(ModelConfig(name=args.student))),
         "data_dir": str(data),
         "load_avg_1m_start": round(os.getloadavg()[0], 2), "concurrent": args.concurrent,
         "calibration": {**calibration, "file": args.weights_from} if calibration else None,
-        **model_facts(teacher_dir), **second,
+        **model_facts(teacher_dir, args.student), **second,
     }
     return {"meta": meta, "methods": methods, "runs": {name: [] for name in methods}}
 

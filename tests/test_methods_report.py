@@ -150,3 +150,47 @@ def test_the_arguments_are_refused_before_anything_starts_and_the_grid_rows_foll
     assert not rows["clip + kl ×0.5"]["inherit"] and rows["clip + kl ×2 (init from teacher)"]["inherit"]
     with pytest.raises(SystemExit, match="unknown --only rows"):
         methods.rows_to_run(methods.parse_args(["--teacher-dir", str(tmp_path), "--only", "clip + kl ×3"]))
+
+
+def _run(seed: int, final: float, curve: list[tuple[int, float]]) -> dict:
+    return {"seed": seed, "zero_shot_top1": final, "zero_shot_top5": 1, "i2t_r1": 0, "t2i_r1": 0,
+            "curve": [{"step": s, "samples_seen": 64 * s, "train_wall_s": 2.0 * s, "teacher_s": 0.5 * s,
+                       "zero_shot_top1": v} for s, v in curve]}
+
+
+def test_the_results_rows_give_each_seeds_steps_to_the_baseline_final_and_the_paired_gain(tmp_path):
+    """Target: the no-teacher rows' mean final (0.5 + 0.7) / 2 = 0.6. The distilled seed 0 first
+    reaches it at step 20 (0.65), seed 1 never does; the baseline's seed 0 never (it ends at 0.5), seed 1 at 10."""
+    base = [_run(0, 0.5, [(10, 0.3), (20, 0.5)]), _run(1, 0.7, [(10, 0.6), (20, 0.7)])]
+    kd = [_run(0, 0.65, [(10, 0.55), (20, 0.65)]), _run(1, 0.59, [(10, 0.4), (20, 0.59)])]
+    rows = methods.methods_to_run(False, only=["no teacher (clip)", "clip + icl"])
+    meta = {"date": "d", "command": "c", "machine": "2-core CPU", "epochs": 2, "batch_size": 64, "workers": 2,
+            "global_batch": 128, "seeds": [0, 1], "student_params": 1000, "teacher_dir": "/t", "teacher_mode": "remote",
+            "eval_every": 10}
+    report = {"meta": {**meta, "teacher_model": "t", "teacher_fingerprint": "fp", "teacher_eval": {"zero_shot_top1": 0.8}},
+              "methods": rows, "runs": {"no teacher (clip)": base, "clip + icl": kd}}
+    out = tmp_path / "fashion.md"
+    methods.save(report, out)
+    doc = methods.json.loads(out.with_suffix(".json").read_text())
+    assert doc["teacher"] == {"model": "t", "fingerprint": "fp", "zero_shot_top1": 0.8}
+    by_name = {r["name"]: r for r in doc["rows"]}
+    icl = by_name["clip + icl"]
+    assert icl["seeds"] == [0, 1] and icl["zero_shot_top1"] == [0.65, 0.59]
+    assert icl["steps_to_baseline_final"] == [20, None]
+    assert icl["losses"] == {"clip": 1.0, "icl": methods.DEFAULT_WEIGHTS["icl"]}
+    gains = [0.65 - 0.5, 0.59 - 0.7]
+    mean, sd = sum(gains) / 2, abs(gains[0] - gains[1]) / math.sqrt(2)
+    half = 12.706204736174707 * sd / math.sqrt(2)  # t(0.975, 1 df)
+    assert icl["gain_vs_baseline_ci95"] == pytest.approx([mean - half, mean + half])
+    assert by_name["no teacher (clip)"]["steps_to_baseline_final"] == [None, 10]
+    assert by_name["no teacher (clip)"]["gain_vs_baseline_ci95"] is None
+    ttq = doc["time_to_baseline"]["clip + icl"]
+    assert (ttq["threshold"], ttq["reached"], ttq["step"], ttq["teacher_s"]) == (pytest.approx(0.6), 1, 20, 10.0)
+    text = out.read_text()
+    assert "| clip + icl | 1 of 2 | 20 | 1280 | 40 | 10.0 |" in text
+
+
+def test_pure_distillation_has_no_contrastive_task_loss():
+    rows = methods.methods_to_run(False, chosen={"kl": 4.0})
+    assert rows[methods.PURE]["losses"] == {"kl": 4.0 * methods.DEFAULT_WEIGHTS["kl"]}
+    assert rows[methods.PURE]["teacher"] is True
