@@ -151,6 +151,76 @@ class TeacherSourceConfig:
         return any(m.mode.gives_outputs for m in self.members())
 
 
+SELECTION_SCORES = ("uniform", "teacher_loss", "learnability")
+SELECTION_SCOPES = ("rank",)
+
+
+@dataclass
+class SelectionConfig:
+    """Teacher-scored data selection (`student_trainer.selection`, issue 30): every step draws a
+    super-batch of `k` × `data.batch_size` samples per rank, scores them, and trains on the
+    `data.batch_size` that score highest, with the teacher embeddings the super-batch was answered
+    with (no second teacher forward).
+
+    `score`: `uniform` (the first rows of the shuffled super-batch: the same code path without a
+    choice, the control), `teacher_loss` (the teacher's own per-sample contrastive loss on the
+    super-batch, `teacher_service.scores`), `learnability` (the student's per-sample loss, computed on
+    the student without gradients, minus the teacher's: JEST's choice of samples the student has not
+    learned yet but the teacher has). With several teachers their scores are averaged with their
+    normalised `loss_weight`s, as the losses mix them.
+
+    `scope`: `rank`, the one scope: each DDP rank draws, scores and keeps its own super-batch, so
+    every rank trains on `data.batch_size` rows (DDP's step counts and shapes stay equal) and no
+    super-batch crosses ranks. A global choice would all-gather every rank's k·B scores and move
+    the chosen rows' pixels and embeddings between ranks every step, and could leave ranks with
+    unequal shares. Each rank's super-batch goes to its teacher as one request (k·B samples).
+
+    An epoch is one pass over the data in super-batches: k times fewer optimizer steps than
+    without selection; `epochs` × k trains the same number of steps. `k` 1 (the default) is no
+    selection at all.
+    """
+
+    score: str = "uniform"
+    k: int = 1
+    scope: str = "rank"
+
+    @property
+    def active(self) -> bool:
+        """Whether steps draw super-batches (k > 1)."""
+        return self.k > 1
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the choice reads teacher scores (every score but uniform)."""
+        return self.active and self.score != "uniform"
+
+    def draw_size(self, batch_size: int) -> int:
+        """Samples a rank draws per micro-batch: the super-batch."""
+        return self.k * batch_size
+
+    def validate(self, teacher: TeacherSourceConfig) -> None:
+        """The fields, and what the run's teachers must give for `score`; errors name the field."""
+        if self.score not in SELECTION_SCORES:
+            raise ValueError(f"selection.score {self.score!r}: expected one of {SELECTION_SCORES}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"selection.k: expected an integer >= 1 (the super-batch is k × data.batch_size), "
+                             f"got {self.k!r}")
+        if self.scope not in SELECTION_SCOPES:
+            raise ValueError(f"selection.scope {self.scope!r}: only {SELECTION_SCOPES} (each DDP rank chooses "
+                             "from its own super-batch; a global choice would all-gather every step's super-batches)")
+        if self.score != "uniform" and self.k == 1:
+            raise ValueError(f"selection.score {self.score!r} with selection.k 1 keeps every sample it scores: "
+                             "set k >= 2 (each step then draws k × data.batch_size samples and trains on the best "
+                             "data.batch_size)")
+        if self.needs_teacher and not teacher.has_teacher:
+            raise ValueError(f"selection.score {self.score!r} is scored by the teacher, but teacher.mode is "
+                             f"'{teacher.mode}': give the run a teacher, or use selection.score 'uniform'")
+        routed = [m.name for m in teacher.members() if m.labels is not None]
+        if self.needs_teacher and routed:
+            raise ValueError(f"selection.score {self.score!r} averages every teacher's score of every sample, but "
+                             f"teachers {routed} answer only their labels: drop their labels or the selection")
+
+
 @dataclass
 class OptimConfig:
     """AdamW with linear warmup and cosine decay (CLIP-KD's recipe)."""
@@ -176,6 +246,7 @@ class TrainConfig:
     losses: dict = field(default_factory=dict)
     loss_options: dict = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)  # teacher-scored data selection
     epochs: int = 1
     max_steps_per_epoch: int | None = None
     accum_steps: int = 1  # micro-batches per optimizer step (exact for contrastive/distill losses)
@@ -206,6 +277,7 @@ class TrainConfig:
             raise ValueError(f"run_name {self.run_name!r}: use letters, digits, '_', '.', '-' (max 128)")
         self._validate_teachers()
         self._validate_init()
+        self.selection.validate(self.teacher)
         check_placement(self.worker_label_selector, self.worker_resources, "worker_label_selector", "worker_resources")
         check_cores(self.cpu_affinity)
         if not 0 < self.gpus_per_worker <= 1:

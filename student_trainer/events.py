@@ -10,8 +10,10 @@ reader that drops the prefix (`kd report`) finds the same names everywhere:
   `logit_scale`, `samples_per_s`, `teacher_wait_s` (rank 0's);
 - `epoch/` at every report (epoch ends, checkpoints): the `teacher_*` counters (requests, samples,
   retries, wait, cache hits ...), the `data_*` counters (skipped samples by reason, in total),
-  `train_samples_per_s`, `run_samples_per_s`, `epoch_time_s`, and the step profile `step_<part>_ms`
-  (data, teacher_wait, convert, compute, other: student_trainer.profile);
+  `train_samples_per_s`, `run_samples_per_s`, `epoch_time_s`, `samples_seen` and `samples_trained`
+  (they differ with data selection), the `selection_*` figures (teacher and student seconds, bytes
+  and scores of data selection: student_trainer.selection), and the step profile `step_<part>_ms`
+  (data, teacher_wait, select, convert, compute, other: student_trainer.profile);
 - `eval/` per evaluation (`log_eval`, and the evaluation curve's points, `eval_point`): zero-shot
   top-1/5, retrieval R@1/5/10 both ways; the curve's points add `eval_s` (that evaluation's
   seconds), `train_wall_s` and `teacher_s` (the run's so far), by step;
@@ -29,8 +31,8 @@ from student_trainer.progress import StepSnapshot
 
 TENSORBOARD_DIR = "tensorboard"
 EVAL_METRICS = ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
-_EPOCH_METRICS = ("train_samples_per_s", "run_samples_per_s", "epoch_time_s")
-_EPOCH_PREFIXES = ("teacher_", "data_", "step_")
+_EPOCH_METRICS = ("train_samples_per_s", "run_samples_per_s", "epoch_time_s", "samples_seen", "samples_trained")
+_EPOCH_PREFIXES = ("teacher_", "data_", "step_", "selection_")
 BY_SAMPLES = "eval_by_samples"  # tag prefix of the curve drawn against samples seen, not steps
 _POINT_CLOCKS = ("eval_s", "train_wall_s", "teacher_s")
 

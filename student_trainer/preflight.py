@@ -5,7 +5,7 @@ replica, wrong for a configuration mistake, which fails the same way every time.
 can know is wrong before it trains (the student's model, shards, loss names, an empty or missing
 cache, a cache of another teacher or recipe, a teacher app that is not deployed, Embed-KD without
 centroids, a student that cannot inherit the teacher's weights, `send_pixels: reference` against a
-teacher that reads no shards) is refused here with one clear message; `run_training` calls it first.
+teacher that reads no shards, a selection super-batch larger than a pool takes in one request) is refused here with one clear message; `run_training` calls it first.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def check_run(cfg: TrainConfig) -> None:
     check_model_config(cfg.model)  # an inline teacher's model was checked when its TeacherConfig was built
     members = cfg.teacher.members()
     shards = resolve_shards(cfg.data.train_shards)
-    steps_per_epoch(shards, world_size=cfg.num_workers, batch_size=cfg.data.batch_size)
+    steps_per_epoch(shards, world_size=cfg.num_workers, batch_size=cfg.selection.draw_size(cfg.data.batch_size))
     if cfg.teacher.is_ensemble:
         _check_ensemble(cfg)
     if cfg.eval_every_steps:
@@ -58,10 +58,24 @@ def _check_teacher(cfg: TrainConfig, teacher: TeacherSourceConfig) -> str | None
         raise ValueError(f"teacher.send_pixels 'reference': teacher app {teacher.app_name!r} reads no shards; "
                          "deploy it with shard_roots holding the training shards (kd teacher serve --shard-root), "
                          "or use send_pixels 'auto'")
+    if teacher_info:
+        _check_request_size(cfg, teacher, teacher_info)
     cache_fingerprint = _check_cache(cfg, teacher, teacher_info) if mode.reads_cache else None
     if not mode.gives_outputs:
         return ""
     return (teacher_info or {}).get("fingerprint") or cache_fingerprint
+
+
+def _check_request_size(cfg: TrainConfig, teacher: TeacherSourceConfig, teacher_info: dict) -> None:
+    """A batch goes to the pool as one request (with data selection: the whole super-batch, which
+    the pool scores together): it must fit the app's `max_request_samples`."""
+    size, limit = cfg.selection.draw_size(cfg.data.batch_size), teacher_info.get("max_request_samples")
+    if limit is not None and size > int(limit):
+        what = (f"selection.k {cfg.selection.k} × data.batch_size {cfg.data.batch_size} = {size}"
+                if cfg.selection.active else f"data.batch_size {size}")
+        raise ValueError(f"{what} samples go to teacher app {teacher.app_name!r} in one request, more than its "
+                         f"max_request_samples {limit}: lower them, or serve the teacher with a larger "
+                         "serving.max_request_samples")
 
 
 def _check_ensemble(cfg: TrainConfig) -> None:

@@ -1,5 +1,6 @@
-"""Where a training step's time goes: reading data, waiting for the teacher, converting its
-answers to tensors, the student's compute, and the loop's own bookkeeping.
+"""Where a training step's time goes: reading data, waiting for the teacher, choosing the rows to
+train on (data selection), converting its answers to tensors, the student's compute, and the
+loop's own bookkeeping.
 
 The remote teacher's cost to a student is the sum of small parts (a wait, a receive, a copy),
 none of which shows in samples/s alone; `kd bench` reports these per mode so the gap to the
@@ -11,7 +12,7 @@ import contextlib
 import time
 from typing import Callable, Iterable, Iterator, TypeVar
 
-PARTS = ("data", "teacher_wait", "convert", "compute", "other")
+PARTS = ("data", "teacher_wait", "select", "convert", "compute", "other")
 T = TypeVar("T")
 
 
@@ -61,7 +62,7 @@ class StepProfile:
             self.steps += 1
 
     def _timed(self) -> float:
-        return self.totals["convert"] + self.totals["compute"] + self.aside_s
+        return self.totals["select"] + self.totals["convert"] + self.totals["compute"] + self.aside_s
 
     @contextlib.contextmanager
     def aside(self) -> Iterator[None]:

@@ -57,15 +57,17 @@ from student_trainer.profile import StepProfile
 from student_trainer.progress import (VERBOSE_KEY, ProgressPoster, StepSnapshot, format_summary,
                                       quiet_worker_console, watch_run)
 from student_trainer.scheduler import set_lr, warmup_cosine
+from student_trainer.selection import Selector, student_row_losses
 from student_trainer.step_eval import StepEvaluator
 from student_trainer.teacher.outputs import merge_outputs
 from student_trainer.teacher.sources import NoTeacher, TeacherSource, make_teacher_source
 
 TRAIN_STATE_FILE = "train_state.pt"
 # The run's cumulative clocks, kept in every checkpoint so a resumed run's curve goes on counting:
-# samples seen (all ranks), training wall time without evaluations, teacher-seconds (all ranks,
-# docs/design.md) and evaluation seconds.
-RUN_CLOCKS = ("samples_seen", "train_wall_s", "teacher_s", "eval_s")
+# samples seen (all ranks: drawn from the data and answered by the teacher), samples trained on (the
+# same, but with data selection only the kept rows), training wall time without evaluations,
+# teacher-seconds (all ranks, docs/design.md) and evaluation seconds.
+RUN_CLOCKS = ("samples_seen", "samples_trained", "train_wall_s", "teacher_s", "eval_s")
 log = logging.getLogger(__name__)
 _MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -417,8 +419,9 @@ def _grouped(stream: Iterable, size: int) -> Iterator[list]:
 
 
 def optimizer_steps_per_epoch(cfg: TrainConfig, shards: list[str], world: int) -> int:
-    """Optimizer steps per epoch: per-rank batches // accum_steps, capped by max_steps_per_epoch."""
-    batches = steps_per_epoch(shards, world_size=world, batch_size=cfg.data.batch_size)
+    """Optimizer steps per epoch: per-rank batches // accum_steps, capped by max_steps_per_epoch;
+    with data selection a batch is a super-batch (`SelectionConfig.draw_size`)."""
+    batches = steps_per_epoch(shards, world_size=world, batch_size=cfg.selection.draw_size(cfg.data.batch_size))
     steps = batches // cfg.accum_steps
     if steps == 0:
         raise ValueError(f"accum_steps={cfg.accum_steps} needs that many batches per rank, but an epoch has "
@@ -462,7 +465,8 @@ def _teacher_source(worker: Worker, shards: list[str]) -> TeacherSource:
     cfg = worker.cfg
     recipe = view_recipe(cfg.data.image_size, cfg.seed)
     return make_teacher_source(cfg.teacher, run=cfg.run_name, device=str(worker.device), recipe=recipe,
-                               view_namespace=view_namespace(recipe, "\n".join(sorted(shards))))
+                               view_namespace=view_namespace(recipe, "\n".join(sorted(shards))),
+                               scores=cfg.selection.needs_teacher)
 
 
 @dataclass
@@ -479,10 +483,11 @@ class EpochReader:
     def open(self, epoch: int, first: int) -> tuple[Iterator[list], SkipCounts]:
         """The epoch's optimizer-step groups from step `first` on, its first prefetch window already
         sent to a pool (`TeacherSource.stream(eager=True)`), and its bad-sample counts (filled as
-        it is read)."""
+        it is read). With data selection each batch is a super-batch, chosen from in the loop."""
         cfg, skips = self.worker.cfg, SkipCounts()
         batches = train_batches(self.shards, rank=self.worker.rank, world_size=self.worker.world,
-                                batch_size=cfg.data.batch_size, image_size=cfg.data.image_size, epoch=epoch,
+                                batch_size=cfg.selection.draw_size(cfg.data.batch_size),
+                                image_size=cfg.data.image_size, epoch=epoch,
                                 seed=cfg.seed, tokenizer=self.tokenizer, shuffle_buffer=cfg.data.shuffle_buffer,
                                 view=cfg.data.view_of(epoch), start_batch=first * cfg.accum_steps, skips=skips)
         batches = itertools.islice(batches, (self.steps - first) * cfg.accum_steps)
@@ -553,7 +558,9 @@ class WorkerLoop:
     progress: ProgressPoster
     evaluator: StepEvaluator | None = None  # the evaluation curve (`eval_every_steps`)
     base: dict = field(default_factory=dict)  # the run's `RUN_CLOCKS` at the resumed checkpoint
-    samples_done: int = 0
+    selector: Selector | None = None  # data selection (`SelectionConfig.k` > 1): rows chosen from super-batches
+    samples_drawn: int = 0  # this process's samples seen, all ranks (super-batches with selection)
+    samples_done: int = 0  # this process's samples trained on, all ranks
     eval_s: float = 0.0  # this process's evaluation seconds
 
     @classmethod
@@ -571,11 +578,13 @@ class WorkerLoop:
         events = RunEvents.for_rank(cfg.storage_path, cfg.run_name, worker.rank)
         progress = ProgressPoster.for_rank(cfg.run_name, worker.rank)
         return cls(worker, source, steps, start, module, optimizer, ddp, init,
-                   can_lose_teacher=needs_teacher and source.can_lose_teacher, use_amp=use_amp,
+                   can_lose_teacher=(needs_teacher or cfg.selection.needs_teacher) and source.can_lose_teacher,
+                   use_amp=use_amp,
                    scaler=torch.amp.GradScaler("cuda", enabled=use_amp), started=time.perf_counter(),
                    step=start.step, events=events, progress=progress,
                    evaluator=_evaluator(worker, tokenizer, events, progress, start.step),
-                   base=resume.clocks if resume is not None else {})
+                   base=resume.clocks if resume is not None else {},
+                   selector=Selector(cfg.selection, cfg.data.batch_size) if cfg.selection.active else None)
 
     def train_epoch(self, epoch: int, groups: Iterator[list], skips: SkipCounts) -> dict | None:
         """Train `epoch` (from the resumed step in the run's first); its metrics, or None when the
@@ -599,6 +608,10 @@ class WorkerLoop:
         cfg, device = self.worker.cfg, self.worker.device
         set_lr(self.optimizer, warmup_cosine(self.step, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
                                              total_steps=self.steps * cfg.epochs))
+        self.samples_drawn += sum(len(b.keys) for b, _ in group) * self.worker.world
+        if self.selector is not None:
+            with tally.profile.part("select"):
+                group = [self.selector.choose(b, t, self._student_scores) for b, t in group]
         with tally.profile.part("convert"):
             merged = merge_outputs([t for _, t in group])  # one teacher's or an ensemble's
             teacher = merged.to_tensors(device) if merged is not None else None
@@ -613,6 +626,11 @@ class WorkerLoop:
         for k, v in parts.items():
             tally.sums[k] = tally.sums.get(k, 0.0) + float(v)
         return parts
+
+    def _student_scores(self, batch: Batch) -> np.ndarray:
+        """The student's per-row loss on a super-batch (learnability), without gradients."""
+        images, tokens, _ = _as_tensors(batch, self.worker.device)
+        return student_row_losses(self.module.student, self.module.spec, images, tokens, self.use_amp)
 
     def _after_step(self, tally: EpochTally, i: int, parts: dict) -> None:
         """Rank 0's progress line and event record, its console line every `log_every_steps`, and a
@@ -651,8 +669,10 @@ class WorkerLoop:
         """Where the run stands, over every rank and resume: the step, the epoch (1-based), samples
         seen, training wall time and teacher-seconds (`curves.CURVE_CLOCKS`). A collective."""
         teacher_s = sum_over_ranks({"teacher_s": float(self.source.stats.compute_s)}, self.worker.device)["teacher_s"]
+        trained_before = self.base.get("samples_trained", self.base.get("samples_seen", 0))  # older: no selection
         return {"step": self.step, "epoch": epoch + 1,
-                "samples_seen": int(self.base.get("samples_seen", 0)) + self.samples_done,
+                "samples_seen": int(self.base.get("samples_seen", 0)) + self.samples_drawn,
+                "samples_trained": int(trained_before) + self.samples_done,
                 "train_wall_s": round(float(self.base.get("train_wall_s", 0.0)) + self.train_wall_s(), 4),
                 "teacher_s": round(float(self.base.get("teacher_s", 0.0)) + teacher_s, 6)}
 
@@ -692,7 +712,21 @@ class WorkerLoop:
             metrics["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         metrics.update(self.clocks(tally.epoch))
         metrics["eval_s"] = round(float(self.base.get("eval_s", 0.0)) + self.eval_s, 4)
-        return {**metrics, **self._curve_metrics()}
+        return {**metrics, **self._selection_metrics(), **self._curve_metrics()}
+
+    def _selection_metrics(self) -> dict:
+        """What data selection cost since this worker started, all ranks (a collective): the
+        teacher-seconds of the super-batches (their answers' and any scoring done here), the student's
+        scoring seconds, the answers' bytes; rank 0's mean score of the rows drawn and kept."""
+        if self.selector is None:
+            return {}
+        stats, cfg = self.selector.stats, self.worker.cfg.selection
+        summed = sum_over_ranks({"selection_teacher_s": float(self.source.stats.compute_s) + stats.teacher_s,
+                                 "selection_student_s": float(stats.student_s),
+                                 "selection_bytes": int(stats.answer_bytes)}, self.worker.device)
+        return {"selection_score": cfg.score, "selection_k": cfg.k,
+                **{k: round(v, 6) if isinstance(v, float) else v for k, v in summed.items()},
+                **stats.score_means()}
 
     def _curve_metrics(self) -> dict:
         """The evaluation curve so far (`eval_curve`), and its figures at the top level when its
@@ -734,9 +768,10 @@ def train_loop_per_worker(config: dict) -> None:
     start = resume.position if resume is not None else Position()
     options = _loss_options(cfg, source, tokenizer, shards)
     # losses that need no per-batch teacher output (clip, siglip, embed_kd with its centroids)
-    # do not ask the teacher for every batch
+    # do not ask the teacher for every batch, unless data selection scores with it
     needs_teacher = bool(losses_needing_teacher(cfg.losses, options.get("class_centroids") is not None))
-    reader = EpochReader(worker, shards, tokenizer, source if needs_teacher else NoTeacher(),
+    asks_teacher = needs_teacher or cfg.selection.needs_teacher
+    reader = EpochReader(worker, shards, tokenizer, source if asks_teacher else NoTeacher(),
                          optimizer_steps_per_epoch(cfg, shards, worker.world))
     # the first epoch's first answers are computed while the student is created (its weights loaded
     # or inherited) and the module, optimizer and DDP are built

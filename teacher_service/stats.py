@@ -1,6 +1,7 @@
 """Per-replica teacher counters, their Ray metrics export, merging across replicas and the report.
 
-Requests, samples requested / computed / coalesced / from cache, errors by kind, batch fill,
+Requests, samples requested / computed / coalesced / from cache, scores requested / computed /
+reused (data selection, `teacher_service.scores`), errors by kind, batch fill,
 queue-wait and forward percentiles over a bounded reservoir, and per-run throughput over a
 sliding window; `kd teacher status` prints `format_stats(merge_stats(...))`.
 """
@@ -24,9 +25,11 @@ SUM_KEYS = ("requests_received", "requests", "requests_cancelled", "errors", "er
             "samples_coalesced", "samples_from_cache", "samples", "batches", "batch_requests",
             "batch_fill_sum", "forward_s", "in_flight", "samples_per_s", "coalesce_in_flight_rows",
             "coalesce_recent_rows", "reference_requests", "reference_samples", "reference_refused",
-            "reference_index_builds", "reference_image_cache_hits", "reference_resolve_s")
+            "reference_index_builds", "reference_image_cache_hits", "reference_resolve_s",
+            "scores_requested", "scores_computed", "scores_reused", "score_s", "score_memo_rows")
 RUN_COUNTS = ("requests_received", "requests", "errors", "samples_requested", "samples_computed",
-              "samples_coalesced", "samples_from_cache", "samples")
+              "samples_coalesced", "samples_from_cache", "samples", "scores_requested", "scores_computed",
+              "scores_reused")
 RUN_SUM_KEYS = (*RUN_COUNTS, "samples_per_s")
 MAX_RUNS = 256
 RESERVOIR = 4096
@@ -41,6 +44,7 @@ class MetricsSink(Protocol):
     def batch(self, per_run: dict[str, int], fill: float, forward_s: float, waits: list[float]) -> None: ...
     def in_flight(self, n: int) -> None: ...
     def reused(self, run: str, coalesced: int, from_cache: int) -> None: ...
+    def scored(self, run: str, computed: int, reused: int) -> None: ...
 
 
 @dataclass
@@ -68,7 +72,9 @@ class TeacherCounters:
     their own (`coalesce.Coalescer`) add `samples_coalesced` (joined a forward already queued or
     running) or `samples_from_cache` (the replica's table of recent rows), so
     samples_requested = samples_computed + samples_coalesced + samples_from_cache once every
-    accepted request is answered. Queue wait (arrival →
+    accepted request is answered. A request asking for scores adds its samples to
+    `scores_requested` and to `scores_computed` (scored here, `score_s` seconds) or `scores_reused`
+    (the scores of an identical request, `scores.ScoreMemo`). Queue wait (arrival →
     forward start) and forward time percentiles are over the last RESERVOIR values; per-run
     `samples_per_s` is answered samples over the last `window_s` seconds; per-run `weight` is the
     fair-share weight its latest accepted request was scheduled at (the weight gRPC callers are
@@ -148,6 +154,19 @@ class TeacherCounters:
             counts["samples_from_cache"] += from_cache
         if self.sink:
             self.sink.reused(label, coalesced, from_cache)
+
+    def scored(self, label: str, samples: int, reused: bool, score_s: float = 0.0) -> None:
+        """A request's samples were scored (`reused`: from the scores of an identical request)."""
+        kind = "scores_reused" if reused else "scores_computed"
+        with self._lock:
+            self._c["scores_requested"] += samples
+            self._c[kind] += samples
+            self._c["score_s"] += score_s
+            counts = self._run(label).counts
+            counts["scores_requested"] += samples
+            counts[kind] += samples
+        if self.sink:
+            self.sink.scored(label, 0 if reused else samples, samples if reused else 0)
 
     def failed(self, label: str) -> None:
         self._error(label, "internal", in_flight=True)
@@ -370,6 +389,11 @@ METRICS = (
                RUN_TAGS),
     MetricSpec("kd_teacher_samples_from_cache", "counter", "samples answered from the replica's recent rows",
                RUN_TAGS),
+    MetricSpec("kd_teacher_scores_requested", "counter", "samples whose scores were asked (data selection)",
+               RUN_TAGS),
+    MetricSpec("kd_teacher_scores_computed", "counter", "samples scored by the replica", RUN_TAGS),
+    MetricSpec("kd_teacher_scores_reused", "counter", "samples answered the scores of an identical request",
+               RUN_TAGS),
     MetricSpec("kd_teacher_errors", "counter", "requests refused or failed", ("app", "run", "kind"),
                sources=SOURCES),
     MetricSpec("kd_teacher_batches", "counter", "teacher forward passes", ("app",)),
@@ -437,6 +461,11 @@ class RayMetricsSink:
     def reused(self, run: str, coalesced: int, from_cache: int) -> None:
         self._inc("kd_teacher_samples_coalesced", coalesced, run)
         self._inc("kd_teacher_samples_from_cache", from_cache, run)
+
+    def scored(self, run: str, computed: int, reused: int) -> None:
+        self._inc("kd_teacher_scores_requested", computed + reused, run)
+        self._inc("kd_teacher_scores_computed", computed, run)
+        self._inc("kd_teacher_scores_reused", reused, run)
 
     def error(self, run: str, kind: str) -> None:
         self._inc("kd_teacher_errors", 1, run, kind=kind)
@@ -514,6 +543,8 @@ def format_stats(info: dict[str, Any], stats: dict[str, Any]) -> str:
         f"in-flight limit {s.get('errors_in_flight_limit', 0):.0f}, internal {s['errors_internal']:.0f})",
         f"samples    requested {s['samples_requested']:.0f}, computed {s['samples_computed']:.0f}, coalesced "
         f"{s['samples_coalesced']:.0f}, from cache {s['samples_from_cache']:.0f}, answered {s['samples']:.0f}",
+        f"scores     requested {s.get('scores_requested', 0):.0f}, computed {s.get('scores_computed', 0):.0f} "
+        f"({s.get('score_s', 0):.2f} s), reused {s.get('scores_reused', 0):.0f} (data selection)",
         f"batches    {s['batches']:.0f}, fill {num(s['batch_fill_mean'])} of max_batch_size {s.get('max_batch_size')} "
         f"(largest {s['max_batch_samples']:.0f} samples), {num(s['requests_per_batch'], '.1f')} requests/batch",
         f"queue wait p50 {ms(s['queue_wait_p50_s'])}, p99 {ms(s['queue_wait_p99_s'])}, max {ms(s['queue_wait_max_s'])} "

@@ -19,8 +19,8 @@ PACKAGES = ("teacher_service", "student_trainer", "cluster")
 FORMER_MODULES = {"grpc_server", "grpc_ingress", "grpc_client", "cli_cache", "teacher_client", "transform", "views",
                   "datasets"}
 # module names that prose also uses for config sections, variables and libraries (`model.name`,
-# `teacher.mode`, `serve.delete`, `grpc.health.v1`): a `name.x` starting with one is not checked
-AMBIGUOUS = {"model", "data", "teacher", "optim", "serve", "grpc", "client", "args", "config"}
+# `teacher.mode`, `selection.k`, `serve.delete`, `grpc.health.v1`): a `name.x` starting with one is not checked
+AMBIGUOUS = {"model", "data", "teacher", "optim", "serve", "grpc", "client", "args", "config", "selection"}
 
 QUALIFIED = re.compile(r"(?<![\w/.-])((?:%s)(?:\.[A-Za-z_]\w*)+)" % "|".join(PACKAGES))
 BACKTICKED = re.compile(r"`+([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(?:\([^`]*\))?`+")

@@ -9,22 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_models import running_app, shared_teacher, tiny_teacher_overrides, train_shards
+from tiny_models import running_app, shared_teacher, tiny_app_config, train_shards
 
 from student_trainer.config import DataConfig, ModelConfig, OptimConfig, TeacherSourceConfig, TrainConfig
-from teacher_service.config import ServingConfig, TeacherConfig
 
 pytestmark = pytest.mark.ray
 
 APPS = (shared_teacher().serving.app_name, "kd-ensemble-narrow")  # wide (48): the session's app, tiny_teacher_app
 BATCH, STEPS, WORKERS = 16, 3, 2
 LOW_DIGITS = [0, 1, 2, 3, 4]
-
-
-def _teacher(app: str, dim: int) -> TeacherConfig:
-    return TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(dim), torch_threads=1,
-                         serving=ServingConfig(app_name=app, num_cpus=0.25, max_batch_size=64,
-                                               expected_request_samples=BATCH))
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +28,7 @@ def shards(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def apps(tiny_teacher_app):
     """The wide teacher is the session's shared app (the tests count its samples by run name)."""
-    with running_app(_teacher(APPS[1], 32)) as narrow:
+    with running_app(tiny_app_config(APPS[1], 32, BATCH)) as narrow:
         yield tiny_teacher_app, narrow
 
 
@@ -117,8 +110,8 @@ def test_an_app_and_a_cache_of_another_teacher_train_together(shards, apps, tmp_
     from teacher_service.shards import resolve_shards
 
     cache = tmp_path / "narrow-cache"
-    precompute(resolve_shards(shards), str(cache), views=1, teacher=_teacher("unused", 32), image_size=32, seed=0,
-               num_cpus=0.5, batch_size=50, progress=False)
+    precompute(resolve_shards(shards), str(cache), views=1, teacher=tiny_app_config("unused", 32, BATCH),
+               image_size=32, seed=0, num_cpus=0.5, batch_size=50, progress=False)
     sources = [{"name": "wide", "app_name": APPS[0]}, {"name": "cached", "mode": "cache", "cache_path": str(cache)}]
     cfg = ensemble_cfg(shards, tmp_path / "runs", "ensemble-cache-run", sources)
     cfg.num_workers, cfg.data.num_views = 1, 1

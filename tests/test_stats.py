@@ -195,7 +195,7 @@ def test_ray_sink_exports_every_counter_and_gauge_at_zero_before_anything_is_cou
     RayMetricsSink("app", "r1")
     assert ray_metrics.kinds == {spec.name: spec.kind for spec in METRICS}  # the declaration is what registers
     run_counters = ("requests", "samples_requested", "samples_computed", "samples_answered", "samples_coalesced",
-                    "samples_from_cache")
+                    "samples_from_cache", "scores_requested", "scores_computed", "scores_reused")
     expected = {**{(f"kd_teacher_{c}", frozenset({("app", "app"), ("run", "")})): 0 for c in run_counters},
                 **{("kd_teacher_errors", frozenset({("app", "app"), ("run", ""), ("kind", k)})): 0
                    for k in ERROR_KINDS},
@@ -211,6 +211,8 @@ def test_ray_sink_zeroes_a_runs_series_at_its_first_call_and_then_mirrors_the_co
     ray_metrics = RayMetricStandIns(monkeypatch)
     counters = known_sequence(Clock(), RayMetricsSink("app", "r1"))
     counters.reused("b", 0, 2)
+    counters.scored("b", 4, reused=False, score_s=0.5)
+    counters.scored("a", 3, reused=True)
     runs = counters.snapshot()["runs"]
     accepted = {"a": 4, "b": 2, "anonymous": 0}  # kd_teacher_requests counts accepted requests
     for run in ("a", "b", "anonymous"):
@@ -219,7 +221,8 @@ def test_ray_sink_zeroes_a_runs_series_at_its_first_call_and_then_mirrors_the_co
         exported = {key: ray_metrics.value(f"kd_teacher_{name}", **tags) for key, name in (
             ("samples_requested", "samples_requested"), ("samples", "samples_answered"),
             ("samples_computed", "samples_computed"), ("samples_coalesced", "samples_coalesced"),
-            ("samples_from_cache", "samples_from_cache"))}
+            ("samples_from_cache", "samples_from_cache"), ("scores_requested", "scores_requested"),
+            ("scores_computed", "scores_computed"), ("scores_reused", "scores_reused"))}
         assert exported == {key: runs[run][key] for key in exported}, run  # 0 where nothing was counted
         errors = {k: ray_metrics.value("kd_teacher_errors", **tags, kind=k) for k in ERROR_KINDS}
         assert sum(errors.values()) == runs[run]["errors"] and set(errors) == set(ERROR_KINDS)
@@ -227,6 +230,10 @@ def test_ray_sink_zeroes_a_runs_series_at_its_first_call_and_then_mirrors_the_co
     assert ray_metrics.value("kd_teacher_errors", app="app", run="anonymous", kind="invalid") == 1
     assert ray_metrics.value("kd_teacher_samples_from_cache", app="app", run="b") == 2
     assert ray_metrics.value("kd_teacher_samples_coalesced", app="app", run="b") == 0
+    assert (ray_metrics.value("kd_teacher_scores_computed", app="app", run="b"),
+            ray_metrics.value("kd_teacher_scores_reused", app="app", run="a"),
+            ray_metrics.value("kd_teacher_scores_requested", app="app", run="a")) == (4, 3, 3)
+    assert counters.snapshot()["score_s"] == 0.5
     assert ray_metrics.value("kd_teacher_batches", app="app") == 2
     assert ray_metrics.value("kd_teacher_in_flight", app="app", replica="r1") == 0
     assert sorted(ray_metrics.value("kd_teacher_batch_fill_ratio", app="app")) == pytest.approx([6 / 16, 10 / 16])

@@ -32,6 +32,8 @@ def test_each_part_gets_its_own_time_and_the_wait_is_split_from_the_fetch(monkey
 
     prof = StepProfile(lambda: clock.wait)
     for _ in prof.iterate(stream()):
+        with prof.part("select"):  # data selection: scoring the super-batch, taking its best rows
+            clock.advance(0.003)
         with prof.part("convert"):
             clock.advance(0.001)
         with prof.part("compute"):
@@ -42,7 +44,7 @@ def test_each_part_gets_its_own_time_and_the_wait_is_split_from_the_fetch(monkey
     assert prof.steps == 2
     assert prof.as_metrics() == pytest.approx({"step_data_ms": 10.0, "step_teacher_wait_ms": 17.0,
                                                "teacher_wait_first_step_ms": 30.0, "step_compute_cpu_ms": 45.0,
-                                               "step_convert_ms": 1.0, "step_compute_ms": 50.0,
+                                               "step_select_ms": 3.0, "step_convert_ms": 1.0, "step_compute_ms": 50.0,
                                                "step_other_ms": 2.0, "step_background_cpu_ms": 3.0})
 
 

@@ -42,6 +42,15 @@ def running_app(cfg):
         serve.delete(cfg.serving.app_name)
 
 
+def tiny_app_config(app: str, dim: int, request_samples: int):
+    """A tiny teacher app (`tiny_teacher_overrides(dim)`) on a quarter CPU, batching up to 64 samples."""
+    from teacher_service.config import ServingConfig, TeacherConfig
+
+    return TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(dim), torch_threads=1,
+                         serving=ServingConfig(app_name=app, num_cpus=0.25, max_batch_size=64,
+                                               expected_request_samples=request_samples))
+
+
 def train_shards(tmp_path_factory, samples_per_shard: int = 100, name: str = "digits") -> str:
     """Two digits train shards of `samples_per_shard` samples, as a brace spec (what `kd train` takes)."""
     from student_trainer.data.write_shards import write_digits_shards

@@ -16,7 +16,7 @@ TRAIN_FLAGS = {
     "cache_path": "teacher.cache_path", "cache_teacher": "teacher.cache_teacher",
     "teacher_patience": "teacher.patience_s",
     "checkpoint_every": "checkpoint_every_steps", "eval_every": "eval_every_steps", "max_failures": "max_failures",
-    "inherit_layers": "model.inherit_layers",
+    "inherit_layers": "model.inherit_layers", "selection_score": "selection.score", "selection_k": "selection.k",
 }
 
 
@@ -123,6 +123,13 @@ def add_parser(sub, fmt) -> None:
                    help="cache mode: which teacher's rows of a cache holding several (see `kd cache info`)")
     p.add_argument("--num-views", type=int,
                    help="views per sample: epoch e trains on view e %% N (reuse precomputed views)")
+    p.add_argument("--selection-score", metavar="SCORE",  # the config refuses other names, listing them
+                   help="data selection: train on the best 1/K of each super-batch by the teacher's per-sample "
+                        "loss (teacher_loss), the student's minus the teacher's (learnability), or on its first "
+                        "rows (uniform, the control)")
+    p.add_argument("--selection-k", type=int, metavar="K",
+                   help="data selection: each step draws K × --batch-size samples per worker and trains on "
+                        "--batch-size of them (an epoch has K times fewer steps); 1: no selection")
     p.add_argument("--loss", type=weight_arg, action="append",
                    help="NAME[=WEIGHT], repeatable, e.g. --loss clip --loss kl=1 --loss fd=2000")
     p.add_argument("--epochs", type=int, help="epochs")

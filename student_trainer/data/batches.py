@@ -63,6 +63,13 @@ class Batch:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def take(self, rows: np.ndarray) -> Batch:
+        """The batch of `rows` (positions into this one), in that order."""
+        return Batch(keys=[self.keys[i] for i in rows], images=self.images[rows], tokens=self.tokens[rows],
+                     labels=self.labels[rows], captions=[self.captions[i] for i in rows],
+                     origin=None if self.origin is None else self.origin.take(rows),
+                     teachers=None if self.teachers is None else [self.teachers[i] for i in rows])
+
 
 # ---------------------------------------------------------------------------------------------
 # rank balancing

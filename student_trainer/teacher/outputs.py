@@ -21,12 +21,16 @@ class TeacherOutputs:
     # Per-sample teacher choice: which rows this teacher answered (bool [B]); the others hold zeros
     # and the losses leave them out. None: every row.
     answered: np.ndarray | None = None
+    # Each row's score among the batch's rows, as the pool answered it (`teacher_service.scores`,
+    # data selection); None where it was not asked or not computed there.
+    scores: np.ndarray | None = None
 
     @classmethod
     def from_response(cls, resp) -> TeacherOutputs:
         """From an `EmbedResponse` of the pool, an inline engine or a gRPC reply."""
         return cls(resp.image_features, resp.text_features, float(resp.logit_scale),
-                   None if resp.logit_bias is None else float(resp.logit_bias), resp.fingerprint)
+                   None if resp.logit_bias is None else float(resp.logit_bias), resp.fingerprint,
+                   scores=getattr(resp, "scores", None))
 
     def __len__(self) -> int:
         rows = self.image_features if self.image_features is not None else self.text_features
@@ -50,8 +54,22 @@ class TeacherOutputs:
         answered = None
         if any(p.answered is not None for p in parts):
             answered = np.concatenate([np.ones(len(p), bool) if p.answered is None else p.answered for p in parts])
+        scores = np.concatenate([p.scores for p in parts]) if all(p.scores is not None for p in parts) else None
         return replace(parts[0], image_features=rows("image_features"), text_features=rows("text_features"),
-                       answered=answered)
+                       answered=answered, scores=scores)
+
+    def take(self, rows: np.ndarray) -> TeacherOutputs:
+        """The outputs of `rows` (positions into this batch), in that order."""
+        def pick(value):
+            return None if value is None else value[rows]
+
+        return replace(self, image_features=pick(self.image_features), text_features=pick(self.text_features),
+                       answered=pick(self.answered), scores=pick(self.scores))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows' embeddings and scores (what answering them moved)."""
+        return sum(int(v.nbytes) for v in (self.image_features, self.text_features, self.scores) if v is not None)
 
     def spread(self, rows: np.ndarray, size: int) -> TeacherOutputs:
         """These outputs (for `rows` of a batch of `size`) as outputs for the whole batch: zeros and
@@ -66,7 +84,7 @@ class TeacherOutputs:
         answered = np.zeros(size, bool)
         answered[rows] = True if self.answered is None else self.answered
         return replace(self, image_features=full(self.image_features), text_features=full(self.text_features),
-                       answered=answered)
+                       answered=answered, scores=None)  # a score is among the rows asked: not the batch's
 
     def to_tensors(self, device: torch.device | str) -> dict[str, torch.Tensor]:
         """The dict the loss modules read: float32 features (copied: Ray results are read-only),
@@ -108,6 +126,14 @@ class EnsembleOutputs:
         first = parts[0]
         members = tuple(TeacherOutputs.merge([p.members[i] for p in parts]) for i in range(len(first.members)))
         return replace(first, members=members)
+
+    def take(self, rows: np.ndarray) -> EnsembleOutputs:
+        """Every teacher's outputs of `rows` (positions into this batch), in that order."""
+        return replace(self, members=tuple(m.take(rows) for m in self.members))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.members)
 
     def to_tensors(self, device: torch.device | str) -> dict:
         """The dict the loss modules read for an ensemble: ``teachers`` (one `TeacherOutputs.to_tensors`

@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -76,9 +76,10 @@ class TeacherStats:
         return metrics
 
 
-def make_request(batch: Batch, run: str, view: str = "", weight: float = 1.0) -> EmbedRequest:
+def make_request(batch: Batch, run: str, view: str = "", weight: float = 1.0, scores: bool = False
+                 ) -> EmbedRequest:
     return EmbedRequest(keys=list(batch.keys), images=batch.images, tokens=batch.tokens, run=run, view=view,
-                        weight=weight)
+                        weight=weight, scores=scores)
 
 
 class TeacherSource:
@@ -93,8 +94,9 @@ class TeacherSource:
 
     @classmethod
     def from_config(cls, cfg: TeacherSourceConfig, run: str, *, device: str | None = None,
-                    recipe: dict | None = None, view_namespace: str = "") -> TeacherSource:
-        """The source of `cfg`, given what `make_teacher_source` knows; each class takes what it uses."""
+                    recipe: dict | None = None, view_namespace: str = "", scores: bool = False) -> TeacherSource:
+        """The source of `cfg`, given what `make_teacher_source` knows; each class takes what it uses
+        (`scores`: ask a pool for each batch's per-sample scores, `TeacherOutputs.scores`)."""
         raise NotImplementedError
 
     @property
@@ -175,21 +177,23 @@ class RemoteTeacher(TeacherSource):
     sample that other runs (or this run's retries) also ask for only once.
 
     `cfg.send_pixels` decides whether a batch read from shards (`Batch.origin`) goes as pixels or
-    as references the teacher regenerates the views from (`request_for`).
+    as references the teacher regenerates the views from (`request_for`). With `scores` every
+    request also asks for its samples' scores (data selection: `EmbedRequest.scores`).
     """
 
     mode = TeacherMode.REMOTE
 
     @classmethod
-    def from_config(cls, cfg: TeacherSourceConfig, run: str, *, view_namespace: str = "", **_: Any
-                    ) -> RemoteTeacher:
-        return cls(cfg, run, view_namespace)
+    def from_config(cls, cfg: TeacherSourceConfig, run: str, *, view_namespace: str = "", scores: bool = False,
+                    **_: Any) -> RemoteTeacher:
+        return cls(cfg, run, view_namespace, scores)
 
-    def __init__(self, cfg: TeacherSourceConfig, run: str, view_namespace: str = "") -> None:
+    def __init__(self, cfg: TeacherSourceConfig, run: str, view_namespace: str = "", scores: bool = False) -> None:
         from teacher_service.app import get_teacher_handle
 
         self.cfg = cfg
         self.run = run
+        self.scores = scores
         self.view_namespace = view_namespace if cfg.coalesce else ""
         self.handle = get_teacher_handle(cfg.app_name, timeout_s=cfg.timeout_s)
         self.info = self._call(lambda: self.handle.info.remote(), "info")
@@ -250,13 +254,15 @@ class RemoteTeacher(TeacherSource):
         return view_identity(self.view_namespace, view) if self.view_namespace and view is not None else ""
 
     def stream_parts(self, items: Iterable[tuple[Any, Batch | None]], view: int | None = None,
-                     eager: bool = False) -> Iterator[tuple[Any, TeacherOutputs | None]]:
+                     eager: bool = False, scored: Callable[[Any], bool] | None = None
+                     ) -> Iterator[tuple[Any, TeacherOutputs | None]]:
         """`(tag, batch)` items → `(tag, outputs)` in order; a None (or empty) batch asks nothing.
 
         The prefetch window spans items, so while item t trains the requests of items
         t+1 .. t+prefetch are in flight. The hybrid source sends only its cache misses this way.
         `eager` submits the first window before returning, so an ensemble (`MultiTeacher`) has every
-        pool computing its first batches before it waits on any of them.
+        pool computing its first batches before it waits on any of them. With `self.scores`, an
+        item's request asks for scores where `scored(tag)` (None: every item's).
         """
         window: collections.deque = collections.deque()
         iterator = iter(items)
@@ -270,7 +276,7 @@ class RemoteTeacher(TeacherSource):
             if batch is None or len(batch) == 0:
                 window.append((tag, None, None, None))
                 return True
-            request = self.request_for(batch, view_id)
+            request = self.request_for(batch, view_id, self.scores and (scored is None or scored(tag)))
             window.append((tag, batch, request, self.handle.embed.remote(request)))
             self.stats.requests += 1
             self.stats.samples += len(batch.keys)
@@ -301,16 +307,16 @@ class RemoteTeacher(TeacherSource):
             fill()
         return drain()
 
-    def request_for(self, batch: Batch, view_id: str = "") -> EmbedRequest:
+    def request_for(self, batch: Batch, view_id: str = "", scores: bool = False) -> EmbedRequest:
         """The batch's request: by reference where `send_pixels` and the teacher allow, else pixels."""
         if not self._by_reference(batch):
-            return make_request(batch, self.run, view_id, self.cfg.weight)
+            return make_request(batch, self.run, view_id, self.cfg.weight, scores)
         from teacher_service.contract.augment import image_refs
 
         origin = batch.origin
         refs = image_refs(batch.images, [os.path.abspath(p) for p in origin.shards], origin.view, origin.recipe)
         return EmbedRequest(keys=list(batch.keys), tokens=batch.tokens, run=self.run, view=view_id,
-                            weight=self.cfg.weight, image_refs=refs)
+                            weight=self.cfg.weight, image_refs=refs, scores=scores)
 
     def _by_reference(self, batch: Batch) -> bool:
         mode = self.cfg.send_pixels
@@ -346,7 +352,7 @@ class RemoteTeacher(TeacherSource):
                 raise
             log.warning("teacher refused a request by reference, sending pixels from now on: %s", exc)
             self._refs_refused = True
-            pixels = make_request(batch, self.run, request.view, self.cfg.weight)
+            pixels = make_request(batch, self.run, request.view, self.cfg.weight, request.scores)
             return self._call(lambda: self.handle.embed.remote(pixels), "embed")
         if request.image_refs is not None:
             self.stats.samples_by_reference += len(batch)
@@ -387,13 +393,6 @@ def _is_request_error(exc: BaseException) -> bool:
 # embedding cache sources
 
 
-def _take(batch: Batch, rows: np.ndarray) -> Batch:
-    return Batch(keys=[batch.keys[i] for i in rows], images=batch.images[rows], tokens=batch.tokens[rows],
-                 labels=batch.labels[rows], captions=[batch.captions[i] for i in rows],
-                 origin=None if batch.origin is None else batch.origin.take(rows),
-                 teachers=None if batch.teachers is None else [batch.teachers[i] for i in rows])
-
-
 @dataclass
 class _Plan:
     """One batch split into cache hits (already read and checked) and misses (for the pool)."""
@@ -408,7 +407,7 @@ class _Plan:
 
     @property
     def miss_batch(self) -> Batch | None:
-        return _take(self.batch, self.miss_rows) if self.miss_rows.size else None
+        return self.batch.take(self.miss_rows) if self.miss_rows.size else None
 
 
 class _CacheSource(TeacherSource):
@@ -526,8 +525,9 @@ class _CacheSource(TeacherSource):
             text[plan.miss_rows] = missed.text_features
         teacher = self.cache.meta["teacher"]
         bias = teacher.get("logit_bias")
+        scores = missed.scores if missed is not None and not plan.hit_rows.size else None  # the pool saw it all
         return TeacherOutputs(image, text, float(teacher["logit_scale"]), None if bias is None else float(bias),
-                              self.cache.fingerprint)
+                              self.cache.fingerprint, scores=scores)
 
     def centroids(self):
         """The Embed-KD centroids `kd precompute --class-centroids` wrote beside the rows (float32
@@ -600,16 +600,17 @@ class HybridTeacher(_CacheSource):
 
     @classmethod
     def from_config(cls, cfg: TeacherSourceConfig, run: str, *, recipe: dict | None = None,
-                    view_namespace: str = "", **_: Any) -> HybridTeacher:
-        return cls(cfg, run, recipe, view_namespace=view_namespace)
+                    view_namespace: str = "", scores: bool = False, **_: Any) -> HybridTeacher:
+        return cls(cfg, run, recipe, view_namespace=view_namespace, scores=scores)
 
     def __init__(self, cfg: TeacherSourceConfig, run: str, recipe: dict | None = None,
-                 flush_every: int = 50, verify_rows: int | None = 8, view_namespace: str = "") -> None:
+                 flush_every: int = 50, verify_rows: int | None = 8, view_namespace: str = "",
+                 scores: bool = False) -> None:
         from teacher_service.cache.store import CacheAppender, EmbeddingCache
 
         if not cfg.cache_path:
             raise ValueError("teacher.mode 'hybrid' needs teacher.cache_path")
-        self.remote = RemoteTeacher(cfg, run, view_namespace)
+        self.remote = RemoteTeacher(cfg, run, view_namespace, scores)
         self.info = self.remote.info
         self.embed_dim = self.remote.embed_dim
         self.cache = EmbeddingCache.open(cfg.cache_path, teacher_info=self.info, recipe=recipe, create=True)
@@ -625,7 +626,11 @@ class HybridTeacher(_CacheSource):
         """`eager`: the first window's misses go to the pool now (their batches are looked up now)."""
         view = self._view(view)
         self.cache.refresh()  # rows other runs appended since we opened the cache
-        return self._answers(self.remote.stream_parts(self._plans(batches, view), view, eager=eager))
+        # the pool scores a batch only when it sees all of it: a batch with cache hits is scored by
+        # the run from the assembled rows (`student_trainer.selection`), with the same function
+        parts = self.remote.stream_parts(self._plans(batches, view), view, eager=eager,
+                                         scored=lambda plan: plan.hit_rows.size == 0)
+        return self._answers(parts)
 
     def _plans(self, batches: Iterable[Batch], view: int) -> Iterator[tuple[_Plan, Batch | None]]:
         for batch in batches:
@@ -754,7 +759,7 @@ class MultiTeacher(TeacherSource):
             if rows is None:
                 yield batch
             elif rows.size:
-                yield _take(batch, rows)
+                yield batch.take(rows)
 
     def _unanswered(self, i: int, size: int) -> TeacherOutputs:
         """Teacher i's outputs for a batch it was not asked about: zeros, no row answered."""
@@ -803,13 +808,15 @@ class MultiTeacher(TeacherSource):
 
 
 def make_teacher_source(cfg: TeacherSourceConfig, run: str, device: str | None = None,
-                        recipe: dict | None = None, view_namespace: str = "") -> TeacherSource:
+                        recipe: dict | None = None, view_namespace: str = "", scores: bool = False) -> TeacherSource:
     """The teacher source for `cfg.mode`, or a `MultiTeacher` over `cfg.sources` when it lists
     several. `recipe` (`teacher_service.contract.augment.view_recipe(image_size, seed)`) lets the
     cache modes refuse a cache built for other views before the first batch; `view_namespace`
     (`teacher_service.contract.augment.view_namespace`) lets the pool coalesce the remote and
-    hybrid sources' requests with other runs'."""
+    hybrid sources' requests with other runs'; `scores` has the pools score each batch they answer
+    whole (data selection)."""
     members = cfg.members()
-    sources = [source_class(m.mode).from_config(m, run, device=device, recipe=recipe, view_namespace=view_namespace)
+    sources = [source_class(m.mode).from_config(m, run, device=device, recipe=recipe, view_namespace=view_namespace,
+                                                scores=scores)
                for m in members]
     return MultiTeacher(members, sources) if cfg.is_ensemble else sources[0]

@@ -79,6 +79,9 @@ class EmbedRequest:
 
     `image_refs` replaces `images` for a teacher that reads the caller's shards (`ImageRefs`):
     the replica turns it into the same uint8 pixels before anything else sees the request.
+
+    `scores`: also answer each sample's score (`teacher_service.scores`: its contrastive loss among
+    this request's samples, for data selection); needs images (or references) and tokens.
     """
 
     keys: list[str]
@@ -88,6 +91,7 @@ class EmbedRequest:
     view: str = ""
     weight: float = 1.0
     image_refs: ImageRefs | None = None
+    scores: bool = False
 
     def __len__(self) -> int:
         """Number of samples; never raises, so Serve's batch_size_fn is safe on any request."""
@@ -106,6 +110,9 @@ class EmbedResponse:
     forward or from a replica's recent rows (`serve.coalesce`) add nothing: they are charged to the
     request that computed them. A student sums it into its run's teacher-seconds (docs/design.md);
     it never changes the features. The gRPC reply does not carry it (0 there).
+
+    `scores` (float32 [b]) answers a request that asked for them (`EmbedRequest.scores`), else None;
+    computing them adds to `compute_s`, scores remembered from an identical request add nothing.
     """
 
     keys: list[str]
@@ -115,6 +122,7 @@ class EmbedResponse:
     logit_bias: float | None
     fingerprint: str
     compute_s: float = 0.0
+    scores: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -142,9 +150,19 @@ def validate_request(req, limits: RequestLimits) -> None:
         _check_image_refs(refs, b, limits)
     if req.tokens is not None:
         _check_tokens(req.tokens, b, limits)
+    _check_scores(req)
 
 
 MAX_VIEW_CHARS = 256
+
+
+def _check_scores(req: EmbedRequest) -> None:
+    scores = getattr(req, "scores", False)
+    if not isinstance(scores, bool):
+        raise RequestError(f"scores: expected a bool, got {type(scores).__name__}")
+    if scores and (req.tokens is None or (req.images is None and getattr(req, "image_refs", None) is None)):
+        raise RequestError("scores: a sample's score compares its image and text with the other samples': "
+                           "send both images (or image_refs) and tokens")
 
 
 def _check_view(view) -> None:

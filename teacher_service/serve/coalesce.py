@@ -22,6 +22,7 @@ computation others wait on, and its retry joins the computation still running.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
@@ -43,6 +44,7 @@ class Reuse:
     computed: int = 0   # sent to the teacher by this request
     coalesced: int = 0  # joined a forward another request (or an earlier row of this one) started
     from_cache: int = 0  # answered from the replica's table of recent rows
+    batch: bytes = b""  # `batch_identity` of the request's samples (empty: not coalesced, never digested)
 
 
 @dataclass
@@ -96,7 +98,7 @@ class Coalescer:
         answers = {k: await asyncio.shield(t) for k, t in tasks.items()}  # shared: never cancel others' work
         reuse = Reuse(computed=len(fresh),
                       coalesced=sum(kind in ("pending", "same") for kind, _ in sources),
-                      from_cache=sum(kind == "recent" for kind, _ in sources))
+                      from_cache=sum(kind == "recent" for kind, _ in sources), batch=batch_identity(ids))
         return self._assemble(request, sources, answers, own), reuse
 
     # ---- internals
@@ -183,6 +185,15 @@ def sample_identities(request: EmbedRequest, fingerprint: str, context_length: i
     images = [None] * n if request.images is None else (image_digests or image_sha256(request.images))
     tokens = [None] * n if request.tokens is None else token_sha256(request.tokens, context_length)
     return [(fingerprint, image, text) for image, text in zip(images, tokens)]
+
+
+def batch_identity(ids: list[Identity]) -> bytes:
+    """One SHA-256 over a request's sample identities in order: what names its rows' scores in a
+    replica's `scores.ScoreMemo` (content, like every identity here, never the caller's keys)."""
+    h = hashlib.sha256()
+    for fingerprint, image, text in ids:
+        h.update(fingerprint.encode("utf-8") + b"\0" + (image or b"-") + b"\0" + (text or b"-") + b"\1")
+    return h.digest()
 
 
 def subset(request: EmbedRequest, rows: list[int]) -> EmbedRequest:

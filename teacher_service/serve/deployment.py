@@ -8,8 +8,8 @@ Batching is `batching.SampleBatcher` by default (`serving.batcher = "fill"`): it
 batch only when the forward is free, where `@serve.batch` (`batcher = "serve"`, kept for
 comparison) seals the next batch while the previous forward still runs (see `batching`).
 
-Every replica keeps `TeacherCounters` (requests, samples requested / computed, errors, batch fill,
-queue wait and forward percentiles, per-run throughput), returned by `stats()` and exported as Ray
+Every replica keeps `TeacherCounters` (requests, samples requested / computed, scores requested /
+computed / reused, errors, batch fill, queue wait and forward percentiles, per-run throughput), returned by `stats()` and exported as Ray
 metrics; `collect_stats` merges them over all replicas (Serve's handle broadcast). Callers
 outside Ray use the app's gRPC ingress (`teacher_service.grpc.ingress`, started by `deploy` when
 `grpc.port` is set), which forwards to `embed` through a handle like any student.
@@ -17,6 +17,7 @@ outside Ray use the app's gRPC ingress (`teacher_service.grpc.ingress`, started 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,7 @@ from teacher_service.serve.engine import TeacherEngine
 from teacher_service.serve.references import ViewResolver
 from teacher_service.model import load_teacher
 from teacher_service.contract.protocol import EmbedRequest, EmbedResponse, RequestError, RequestLimits
+from teacher_service.scores import ScoreMemo, teacher_scores
 from teacher_service.stats import TeacherCounters, gpu_peak_bytes, ray_metrics_sink, rss_bytes
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class TeacherDeployment:
         self.coalescer = Coalescer(serving.coalesce_memory_rows, self.teacher.logit_scale,
                                    self.teacher.logit_bias, self.teacher.fingerprint,
                                    self.teacher.context_length, digest_executor=self._digests)
+        self.score_memo = ScoreMemo(serving.coalesce_memory_rows)  # the recent rows' horizon, for their scores
         self._clock = time.monotonic
         self._started = time.time()
         self.replica = _replica_id()
@@ -70,7 +73,8 @@ class TeacherDeployment:
 
     # ---- the handle API
     async def embed(self, request: EmbedRequest) -> EmbedResponse:
-        """Embed one mini-batch; a RequestError goes to this caller only."""
+        """Embed one mini-batch (and score its samples when it asks: `EmbedRequest.scores`); a
+        RequestError goes to this caller only."""
         return await self._embed(request, self._clock())
 
     async def info(self) -> dict[str, Any]:
@@ -94,7 +98,8 @@ class TeacherDeployment:
         return {**self.counters.snapshot(include_samples), "fingerprint": self.teacher.fingerprint,
                 "model": self.cfg.model, "uptime_s": time.time() - self._started,
                 "coalesce_in_flight_rows": self.coalescer.in_flight_rows(),
-                "coalesce_recent_rows": self.coalescer.recent_rows(), "rss_bytes": rss_bytes(),
+                "coalesce_recent_rows": self.coalescer.recent_rows(), "score_memo_rows": self.score_memo.rows(),
+                "rss_bytes": rss_bytes(),
                 "gpu_peak_bytes": gpu_peak_bytes(),
                 **(self.views.stats if self.views is not None else {})}
 
@@ -125,8 +130,28 @@ class TeacherDeployment:
             self.counters.failed(label)
             raise
         self.counters.reused(label, reuse.coalesced, reuse.from_cache)
+        if request.scores:
+            result = await self._scored(result, reuse.batch, label)
         self.counters.answered(label, size)
         return result
+
+    async def _scored(self, response: EmbedResponse, batch: bytes, label: str) -> EmbedResponse:
+        """`response` with each row's score (`teacher_service.scores`) among the request's rows: the
+        scores of an identical request (`batch`, its samples' identities in order) where this
+        replica remembers them, else computed off the event loop and charged to `compute_s`."""
+        remembered = self.score_memo.get(batch) if batch else None
+        if remembered is not None:
+            self.counters.scored(label, len(response), reused=True)
+            return dataclasses.replace(response, scores=remembered)
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        scores = await loop.run_in_executor(self._digests, teacher_scores, response.image_features,
+                                            response.text_features, response.logit_scale)
+        spent = time.perf_counter() - started
+        if batch:
+            self.score_memo.put(batch, scores)
+        self.counters.scored(label, len(response), reused=False, score_s=spent)
+        return dataclasses.replace(response, scores=scores, compute_s=response.compute_s + spent)
 
     async def _materialize(self, request: EmbedRequest) -> tuple[EmbedRequest, list[bytes] | None]:
         """Pixels for a request by reference, read and checked off the event loop (decode and
