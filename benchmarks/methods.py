@@ -23,6 +23,20 @@ demo's `<workdir>/teacher`), deployed once as a Serve app that every run shares.
         --out benchmarks/results/methods_calibration.md
     python benchmarks/methods.py --teacher-dir /tmp/kd-demo-full/teacher --epochs 10 --seeds 0 1 2 3 4 \
         --weights-from benchmarks/results/methods_weights.json --out benchmarks/results/methods.md
+
+Teacher-scored data selection (issue 30, `--selection SCORE:K ...`): the default recipe
+(`DEFAULT_DISTILL_LOSSES`) without selection and with each SCORE at each K, every selection row
+trained `--epochs` × K epochs (an epoch is one pass in super-batches of K × batch), so every row
+takes the same optimizer steps (up to an epoch's last partial super-batch: the table shows them).
+The report adds what each selection row drew, trained on and paid (teacher-seconds with the pool's
+scoring, the student's scoring seconds, answer bytes) and its gain over the default recipe paired
+by seed; with `--eval-every` each row's time to the no-teacher final (teacher-seconds include the
+pool's scoring). E.g. on the Fashion-MNIST teacher and shards (`kd data idx`):
+
+    python benchmarks/methods.py --teacher-dir /work/teachers/fashion-vit \
+        --data-dir /work/data/fashion-mnist-12k --epochs 5 --seeds 0 1 2 3 4 --only "no teacher (clip)" \
+        --selection uniform:2 teacher_loss:2 learnability:2 uniform:4 teacher_loss:4 learnability:4 \
+        --eval-every 47 --out benchmarks/results/selection_fashion.md
 """
 from __future__ import annotations
 
@@ -40,8 +54,11 @@ from typing import Optional
 
 from student_trainer.checkpoint import load_model_config, read_provenance
 from student_trainer.config import (
+    DEFAULT_DISTILL_LOSSES,
+    SELECTION_SCORES,
     DataConfig,
     ModelConfig,
+    SelectionConfig,
     TeacherSourceConfig,
     TrainConfig,
 )
@@ -73,6 +90,27 @@ def ensemble_rows(chosen: Optional[dict[str, float]] = None) -> dict[str, dict]:
                                                      "apps": [APP_2], "inherit": False},
             f"clip + {ENSEMBLE_METHOD} (teachers 1 + 2)": {"losses": dict(losses), "teacher": True, "overrides": {},
                                                           "apps": [APP, APP_2], "inherit": False}}
+
+
+DEFAULT_RECIPE = "default recipe"  # DEFAULT_DISTILL_LOSSES, the rows data selection is compared on
+
+
+def selection_arg(text: str) -> tuple[str, int]:
+    """`SCORE:K` of `--selection` (a SelectionConfig score, K >= 2)."""
+    score, _, k = text.partition(":")
+    if score not in SELECTION_SCORES or not k.isdigit() or int(k) < 2:
+        raise argparse.ArgumentTypeError(f"--selection {text!r}: expected SCORE:K with SCORE one of "
+                                         f"{SELECTION_SCORES} and K >= 2, e.g. teacher_loss:4")
+    return score, int(k)
+
+
+def selection_rows(picks: list[tuple[str, int]]) -> dict[str, dict]:
+    """The default recipe without data selection, then with each (score, k) of `picks`."""
+    spec = {"losses": dict(DEFAULT_DISTILL_LOSSES), "teacher": True, "overrides": {}, "inherit": False}
+    rows = {DEFAULT_RECIPE: dict(spec)}
+    for score, k in picks:
+        rows[f"{DEFAULT_RECIPE}, select {score} k={k}"] = {**spec, "selection": {"score": score, "k": k}}
+    return rows
 
 
 def _factor_name(name: str, factor: float) -> str:
@@ -171,16 +209,18 @@ def find_data(args: argparse.Namespace) -> Path:
 
 
 def train_cfg(args, data: Path, name: str, spec: dict, seed: int, tcfg: TeacherConfig) -> TrainConfig:
+    """A row's run; a selection row trains epochs × k epochs, so it takes the same optimizer steps."""
     mode = spec.get("mode", args.teacher_mode) if spec["teacher"] else "none"
     inherit = bool(spec.get("inherit"))  # the weights come from the teacher's config in every mode
+    selection = SelectionConfig(**spec.get("selection", {}))
     return TrainConfig(
         run_name=f"methods-{_slug(name)}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}",
         storage_path=str(Path(args.workdir) / "runs"),
         model=ModelConfig(name=args.student, overrides=dict(spec["overrides"]), init_from_teacher=inherit),
         data=DataConfig(train_shards=str(data / "train-*.tar"), val_shards=str(data / "val-*.tar"),
                         image_size=32, batch_size=args.batch_size),
-        teacher=_teacher_source(spec, mode, tcfg, inherit),
-        losses=dict(spec["losses"]), epochs=args.epochs, num_workers=args.workers, seed=seed,
+        teacher=_teacher_source(spec, mode, tcfg, inherit), selection=selection,
+        losses=dict(spec["losses"]), epochs=args.epochs * selection.k, num_workers=args.workers, seed=seed,
         log_every_steps=0, torch_threads=1, eval_every_steps=args.eval_every,
     ).validate()
 
@@ -234,7 +274,7 @@ def _spec_key(spec: dict) -> str:
     (a calibration row `clip + fd ×0.25` is the report row `clip + fd` at factor 0.25)."""
     return json.dumps({"losses": spec.get("losses"), "overrides": spec.get("overrides") or {},
                        "inherit": bool(spec.get("inherit")), "apps": spec.get("apps") or None,
-                       "teacher": bool(spec.get("teacher"))}, sort_keys=True)
+                       "teacher": bool(spec.get("teacher")), "selection": spec.get("selection")}, sort_keys=True)
 
 
 def run_group(args, data: Path, items: list[tuple[str, dict, int]], tcfg: TeacherConfig,
@@ -274,6 +314,7 @@ def _evaluated(cfg: TrainConfig, outcome, data: Path, seed: int) -> dict:
         "final_losses": {k: v for k, v in m.items() if k.endswith("_loss")},
         "curve": [{k: p.get(k) for k in (*CURVE_CLOCKS, "zero_shot_top1")}
                   for p in read_curve(Path(cfg.storage_path) / cfg.run_name)],
+        **{k: m[k] for k in RUN_FIGURES if k in m},
     }
 
 
@@ -299,6 +340,9 @@ def final_scales(checkpoint_dir: Path) -> dict:
 
 # --------------------------------------------------------------------------- report
 EVAL_KEYS = ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "t2i_r1")
+# a run's own figures kept per row: its steps, samples and clocks, and what data selection cost
+RUN_FIGURES = ("step", "samples_seen", "samples_trained", "train_wall_s", "teacher_s", "selection_teacher_s",
+               "selection_student_s", "selection_bytes", "selection_score_drawn_mean", "selection_score_kept_mean")
 METRICS = (*EVAL_KEYS, "samples_per_s", "peak_rss_mb")
 BASELINE = "no teacher (clip)"
 
@@ -542,7 +586,7 @@ def render(report: dict) -> str:
     lines += ttq_lines(report)
     lines += pool_lines(meta)
     lines += calibration_lines(meta)
-    lines += cost_lines(report)
+    lines += cost_lines(report) + selection_lines(report)
     lines.append("- `clip + embed_kd` asks the teacher only once, for its class centroids "
                  "(100 center views per class), not per batch.")
     notes = reading_notes(report, base)
@@ -678,6 +722,43 @@ def cost_lines(report: dict) -> list[str]:
     return lines
 
 
+def selection_lines(report: dict) -> list[str]:
+    """The default recipe with and without data selection: what each row drew, trained on and paid,
+    its top-1 and its gain over the default recipe paired by seed."""
+    rows = [n for n, spec in report["methods"].items() if n == DEFAULT_RECIPE or spec.get("selection")]
+    if len(rows) < 2:
+        return []
+    base = report["runs"].get(DEFAULT_RECIPE)
+    lines = ["", "## Data selection (issue 30)", "",
+             f"`{DEFAULT_RECIPE}` is {DEFAULT_DISTILL_LOSSES}; a selection row draws k × batch per worker "
+             "each step and trains on the batch that scores highest (`uniform`: the first rows), for --epochs × k "
+             "epochs: every row takes the same optimizer steps (up to an epoch's last partial super-batch). Figures "
+             "are means over the seeds; teacher-s is the run's teacher-seconds (the pool's scoring included), "
+             "selection teacher-s what the workers counted for the super-batches (their answers, the pool's "
+             "scoring, and scores the run computed from embeddings it held).", "",
+             "| row | steps | samples seen / trained | teacher-s | selection teacher-s | student scoring s | "
+             "answers MB | zero-shot top-1 % | gain vs default recipe, paired (points) | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in rows:
+        runs = [r for r in report["runs"].get(name, []) if "error" not in r]
+        if not runs:
+            lines.append(f"| {name} | not run | | | | | | | | |")
+            continue
+        s = summarise(runs, base if name != DEFAULT_RECIPE else None)
+
+        def mean(key: str, fmt: str = ".0f", scale: float = 1.0) -> str:
+            values = [r[key] * scale for r in runs if r.get(key) is not None]
+            return format(statistics.fmean(values), fmt) if values else "—"
+
+        lines.append(f"| {name} | {mean('step')} | {mean('samples_seen')} / {mean('samples_trained')} | "
+                     f"{mean('teacher_s', '.1f')} | {mean('selection_teacher_s', '.1f')} | "
+                     f"{mean('selection_student_s', '.1f')} | {mean('selection_bytes', '.1f', 1e-6)} | "
+                     f"{_cell(s, 'zero_shot_top1', True)} | "
+                     f"{_cell(s, 'gain_zero_shot_top1', True, signed=True) if name != DEFAULT_RECIPE else ''} | "
+                     f"{s['runs']} |")
+    return lines
+
+
 def plot_cost(report: dict, path: Path) -> None:
     """Student top-1 against teacher-seconds, one point per mode (mean over seeds, 95 % interval)."""
     from cluster.plots import pyplot, save_png
@@ -778,7 +859,8 @@ def time_to_baseline(report: dict) -> dict[str, dict]:
 
 def result_rows(report: dict) -> dict:
     """The report in the results schema of issue 29: the teacher, then one entry per row with its
-    per-seed figures, the paired gain's interval and the steps each seed took to the baseline."""
+    per-seed figures, the paired gain's interval and the steps each seed took to the baseline (and,
+    for a data-selection row, its `selection`: score and k)."""
     rows = []
     for name, spec in report["methods"].items():
         s, ttq = report["summary"].get(name, {}), report.get("time_to_baseline", {}).get(name, {})
@@ -790,7 +872,8 @@ def result_rows(report: dict) -> dict:
                      "seeds": [r["seed"] for r in ok], "zero_shot_top1": [r["zero_shot_top1"] for r in ok],
                      "gain_vs_baseline_ci95": ([s["gain_zero_shot_top1_lo"], s["gain_zero_shot_top1_hi"]]
                                                if "gain_zero_shot_top1_lo" in s and name != BASELINE else None),
-                     "steps_to_baseline_final": [steps.get(r["seed"]) for r in ok] if ttq else None})
+                     "steps_to_baseline_final": [steps.get(r["seed"]) for r in ok] if ttq else None,
+                     **({"selection": spec["selection"]} if spec.get("selection") else {})})  # issue 30
     meta = report["meta"]
     return {"teacher": {"model": meta.get("teacher_model"), "fingerprint": meta.get("teacher_fingerprint"),
                         **meta.get("teacher_eval", {})},
@@ -865,6 +948,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--second-teacher-dir",
                         help="a second trained teacher (another architecture or seed): adds the rows "
                              f"'clip + {ENSEMBLE_METHOD} (teacher 2)' and '(teachers 1 + 2)' (an ensemble of both pools)")
+    parser.add_argument("--selection", nargs="+", type=selection_arg, metavar="SCORE:K",
+                        help=f"add the rows '{DEFAULT_RECIPE}' and, per SCORE:K, the default recipe with data "
+                             f"selection (SCORE one of {SELECTION_SCORES}), trained --epochs × K epochs: the same "
+                             "optimizer steps as the other rows")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite the .md from the existing .json (no training)")
     return parser
@@ -893,6 +980,7 @@ def rows_to_run(args: argparse.Namespace) -> tuple[dict[str, dict], Optional[dic
     only = [n for n in args.only if n not in extra] if args.only else None
     methods = methods_to_run(args.with_siglip, only, args.with_inherit, tuple(args.grid), chosen)
     methods.update({k: v for k, v in extra.items() if not args.only or k in args.only})
+    methods.update(selection_rows(args.selection) if args.selection else {})  # asked for by --selection itself
     return methods, calibration
 
 

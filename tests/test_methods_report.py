@@ -194,3 +194,46 @@ def test_pure_distillation_has_no_contrastive_task_loss():
     rows = methods.methods_to_run(False, chosen={"kl": 4.0})
     assert rows[methods.PURE]["losses"] == {"kl": 4.0 * methods.DEFAULT_WEIGHTS["kl"]}
     assert rows[methods.PURE]["teacher"] is True
+
+
+def test_selection_rows_train_the_default_recipe_k_times_the_epochs_and_are_told_apart(tmp_path, capsys):
+    """`--selection SCORE:K`: the default recipe without and with each selection, a selection row
+    trained epochs × K epochs (an epoch is one pass in super-batches of K × batch) and never taken
+    for a run of the same losses without selection."""
+    args = methods.parse_args(["--teacher-dir", str(tmp_path), "--epochs", "3",
+                               "--only", "no teacher (clip)", "--selection", "teacher_loss:4", "uniform:2"])
+    rows, _ = methods.rows_to_run(args)
+    assert list(rows) == ["no teacher (clip)", "default recipe", "default recipe, select teacher_loss k=4",
+                          "default recipe, select uniform k=2"]
+    cfgs = {name: methods.train_cfg(args, tmp_path, name, rows[name], 0, None) for name in rows}
+    assert [(c.epochs, c.selection.score, c.selection.k) for c in cfgs.values()] == [
+        (3, "uniform", 1), (3, "uniform", 1), (12, "teacher_loss", 4), (6, "uniform", 2)]
+    assert cfgs["default recipe"].losses == methods.DEFAULT_DISTILL_LOSSES
+    assert methods._spec_key(rows["default recipe"]) != methods._spec_key(rows["default recipe, select uniform k=2"])
+    report = {"meta": {}, "summary": {}, "methods": rows, "runs": {name: [] for name in rows}}
+    assert [r.get("selection") for r in methods.result_rows(report)["rows"]] == [
+        None, None, {"score": "teacher_loss", "k": 4}, {"score": "uniform", "k": 2}]
+    for bad in ("teacher_loss", "loss:2", "learnability:1"):
+        with pytest.raises(SystemExit):
+            methods.parse_args(["--teacher-dir", str(tmp_path), "--selection", bad])
+    assert "expected SCORE:K" in capsys.readouterr().err
+
+
+def test_the_selection_section_shows_each_rows_cost_and_its_gain_paired_with_the_default_recipe():
+    def run(seed, top1, **figures):
+        return {"seed": seed, "zero_shot_top1": top1, "zero_shot_top5": 1, "i2t_r1": 0, "t2i_r1": 0, **figures}
+
+    rows = methods.selection_rows([("teacher_loss", 2)])
+    picked = "default recipe, select teacher_loss k=2"
+    report = {"methods": {methods.BASELINE: {}, **rows}, "runs": {
+        methods.BASELINE: [run(0, 0.60), run(1, 0.64)],
+        "default recipe": [run(0, 0.70), run(1, 0.72)],
+        picked: [run(0, 0.75, step=20, samples_seen=2560, samples_trained=1280, teacher_s=3.0,
+                     selection_bytes=2_000_000), run(1, 0.79, step=20, teacher_s=5.0)]}}
+    text = "\n".join(methods.selection_lines(report))
+    cells = [c.strip() for c in next(line for line in text.splitlines()
+                                     if line.startswith(f"| {picked} |")).split("|")[1:-1]]
+    assert cells[1:4] == ["20", "2560 / 1280", "4.0"] and cells[6] == "2.0"  # one seed recorded bytes: 2 MB
+    assert cells[8].startswith("+6.0 [")  # gains 0.05 and 0.07 over the same seeds' default recipe
+    assert cells[9] == "2"
+    assert methods.selection_lines({"methods": {methods.BASELINE: {}}, "runs": {}}) == []

@@ -56,7 +56,7 @@ def grew(before: dict, after: dict) -> dict:
     return {k: after[k] - before[k] for k in before}
 
 
-def two_runs(cfgs: list[TrainConfig], handles) -> tuple[list[dict], list[list[dict]]]:
+def runs_in_turn(cfgs: list[TrainConfig], handles) -> tuple[list[dict], list[list[dict]]]:
     """Train the runs one after the other; their metrics, and each pool's score counts each run added."""
     from student_trainer.train import run_training
 
@@ -107,7 +107,7 @@ def test_remote_selection_trains_on_the_teachers_top_fraction_and_a_second_run_r
 
     wide = apps[0]
     cfgs = [selection_cfg(shards, tmp_path, f"select-remote-{i}", "teacher_loss") for i in (1, 2)]
-    (first, second), added = two_runs(cfgs, [wide])
+    (first, second), added = runs_in_turn(cfgs, [wide])
     assert added[0][0] == {"scores_requested": ASKED, "scores_computed": ASKED, "scores_reused": 0}
     assert added[1][0] == {"scores_requested": ASKED, "scores_computed": 0, "scores_reused": ASKED}
     for metrics in (first, second):
@@ -133,23 +133,28 @@ def test_remote_selection_trains_on_the_teachers_top_fraction_and_a_second_run_r
 
 def test_hybrid_selection_by_learnability_scores_whole_misses_on_the_pool(shards, apps, tmp_path):
     """Each run on a fresh cache: every super-batch misses, goes to the pool whole and is scored there;
-    the second run's scores are the first's, remembered. The student's part is the run's own."""
+    the second run's scores are the first's, remembered. A third run on the first run's cache hits
+    every row: it asks the pool nothing and scores the cached rows itself. The student's part is
+    always the run's own."""
     cfgs = [selection_cfg(shards, tmp_path, f"select-hybrid-{i}", "learnability", mode="hybrid",
-                          cache_path=str(tmp_path / f"cache-{i}")) for i in (1, 2)]
-    (first, second), added = two_runs(cfgs, [apps[0]])
+                          cache_path=str(tmp_path / f"cache-{cache}")) for i, cache in ((1, 1), (2, 2), (3, 1))]
+    (first, second, cached), added = runs_in_turn(cfgs, [apps[0]])
     assert added[0][0]["scores_computed"] == ASKED
     assert added[1][0] == {"scores_requested": ASKED, "scores_computed": 0, "scores_reused": ASKED}
-    for metrics in (first, second):
+    assert added[2][0] == {"scores_requested": 0, "scores_computed": 0, "scores_reused": 0}
+    for metrics in (first, second, cached):
         assert_selected(metrics, "learnability")
         assert metrics["selection_student_s"] > 0
+    for metrics in (first, second):
         assert metrics["teacher_cache_misses"] == metrics["teacher_cache_appends"] == ASKED
+    assert (cached["teacher_cache_hits"], cached["teacher_cache_misses"], cached["teacher_requests"]) == (ASKED, 0, 0)
 
 
 def test_ensemble_selection_averages_both_pools_scores_by_loss_weight(shards, apps, tmp_path):
     sources = [{"name": "wide", "app_name": APPS[0]}, {"name": "narrow", "app_name": APPS[1], "loss_weight": 3.0}]
     cfgs = [selection_cfg(shards, tmp_path, f"select-ensemble-{i}", "teacher_loss", sources=sources)
             for i in (1, 2)]
-    (first, second), added = two_runs(cfgs, apps)
+    (first, second), added = runs_in_turn(cfgs, apps)
     for pool in (0, 1):
         assert added[0][pool]["scores_requested"] == ASKED
         assert added[1][pool] == {"scores_requested": ASKED, "scores_computed": 0, "scores_reused": ASKED}
