@@ -35,14 +35,14 @@ def apps(tiny_teacher_app):
         yield tiny_teacher_app, narrow
 
 
-def selection_cfg(shards: str, tmp_path, run: str, score: str, **teacher) -> TrainConfig:
+def selection_cfg(shards: str, tmp_path, run: str, score: str, seed: int = 0, **teacher) -> TrainConfig:
     return TrainConfig(
         run_name=run, storage_path=str(tmp_path / "runs"), model=ModelConfig(name="digits-student"),
         data=DataConfig(train_shards=shards, image_size=32, batch_size=BATCH, shuffle_buffer=50, num_views=1),
         teacher=TeacherSourceConfig(**{"mode": "remote", "app_name": APPS[0], "timeout_s": 60.0, "retries": 1,
                                        **teacher}),
         selection=SelectionConfig(score=score, k=K), optim=OptimConfig(lr=1e-3, warmup_steps=1), epochs=1,
-        max_steps_per_epoch=STEPS, num_workers=1, cpus_per_worker=1, torch_threads=1, log_every_steps=0, seed=0)
+        max_steps_per_epoch=STEPS, num_workers=1, cpus_per_worker=1, torch_threads=1, log_every_steps=0, seed=seed)
 
 
 def scores_counted(handle) -> dict:
@@ -135,8 +135,9 @@ def test_hybrid_selection_by_learnability_scores_whole_misses_on_the_pool(shards
     """Each run on a fresh cache: every super-batch misses, goes to the pool whole and is scored there;
     the second run's scores are the first's, remembered. A third run on the first run's cache hits
     every row: it asks the pool nothing and scores the cached rows itself. The student's part is
-    always the run's own."""
-    cfgs = [selection_cfg(shards, tmp_path, f"select-hybrid-{i}", "learnability", mode="hybrid",
+    always the run's own. Seed 1: super-batches no other test here has had scored (the shared app
+    remembers the remote test's)."""
+    cfgs = [selection_cfg(shards, tmp_path, f"select-hybrid-{i}", "learnability", seed=1, mode="hybrid",
                           cache_path=str(tmp_path / f"cache-{cache}")) for i, cache in ((1, 1), (2, 2), (3, 1))]
     (first, second, cached), added = runs_in_turn(cfgs, [apps[0]])
     assert added[0][0]["scores_computed"] == ASKED
@@ -155,9 +156,10 @@ def test_ensemble_selection_averages_both_pools_scores_by_loss_weight(shards, ap
     cfgs = [selection_cfg(shards, tmp_path, f"select-ensemble-{i}", "teacher_loss", sources=sources)
             for i in (1, 2)]
     (first, second), added = runs_in_turn(cfgs, apps)
-    for pool in (0, 1):
+    for pool in (0, 1):  # the wide pool may remember the remote test's super-batches already: the same draw
         assert added[0][pool]["scores_requested"] == ASKED
         assert added[1][pool] == {"scores_requested": ASKED, "scores_computed": 0, "scores_reused": ASKED}
+    assert added[0][1]["scores_computed"] == ASKED  # the narrow pool scored them first
     for metrics in (first, second):
         assert_selected(metrics, "teacher_loss")
         assert metrics["teacher_mode"] == "ensemble"
