@@ -387,7 +387,7 @@ def _load(runs: list[dict]) -> str:
     return f"{statistics.median(loads):.1f}" if loads else "—"
 
 
-def ranking_note(summary: dict[str, dict], base: Optional[float]) -> list[str]:
+def ranking_note(summary: dict[str, dict], base: Optional[float], data: str = "digits") -> list[str]:
     """Where our order of the six CLIP-KD methods differs from the published one."""
     ours = [(m, summary.get(f"clip + {m}", {}).get("zero_shot_top1")) for m in CLIP_KD_PUBLISHED]
     ours = [(m, v) for m, v in ours if v is not None]
@@ -397,7 +397,7 @@ def ranking_note(summary: dict[str, dict], base: Optional[float]) -> list[str]:
     published = [m for m in CLIP_KD_PUBLISHED if m in order]
     lines = ["## Ranking vs CLIP-KD's published one", "",
              f"- CLIP-KD (ViT-B/16 → ViT-T/16, ImageNet zero-shot): {' > '.join(m.upper() for m in published)}",
-             "- here (digits val zero-shot top-1): "
+             f"- here ({data} val zero-shot top-1): "
              + " > ".join(f"{m.upper()} {100 * v:.1f}" for m, v in sorted(ours, key=lambda mv: -mv[1]))]
     moved = [f"{m.upper()} {published.index(m) + 1}→{order.index(m) + 1}" for m in published
              if published.index(m) != order.index(m)]
@@ -592,7 +592,7 @@ def render(report: dict) -> str:
     notes = reading_notes(report, base)
     if notes:
         lines += ["", "## Reading the numbers", "", *notes]
-    lines += ["", *ranking_note(summary, base)]
+    lines += ["", *ranking_note(summary, base, meta.get("data_name", "digits"))]
     return "\n".join(lines) + "\n"
 
 
