@@ -854,10 +854,9 @@ def time_to_baseline(report: dict) -> dict[str, dict]:
         return {}
     out = {}
     for name, runs in report["runs"].items():
-        curves = [r["curve"] for r in runs if "error" not in r and r.get("curve")]
-        if curves:
-            out[name] = {**time_to_quality(curves, target), "seeds": [r["seed"] for r in runs
-                                                                     if "error" not in r and r.get("curve")]}
+        traced = [r for r in runs if "error" not in r and r.get("curve")]
+        if traced:
+            out[name] = {**time_to_quality([r["curve"] for r in traced], target), "seeds": [r["seed"] for r in traced]}
     return out
 
 
