@@ -96,6 +96,39 @@ def test_every_command_has_help(words, capsys):
     assert len(out.splitlines()) > 3
 
 
+def test_kd_works_without_the_benchmarks_package_and_kd_bench_still_checks_its_choices(capsys):
+    """Only `kd bench` reaches the measurement package: with `benchmarks` unimportable every other
+    command still parses; `kd bench` refuses a value outside the suite's lists and its help names them all."""
+    hide = ("import sys, builtins\n"
+            "real = builtins.__import__\n"
+            "def guard(name, *a, **k):\n"
+            "    if name == 'benchmarks' or name.startswith('benchmarks.'):\n"
+            "        raise ImportError('benchmarks hidden')\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = guard\n"
+            "from cluster.cli import build_parser\n"
+            "args = build_parser().parse_args(['train', '--config', 'x.yaml'])\n"
+            "print(args.func.__name__, 'benchmarks' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["cmd_train", "False"]
+    from benchmarks.suite.config import MODES, PRESETS, SECTIONS
+
+    args = build_parser().parse_args(["bench", "--preset", "cpu", "--sections", "pool", "cache", "--modes", "hybrid"])
+    assert (args.preset, args.sections, args.modes) == ("cpu", ["pool", "cache"], ["hybrid"])
+    assert build_parser().parse_args(["bench"]).preset == "smoke"
+    for bad in (["--preset", "huge"], ["--sections", "pool", "disk"], ["--modes", "remote", "ray"]):
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args(["bench", *bad])
+        assert exit_info.value.code == 2
+        assert f"invalid choice: {bad[-1]!r}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name in (*PRESETS, *SECTIONS, *MODES):
+        assert name in out
+
+
 def test_console_script_entry_point():
     proc = subprocess.run([sys.executable, "-m", "cluster.cli", "--help"], capture_output=True,
                           text=True, timeout=120)

@@ -80,19 +80,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if result["errors"] else 0
 
 
-def add_parser(sub, fmt) -> None:
-    from benchmarks.suite.config import MODES, PRESETS, SECTIONS  # plain data: the choices below
+def suite_choice(name: str):
+    """An argparse type that checks a value against `benchmarks.suite.config.<name>` when `kd bench`'s
+    own arguments are parsed: building the `kd` parser imports nothing of the benchmarks package, so
+    every other command works where it is not installed."""
+    def check(value: str) -> str:
+        from benchmarks.suite import config
 
+        allowed = getattr(config, name)
+        if value not in allowed:
+            raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(allowed)})")
+        return value
+
+    check.__name__ = name.lower().rstrip("s")  # argparse names the type in its error: "invalid preset value"
+    return check
+
+
+def add_parser(sub, fmt) -> None:
     p = sub.add_parser("bench", formatter_class=argparse.RawDescriptionHelpFormatter, description=DESCRIPTION,
                        help="benchmark suite: throughput, memory, pool, cache, scale model")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="smoke", help="sizes (see above); default smoke")
+    p.add_argument("--preset", type=suite_choice("PRESETS"), default="smoke",
+                   help="sizes: smoke, cpu or gpu (see above); default smoke")
     p.add_argument("--smoke-form", action="store_true",
                    help="the preset's structure (sections, modes, layouts, architecture families) at smoke "
                         "sizes, on CPU when there is no GPU: proves e.g. --preset gpu runs end to end before "
                         "GPU time is spent on it; its figures mean nothing")
     p.add_argument("--repeats", type=int, help="repeats per measurement (preset default: smoke 1, cpu/gpu 3)")
-    p.add_argument("--sections", nargs="+", choices=SECTIONS, help="only these sections (default: all)")
-    p.add_argument("--modes", nargs="+", choices=MODES, help="teacher modes of the students section")
+    p.add_argument("--sections", nargs="+", type=suite_choice("SECTIONS"),
+                   help="only these sections: students, pool, multi, cache, scale (default: all)")
+    p.add_argument("--modes", nargs="+", type=suite_choice("MODES"),
+                   help="teacher modes of the students section (none, inline, remote, hybrid, cache; default: all)")
     p.add_argument("--multi-students", choices=["train", "clients"],
                    help="section 3's runs: real `kd train` processes, or request streams without student compute "
                         "(preset default: smoke clients, cpu/gpu train)")
