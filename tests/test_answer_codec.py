@@ -87,6 +87,53 @@ def test_int8_is_within_half_a_scale_and_keeps_rows_unit(dim, spread):
     assert ((dec * x).sum(1) / np.linalg.norm(dec, axis=1) / np.linalg.norm(x, axis=1)).min() > 0.999
 
 
+def test_int8_scale_per_row_or_per_dimension_bounds_and_independence():
+    """Both int8 layouts the benchmark weighs stay within half their step an element: per row,
+    max|row| / 254 (the codec); per dimension, max|column of the batch| / 254 (benchmarks/answer_codec).
+    Only the codec's answer for a row is the same whatever rows share its response or file."""
+    from benchmarks.answer_codec import int8_per_dim
+
+    rows = unit_rows(256, 128, seed=5, spread=30.0)
+    x = rows.astype(np.float32)
+    per_row = encode_rows(rows, "int8").decode()
+    assert (np.abs(per_row - x) <= np.abs(x).max(axis=1, keepdims=True) / 254 + 1e-7).all()
+    per_dim, scale_bytes = int8_per_dim(rows, 64)
+    for start in range(0, 256, 64):
+        block = slice(start, start + 64)
+        assert (np.abs(per_dim[block] - x[block]) <= np.abs(x[block]).max(axis=0) / 254 + 1e-7).all()
+    assert scale_bytes == 4 * 128 * 4  # one float32 a dimension for each of the 4 batches
+    alone = np.vstack([encode_rows(rows[i:i + 1], "int8").decode() for i in range(8)])
+    np.testing.assert_array_equal(alone, per_row[:8])  # a row's answer does not depend on its batch
+    assert not np.array_equal(int8_per_dim(rows[:8], 8)[0], per_dim[:8])  # per dimension, it does
+
+
+def test_students_losses_get_float32_from_every_dtype():
+    """Whatever dtype the teacher answered in, the loss modules read float32 features that decode
+    the answer exactly (fp16 and bf16 exactly representable, int8 as values x scale)."""
+    from student_trainer.teacher.outputs import TeacherOutputs
+
+    rows = unit_rows(6, 40, seed=7)
+    for dtype in ANSWER_DTYPES:
+        resp = encode_response(EmbedResponse(list("abcdef"), rows, rows[::-1].copy(), 14.0, None, "fp"), dtype)
+        tensors = TeacherOutputs.from_response(resp).to_tensors("cpu")
+        for name, want in (("image_features", rows), ("text_features", rows[::-1])):
+            assert tensors[name].dtype == torch.float32
+            np.testing.assert_array_equal(tensors[name].numpy(), decode_rows(answer_rows(want, dtype)).astype(np.float32))
+
+
+def test_the_answer_dtype_is_no_part_of_the_teachers_identity():
+    """A pool answering int8 by default is the same teacher (fingerprint) as one answering fp16: the
+    dtype is an encoding of its answers, which caches keep apart by their own metadata."""
+    from tiny_models import tiny_teacher_overrides
+
+    from teacher_service.model import load_teacher
+
+    base = TeacherConfig(model="ViT-B-32", overrides=tiny_teacher_overrides(), torch_threads=1)
+    int8 = base.updated({"serving.answer_dtype": "int8"})
+    assert int8.serving.answer_dtype == "int8" and int8.replica_dict()["serving"]["answer_dtype"] == "int8"
+    assert load_teacher(int8).fingerprint == load_teacher(base).fingerprint
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])
 def test_rows_decode_within_their_bound_and_zero_rows_stay_zero(dtype):
     rows = np.vstack([unit_rows(5, 32), np.zeros((1, 32), np.float16)])

@@ -18,6 +18,7 @@ from teacher_service import (
     TeacherEngine,
     load_teacher,
 )
+from teacher_service.contract.answer_codec import ANSWER_DTYPES, EncodedRows, decode_rows, encode_rows
 
 SERVE_YAML = Path(__file__).resolve().parents[1] / "cluster" / "configs" / "serve_teacher.yaml"
 APP = "kd-teacher-test"
@@ -186,12 +187,16 @@ def test_a_run_cannot_plant_rows_under_another_runs_view_and_keys(ray_cluster):
     victim = dataclasses.replace(request(4, seed=31), run="victim", view="ns-integrity/0")
     attack = dataclasses.replace(victim, run="attacker", images=np.full_like(victim.images, 255))
     renamed = dataclasses.replace(victim, run="third", view="other-ns/5", keys=[f"x{i}" for i in range(4)])
+    mixed = [dataclasses.replace(request(4, seed=32), run=f"run-{d}", view="ns-dtypes/0", answer_dtype=d)
+             for d in ANSWER_DTYPES]
     with running_app(cfg) as handle:
         planted = handle.embed.remote(attack).result(timeout_s=60)
         got = handle.embed.remote(victim).result(timeout_s=60)
         before = handle.stats.remote().result(timeout_s=30)
         again = handle.embed.remote(renamed).result(timeout_s=60)
         after = handle.stats.remote().result(timeout_s=30)
+        answers = [ref.result(timeout_s=60) for ref in [handle.embed.remote(r) for r in mixed]]  # sent at once
+        mixed_stats = handle.stats.remote().result(timeout_s=30)
     local = TeacherEngine(load_teacher(cfg))
     want = local.embed(dataclasses.replace(victim, view=""))
     assert_same(got, want)
@@ -199,3 +204,16 @@ def test_a_run_cannot_plant_rows_under_another_runs_view_and_keys(ray_cluster):
     assert again.keys == renamed.keys and again.image_features.tobytes() == got.image_features.tobytes()
     assert (after["samples_from_cache"] - before["samples_from_cache"],
             after["samples_computed"] - before["samples_computed"]) == (4, 0)
+    # one pool answering three runs in fp16, bf16 and int8 computed their shared samples once; the fp16
+    # run got what it gets alone, and the others exactly its rows, encoded in their own dtype
+    assert mixed_stats["samples_computed"] - after["samples_computed"] == 4
+    assert mixed_stats["samples_requested"] - after["samples_requested"] == 12
+    fp16, bf16, int8 = answers
+    assert_same(fp16, local.embed(dataclasses.replace(mixed[0], view="", answer_dtype=None)))
+    for field in ("image_features", "text_features"):
+        rows = getattr(fp16, field)
+        for got, dtype in ((bf16, "bf16"), (int8, "int8")):
+            enc = getattr(got, field)
+            assert isinstance(enc, EncodedRows) and enc.dtype == dtype and len(enc) == 4
+            np.testing.assert_array_equal(enc.values, encode_rows(rows, dtype).values)
+            np.testing.assert_array_equal(decode_rows(enc), encode_rows(rows, dtype).decode())
