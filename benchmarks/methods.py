@@ -189,8 +189,12 @@ def model_facts(teacher_dir: Path, student: str = STUDENT) -> dict:
 
 def data_name(data: Path) -> str:
     """The data set the shards came from (`dataset.json`'s source, e.g. fashion-mnist), else digits."""
-    meta = json.loads((data / "dataset.json").read_text()) if (data / "dataset.json").is_file() else {}
-    source = meta.get("source")
+    from teacher_service.shards import load_dataset_info
+
+    try:
+        source = load_dataset_info(data).get("source")
+    except FileNotFoundError:  # digits written by an older `kd data digits`, or none yet
+        return "digits"
     return source.get("dataset", "digits") if isinstance(source, dict) else "digits"
 
 
@@ -850,10 +854,9 @@ def time_to_baseline(report: dict) -> dict[str, dict]:
         return {}
     out = {}
     for name, runs in report["runs"].items():
-        curves = [r["curve"] for r in runs if "error" not in r and r.get("curve")]
-        if curves:
-            out[name] = {**time_to_quality(curves, target), "seeds": [r["seed"] for r in runs
-                                                                     if "error" not in r and r.get("curve")]}
+        traced = [r for r in runs if "error" not in r and r.get("curve")]
+        if traced:
+            out[name] = {**time_to_quality([r["curve"] for r in traced], target), "seeds": [r["seed"] for r in traced]}
     return out
 
 
