@@ -66,7 +66,7 @@ from student_trainer.factory import resolve_model
 from student_trainer.intervals import interval
 from student_trainer.losses import DEFAULT_WEIGHTS
 from teacher_service.atomic_files import write_atomic
-from teacher_service.config import ServingConfig, TeacherConfig
+from teacher_service.config import ANSWER_DTYPES, ServingConfig, TeacherConfig
 
 STUDENT = "digits-student"
 APP = "kd-methods-bench-teacher"
@@ -104,12 +104,23 @@ def selection_arg(text: str) -> tuple[str, int]:
     return score, int(k)
 
 
+def _default_recipe() -> dict:
+    return {"losses": dict(DEFAULT_DISTILL_LOSSES), "teacher": True, "overrides": {}, "inherit": False}
+
+
 def selection_rows(picks: list[tuple[str, int]]) -> dict[str, dict]:
     """The default recipe without data selection, then with each (score, k) of `picks`."""
-    spec = {"losses": dict(DEFAULT_DISTILL_LOSSES), "teacher": True, "overrides": {}, "inherit": False}
-    rows = {DEFAULT_RECIPE: dict(spec)}
+    rows = {DEFAULT_RECIPE: _default_recipe()}
     for score, k in picks:
-        rows[f"{DEFAULT_RECIPE}, select {score} k={k}"] = {**spec, "selection": {"score": score, "k": k}}
+        rows[f"{DEFAULT_RECIPE}, select {score} k={k}"] = {**_default_recipe(), "selection": {"score": score, "k": k}}
+    return rows
+
+
+def answer_dtype_rows(dtypes: list[str]) -> dict[str, dict]:
+    """The default recipe with fp16 answers (the pool's default), then with each of `dtypes`
+    (issue 29 item 5: what a student loses when its teacher's embeddings come compressed)."""
+    rows = {DEFAULT_RECIPE: _default_recipe()}
+    rows.update({f"{DEFAULT_RECIPE}, {d} answers": {**_default_recipe(), "answer_dtype": d} for d in dtypes})
     return rows
 
 
@@ -223,18 +234,20 @@ def train_cfg(args, data: Path, name: str, spec: dict, seed: int, tcfg: TeacherC
         model=ModelConfig(name=args.student, overrides=dict(spec["overrides"]), init_from_teacher=inherit),
         data=DataConfig(train_shards=str(data / "train-*.tar"), val_shards=str(data / "val-*.tar"),
                         image_size=32, batch_size=args.batch_size),
-        teacher=_teacher_source(spec, mode, tcfg, inherit), selection=selection,
+        teacher=_teacher_source(spec, mode, tcfg, inherit, spec.get("answer_dtype")), selection=selection,
         losses=dict(spec["losses"]), epochs=args.epochs * selection.k, num_workers=args.workers, seed=seed,
         log_every_steps=0, torch_threads=1, eval_every_steps=args.eval_every,
     ).validate()
 
 
-def _teacher_source(spec: dict, mode: str, tcfg: TeacherConfig, inherit: bool) -> TeacherSourceConfig:
+def _teacher_source(spec: dict, mode: str, tcfg: TeacherConfig, inherit: bool,
+                    answer_dtype: Optional[str] = None) -> TeacherSourceConfig:
     apps = spec.get("apps") or [APP]
     if len(apps) > 1:  # an ensemble: one source per pool, the losses average over them
-        return TeacherSourceConfig(mode=mode, sources=[{"name": a, "app_name": a} for a in apps])
+        return TeacherSourceConfig(mode=mode, sources=[{"name": a, "app_name": a} for a in apps],
+                                   answer_dtype=answer_dtype)
     return TeacherSourceConfig(mode=mode, app_name=apps[0], teacher=tcfg if mode == "inline" or inherit else None,
-                               cache_path=spec.get("cache_path"))
+                               cache_path=spec.get("cache_path"), answer_dtype=answer_dtype)
 
 
 def _slug(name: str) -> str:
@@ -278,7 +291,10 @@ def _spec_key(spec: dict) -> str:
     (a calibration row `clip + fd ×0.25` is the report row `clip + fd` at factor 0.25)."""
     return json.dumps({"losses": spec.get("losses"), "overrides": spec.get("overrides") or {},
                        "inherit": bool(spec.get("inherit")), "apps": spec.get("apps") or None,
-                       "teacher": bool(spec.get("teacher")), "selection": spec.get("selection")}, sort_keys=True)
+                       "teacher": bool(spec.get("teacher")), "selection": spec.get("selection"),
+                       # fp16, the pool's default, keeps the key of every report made before answer dtypes
+                       **({"answer_dtype": spec["answer_dtype"]} if spec.get("answer_dtype", "fp16") != "fp16"
+                          else {})}, sort_keys=True)
 
 
 def run_group(args, data: Path, items: list[tuple[str, dict, int]], tcfg: TeacherConfig,
@@ -590,7 +606,7 @@ def render(report: dict) -> str:
     lines += ttq_lines(report)
     lines += pool_lines(meta)
     lines += calibration_lines(meta)
-    lines += cost_lines(report) + selection_lines(report)
+    lines += cost_lines(report) + selection_lines(report) + answer_dtype_lines(report)
     lines.append("- `clip + embed_kd` asks the teacher only once, for its class centroids "
                  "(100 center views per class), not per batch.")
     notes = reading_notes(report, base)
@@ -763,6 +779,32 @@ def selection_lines(report: dict) -> list[str]:
     return lines
 
 
+def answer_dtype_lines(report: dict) -> list[str]:
+    """The default recipe trained from fp16, bf16 and int8 teacher answers: its top-1 and the gain of
+    each compressed dtype over fp16 paired by seed (the answers' bytes and error: answer_codec.md)."""
+    rows = [n for n, spec in report["methods"].items() if spec.get("answer_dtype")]
+    if not rows:
+        return []
+    base = report["runs"].get(DEFAULT_RECIPE)
+    lines = ["", "## Compressed teacher answers (issue 29 item 5)", "",
+             f"`{DEFAULT_RECIPE}` ({DEFAULT_DISTILL_LOSSES}) with the pool answering in fp16 (its default), "
+             "bf16 and int8 (one scale per row): same runs otherwise, gain paired by seed with the fp16 run. "
+             "What each dtype costs on the wire and in the cache, and its error on these embeddings: "
+             "[answer_codec.md](answer_codec.md).", "",
+             "| row | answers | zero-shot top-1 % | gain vs fp16 answers, paired (points) | seeds |",
+             "|---|---|---|---|---|"]
+    for name in [DEFAULT_RECIPE, *rows]:
+        runs = [r for r in report["runs"].get(name, []) if "error" not in r]
+        if not runs:
+            lines.append(f"| {name} | {report['methods'][name].get('answer_dtype', 'fp16')} | not run | | |")
+            continue
+        s = summarise(runs, base if name != DEFAULT_RECIPE else None)
+        gain = _cell(s, "gain_zero_shot_top1", True, signed=True) if name != DEFAULT_RECIPE else ""
+        lines.append(f"| {name} | {report['methods'][name].get('answer_dtype', 'fp16')} | "
+                     f"{_cell(s, 'zero_shot_top1', True)} | {gain} | {s['runs']} |")
+    return lines
+
+
 def plot_cost(report: dict, path: Path) -> None:
     """Student top-1 against teacher-seconds, one point per mode (mean over seeds, 95 % interval)."""
     from cluster.plots import pyplot, save_png
@@ -869,7 +911,7 @@ def result_rows(report: dict) -> dict:
         s, ttq = report["summary"].get(name, {}), report.get("time_to_baseline", {}).get(name, {})
         ok = [r for r in report["runs"][name] if "error" not in r]
         steps = {seed: (p or {}).get("step") for seed, p in zip(ttq.get("seeds", []), ttq.get("per_run", []))}
-        rows.append({"name": name, "losses": spec["losses"], "answer_dtype": spec.get("answer_dtype", "float16"),
+        rows.append({"name": name, "losses": spec["losses"], "answer_dtype": spec.get("answer_dtype", "fp16"),
                      "teacher": bool(spec.get("teacher")), "inherit": bool(spec.get("inherit")),
                      "teachers": spec.get("apps") or ([APP] if spec.get("teacher") else []),
                      "seeds": [r["seed"] for r in ok], "zero_shot_top1": [r["zero_shot_top1"] for r in ok],
@@ -951,6 +993,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--second-teacher-dir",
                         help="a second trained teacher (another architecture or seed): adds the rows "
                              f"'clip + {ENSEMBLE_METHOD} (teacher 2)' and '(teachers 1 + 2)' (an ensemble of both pools)")
+    parser.add_argument("--answer-dtypes", nargs="+", choices=[d for d in ANSWER_DTYPES if d != "fp16"],
+                        help="also run the default recipe with the teacher answering in each of these dtypes, "
+                             "beside fp16 (issue 29 item 5)")
     parser.add_argument("--selection", nargs="+", type=selection_arg, metavar="SCORE:K",
                         help=f"add the rows '{DEFAULT_RECIPE}' and, per SCORE:K, the default recipe with data "
                              f"selection (SCORE one of {SELECTION_SCORES}), trained --epochs × K epochs: the same "
@@ -984,6 +1029,7 @@ def rows_to_run(args: argparse.Namespace) -> tuple[dict[str, dict], Optional[dic
     methods = methods_to_run(args.with_siglip, only, args.with_inherit, tuple(args.grid), chosen)
     methods.update({k: v for k, v in extra.items() if not args.only or k in args.only})
     methods.update(selection_rows(args.selection) if args.selection else {})  # asked for by --selection itself
+    methods.update(answer_dtype_rows(args.answer_dtypes) if args.answer_dtypes else {})
     return methods, calibration
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from teacher_service.atomic_files import write_atomic
-from teacher_service.config import TeacherConfig, check_cores, check_placement, nest_flat_keys, warn_flat_keys
+from teacher_service.config import ANSWER_DTYPES, TeacherConfig, check_cores, check_placement, nest_flat_keys, warn_flat_keys
 from teacher_service.private_files import check_under_roots, write_roots
 
 from student_trainer.teacher.modes import TeacherMode
@@ -106,6 +106,12 @@ class TeacherSourceConfig:
     # (`check_shards`), pixels otherwise and from the first refusal on; with a teacher without
     # `shard_roots` that is exactly "always".
     send_pixels: str = "auto"
+    # The dtype this run's teacher answers come in: "fp16", "bf16" or "int8" (teacher_service.contract
+    # .answer_codec; int8 is about half of fp16's bytes). None: the pool's `serving.answer_dtype`
+    # (remote), the cache's dtype else the pool's (hybrid: misses are asked and appended in it), fp16
+    # (inline: its answers go through the same codec). A `cache` run reads rows as they were stored
+    # (`kd precompute --answer-dtype`).
+    answer_dtype: str | None = None
     # Several teachers at once (an ensemble; issue 17). Each entry is a mapping of this class's
     # fields plus `name`; fields an entry leaves out are this config's (so `mode: remote` above and
     # `{name: big, app_name: kd-big}` below is a remote teacher). Empty: this config is the one teacher.
@@ -379,6 +385,14 @@ def _validate_source(t: TeacherSourceConfig, p: str) -> None:
         raise ValueError(f"{p}mode '{t.mode}' needs teacher.teacher (a TeacherConfig)")
     if t.send_pixels not in SEND_PIXELS:
         raise ValueError(f"{p}send_pixels {t.send_pixels!r}: expected one of {SEND_PIXELS}")
+    if t.answer_dtype is not None and t.answer_dtype not in ANSWER_DTYPES:
+        raise ValueError(f"{p}answer_dtype {t.answer_dtype!r}: expected one of {ANSWER_DTYPES} or null "
+                         "(the pool's default)")
+    if t.answer_dtype is not None and not t.mode.chooses_answer_dtype:
+        why = ("reads rows in the dtype `kd precompute --answer-dtype` stored" if t.mode.gives_outputs
+               else "gets no teacher answers")
+        raise ValueError(f"{p}answer_dtype {t.answer_dtype!r}: mode '{t.mode}' {why}; set it for inline, remote "
+                         "or hybrid teachers")
     if t.mode.reads_cache and not t.cache_path:
         raise ValueError(f"{p}mode '{t.mode}' needs teacher.cache_path")
     if t.cache_teacher is not None and not t.mode.cache_only:

@@ -163,8 +163,9 @@ def _check_app(teacher: TeacherSourceConfig) -> dict:
 
 def _check_cache(cfg: TrainConfig, teacher: TeacherSourceConfig, teacher_info: dict | None) -> str | None:
     """The cache exists and holds rows (cache mode), and was made by this teacher with this run's
-    views; returns its teacher fingerprint (None: a hybrid run starting a new cache). A root holding
-    several teachers and a `cache` teacher that names none of them fails here (CacheAmbiguousError)."""
+    views, in the run's `answer_dtype` when it names one; returns its teacher fingerprint (None: a
+    hybrid run starting a new cache). A root holding several teachers and a `cache` teacher that
+    names none of them fails here (CacheAmbiguousError)."""
     from teacher_service.cache import EmbeddingCache
 
     recipe = view_recipe(cfg.data.image_size, cfg.seed)
@@ -172,7 +173,7 @@ def _check_cache(cfg: TrainConfig, teacher: TeacherSourceConfig, teacher_info: d
     if writes and not os.path.isdir(teacher.cache_path):
         return None  # hybrid starts a new cache
     cache = EmbeddingCache.open(teacher.cache_path, teacher_info=teacher_info or None, recipe=recipe,
-                                create=writes, teacher=teacher.cache_teacher)
+                                create=writes, teacher=teacher.cache_teacher, answer_dtype=teacher.answer_dtype)
     if teacher.mode.cache_only and len(cache) == 0:
         raise FileNotFoundError(f"embedding cache {cache.path} holds no rows: run `kd precompute` over "
                                 f"{cfg.data.train_shards} first, or train with teacher.mode 'hybrid'")

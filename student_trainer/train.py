@@ -337,11 +337,12 @@ def teacher_image_embedder(source, run: str) -> Callable[[np.ndarray], np.ndarra
 
     Inline sources embed with their engine, remote ones over their Serve handle (one request per
     call, the source's timeout). Keys are content hashes of the images, so a keyed cache can never
-    confuse them with training samples.
+    confuse them with training samples. The rows are asked in fp16 whatever the run's or the pool's
+    answer dtype: a centroid is a mean over many of them, computed once.
     """
     def request(images: np.ndarray) -> EmbedRequest:
         keys = ["centroid-" + hashlib.sha1(img.tobytes()).hexdigest()[:20] for img in images]
-        return EmbedRequest(keys=keys, images=np.ascontiguousarray(images), run=run)
+        return EmbedRequest(keys=keys, images=np.ascontiguousarray(images), run=run, answer_dtype="fp16")
 
     source = getattr(source, "remote", None) or source  # hybrid: cache misses go to its remote pool
     if getattr(source, "engine", None) is not None:

@@ -24,6 +24,7 @@ import yaml
 from teacher_service.atomic_files import write_atomic
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+ANSWER_DTYPES = ("fp16", "bf16", "int8")  # what `contract.answer_codec` encodes answers in
 BATCHERS = ("fill", "serve")
 ROUTINGS = ("view_affinity", "power_of_two")
 VIEW_AFFINITY_ROUTER = "teacher_service.serve.routing.ViewAffinityRouter"
@@ -61,6 +62,9 @@ class ServingConfig:
     `shard_roots`: directories of training shards every replica's node can read at the same paths
     as the students, for requests by reference (`serve.references`); empty (default): only pixel
     requests are served. `shard_cache_mb` bounds each replica's decoded images of recently read samples.
+    `answer_dtype`: the dtype of the embeddings the pool answers in when a request does not name
+    one ("fp16", "bf16" or "int8", `contract.answer_codec`); each request may ask for its own, so
+    one pool serves runs of every dtype at once, computing a shared sample once.
     """
 
     app_name: str = "kd-teacher"
@@ -81,6 +85,7 @@ class ServingConfig:
     resources: dict = field(default_factory=dict)  # custom resources per replica, e.g. {"kd_teacher": 1}
     shard_roots: list = field(default_factory=list)
     shard_cache_mb: float = 256.0
+    answer_dtype: str = "fp16"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -91,6 +96,8 @@ class ServingConfig:
             raise ValueError(f"serving.batcher: expected one of {BATCHERS}, got {self.batcher!r}")
         if self.routing not in ROUTINGS:
             raise ValueError(f"serving.routing: expected one of {ROUTINGS}, got {self.routing!r}")
+        if self.answer_dtype not in ANSWER_DTYPES:
+            raise ValueError(f"serving.answer_dtype: expected one of {ANSWER_DTYPES}, got {self.answer_dtype!r}")
         check_placement(self.label_selector, self.resources, "serving.label_selector", "serving.resources")
         for name in ("num_replicas", "max_batch_size", "max_request_samples", "expected_request_samples"):
             _require(getattr(self, name) >= 1, f"serving.{name}", getattr(self, name), ">= 1")

@@ -17,7 +17,9 @@ adds the same constant to every logit of a row, which cancels in the softmax: it
 same loss.
 
 Teacher embeddings arrive as float16; scores are computed in float32 on the CPU from exactly those
-values (`teacher_scores`), so the pool and a run computing from the same embeddings agree.
+values (`teacher_scores`), so the pool and a run computing from the same embeddings agree. A
+caller's `answer_dtype` (bf16, int8: `contract.answer_codec`) is applied after scoring, so it never
+changes the scores.
 """
 from __future__ import annotations
 

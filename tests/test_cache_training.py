@@ -246,6 +246,33 @@ def test_concurrent_hybrid_runs_append_without_loss_or_duplicates(shards, teache
     assert EmbeddingCache.open(str(tmp_path / "shared")).duplicates == 0
 
 
+def test_hybrid_asks_and_appends_in_its_answer_dtype(shards, teacher_app, tmp_path):
+    """A run asking for int8: its misses come back int8 and go to the cache as int8; a later run
+    that names no dtype asks in the cache's, and one naming another dtype is refused."""
+    from student_trainer.teacher.sources import make_teacher_source
+    from teacher_service.cache.store import read_meta
+    from teacher_service.contract.protocol import EmbedRequest
+
+    cfg = TeacherSourceConfig(mode="hybrid", cache_path=str(tmp_path / "int8"), app_name=APP, answer_dtype="int8")
+    (batch,) = epoch_batches(shards, 0, n=1)
+    (_, got), = list(make_teacher_source(cfg, run="int8", recipe=view_recipe(32, 0)).stream([batch], view=0))
+    full = teacher_app.embed.remote(EmbedRequest(keys=batch.keys, images=batch.images, tokens=batch.tokens,
+                                                 answer_dtype="fp16")).result(timeout_s=60)
+    for name in ("image_features", "text_features"):  # within int8's half step (<= 1/254) of the fp16 rows
+        assert getattr(got, name).dtype == np.float32
+        assert np.abs(getattr(got, name) - getattr(full, name).astype(np.float32)).max() <= 1 / 254 + 2e-3
+    (append,) = [f for f in os.listdir(teacher_dir(str(tmp_path / "int8"))) if f.startswith(APPEND_PREFIX)]
+    assert read_meta(os.path.join(teacher_dir(str(tmp_path / "int8")), append))["dtype"] == "int8"
+    cache = EmbeddingCache.open(str(tmp_path / "int8"))
+    np.testing.assert_allclose(cache.fetch(cache.locate(batch.keys, 0))["image_emb"], got.image_features, atol=1e-6)
+    later = make_teacher_source(TeacherSourceConfig(mode="hybrid", cache_path=str(tmp_path / "int8"), app_name=APP),
+                                run="later", recipe=view_recipe(32, 0))
+    assert later.remote.answer_dtype == "int8" and later.appender.meta["dtype"] == "int8"
+    with pytest.raises(CacheMismatchError, match="stores its rows in int8, but .* writes fp16"):
+        make_teacher_source(TeacherSourceConfig(mode="hybrid", cache_path=str(tmp_path / "int8"), app_name=APP,
+                                                answer_dtype="fp16"), run="other")
+
+
 def test_hybrid_training_serves_hits_and_appends_misses(shards, teacher_app, hybrid_cache, tmp_path):
     """A 2-epoch hybrid run: what earlier runs appended is served (no teacher call), the rest is
     computed by the pool once and appended, so the cache then holds both epochs' views."""

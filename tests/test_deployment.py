@@ -17,6 +17,8 @@ from teacher_service import (
     TeacherEngine,
     load_teacher,
 )
+from teacher_service.contract.answer_codec import ANSWER_DTYPES, EncodedRows, decode_rows, encode_rows
+from teacher_service.scores import teacher_scores
 
 SERVE_YAML = Path(__file__).resolve().parents[1] / "cluster" / "configs" / "serve_teacher.yaml"
 APP = "kd-teacher-test"
@@ -175,7 +177,8 @@ def test_a_run_cannot_plant_rows_under_another_runs_view_and_keys(tiny_teacher_a
     """Over Serve handles: run "attacker" sends run "victim"'s view and keys with all-255 pixels
     first; the victim is then answered with the forward of its own pixels (on main: with the
     attacker's rows). The victim's pixels under other keys and another view come from the
-    replica's recent rows: coalescing follows the content."""
+    replica's recent rows: coalescing follows the content. Three runs then ask for the same samples
+    with scores in fp16, bf16 and int8: one forward, each run's rows in its dtype, the same scores."""
     import dataclasses
 
     from tiny_models import shared_teacher
@@ -184,11 +187,15 @@ def test_a_run_cannot_plant_rows_under_another_runs_view_and_keys(tiny_teacher_a
     victim = dataclasses.replace(request(4, seed=31), run="victim", view="ns-integrity/0")
     attack = dataclasses.replace(victim, run="attacker", images=np.full_like(victim.images, 255))
     renamed = dataclasses.replace(victim, run="third", view="other-ns/5", keys=[f"x{i}" for i in range(4)])
+    mixed = [dataclasses.replace(request(4, seed=32), run=f"run-{d}", view="ns-dtypes/0", answer_dtype=d,
+                                 scores=True) for d in ANSWER_DTYPES]
     planted = handle.embed.remote(attack).result(timeout_s=60)
     got = handle.embed.remote(victim).result(timeout_s=60)
     before = handle.stats.remote().result(timeout_s=30)
     again = handle.embed.remote(renamed).result(timeout_s=60)
     after = handle.stats.remote().result(timeout_s=30)
+    answers = [ref.result(timeout_s=60) for ref in [handle.embed.remote(r) for r in mixed]]  # sent at once
+    mixed_stats = handle.stats.remote().result(timeout_s=30)
     local = TeacherEngine(load_teacher(shared_teacher()))
     want = local.embed(dataclasses.replace(victim, view=""))
     assert_same(got, want)
@@ -196,3 +203,20 @@ def test_a_run_cannot_plant_rows_under_another_runs_view_and_keys(tiny_teacher_a
     assert again.keys == renamed.keys and again.image_features.tobytes() == got.image_features.tobytes()
     assert (after["samples_from_cache"] - before["samples_from_cache"],
             after["samples_computed"] - before["samples_computed"]) == (4, 0)
+    # one pool answering three runs in fp16, bf16 and int8 computed their shared samples once; the fp16
+    # run got what it gets alone, and the others exactly its rows, encoded in their own dtype
+    assert mixed_stats["samples_computed"] - after["samples_computed"] == 4
+    assert mixed_stats["samples_requested"] - after["samples_requested"] == 12
+    fp16, bf16, int8 = answers
+    assert_same(fp16, local.embed(dataclasses.replace(mixed[0], view="", answer_dtype=None, scores=False)))
+    # the scores come from the full-precision rows before encoding: the same for every dtype
+    want_scores = teacher_scores(fp16.image_features, fp16.text_features, fp16.logit_scale)
+    for answer in answers:
+        np.testing.assert_array_equal(answer.scores, want_scores)
+    for field in ("image_features", "text_features"):
+        rows = getattr(fp16, field)
+        for answer, dtype in ((bf16, "bf16"), (int8, "int8")):
+            enc = getattr(answer, field)
+            assert isinstance(enc, EncodedRows) and enc.dtype == dtype and len(enc) == 4
+            np.testing.assert_array_equal(enc.values, encode_rows(rows, dtype).values)
+            np.testing.assert_array_equal(decode_rows(enc), encode_rows(rows, dtype).decode())

@@ -1,10 +1,12 @@
 """gRPC API: committed stubs match the .proto, the tensor codec is exact and strict, and a real grpcio
-client against the app's gRPC ingress (`grpc.ingress`, a Ray actor) gets the handle path's bytes,
-INVALID_ARGUMENT with the reason, RESOURCE_EXHAUSTED past the byte limit and the caller's limits,
-Health and Stats; the ingress listens on loopback only unless configured otherwise, refuses
+client against the app's gRPC ingress (`grpc.ingress`, a Ray actor) gets the handle path's bytes in
+every answer dtype, INVALID_ARGUMENT with the reason, RESOURCE_EXHAUSTED past the byte limit and the
+caller's limits, Health and Stats; the ingress listens on loopback only unless configured otherwise, refuses
 callers without the token, grants each caller its weight (1 without a token, the token's cap with
 one), never lets a caller's view and keys change another caller's answer, and goes away with its app."""
 from __future__ import annotations
+
+import dataclasses
 
 import grpc
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from teacher_service import EmbedRequest, EmbedResponse, RequestError, TeacherConfig
+from teacher_service.contract.answer_codec import EncodedRows
 from teacher_service.grpc.codec import (
     WIRE_DTYPES,
     RequestTooLargeError,
@@ -202,6 +205,15 @@ def test_grpc_round_trip_equals_handle_path_bit_for_bit(grpc_app):
                 assert (g is None) == (h is None) == (sent is None)
                 if sent is not None:
                     assert g.dtype == h.dtype == np.float16 and g.shape == h.shape and g.tobytes() == h.tobytes()
+        req = make_request(3, seed=2)
+        for dtype in ("int8", "bf16"):  # a client asking for a compressed answer: the handle path's, exactly
+            via_grpc = client.embed(req.images, req.tokens, req.keys, answer_dtype=dtype)
+            via_handle = handle.embed.remote(dataclasses.replace(req, answer_dtype=dtype)).result(timeout_s=60)
+            for field in ("image_features", "text_features"):
+                g, h = getattr(via_grpc, field), getattr(via_handle, field)
+                assert isinstance(g, EncodedRows) and g.dtype == h.dtype == dtype
+                assert g.values.tobytes() == h.values.tobytes() and g.nbytes == h.nbytes
+                np.testing.assert_array_equal(g.decode(), h.decode())
         assert client.stats()["runs"]["grpc:round-trip"]["samples"] >= 6  # the caller is the replica's run
 
 

@@ -237,3 +237,36 @@ def test_the_selection_section_shows_each_rows_cost_and_its_gain_paired_with_the
     assert cells[8].startswith("+6.0 [")  # gains 0.05 and 0.07 over the same seeds' default recipe
     assert cells[9] == "2"
     assert methods.selection_lines({"methods": {methods.BASELINE: {}}, "runs": {}}) == []
+
+
+def test_answer_dtype_rows_ask_the_pool_for_their_dtype_and_are_paired_with_fp16(tmp_path):
+    """`--answer-dtypes`: the default recipe again with its teacher answering in each dtype, never
+    taken for an fp16 run, an fp16 run of an older report still reused as the default recipe, and
+    each dtype's gain paired by seed with the fp16 run."""
+    args = methods.parse_args(["--teacher-dir", str(tmp_path), "--only", "no teacher (clip)",
+                               "--answer-dtypes", "int8", "bf16"])
+    rows, _ = methods.rows_to_run(args)
+    assert list(rows) == ["no teacher (clip)", "default recipe", "default recipe, int8 answers",
+                          "default recipe, bf16 answers"]
+    cfgs = {name: methods.train_cfg(args, tmp_path, name, rows[name], 0, None) for name in rows}
+    assert [cfgs[n].teacher.answer_dtype for n in rows] == [None, None, "int8", "bf16"]
+    keys = {methods._spec_key(spec) for spec in rows.values()}
+    assert len(keys) == 4
+    old_fp16 = {"losses": dict(methods.DEFAULT_DISTILL_LOSSES), "teacher": True, "overrides": {}, "inherit": False}
+    assert methods._spec_key(old_fp16) == methods._spec_key(rows["default recipe"])
+    assert methods._spec_key({**old_fp16, "answer_dtype": "fp16"}) == methods._spec_key(old_fp16)
+    report = {"meta": {}, "summary": {}, "methods": rows, "runs": {name: [] for name in rows}}
+    assert [r["answer_dtype"] for r in methods.result_rows(report)["rows"]] == ["fp16", "fp16", "int8", "bf16"]
+
+    def run(seed, top1):
+        return {"seed": seed, "zero_shot_top1": top1, "zero_shot_top5": 1, "i2t_r1": 0, "t2i_r1": 0}
+
+    report["runs"].update({"default recipe": [run(0, 0.70), run(1, 0.72)],
+                           "default recipe, int8 answers": [run(0, 0.69), run(1, 0.70)]})
+    text = "\n".join(methods.answer_dtype_lines(report))
+    cells = [c.strip() for c in next(line for line in text.splitlines()
+                                     if line.startswith("| default recipe, int8 answers |")).split("|")[1:-1]]
+    assert cells[1] == "int8" and cells[3].startswith("-1.5 [") and cells[4] == "2"
+    assert "| default recipe, bf16 answers | bf16 | not run |" in text
+    with pytest.raises(SystemExit):
+        methods.parse_args(["--teacher-dir", str(tmp_path), "--answer-dtypes", "fp8"])

@@ -283,7 +283,8 @@ def test_class_centroids_mean_of_n_drawn_per_class():
 
 
 class _FakeRemote:
-    """A RemoteTeacher's surface: .handle.embed.remote(request).result(timeout_s) and .cfg."""
+    """A RemoteTeacher's surface: .handle.embed.remote(request).result(timeout_s) and .cfg; it answers
+    in the request's answer dtype, int8 when it names none (a pool whose serving.answer_dtype is int8)."""
 
     def __init__(self, engine):
         outer = self
@@ -293,8 +294,10 @@ class _FakeRemote:
                 self.request = request
 
             def result(self, timeout_s=None):
+                from teacher_service.contract.answer_codec import encode_response
+
                 outer.timeouts.append(timeout_s)
-                return engine.embed(self.request)
+                return encode_response(engine.embed(self.request), self.request.answer_dtype or "int8")
 
         class _Method:
             def remote(self, request):
@@ -317,7 +320,7 @@ def test_teacher_image_embedder_inline_and_remote():
     via_remote = teacher_image_embedder(remote, "t")(images)
     assert via_inline.shape == (6, DT)
     np.testing.assert_array_equal(via_inline, np.asarray(direct))
-    np.testing.assert_array_equal(via_remote, via_inline)
+    np.testing.assert_array_equal(via_remote, via_inline)  # centroid rows are asked in fp16 whatever the default
     assert remote.timeouts == [7.0]
     with pytest.raises(ValueError, match="inline, remote or hybrid teacher"):
         teacher_image_embedder(NoTeacher(), "t")

@@ -218,6 +218,13 @@ def test_cli_precompute_through_a_running_app_then_audit(ray_cluster, shards, en
         rc = main(["cache", "audit", str(out), "--samples", "10", "--app-name", TEACHER.serving.app_name, "--json"])
         report = json.loads(capsys.readouterr().out)
         assert rc == 0 and report["ok"] and report["worst_image_cosine"] >= 0.999
+        int8 = tmp_path / "via-app-int8"  # the same rows stored as int8
+        args = ["precompute", "--app-name", TEACHER.serving.app_name, "--shards", shards[0], "--out", str(int8),
+                "--views", "1", "--seed", str(SEED), "--batch-size", "50", "--json"]
+        assert main(args + ["--answer-dtype", "int8"]) == 0
+        assert json.loads(capsys.readouterr().out)["answer_dtype"] == "int8"
+        assert main(args + ["--answer-dtype", "bf16"]) == 2  # one cache, one dtype
+        assert "stores this teacher's rows in int8; --answer-dtype bf16 would mix dtypes" in capsys.readouterr().err
     finally:
         serve.delete(TEACHER.serving.app_name)
     # the app is gone and the cache recorded no config: the audit says what to pass instead
@@ -230,7 +237,18 @@ def test_cli_precompute_through_a_running_app_then_audit(ray_cluster, shards, en
     assert main(["cache", "info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["rows"] == 100 and info["views"] == [0] and info["embed_dim"] == 48
-    assert 4 * 48 <= info["bytes_per_row"] <= 4 * 48 + 200
+    assert 4 * 48 <= info["bytes_per_row"] <= 4 * 48 + 200 and info["answer_dtype"] == "fp16"
+    assert main(["cache", "info", str(int8), "--json"]) == 0
+    info8 = json.loads(capsys.readouterr().out)
+    assert info8["answer_dtype"] == "int8" and info8["rows"] == 100 and info8["bytes"] < 0.75 * info["bytes"]
+    full, small = EmbeddingCache.open(str(out)), EmbeddingCache.open(str(int8))
+    keys = sorted(k for k, _ in full.index)
+    a, b = full.fetch(full.locate(keys, 0)), small.fetch(small.locate(keys, 0))
+    np.testing.assert_array_equal(a["image_digest"], b["image_digest"])
+    for name in ("image_emb", "text_emb"):  # int8 decodes within half a step (max |x| / 127 / 2) of fp16
+        assert b[name].dtype == np.float32 and _cosine(b[name], a[name]).min() > 0.9999
+        step = np.abs(a[name].astype(np.float32)).max(axis=1, keepdims=True) / 127
+        assert (np.abs(b[name] - a[name].astype(np.float32)) <= step / 2 + 1e-6).all()
 
 
 # a teacher slow enough (~2 s a shard of 100 samples x 4 views here) that `kd precompute` is

@@ -50,6 +50,7 @@ BAD = {
     "weight nan": (_with(weight=float("nan")), r"weight: nan outside"),
     "weight too large": (_with(weight=101.0), r"weight: 101.0 outside"),
     "weight not a number": (_with(weight="2"), r"weight: expected a number, got str"),
+    "answer dtype unknown": (_with(answer_dtype="fp8"), r"answer_dtype: expected one of \('fp16', 'bf16', 'int8'\)"),
     "images not ndarray": (_with(images=[[0]]), r"images: expected a numpy array, got list"),
     "images float": (_with(images=np.zeros((2, 32, 32, 3), np.float32)), r"images: expected dtype uint8"),
     "images grayscale": (_with(images=np.zeros((2, 32, 32), np.uint8)), r"images: .*grayscale"),

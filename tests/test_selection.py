@@ -13,7 +13,7 @@ from tiny_models import tiny_teacher_overrides
 
 from student_trainer.config import DataConfig, SelectionConfig, TeacherSourceConfig, TrainConfig
 from student_trainer.data.batches import Batch
-from student_trainer.selection import Selector, ensemble_scores, student_row_losses, top_rows
+from student_trainer.selection import Selector, ensemble_scores, row_scores, student_row_losses, top_rows
 from student_trainer.teacher.outputs import EnsembleOutputs, TeacherOutputs
 from teacher_service import EmbedRequest, RequestError, TeacherConfig
 from teacher_service.scores import ScoreMemo, contrastive_row_loss, teacher_scores
@@ -233,6 +233,42 @@ def test_the_replica_scores_a_request_and_answers_an_identical_one_from_its_memo
     assert s["runs"]["b"]["scores_reused"] == 6 and s["runs"]["a"]["scores_computed"] == 6
     text = format_stats({"app_name": "x"}, merge_stats([{**s, **asyncio.run(replica.stats())}]))
     assert "scores     requested 18, computed 12 (" in text and "reused 6 (data selection)" in text
+
+
+def test_scores_come_from_the_full_precision_rows_in_every_answer_dtype():
+    """The replica scores the rows it computed, then encodes each caller's answer in that caller's
+    dtype: three runs asking for the same super-batch in fp16, bf16 and int8 get the same scores, the
+    fp16 rows' scores, which differ from the int8 rows' own (so encoding first would show). An inline
+    teacher answering in int8 scores the same way."""
+    from student_trainer.config import TeacherSourceConfig
+    from student_trainer.teacher.sources import InlineTeacher
+    from teacher_service.contract.answer_codec import ANSWER_DTYPES, EncodedRows, decode_rows
+    from teacher_service.serve.deployment import TeacherDeployment
+
+    replica = TeacherDeployment.func_or_class(TeacherConfig.from_dict(TINY).replica_dict())
+    batch = super_batch(6, seed=5)
+
+    async def scenario():
+        return [await replica.embed(EmbedRequest(keys=batch.keys, images=batch.images, tokens=batch.tokens,
+                                                 run=f"run-{d}", view="ns/0", scores=True, answer_dtype=d))
+                for d in ANSWER_DTYPES]
+
+    answers = dict(zip(ANSWER_DTYPES, asyncio.run(scenario())))
+    fp16 = answers["fp16"]
+    want = teacher_scores(fp16.image_features, fp16.text_features, fp16.logit_scale)
+    for dtype, answer in answers.items():
+        assert isinstance(answer.image_features, np.ndarray if dtype == "fp16" else EncodedRows)
+        np.testing.assert_array_equal(answer.scores, want)
+    int8 = answers["int8"]
+    from_int8 = teacher_scores(decode_rows(int8.image_features), decode_rows(int8.text_features), int8.logit_scale)
+    assert not np.allclose(from_int8, want, rtol=1e-4, atol=1e-5)  # the checks below could tell the orders apart
+
+    inline = InlineTeacher(TeacherSourceConfig(mode="inline", teacher=TeacherConfig.from_dict(TINY),
+                                               answer_dtype="int8"), run="inline", scores=True)
+    (_, outputs), = inline.stream(iter([batch]))
+    assert outputs.image_features.dtype == np.float32  # decoded int8
+    np.testing.assert_allclose(outputs.scores, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(row_scores(outputs), outputs.scores)
 
 
 def test_a_score_request_needs_images_and_tokens_and_a_bool():

@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Any, Optional
 
+from teacher_service.config import ANSWER_DTYPES
+
 from cluster.cli.args import (MODEL_FLAGS, add_address, add_app_names, add_teacher_model_args, add_verbose, given,
                               print_per_teacher, teacher_config)
 
@@ -54,7 +56,7 @@ def _precompute_one(args: argparse.Namespace, shards: list[str], teacher, app_na
                          image_size=args.image_size, seed=args.seed, tokenizer=args.tokenizer,
                          context_length=args.context_length, batch_size=args.batch_size,
                          concurrency=args.concurrency, num_cpus=num_cpus, num_gpus=num_gpus,
-                         progress=not args.json)
+                         answer_dtype=args.answer_dtype, progress=not args.json)
     result = summary.to_dict()
     for name in ("computed", "skipped", "recomputed"):
         result[name] = len(result[name]) if not args.json else result[name]
@@ -90,7 +92,7 @@ def _cache_info(path: str) -> dict:
     size = sum(os.path.getsize(f) for f in cache.files)
     views = sorted({v for _, v in cache.index})
     return {"cache": cache.path, "fingerprint": cache.fingerprint, "teacher": cache.meta["teacher"].get("model"),
-            "embed_dim": cache.embed_dim, "rows": len(cache), "files": len(cache.files),
+            "embed_dim": cache.embed_dim, "answer_dtype": cache.answer_dtype, "rows": len(cache), "files": len(cache.files),
             "duplicate_rows": cache.duplicates, "views": views, "recipe": cache.recipe,
             "bytes": size, "bytes_per_row": round(size / max(1, len(cache) + cache.duplicates), 1)}
 
@@ -164,6 +166,10 @@ def add_parser(sub, fmt) -> None:
                         "with --seed) to centroids.parquet in each teacher's directory of CACHE")
     p.add_argument("--num-classes", type=int, help="classes for --class-centroids (default: dataset.json)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per teacher request")
+    p.add_argument("--answer-dtype", choices=ANSWER_DTYPES,
+                   help="dtype the rows are stored in: fp16, bf16, or int8 (about half fp16's bytes; "
+                        "docs/design.md has the error it costs). Default: the dtype of the rows this teacher "
+                        "already has in --out, else the teacher config's serving.answer_dtype (fp16)")
     p.add_argument("--concurrency", type=int, default=1, help="teacher actors")
     p.add_argument("--num-cpus", type=float, help="CPUs per teacher actor (default: the teacher config's)")
     p.add_argument("--num-gpus", type=float, help="GPUs per teacher actor (default: the teacher config's)")

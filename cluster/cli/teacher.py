@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from typing import Optional, TextIO
 
+from teacher_service.config import ANSWER_DTYPES
+
 from cluster.cli.args import (add_address, add_app_names, add_teacher_model_args, given, json_arg,
                               positive_seconds, teacher_config)
 
@@ -19,7 +21,8 @@ SERVE_FLAGS = {"model": "model", "pretrained": "pretrained", "overrides": "overr
                "autoscale": "serving.autoscaling", "grpc_port": "grpc.port", "grpc_host": "grpc.host",
                "grpc_token_file": "grpc.token_file", "grpc_tls_cert": "grpc.tls_cert_file",
                "grpc_tls_key": "grpc.tls_key_file", "grpc_tls_client_ca": "grpc.tls_client_ca_file",
-               "grpc_insecure": "grpc.insecure", "grpc_health_port": "grpc.health_port"}
+               "grpc_insecure": "grpc.insecure", "grpc_health_port": "grpc.health_port",
+               "answer_dtype": "serving.answer_dtype"}
 
 
 def teacher_config_from_args(args: argparse.Namespace):
@@ -161,6 +164,9 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--num-cpus", type=float, help="CPUs per replica")
     p.add_argument("--num-gpus", type=float, help="GPUs per replica")
     p.add_argument("--max-batch-size", type=int, help="samples per teacher forward")
+    p.add_argument("--answer-dtype", choices=ANSWER_DTYPES,
+                   help="dtype of the embeddings answered to requests that name none (serving.answer_dtype; "
+                        "default fp16; int8 is about half the bytes; each run may ask for its own)")
     p.add_argument("--role-placement", action="store_true",
                    help="run replicas only on teacher nodes (label kd-role=teacher, resource kd_teacher)")
     p.add_argument("--grpc-port", type=int,

@@ -80,6 +80,12 @@ class TeacherMode(str, Enum):
         return self.needs_app
 
     @property
+    def chooses_answer_dtype(self) -> bool:
+        """A teacher computes this run's answers, so the run may ask for them in an answer dtype
+        (`teacher.answer_dtype`); a `cache` run reads rows in the dtype they were stored in."""
+        return self.loads_teacher or self.needs_app
+
+    @property
     def computes_centroids(self) -> bool:
         """A running teacher that can embed Embed-KD's class centroids when none are given."""
         return self.loads_teacher or self.needs_app

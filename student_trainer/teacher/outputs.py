@@ -7,11 +7,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from teacher_service.contract.answer_codec import decode_rows
+
 
 @dataclass(frozen=True)
 class TeacherOutputs:
-    """A batch's teacher embeddings (L2-normalised fp16 numpy, one row per sample, in batch order),
-    the teacher's exponentiated logit scale, its SigLIP bias (None for CLIP) and its fingerprint."""
+    """A batch's teacher embeddings (L2-normalised numpy, one row per sample, in batch order: float16
+    from fp16 answers, float32 decoded from bf16 and int8 ones), the teacher's exponentiated logit
+    scale, its SigLIP bias (None for CLIP) and its fingerprint."""
 
     image_features: np.ndarray | None
     text_features: np.ndarray | None
@@ -27,8 +30,8 @@ class TeacherOutputs:
 
     @classmethod
     def from_response(cls, resp) -> TeacherOutputs:
-        """From an `EmbedResponse` of the pool, an inline engine or a gRPC reply."""
-        return cls(resp.image_features, resp.text_features, float(resp.logit_scale),
+        """From an `EmbedResponse` of the pool, an inline engine or a gRPC reply, in any answer dtype."""
+        return cls(decode_rows(resp.image_features), decode_rows(resp.text_features), float(resp.logit_scale),
                    None if resp.logit_bias is None else float(resp.logit_bias), resp.fingerprint,
                    scores=getattr(resp, "scores", None))
 

@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 
 from teacher_service.app import TeacherUnavailableError
+from teacher_service.contract.answer_codec import encode_response
 from teacher_service.contract.protocol import EmbedRequest, EmbedResponse, RequestError
+from teacher_service.scores import teacher_scores
 
 from student_trainer.config import TeacherSourceConfig
 from student_trainer.data.batches import Batch
@@ -76,10 +78,10 @@ class TeacherStats:
         return metrics
 
 
-def make_request(batch: Batch, run: str, view: str = "", weight: float = 1.0, scores: bool = False
-                 ) -> EmbedRequest:
+def make_request(batch: Batch, run: str, view: str = "", weight: float = 1.0, scores: bool = False,
+                 answer_dtype: str | None = None) -> EmbedRequest:
     return EmbedRequest(keys=list(batch.keys), images=batch.images, tokens=batch.tokens, run=run, view=view,
-                        weight=weight, scores=scores)
+                        weight=weight, scores=scores, answer_dtype=answer_dtype)
 
 
 class TeacherSource:
@@ -139,11 +141,11 @@ class InlineTeacher(TeacherSource):
     mode = TeacherMode.INLINE
 
     @classmethod
-    def from_config(cls, cfg: TeacherSourceConfig, run: str, *, device: str | None = None, **_: Any
-                    ) -> InlineTeacher:
-        return cls(cfg, run, device)
+    def from_config(cls, cfg: TeacherSourceConfig, run: str, *, device: str | None = None, scores: bool = False,
+                    **_: Any) -> InlineTeacher:
+        return cls(cfg, run, device, scores)
 
-    def __init__(self, cfg: TeacherSourceConfig, run: str, device: str | None = None) -> None:
+    def __init__(self, cfg: TeacherSourceConfig, run: str, device: str | None = None, scores: bool = False) -> None:
         from teacher_service.serve.engine import TeacherEngine
         from teacher_service.model import load_teacher
 
@@ -154,6 +156,8 @@ class InlineTeacher(TeacherSource):
         self.info = self.engine.teacher.info()
         self.embed_dim = int(self.info["embed_dim"])
         self.run = run
+        self.answer_dtype = cfg.answer_dtype or "fp16"
+        self.scores = scores  # scored here, as a pool would, from the rows before they are encoded
         self.stats = TeacherStats()
 
     def stream(self, batches: Iterable[Batch], view: int | None = None, eager: bool = False
@@ -161,6 +165,9 @@ class InlineTeacher(TeacherSource):
         for batch in batches:
             start = time.perf_counter()
             resp = self.engine.embed(make_request(batch, self.run))
+            if self.scores:
+                resp = replace(resp, scores=teacher_scores(resp.image_features, resp.text_features, resp.logit_scale))
+            resp = encode_response(resp, self.answer_dtype)
             self.stats.wait_s += time.perf_counter() - start
             self.stats.requests += 1
             self.stats.samples += len(batch.keys)
@@ -194,6 +201,7 @@ class RemoteTeacher(TeacherSource):
         self.cfg = cfg
         self.run = run
         self.scores = scores
+        self.answer_dtype = cfg.answer_dtype  # None: the pool's default; hybrid sets its cache's
         self.view_namespace = view_namespace if cfg.coalesce else ""
         self.handle = get_teacher_handle(cfg.app_name, timeout_s=cfg.timeout_s)
         self.info = self._call(lambda: self.handle.info.remote(), "info")
@@ -310,13 +318,13 @@ class RemoteTeacher(TeacherSource):
     def request_for(self, batch: Batch, view_id: str = "", scores: bool = False) -> EmbedRequest:
         """The batch's request: by reference where `send_pixels` and the teacher allow, else pixels."""
         if not self._by_reference(batch):
-            return make_request(batch, self.run, view_id, self.cfg.weight, scores)
+            return make_request(batch, self.run, view_id, self.cfg.weight, scores, self.answer_dtype)
         from teacher_service.contract.augment import image_refs
 
         origin = batch.origin
         refs = image_refs(batch.images, [os.path.abspath(p) for p in origin.shards], origin.view, origin.recipe)
         return EmbedRequest(keys=list(batch.keys), tokens=batch.tokens, run=self.run, view=view_id,
-                            weight=self.cfg.weight, image_refs=refs, scores=scores)
+                            weight=self.cfg.weight, image_refs=refs, scores=scores, answer_dtype=self.answer_dtype)
 
     def _by_reference(self, batch: Batch) -> bool:
         mode = self.cfg.send_pixels
@@ -352,7 +360,8 @@ class RemoteTeacher(TeacherSource):
                 raise
             log.warning("teacher refused a request by reference, sending pixels from now on: %s", exc)
             self._refs_refused = True
-            pixels = make_request(batch, self.run, request.view, self.cfg.weight, request.scores)
+            pixels = make_request(batch, self.run, request.view, self.cfg.weight, request.scores,
+                                  request.answer_dtype)
             return self._call(lambda: self.handle.embed.remote(pixels), "embed")
         if request.image_refs is not None:
             self.stats.samples_by_reference += len(batch)
@@ -515,8 +524,11 @@ class _CacheSource(TeacherSource):
 
     def _outputs(self, plan: _Plan, missed: TeacherOutputs | None = None) -> TeacherOutputs:
         n, dim = len(plan.batch), self.cache.embed_dim
-        image = np.empty((n, dim), np.float16)
-        text = np.empty((n, dim), np.float16)
+        parts = [plan.hits["image_emb"]] if plan.hit_rows.size else []
+        parts += [missed.image_features] if plan.miss_rows.size else []
+        floats = np.result_type(*parts) if parts else np.float16  # fp16 rows stay float16, decoded ones float32
+        image = np.empty((n, dim), floats)
+        text = np.empty((n, dim), floats)
         if plan.hit_rows.size:
             image[plan.hit_rows] = plan.hits["image_emb"]
             text[plan.hit_rows] = plan.hits["text_emb"]
@@ -613,7 +625,9 @@ class HybridTeacher(_CacheSource):
         self.remote = RemoteTeacher(cfg, run, view_namespace, scores)
         self.info = self.remote.info
         self.embed_dim = self.remote.embed_dim
-        self.cache = EmbeddingCache.open(cfg.cache_path, teacher_info=self.info, recipe=recipe, create=True)
+        self.cache = EmbeddingCache.open(cfg.cache_path, teacher_info=self.info, recipe=recipe, create=True,
+                                         answer_dtype=cfg.answer_dtype, start_dtype=self.info.get("answer_dtype"))
+        self.remote.answer_dtype = self.cache.answer_dtype  # misses are asked, kept and appended in it
         self.appender = CacheAppender(self.cache.path, self.cache.meta, run=run,
                                       rank=int(os.environ.get("RANK", "0") or 0))
         self.stats = self.remote.stats

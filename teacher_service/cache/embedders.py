@@ -33,8 +33,9 @@ class LocalEmbedder:
     def embed(self, images: Optional[np.ndarray] = None, tokens: Optional[np.ndarray] = None):
         n = len(images) if images is not None else len(tokens)
         start = time.perf_counter()
+        # fp16 whatever the pool's default: the rows are encoded once, in the cache's dtype, by its writer
         resp = self._call(EmbedRequest(keys=[str(i) for i in range(n)], images=images, tokens=tokens,
-                                       run="precompute"))
+                                       run="precompute", answer_dtype="fp16"))
         self.teacher_s += time.perf_counter() - start
         return resp
 

@@ -33,6 +33,7 @@ from teacher_service.cache.store import (
     make_meta,
     read_meta,
     rows_table,
+    stored_answer_dtype,
     teacher_dir,
     write_centroids,
     write_table_atomic,
@@ -148,6 +149,7 @@ def shard_output(out: str, shard: str) -> str:
 class PrecomputeSummary:
     out: str
     fingerprint: str
+    answer_dtype: str  # the dtype the rows are stored in
     computed: list[str] = field(default_factory=list)  # shard paths embedded by this call
     skipped: list[str] = field(default_factory=list)  # already complete: left untouched
     recomputed: list[str] = field(default_factory=list)  # corrupt / incomplete outputs replaced
@@ -161,8 +163,8 @@ class PrecomputeSummary:
         return dataclasses.asdict(self)
 
 
-def _existing_state(path: str, info: dict, recipe: dict, views: int) -> str:
-    """"done", "missing" or "redo" for an output file; a file of another teacher/recipe raises.
+def _existing_state(path: str, info: dict, recipe: dict, views: int, answer_dtype: str) -> str:
+    """"done", "missing" or "redo" for an output file; a file of another teacher/recipe/dtype raises.
 
     A file is written whole (temp file, then rename) once its shard is read to the end, so a file
     that opens, matches and holds ``samples x views`` rows as its metadata says is complete."""
@@ -174,7 +176,7 @@ def _existing_state(path: str, info: dict, recipe: dict, views: int) -> str:
         log.warning("%s; recomputing it", exc)
         return "redo"
     check_compatible(meta, path=path, fingerprint=info["fingerprint"], preprocess=info.get("preprocess"),
-                     recipe=recipe, expected_from="this precompute's teacher")
+                     recipe=recipe, expected_from="this precompute's teacher", answer_dtype=answer_dtype)
     try:
         import pyarrow.parquet as pq
 
@@ -190,7 +192,7 @@ def precompute(shards: list[str], out: str, *, views: int, teacher: Optional[Tea
                app_name: Optional[str] = None, image_size: int = 32, seed: int = 0,
                tokenizer: Optional[str] = None, context_length: Optional[int] = None,
                batch_size: int = 64, concurrency: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
-               progress: bool = True) -> PrecomputeSummary:
+               answer_dtype: Optional[str] = None, progress: bool = True) -> PrecomputeSummary:
     """Embed views ``0..views-1`` of every usable sample of ``shards`` into the cache ``out``; resumable.
 
     The rows go to the teacher's own directory of ``out`` (:func:`teacher_dir`), so several teachers
@@ -200,6 +202,7 @@ def precompute(shards: list[str], out: str, *, views: int, teacher: Optional[Tea
     ``v`` is what epoch ``v`` trains on). Finished shard files are skipped; files of another
     teacher or recipe are refused (CacheMismatchError); corrupt or incomplete ones are redone.
     Bad samples are skipped and counted by reason (``summary.samples_skipped``), as training skips them.
+    Rows are stored in ``answer_dtype`` (:func:`rows_answer_dtype` says which when None).
     """
     import ray
 
@@ -220,11 +223,12 @@ def precompute(shards: list[str], out: str, *, views: int, teacher: Optional[Tea
     recipe = view_recipe(image_size, seed, train=True, tokenizer=tokenizer or info["model"],
                          context_length=int(context_length or info["context_length"]))
     rows_dir = teacher_dir(make_private_dir(out), info["fingerprint"], create=True)  # this teacher's rows
+    answer_dtype = rows_answer_dtype(rows_dir, answer_dtype, teacher, info)
     outputs = {s: shard_output(rows_dir, s) for s in shards}
-    summary = PrecomputeSummary(out=rows_dir, fingerprint=info["fingerprint"])
+    summary = PrecomputeSummary(out=rows_dir, fingerprint=info["fingerprint"], answer_dtype=answer_dtype)
     todo = []
     for shard in shards:
-        state = _existing_state(outputs[shard], info, recipe, views)
+        state = _existing_state(outputs[shard], info, recipe, views, answer_dtype)
         if state == "done":
             summary.skipped.append(shard)
         else:
@@ -233,7 +237,7 @@ def precompute(shards: list[str], out: str, *, views: int, teacher: Optional[Tea
                 summary.recomputed.append(shard)
     if todo:
         base_meta = {s: make_meta(info, recipe, kind="shard", source=s, views=views, teacher_config=teacher_dict,
-                                  app_name=app_name) for s in todo}
+                                  app_name=app_name, answer_dtype=answer_dtype) for s in todo}
         udf_args = {"teacher": teacher_dict, "app_name": app_name, "recipe": recipe, "views": views,
                     "fingerprint": info["fingerprint"], "batch_size": batch_size}
         for done in _embedded_shards(todo, udf_args, concurrency=concurrency, resources=resources, progress=progress):
@@ -249,6 +253,18 @@ def precompute(shards: list[str], out: str, *, views: int, teacher: Optional[Tea
     summary.computed.sort(key=shards.index)  # shards finish in any order; report them in the order given
     summary.wall_s = time.perf_counter() - start
     return summary
+
+
+def rows_answer_dtype(rows_dir: str, asked: Optional[str], teacher: Optional[TeacherConfig], info: dict) -> str:
+    """The dtype a precompute stores rows in: the dtype of the rows the teacher already has in
+    ``rows_dir`` (one cache, one dtype: asking for another is refused), else ``asked``, else the
+    teacher config's ``serving.answer_dtype``, else the app's (``info``), else fp16."""
+    stored = stored_answer_dtype(rows_dir)
+    if stored and asked and asked != stored:
+        raise CacheMismatchError(f"embedding cache {rows_dir} stores this teacher's rows in {stored}; "
+                                 f"--answer-dtype {asked} would mix dtypes in one cache. Precompute {asked} rows "
+                                 f"into another --out, or leave --answer-dtype out (or give {stored})")
+    return stored or asked or (teacher.serving.answer_dtype if teacher else info.get("answer_dtype", "fp16"))
 
 
 def _first_clash(outputs: dict[str, str]) -> Optional[tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""The teacher embedding cache: Parquet files of ``(key, view) → fp16 embeddings``, one set per teacher.
+"""The teacher embedding cache: Parquet files of ``(key, view) → embeddings``, one set per teacher.
 
 A cache root holds any number of teachers side by side, one directory per teacher fingerprint::
 
@@ -13,12 +13,18 @@ appended to and compacted in place, and refuses any other teacher. :func:`teache
 teacher) to the directory of that teacher's rows; every reader and writer goes through it.
 
 Every row file holds rows ``(key, view, image_emb, text_emb, image_digest, text_digest)``: the
-embeddings are ``fixed_size_list<float16>[D]`` columns, the digests are 64-bit hashes of the exact
-uint8 view and fitted token row the teacher embedded, so a reader can prove that a cached row
-belongs to the pixels a student holds now. The Parquet file metadata (key ``kd_cache``) holds the
-teacher fingerprint, its info (preprocessing, context length, logit scale), the dtype and the view
-recipe; a teacher's directory holds that teacher only, so the effective key is ``(fingerprint,
-key, view)``.
+embeddings are columns in the cache's answer dtype (`answer_codec`): ``fixed_size_list<float16>[D]``
+(fp16, the default and the only dtype before there were others), or each row's raw little-endian
+bytes in a ``fixed_size_binary`` column: uint16 bfloat16 bit patterns (bf16, 2D bytes) or int8
+values with a float32 scale per row in ``image_scale`` / ``text_scale`` (int8, D bytes). Parquet
+has no 8- or 16-bit integer type: int8 and uint16 lists would be stored as 4-byte INT32, twice
+an fp16 row;
+the digests are 64-bit hashes of the exact uint8 view and fitted token row the teacher embedded, so
+a reader can prove that a cached row belongs to the pixels a student holds now. The Parquet file
+metadata (key ``kd_cache``) holds the teacher fingerprint, its info (preprocessing, context length,
+logit scale), the dtype (``float16``, ``bfloat16`` or ``int8``) and the view recipe; a teacher's
+directory holds that teacher only, in one dtype, so the effective key is ``(fingerprint, key, view)``.
+Readers decode any dtype: fp16 rows come back as the float16 arrays they always did, others as float32.
 
 File kinds are told apart by name: shard files from ``kd precompute``, ``append-*`` files (unique
 per writer, so concurrent appenders never touch the same file), ``compacted-*`` from
@@ -48,13 +54,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from teacher_service.atomic_files import TMP_MARK, atomic_path
+from teacher_service.contract.answer_codec import DEFAULT_ANSWER_DTYPE, EncodedRows, check_answer_dtype, encode_rows
 from teacher_service.private_files import make_private, make_private_dir
 from teacher_service.contract.augment import recipe_differences
 
 FORMAT = "kd-embedding-cache"
 FORMAT_VERSION = 1
 META_KEY = b"kd_cache"
-DTYPE = "float16"
+# the answer dtype of a file's rows → the name its metadata records (fp16 files record what they always did)
+STORED_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
+_RAW_DTYPES = {"bf16": np.dtype("<u2"), "int8": np.dtype(np.int8)}  # rows stored as raw little-endian bytes
+SCALE_COLUMNS = {"image_emb": "image_scale", "text_emb": "text_scale"}  # int8 rows: a float32 scale per row
 CENTROIDS_FILE = "centroids.parquet"
 APPEND_PREFIX = "append-"
 COMPACTED_PREFIX = "compacted-"
@@ -94,14 +104,18 @@ class CacheAmbiguousError(CacheError, ValueError):
 
 def make_meta(teacher_info: dict, recipe: dict, *, kind: str, source: Optional[str] = None,
               views: Optional[int] = None, teacher_config: Optional[dict] = None,
-              app_name: Optional[str] = None, writer: Optional[dict] = None) -> dict:
-    """The ``kd_cache`` metadata of one file: who computed it, from what, with which recipe."""
+              app_name: Optional[str] = None, writer: Optional[dict] = None,
+              answer_dtype: str = DEFAULT_ANSWER_DTYPE) -> dict:
+    """The ``kd_cache`` metadata of one file: who computed it, from what, with which recipe, and the
+    dtype its rows are stored in (``answer_dtype``)."""
     teacher = {k: teacher_info.get(k) for k in TEACHER_INFO_FIELDS}
     if not teacher["fingerprint"] or not teacher["embed_dim"]:
         raise ValueError(f"teacher_info needs 'fingerprint' and 'embed_dim', got {sorted(teacher_info)}")
+    check_answer_dtype(answer_dtype)
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
-        "fingerprint": teacher["fingerprint"], "embed_dim": int(teacher["embed_dim"]), "dtype": DTYPE,
+        "fingerprint": teacher["fingerprint"], "embed_dim": int(teacher["embed_dim"]),
+        "dtype": STORED_DTYPES[answer_dtype],
         "teacher": teacher, "recipe": dict(recipe), "source": source, "views": views,
         "teacher_config": teacher_config, "app_name": app_name,
         "writer": {"host": socket.gethostname(), "pid": os.getpid(), **(writer or {})},
@@ -109,11 +123,26 @@ def make_meta(teacher_info: dict, recipe: dict, *, kind: str, source: Optional[s
     }
 
 
+def answer_dtype_of(meta: dict, path: str = "embedding cache file") -> str:
+    """The answer dtype (fp16, bf16, int8) of the rows a file's metadata describes."""
+    for name, stored in STORED_DTYPES.items():
+        if meta.get("dtype") == stored:
+            return name
+    raise CacheCorruptError(f"{path}: rows stored as {meta.get('dtype')!r}, expected one of "
+                            f"{sorted(STORED_DTYPES.values())}")
+
+
 def check_compatible(meta: dict, *, path: str, fingerprint: Optional[str] = None,
                      preprocess: Optional[dict] = None, recipe: Optional[dict] = None,
-                     expected_from: str = "the teacher") -> None:
+                     expected_from: str = "the teacher", answer_dtype: Optional[str] = None) -> None:
     """Raise CacheMismatchError when ``meta`` (of file ``path``) differs from the expectations given."""
     cached = meta.get("fingerprint")
+    if answer_dtype is not None and answer_dtype_of(meta, path) != answer_dtype:
+        raise CacheMismatchError(
+            f"embedding cache file {path} stores its rows in {answer_dtype_of(meta, path)}, but {expected_from} "
+            f"writes {answer_dtype}: a teacher's rows in one cache share one dtype. Use another cache "
+            f"directory for {answer_dtype} rows, or ask for {answer_dtype_of(meta, path)} (--answer-dtype, "
+            "teacher.answer_dtype)")
     if fingerprint is not None and cached != fingerprint:
         raise CacheMismatchError(
             f"embedding cache file {path} was computed by teacher fingerprint {cached!r}, but "
@@ -162,36 +191,68 @@ def read_meta(path: str) -> dict:
 # row files
 
 
+def embedding_columns(answer_dtype: str) -> tuple[str, ...]:
+    """The columns that hold a file's embeddings: the two vectors, and their scales for int8."""
+    return ("image_emb", "text_emb") + (tuple(SCALE_COLUMNS.values()) if answer_dtype == "int8" else ())
+
+
+def vector_type(answer_dtype: str, embed_dim: int) -> pa.DataType:
+    """The Arrow type of an embedding column: float16 lists for fp16, a row's raw bytes otherwise."""
+    if answer_dtype == DEFAULT_ANSWER_DTYPE:
+        return pa.list_(pa.float16(), int(embed_dim))
+    return pa.binary(int(embed_dim) * _RAW_DTYPES[answer_dtype].itemsize)
+
+
 def row_schema(embed_dim: int, meta: dict) -> pa.Schema:
-    vector = pa.list_(pa.float16(), int(embed_dim))
+    dtype = answer_dtype_of(meta)
+    vector = vector_type(dtype, embed_dim)
+    scales = [pa.field(c, pa.float32(), nullable=False) for c in SCALE_COLUMNS.values()] if dtype == "int8" else []
     return pa.schema([pa.field("key", pa.string(), nullable=False),
                       pa.field("view", pa.int32(), nullable=False),
                       pa.field("image_emb", vector, nullable=False),
                       pa.field("text_emb", vector, nullable=False),
                       pa.field("image_digest", pa.uint64(), nullable=False),
-                      pa.field("text_digest", pa.uint64(), nullable=False)],
+                      pa.field("text_digest", pa.uint64(), nullable=False), *scales],
                      metadata={META_KEY: json.dumps(meta, sort_keys=True).encode()})
 
 
-def _vectors(values: np.ndarray, dim: int, name: str) -> pa.FixedSizeListArray:
-    values = np.ascontiguousarray(values, dtype=np.float16)
-    if values.ndim != 2 or values.shape[1] != dim:
-        raise ValueError(f"{name}: expected [n, {dim}] embeddings, got shape {values.shape}")
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=pa.float16()), dim)
+def encoded(rows: np.ndarray | EncodedRows, answer_dtype: str) -> EncodedRows:
+    """``rows`` in ``answer_dtype``: EncodedRows already in it as they are, others (arrays, rows in
+    another dtype) encoded from their values."""
+    if isinstance(rows, EncodedRows):
+        if rows.dtype == answer_dtype:
+            return rows
+        rows = rows.decode()
+    return encode_rows(np.asarray(rows), answer_dtype)
 
 
-def rows_table(meta: dict, keys: list[str], views, image_emb: np.ndarray, text_emb: np.ndarray,
-               image_digest, text_digest) -> pa.Table:
-    """A row table in the cache schema, sorted by (key, view) so files are deterministic."""
+def _vectors(rows: np.ndarray | EncodedRows, dim: int, name: str, answer_dtype: str) -> list[pa.Array]:
+    """The column of ``rows`` in ``answer_dtype``, and for int8 its scale column."""
+    rows = encoded(rows, answer_dtype)
+    if rows.dim != dim:
+        raise ValueError(f"{name}: expected [n, {dim}] embeddings, got shape {rows.values.shape}")
+    if answer_dtype == DEFAULT_ANSWER_DTYPE:
+        column = pa.FixedSizeListArray.from_arrays(pa.array(rows.values.reshape(-1), type=pa.float16()), dim)
+    else:
+        raw = np.ascontiguousarray(rows.values, dtype=_RAW_DTYPES[answer_dtype])
+        column = pa.Array.from_buffers(vector_type(answer_dtype, dim), len(raw), [None, pa.py_buffer(raw.tobytes())])
+    return [column] if rows.scales is None else [column, pa.array(rows.scales, type=pa.float32())]
+
+
+def rows_table(meta: dict, keys: list[str], views, image_emb: np.ndarray | EncodedRows,
+               text_emb: np.ndarray | EncodedRows, image_digest, text_digest) -> pa.Table:
+    """A row table in the cache schema, embeddings in ``meta``'s dtype (encoded here from float rows,
+    or re-encoded from rows in another dtype), sorted by (key, view) so files are deterministic."""
     dim = int(meta["embed_dim"])
+    dtype = answer_dtype_of(meta)
     n = len(keys)
     views = np.asarray(views, dtype=np.int32).reshape(-1)
     if views.size == 1 and n != 1:
         views = np.full(n, int(views[0]), dtype=np.int32)
-    columns = [pa.array(list(keys), type=pa.string()), pa.array(views, type=pa.int32()),
-               _vectors(image_emb, dim, "image_emb"), _vectors(text_emb, dim, "text_emb"),
+    image, text = _vectors(image_emb, dim, "image_emb", dtype), _vectors(text_emb, dim, "text_emb", dtype)
+    columns = [pa.array(list(keys), type=pa.string()), pa.array(views, type=pa.int32()), image[0], text[0],
                pa.array(np.asarray(image_digest, dtype=np.uint64)),
-               pa.array(np.asarray(text_digest, dtype=np.uint64))]
+               pa.array(np.asarray(text_digest, dtype=np.uint64)), *image[1:], *text[1:]]
     lengths = {len(c) for c in columns}
     if lengths != {n}:
         raise ValueError(f"rows_table: columns of unequal length {sorted(lengths)} for {n} keys")
@@ -230,24 +291,39 @@ def read_rows(path: str, columns: Optional[Iterable[str]] = None) -> tuple[pa.Ta
         raise
     except (OSError, pa.ArrowException) as exc:
         raise CacheCorruptError(f"embedding cache file {path} is truncated or corrupt: {exc}") from exc
-    missing = [c for c in (columns or ROW_COLUMNS) if c not in table.column_names]
+    dtype = answer_dtype_of(meta, path)
+    missing = [c for c in (columns or ROW_COLUMNS + embedding_columns(dtype)[2:]) if c not in table.column_names]
     if missing:
         raise CacheCorruptError(f"embedding cache file {path} lacks columns {missing}")
     for name in ("image_emb", "text_emb"):
         if name in table.column_names:
             kind = table.schema.field(name).type
-            if not pa.types.is_fixed_size_list(kind) or kind.list_size != meta["embed_dim"] \
-                    or kind.value_type != pa.float16():
+            if kind != vector_type(dtype, meta["embed_dim"]):
                 raise CacheCorruptError(f"embedding cache file {path}: column {name} is {kind}, expected "
-                                        f"fixed_size_list<halffloat>[{meta['embed_dim']}]")
+                                        f"{vector_type(dtype, meta['embed_dim'])} ({dtype} rows)")
     return table, meta
 
 
-def column_matrix(table: pa.Table, name: str) -> np.ndarray:
-    """A ``fixed_size_list<float16>[D]`` column as a float16 ``[n, D]`` array."""
+def column_rows(table: pa.Table, name: str) -> EncodedRows:
+    """A ``fixed_size_list<T>[D]`` column (``name``: image_emb or text_emb) of a row table (read
+    from a file, or made by :func:`rows_table`) as EncodedRows ``[n, D]`` in the table's dtype, with
+    its scales for int8."""
+    dtype = answer_dtype_of(_meta_of_schema(table.schema, "row table"))
     column = table.column(name).combine_chunks()
-    dim = column.type.list_size
-    return column.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+    if dtype == DEFAULT_ANSWER_DTYPE:
+        values = column.values.to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)
+    else:
+        width = column.type.byte_width
+        raw = np.frombuffer(column.buffers()[1], np.uint8)[column.offset * width:(column.offset + len(column)) * width]
+        values = raw.view(_RAW_DTYPES[dtype]).astype(EncodedRows.stored_dtype(dtype)).reshape(len(column), -1)
+    scales = table.column(SCALE_COLUMNS[name]).to_numpy() if dtype == "int8" else None
+    return EncodedRows(dtype, values, scales)
+
+
+def column_matrix(table: pa.Table, name: str) -> np.ndarray:
+    """The embeddings of a column as an array ``[n, D]``: float16 as stored from an fp16 table,
+    float32 decoded from bf16 and int8 ones."""
+    return _decoded(column_rows(table, name))
 
 
 def row_files(path: str) -> list[str]:
@@ -275,6 +351,17 @@ def _own_meta(path: str) -> Optional[dict]:
         try:
             return read_meta(f)
         except (FileNotFoundError, CacheCorruptError):  # compacted away meanwhile, no centroids, or corrupt
+            continue
+    return None
+
+
+def stored_answer_dtype(path: str) -> Optional[str]:
+    """The dtype of the rows in the teacher directory ``path`` (its first readable row file); None
+    when it has none yet."""
+    for f in row_files(path):
+        try:
+            return answer_dtype_of(read_meta(f), f)
+        except (FileNotFoundError, CacheCorruptError):  # compacted away meanwhile, or corrupt (redone)
             continue
     return None
 
@@ -345,13 +432,14 @@ def teacher_dir(root: str, teacher: Optional[str] = None, *, create: bool = Fals
 
 @dataclass
 class _Segment:
-    """One row file (or in-memory rows): digests always loaded, embeddings loaded on first use."""
+    """One row file (or in-memory rows): digests always loaded, embeddings loaded on first use and
+    kept encoded (an int8 cache holds about half an fp16 one's bytes in memory too)."""
 
     path: Optional[str]
     image_digest: np.ndarray
     text_digest: np.ndarray
-    image_emb: Optional[np.ndarray] = None
-    text_emb: Optional[np.ndarray] = None
+    image_emb: Optional[EncodedRows] = None
+    text_emb: Optional[EncodedRows] = None
     row_cost_s: Optional[float] = None  # teacher seconds per row, where the file records them (`row_cost_s`)
 
 
@@ -380,12 +468,16 @@ class EmbeddingCache:
     # -- opening ------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str, *, teacher_info: Optional[dict] = None, recipe: Optional[dict] = None,
-             create: bool = False, teacher: Optional[str] = None) -> "EmbeddingCache":
+             create: bool = False, teacher: Optional[str] = None, answer_dtype: Optional[str] = None,
+             start_dtype: Optional[str] = None) -> "EmbeddingCache":
         """Open (or with ``create`` start) one teacher's rows in the cache ``path``, checked against
         ``teacher_info`` (fingerprint, preprocess: the live teacher) and ``recipe`` (the reader's views).
 
         Which teacher of a root holding several: ``teacher`` (a fingerprint or model name), else
-        ``teacher_info``'s fingerprint, else the root's only one (:func:`teacher_dir`)."""
+        ``teacher_info``'s fingerprint, else the root's only one (:func:`teacher_dir`).
+        ``answer_dtype``: the dtype the rows must be in (a cache with rows in another is refused,
+        CacheMismatchError) and a new cache stores them in; None: whatever they are stored in, and
+        for a new cache ``start_dtype`` (default fp16)."""
         path = teacher_dir(path, teacher or (teacher_info or {}).get("fingerprint"), create=create)
         if not os.path.isdir(path):
             if not create:
@@ -397,15 +489,16 @@ class EmbeddingCache:
         if not files and teacher_info is None:
             raise ValueError(f"embedding cache {path} is empty and no teacher_info was given to start it")
         expect = {"fingerprint": (teacher_info or {}).get("fingerprint"),
-                  "preprocess": (teacher_info or {}).get("preprocess"), "recipe": recipe}
+                  "preprocess": (teacher_info or {}).get("preprocess"), "recipe": recipe, "answer_dtype": answer_dtype}
         first = cls._first_meta(files)
         if first is not None:
             check_compatible(first[1], path=first[0], **expect)
         base_recipe = recipe or (first[1]["recipe"] if first else {})
-        meta = first[1] if first else make_meta(teacher_info, base_recipe, kind="append")
+        meta = first[1] if first else make_meta(teacher_info, base_recipe, kind="append",
+                                                answer_dtype=answer_dtype or start_dtype or DEFAULT_ANSWER_DTYPE)
         cache = cls(path, {**meta, "recipe": {**meta.get("recipe", {}), **(recipe or {})}})
         cache._expect = {"fingerprint": meta["fingerprint"], "preprocess": meta["teacher"].get("preprocess"),
-                         "recipe": recipe or meta.get("recipe")}
+                         "recipe": recipe or meta.get("recipe"), "answer_dtype": answer_dtype_of(meta, path)}
         cache.refresh()
         return cache
 
@@ -483,6 +576,11 @@ class EmbeddingCache:
         return dict(self.meta.get("recipe") or {})
 
     @property
+    def answer_dtype(self) -> str:
+        """The dtype the rows are stored in (fp16, bf16, int8): every file of one cache shares it."""
+        return answer_dtype_of(self.meta, self.path)
+
+    @property
     def teacher_info(self) -> dict:
         """The teacher's info as a Serve app would give it (fingerprint, embed_dim, scales, ...)."""
         return {**self.meta["teacher"], "source": "cache", "cache_path": self.path}
@@ -511,10 +609,12 @@ class EmbeddingCache:
         return [self.index.get((k, view)) for k in keys]
 
     def fetch(self, locs: list[tuple[int, int]]) -> dict[str, np.ndarray]:
-        """Rows at ``locs``: image_emb / text_emb float16 ``[n, D]`` and both uint64 digests."""
+        """Rows at ``locs``: image_emb / text_emb ``[n, D]`` (float16 from an fp16 cache, as stored;
+        float32 decoded from bf16 and int8) and both uint64 digests."""
         n = len(locs)
-        out = {"image_emb": np.empty((n, self.embed_dim), np.float16),
-               "text_emb": np.empty((n, self.embed_dim), np.float16),
+        floats = np.float16 if self.answer_dtype == DEFAULT_ANSWER_DTYPE else np.float32
+        out = {"image_emb": np.empty((n, self.embed_dim), floats),
+               "text_emb": np.empty((n, self.embed_dim), floats),
                "image_digest": np.empty(n, np.uint64), "text_digest": np.empty(n, np.uint64)}
         by_segment: dict[int, list[int]] = {}
         for i, (seg, _) in enumerate(locs):
@@ -522,8 +622,8 @@ class EmbeddingCache:
         for seg, positions in by_segment.items():
             segment = self._loaded(seg)
             rows = np.fromiter((locs[i][1] for i in positions), dtype=np.int64, count=len(positions))
-            out["image_emb"][positions] = segment.image_emb[rows]
-            out["text_emb"][positions] = segment.text_emb[rows]
+            out["image_emb"][positions] = _decoded(segment.image_emb.take(rows))
+            out["text_emb"][positions] = _decoded(segment.text_emb.take(rows))
             out["image_digest"][positions] = segment.image_digest[rows]
             out["text_digest"][positions] = segment.text_digest[rows]
         return out
@@ -534,18 +634,19 @@ class EmbeddingCache:
             with self._lock:
                 if segment.image_emb is None:
                     try:
-                        table, _ = read_rows(segment.path, ("image_emb", "text_emb"))
+                        table, _ = read_rows(segment.path, embedding_columns(self.answer_dtype))
                     except FileNotFoundError as exc:
                         raise CacheError(f"embedding cache file {segment.path} vanished after it was indexed "
                                          f"(compacted while this process read the cache?): reopen the cache"
                                          ) from exc
-                    segment.text_emb = column_matrix(table, "text_emb")
-                    segment.image_emb = column_matrix(table, "image_emb")
+                    segment.text_emb = column_rows(table, "text_emb")
+                    segment.image_emb = column_rows(table, "image_emb")
         return segment
 
     def add(self, keys: list[str], view: int, image_emb: np.ndarray, text_emb: np.ndarray,
             image_digest: np.ndarray, text_digest: np.ndarray) -> list[bool]:
-        """Index rows this process computed (not yet on disk); returns which were new."""
+        """Index rows this process computed (not yet on disk), kept in the cache's dtype as an
+        appender writes them; returns which were new."""
         seen: set[str] = set()
         fresh = []
         for k in keys:  # new to the index, and the first of its kind within this call
@@ -558,9 +659,14 @@ class EmbeddingCache:
                           "view": pa.array(np.full(sel.size, int(view), np.int32)),
                           "image_digest": pa.array(np.asarray(image_digest, np.uint64)[sel]),
                           "text_digest": pa.array(np.asarray(text_digest, np.uint64)[sel])})
-        self._index_table(table, None, np.asarray(image_emb, np.float16)[sel].copy(),
-                          np.asarray(text_emb, np.float16)[sel].copy())
+        self._index_table(table, None, encoded(np.asarray(image_emb)[sel], self.answer_dtype),
+                          encoded(np.asarray(text_emb)[sel], self.answer_dtype))
         return fresh
+
+
+def _decoded(rows: EncodedRows) -> np.ndarray:
+    """fp16 rows as the float16 they are stored in; others decoded to float32."""
+    return rows.values if rows.dtype == DEFAULT_ANSWER_DTYPE else rows.decode()
 
 # ---------------------------------------------------------------------------------------------
 # writers
@@ -663,8 +769,8 @@ def _compact_locked(path: str) -> CompactionReport:
     if not merge:
         return CompactionReport([], 0, 0, None)
     base = EmbeddingCache(path, read_meta(files[0]))
-    base._expect = {"fingerprint": base.meta["fingerprint"],
-                    "preprocess": base.meta["teacher"].get("preprocess"), "recipe": base.meta.get("recipe")}
+    base._expect = {"fingerprint": base.meta["fingerprint"], "preprocess": base.meta["teacher"].get("preprocess"),
+                    "recipe": base.meta.get("recipe"), "answer_dtype": base.answer_dtype}
     for f in files:
         if f in merge:
             continue
@@ -683,20 +789,24 @@ def _compact_locked(path: str) -> CompactionReport:
             sub = table.take(pa.array(rows))
             keys.extend(sub.column("key").to_pylist())
             parts["view"].append(sub.column("view").to_numpy())
-            parts["image_emb"].append(column_matrix(sub, "image_emb"))
-            parts["text_emb"].append(column_matrix(sub, "text_emb"))
+            parts["image_emb"].append(column_rows(sub, "image_emb"))
+            parts["text_emb"].append(column_rows(sub, "text_emb"))
             parts["image_digest"].append(sub.column("image_digest").to_numpy())
             parts["text_digest"].append(sub.column("text_digest").to_numpy())
     out_path = None
     if keys:
         meta = {**base.meta, "kind": "compacted", "source": None,
                 "writer": {"host": socket.gethostname(), "pid": os.getpid(), "compacted_from": len(merge)}}
-        table = rows_table(meta, keys, *(np.concatenate(parts[c]) for c in parts))
+        table = rows_table(meta, keys, *(_concat(parts[c]) for c in parts))
         out_path = write_table_atomic(
             table, os.path.join(path, f"{COMPACTED_PREFIX}{uuid.uuid4().hex}.parquet"))
     for f in merge:
         os.unlink(f)
     return CompactionReport(merge, len(keys), rows_in - len(keys), out_path)
+
+
+def _concat(parts: list) -> np.ndarray | EncodedRows:
+    return EncodedRows.concat(parts) if parts and isinstance(parts[0], EncodedRows) else np.concatenate(parts)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from teacher_service.contract.answer_codec import ANSWER_DTYPES, EncodedRows
+
 
 class RequestError(ValueError):
     """A request the teacher refuses; the message names the field and the problem."""
@@ -82,6 +84,11 @@ class EmbedRequest:
 
     `scores`: also answer each sample's score (`teacher_service.scores`: its contrastive loss among
     this request's samples, for data selection); needs images (or references) and tokens.
+
+    `answer_dtype` ("fp16", "bf16", "int8"; None: the pool's `serving.answer_dtype`) is the dtype
+    the features come back in (`answer_codec`). It changes only the encoding of this response:
+    the replica computes, coalesces, scores and remembers full-precision rows whatever callers ask,
+    so `scores` never depend on it.
     """
 
     keys: list[str]
@@ -92,6 +99,7 @@ class EmbedRequest:
     weight: float = 1.0
     image_refs: ImageRefs | None = None
     scores: bool = False
+    answer_dtype: str | None = None
 
     def __len__(self) -> int:
         """Number of samples; never raises, so Serve's batch_size_fn is safe on any request."""
@@ -103,7 +111,8 @@ class EmbedRequest:
 
 @dataclass
 class EmbedResponse:
-    """Features for one request, row i for keys[i]; L2-normalised float16 [b, D] or None.
+    """Features for one request, row i for keys[i], L2-normalised, or None: float16 [b, D] for an fp16
+    answer, `answer_codec.EncodedRows` for bf16 and int8 (`answer_codec.decode_rows` gives arrays).
 
     `compute_s` is the teacher compute this request caused: the seconds of each forward pass it
     was in, pro-rated by its share of that forward's samples. Rows answered from another request's
@@ -116,8 +125,8 @@ class EmbedResponse:
     """
 
     keys: list[str]
-    image_features: np.ndarray | None
-    text_features: np.ndarray | None
+    image_features: np.ndarray | EncodedRows | None
+    text_features: np.ndarray | EncodedRows | None
     logit_scale: float
     logit_bias: float | None
     fingerprint: str
@@ -139,6 +148,9 @@ def validate_request(req, limits: RequestLimits) -> None:
         raise RequestError(f"run: expected str, got {type(req.run).__name__}")
     _check_view(req.view)
     _check_weight(req.weight, limits)
+    if req.answer_dtype is not None and req.answer_dtype not in ANSWER_DTYPES:
+        raise RequestError(f"answer_dtype: expected one of {ANSWER_DTYPES} or None (the pool's default), "
+                           f"got {req.answer_dtype!r}")
     refs = getattr(req, "image_refs", None)
     if req.images is None and req.tokens is None and refs is None:
         raise RequestError("images/tokens: request carries neither images nor tokens")

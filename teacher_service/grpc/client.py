@@ -108,16 +108,19 @@ class TeacherGrpcClient:
             self._metadata += (("authorization", f"Bearer {token}"),)
 
     def embed(self, images: np.ndarray | None = None, tokens: np.ndarray | None = None,
-              keys: Sequence[str] | None = None, view: str = "") -> EmbedResponse:
+              keys: Sequence[str] | None = None, view: str = "", answer_dtype: str | None = None) -> EmbedResponse:
         """Features for one mini-batch: uint8 images [B, H, W, 3] and/or int64 tokens [B, L].
 
-        `keys` default to "0".."B-1". Returns float16 numpy features, row i for keys[i]. A `view`
-        (see `augment.view_identity`) opts into coalescing: the pool answers a sample whose
-        pixels and tokens it computed recently without computing it again.
+        `keys` default to "0".."B-1". Returns features row i for keys[i]: float16 numpy arrays, or
+        with `answer_dtype` "bf16" / "int8" `answer_codec.EncodedRows` (about half the bytes for
+        int8; `answer_codec.decode_rows` gives float32). None asks for fp16 over gRPC, not the
+        pool's default. A `view` (see `augment.view_identity`) opts into coalescing: the pool
+        answers a sample whose pixels and tokens it computed recently without computing it again.
         """
         b = len(images) if images is not None else len(tokens) if tokens is not None else 0
         keys = [str(i) for i in range(b)] if keys is None else list(keys)
-        return self.embed_request(EmbedRequest(keys=keys, images=images, tokens=tokens, view=view))
+        return self.embed_request(EmbedRequest(keys=keys, images=images, tokens=tokens, view=view,
+                                               answer_dtype=answer_dtype))
 
     def embed_request(self, request: EmbedRequest) -> EmbedResponse:
         """`embed` for a ready-made protocol EmbedRequest (its `run` is replaced by the ingress's caller)."""

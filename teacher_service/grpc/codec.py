@@ -19,12 +19,13 @@ import grpc
 import numpy as np
 
 from teacher_service.grpc.proto import teacher_pb2 as pb
+from teacher_service.contract.answer_codec import ANSWER_DTYPES, DEFAULT_ANSWER_DTYPE, EncodedRows
 from teacher_service.contract.protocol import SHA256_BYTES, EmbedRequest, EmbedResponse, ImageRefs, RequestError
 
 SERVICE_NAME = "kd.teacher.v1.TeacherService"
 DEFAULT_GRPC_PORT = 9000
 DEFAULT_MAX_REQUEST_BYTES = 64 * 2**20
-WIRE_DTYPES = ("uint8", "int32", "int64", "float16", "float32")
+WIRE_DTYPES = ("uint8", "int8", "uint16", "int32", "int64", "float16", "float32")
 MAX_DIMS = 8
 MAX_DETAILS_CHARS = 2000  # status details travel in HTTP/2 trailers: keep them short
 REFUSAL_METADATA = "kd-refusal"  # trailing metadata naming why a request was refused (counter kind)
@@ -79,7 +80,7 @@ def tensor_from_proto(tensor: pb.Tensor, field: str, max_dims: int = MAX_DIMS) -
 def encode_embed_request(request: EmbedRequest) -> pb.EmbedRequest:
     """Client side: protocol EmbedRequest → proto (validation is the server's job)."""
     msg = pb.EmbedRequest(keys=list(request.keys), run=request.run or "", view=request.view or "",
-                          weight=float(request.weight))
+                          weight=float(request.weight), answer_dtype=request.answer_dtype or "")
     if request.images is not None:
         msg.images.CopyFrom(tensor_to_proto(request.images))
     if request.tokens is not None:
@@ -114,7 +115,8 @@ def decode_embed_request(msg: pb.EmbedRequest, limits: WireLimits = WireLimits()
     """Server side: proto → protocol EmbedRequest, checking size first (RequestTooLargeError).
 
     Only the wire format is checked here; the content (shapes vs keys, dtypes, token ids) is
-    checked by the same `validate_request` the handle path uses.
+    checked by the same `validate_request` the handle path uses. A request without `answer_dtype`
+    (every client older than the field) is answered in fp16, whatever the pool's default.
     """
     if not isinstance(msg, pb.EmbedRequest):
         raise RequestError(f"request: expected {pb.EmbedRequest.DESCRIPTOR.full_name}, got {type(msg).__name__}")
@@ -126,26 +128,48 @@ def decode_embed_request(msg: pb.EmbedRequest, limits: WireLimits = WireLimits()
     tokens = tensor_from_proto(msg.tokens, "tokens", limits.max_dims) if msg.HasField("tokens") else None
     refs = decode_image_refs(msg.image_refs) if msg.HasField("image_refs") else None
     return EmbedRequest(keys=list(msg.keys), images=images, tokens=tokens, run=msg.run, view=msg.view,
-                        weight=msg.weight if msg.weight != 0 else 1.0, image_refs=refs)
+                        weight=msg.weight if msg.weight != 0 else 1.0, image_refs=refs,
+                        answer_dtype=msg.answer_dtype or DEFAULT_ANSWER_DTYPE)
+
+
+FEATURE_FIELDS = {"image_features": "image_scales", "text_features": "text_scales"}  # features → their int8 scales
 
 
 def encode_embed_reply(response: EmbedResponse) -> pb.EmbedReply:
-    """Server side: the fp16 features go out byte for byte as the handle path returns them."""
+    """Server side: the features go out as the handle path returns them; an fp16 answer byte for byte
+    as before `answer_dtype` existed (the field left empty), bf16 and int8 with the field set."""
     msg = pb.EmbedReply(keys=list(response.keys), logit_scale=float(response.logit_scale),
                         fingerprint=response.fingerprint)
-    if response.image_features is not None:
-        msg.image_features.CopyFrom(tensor_to_proto(response.image_features))
-    if response.text_features is not None:
-        msg.text_features.CopyFrom(tensor_to_proto(response.text_features))
+    for field, scales in FEATURE_FIELDS.items():
+        value = getattr(response, field)
+        if isinstance(value, EncodedRows):
+            msg.answer_dtype = "" if value.dtype == DEFAULT_ANSWER_DTYPE else value.dtype
+            value, scale = value.values, value.scales
+            if scale is not None:
+                getattr(msg, scales).CopyFrom(tensor_to_proto(scale))
+        if value is not None:
+            getattr(msg, field).CopyFrom(tensor_to_proto(value))
     if response.logit_bias is not None:
         msg.logit_bias = float(response.logit_bias)
     return msg
 
 
 def decode_embed_reply(msg: pb.EmbedReply) -> EmbedResponse:
-    """Client side: proto → protocol EmbedResponse (numpy float16 features)."""
-    def features(field: str) -> np.ndarray | None:
-        return tensor_from_proto(getattr(msg, field), field) if msg.HasField(field) else None
+    """Client side: proto → protocol EmbedResponse: float16 features for an fp16 answer,
+    `EncodedRows` for bf16 and int8 (`answer_codec.decode_rows` decodes either)."""
+    dtype = msg.answer_dtype or DEFAULT_ANSWER_DTYPE
+    if dtype not in ANSWER_DTYPES:
+        raise ValueError(f"EmbedReply.answer_dtype: {msg.answer_dtype!r} is not one of {ANSWER_DTYPES}")
+
+    def features(field: str) -> np.ndarray | EncodedRows | None:
+        if not msg.HasField(field):
+            return None
+        values = tensor_from_proto(getattr(msg, field), field)
+        if dtype == DEFAULT_ANSWER_DTYPE:
+            return values
+        scales = FEATURE_FIELDS[field]
+        scale = tensor_from_proto(getattr(msg, scales), scales) if msg.HasField(scales) else None
+        return EncodedRows(dtype, values, scale)
 
     return EmbedResponse(keys=list(msg.keys), image_features=features("image_features"),
                          text_features=features("text_features"), logit_scale=msg.logit_scale,

@@ -34,6 +34,7 @@ from teacher_service.config import ServingConfig, TeacherConfig
 from teacher_service.serve.engine import TeacherEngine
 from teacher_service.serve.references import ViewResolver
 from teacher_service.model import load_teacher
+from teacher_service.contract.answer_codec import encode_response
 from teacher_service.contract.protocol import EmbedRequest, EmbedResponse, RequestError, RequestLimits
 from teacher_service.scores import ScoreMemo, teacher_scores
 from teacher_service.stats import TeacherCounters, gpu_peak_bytes, ray_metrics_sink, rss_bytes
@@ -74,12 +75,14 @@ class TeacherDeployment:
     # ---- the handle API
     async def embed(self, request: EmbedRequest) -> EmbedResponse:
         """Embed one mini-batch (and score its samples when it asks: `EmbedRequest.scores`); a
-        RequestError goes to this caller only."""
+        RequestError goes to this caller only. The features come back in the request's
+        `answer_dtype` (default `serving.answer_dtype`), encoded for this response alone after
+        scoring, so the scores come from the full-precision rows whatever the dtype."""
         return await self._embed(request, self._clock())
 
     async def info(self) -> dict[str, Any]:
         """Teacher identity (fingerprint, sizes, scales) and the limits clients must respect."""
-        return {**self.teacher.info(), "app_name": self.serving.app_name,
+        return {**self.teacher.info(), "app_name": self.serving.app_name, "answer_dtype": self.serving.answer_dtype,
                 "max_batch_size": self.serving.max_batch_size,
                 "max_request_samples": self.serving.max_request_samples,
                 "by_reference": self.views is not None,
@@ -133,7 +136,7 @@ class TeacherDeployment:
         if request.scores:
             result = await self._scored(result, reuse.batch, label)
         self.counters.answered(label, size)
-        return result
+        return encode_response(result, request.answer_dtype or self.serving.answer_dtype)
 
     async def _scored(self, response: EmbedResponse, batch: bytes, label: str) -> EmbedResponse:
         """`response` with each row's score (`teacher_service.scores`) among the request's rows: the

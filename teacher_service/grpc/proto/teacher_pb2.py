@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(teacher_service/grpc/proto/teacher.proto\x12\rkd.teacher.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xc3\x01\n\x0c\x45mbedRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12%\n\x06images\x18\x02 \x01(\x0b\x32\x15.kd.teacher.v1.Tensor\x12%\n\x06tokens\x18\x03 \x01(\x0b\x32\x15.kd.teacher.v1.Tensor\x12\x0b\n\x03run\x18\x04 \x01(\t\x12\x0c\n\x04view\x18\x05 \x01(\t\x12\x0e\n\x06weight\x18\x06 \x01(\x01\x12,\n\nimage_refs\x18\x07 \x01(\x0b\x32\x18.kd.teacher.v1.ImageRefs\"\xb3\x01\n\tImageRefs\x12\x0e\n\x06shards\x18\x01 \x03(\t\x12\x13\n\x0bshard_index\x18\x02 \x03(\x05\x12\r\n\x05views\x18\x03 \x03(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c\x12\x18\n\x10\x61ugment_function\x18\x05 \x01(\t\x12\x17\n\x0f\x61ugment_version\x18\x06 \x01(\t\x12\x12\n\nimage_size\x18\x07 \x01(\x05\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\r\n\x05train\x18\t \x01(\x08\"\xc9\x01\n\nEmbedReply\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12-\n\x0eimage_features\x18\x02 \x01(\x0b\x32\x15.kd.teacher.v1.Tensor\x12,\n\rtext_features\x18\x03 \x01(\x0b\x32\x15.kd.teacher.v1.Tensor\x12\x13\n\x0blogit_scale\x18\x04 \x01(\x01\x12\x17\n\nlogit_bias\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0b\x66ingerprint\x18\x06 \x01(\tB\r\n\x0b_logit_bias\"$\n\x0cStatsRequest\x12\x14\n\x0c\x61ll_replicas\x18\x01 \x01(\x08\"\x81\x01\n\x08RunStats\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x37\n\x08\x63ounters\x18\x02 \x03(\x0b\x32%.kd.teacher.v1.RunStats.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xe6\x01\n\nStatsReply\x12\x10\n\x08\x61pp_name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x39\n\x08\x63ounters\x18\x03 \x03(\x0b\x32\'.kd.teacher.v1.StatsReply.CountersEntry\x12%\n\x04runs\x18\x04 \x03(\x0b\x32\x17.kd.teacher.v1.RunStats\x12\x10\n\x08replicas\x18\x05 \x03(\t\x12\x0c\n\x04json\x18\x06 \x01(\t\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x0f\n\rHealthRequest\"\xda\x01\n\x0bHealthReply\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x10\n\x08\x61pp_name\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x11\n\tembed_dim\x18\x05 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\x05\x12\x1b\n\x13max_request_samples\x18\x07 \x01(\x05\x12\x19\n\x11max_request_bytes\x18\x08 \x01(\x03\x12\x0f\n\x07replica\x18\t \x01(\t\x12\x10\n\x08uptime_s\x18\n \x01(\x01\x32\xd6\x01\n\x0eTeacherService\x12?\n\x05\x45mbed\x12\x1b.kd.teacher.v1.EmbedRequest\x1a\x19.kd.teacher.v1.EmbedReply\x12?\n\x05Stats\x12\x1b.kd.teacher.v1.StatsRequest\x1a\x19.kd.teacher.v1.StatsReply\x12\x42\n\x06Health\x12\x1c.kd.teacher.v1.HealthRequest\x1a\x1a.kd.teacher.v1.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(teacher_service/grpc/proto/teacher.proto\x12\rkd.teacher.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xd9\x01\n\x0c\x45mbedRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12%\n\x06images\x18\x02 \x01(\x0b\x32\x15.kd.teacher.v1.Tensor\x12%\n\x06tokens\x18\x03 \x01(\x0b\x32\x15.kd.teacher.v1.Tensor\x12\x0b\n\x03run\x18\x04 \x01(\t\x12\x0c\n\x04view\x18\x05 \x01(\t\x12\x0e\n\x06weight\x18\x06 \x01(\x01\x12,\n\nimage_refs\x18\x07 \x01(\x0b\x32\x18.kd.teacher.v1.ImageRefs\x12\x14\n\x0c\x61nswer_dtype\x18\x08 \x01(\t\"\xb3\x01\n\tImageRefs\x12\x0e\n\x06shards\x18\x01 \x03(\t\x12\x13\n\x0bshard_index\x18\x02 \x03(\x05\x12\r\n\x05views\x18\x03 \x03(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c\x12\x18\n\x10\x61ugment_function\x18\x05 \x01(\t\x12\x17\n\x0f\x61ugment_version\x18\x06 \x01(\t\x12\x12\n\nimage_size\x18\x07 \x01(\x05\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\r\n\x05train\x18\t \x01(\x08\"\xb8\x02\n\nEmbedReply\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12-\n\x0eimage_features\x18\x02 \x01(\x0b\x32\x15.kd.teacher.v1.Tensor\x12,\n\rtext_features\x18\x03 \x01(\x0b\x32\x15.kd.teacher.v1.Tensor\x12\x13\n\x0blogit_scale\x18\x04 \x01(\x01\x12\x17\n\nlogit_bias\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0b\x66ingerprint\x18\x06 \x01(\t\x12\x14\n\x0c\x61nswer_dtype\x18\x07 \x01(\t\x12+\n\x0cimage_scales\x18\x08 \x01(\x0b\x32\x15.kd.teacher.v1.Tensor\x12*\n\x0btext_scales\x18\t \x01(\x0b\x32\x15.kd.teacher.v1.TensorB\r\n\x0b_logit_bias\"$\n\x0cStatsRequest\x12\x14\n\x0c\x61ll_replicas\x18\x01 \x01(\x08\"\x81\x01\n\x08RunStats\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x37\n\x08\x63ounters\x18\x02 \x03(\x0b\x32%.kd.teacher.v1.RunStats.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xe6\x01\n\nStatsReply\x12\x10\n\x08\x61pp_name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x39\n\x08\x63ounters\x18\x03 \x03(\x0b\x32\'.kd.teacher.v1.StatsReply.CountersEntry\x12%\n\x04runs\x18\x04 \x03(\x0b\x32\x17.kd.teacher.v1.RunStats\x12\x10\n\x08replicas\x18\x05 \x03(\t\x12\x0c\n\x04json\x18\x06 \x01(\t\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x0f\n\rHealthRequest\"\xda\x01\n\x0bHealthReply\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x10\n\x08\x61pp_name\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x11\n\tembed_dim\x18\x05 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\x05\x12\x1b\n\x13max_request_samples\x18\x07 \x01(\x05\x12\x19\n\x11max_request_bytes\x18\x08 \x01(\x03\x12\x0f\n\x07replica\x18\t \x01(\t\x12\x10\n\x08uptime_s\x18\n \x01(\x01\x32\xd6\x01\n\x0eTeacherService\x12?\n\x05\x45mbed\x12\x1b.kd.teacher.v1.EmbedRequest\x1a\x19.kd.teacher.v1.EmbedReply\x12?\n\x05Stats\x12\x1b.kd.teacher.v1.StatsRequest\x1a\x19.kd.teacher.v1.StatsReply\x12\x42\n\x06Health\x12\x1c.kd.teacher.v1.HealthRequest\x1a\x1a.kd.teacher.v1.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,25 +38,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_start=59
   _globals['_TENSOR']._serialized_end=111
   _globals['_EMBEDREQUEST']._serialized_start=114
-  _globals['_EMBEDREQUEST']._serialized_end=309
-  _globals['_IMAGEREFS']._serialized_start=312
-  _globals['_IMAGEREFS']._serialized_end=491
-  _globals['_EMBEDREPLY']._serialized_start=494
-  _globals['_EMBEDREPLY']._serialized_end=695
-  _globals['_STATSREQUEST']._serialized_start=697
-  _globals['_STATSREQUEST']._serialized_end=733
-  _globals['_RUNSTATS']._serialized_start=736
-  _globals['_RUNSTATS']._serialized_end=865
-  _globals['_RUNSTATS_COUNTERSENTRY']._serialized_start=818
-  _globals['_RUNSTATS_COUNTERSENTRY']._serialized_end=865
-  _globals['_STATSREPLY']._serialized_start=868
-  _globals['_STATSREPLY']._serialized_end=1098
-  _globals['_STATSREPLY_COUNTERSENTRY']._serialized_start=818
-  _globals['_STATSREPLY_COUNTERSENTRY']._serialized_end=865
-  _globals['_HEALTHREQUEST']._serialized_start=1100
-  _globals['_HEALTHREQUEST']._serialized_end=1115
-  _globals['_HEALTHREPLY']._serialized_start=1118
-  _globals['_HEALTHREPLY']._serialized_end=1336
-  _globals['_TEACHERSERVICE']._serialized_start=1339
-  _globals['_TEACHERSERVICE']._serialized_end=1553
+  _globals['_EMBEDREQUEST']._serialized_end=331
+  _globals['_IMAGEREFS']._serialized_start=334
+  _globals['_IMAGEREFS']._serialized_end=513
+  _globals['_EMBEDREPLY']._serialized_start=516
+  _globals['_EMBEDREPLY']._serialized_end=828
+  _globals['_STATSREQUEST']._serialized_start=830
+  _globals['_STATSREQUEST']._serialized_end=866
+  _globals['_RUNSTATS']._serialized_start=869
+  _globals['_RUNSTATS']._serialized_end=998
+  _globals['_RUNSTATS_COUNTERSENTRY']._serialized_start=951
+  _globals['_RUNSTATS_COUNTERSENTRY']._serialized_end=998
+  _globals['_STATSREPLY']._serialized_start=1001
+  _globals['_STATSREPLY']._serialized_end=1231
+  _globals['_STATSREPLY_COUNTERSENTRY']._serialized_start=951
+  _globals['_STATSREPLY_COUNTERSENTRY']._serialized_end=998
+  _globals['_HEALTHREQUEST']._serialized_start=1233
+  _globals['_HEALTHREQUEST']._serialized_end=1248
+  _globals['_HEALTHREPLY']._serialized_start=1251
+  _globals['_HEALTHREPLY']._serialized_end=1469
+  _globals['_TEACHERSERVICE']._serialized_start=1472
+  _globals['_TEACHERSERVICE']._serialized_end=1686
 # @@protoc_insertion_point(module_scope)
