@@ -8,6 +8,7 @@ import shlex
 import sys
 
 from cluster.cli.args import add_address, add_verbose
+from student_trainer.teacher.modes import TeacherMode
 
 DESCRIPTION = """\
 Measure where the time and memory go, side by side in one run, and write
@@ -108,8 +109,8 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--repeats", type=int, help="repeats per measurement (preset default: smoke 1, cpu/gpu 3)")
     p.add_argument("--sections", nargs="+", type=suite_choice("SECTIONS"),
                    help="only these sections: students, pool, multi, cache, scale (default: all)")
-    p.add_argument("--modes", nargs="+", type=suite_choice("MODES"),
-                   help="teacher modes of the students section (none, inline, remote, hybrid, cache; default: all)")
+    p.add_argument("--modes", nargs="+", choices=TeacherMode.values(),
+                   help="teacher modes of the students section (default: all)")
     p.add_argument("--multi-students", choices=["train", "clients"],
                    help="section 3's runs: real `kd train` processes, or request streams without student compute "
                         "(preset default: smoke clients, cpu/gpu train)")
