@@ -21,10 +21,10 @@ from typing import Any
 
 import yaml
 
+from teacher_service.answer_dtypes import ANSWER_DTYPES
 from teacher_service.atomic_files import write_atomic
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-ANSWER_DTYPES = ("fp16", "bf16", "int8")  # what `contract.answer_codec` encodes answers in
 BATCHERS = ("fill", "serve")
 ROUTINGS = ("view_affinity", "power_of_two")
 VIEW_AFFINITY_ROUTER = "teacher_service.serve.routing.ViewAffinityRouter"

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from teacher_service.config import ANSWER_DTYPES
-DEFAULT_ANSWER_DTYPE = "fp16"
+from teacher_service.answer_dtypes import ANSWER_DTYPES, DEFAULT_ANSWER_DTYPE
+
 INT8_LEVELS = 127  # symmetric: -127..127, so x and -x quantise alike
 _STORED = {"fp16": np.dtype(np.float16), "bf16": np.dtype(np.uint16), "int8": np.dtype(np.int8)}
 SCALE_DTYPE = np.dtype(np.float32)
