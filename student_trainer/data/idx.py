@@ -172,27 +172,35 @@ def read_idx_pair(files: IdxFiles) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def find_idx_files(folder, preset: IdxPreset) -> dict[str, IdxFiles]:
+IDX_FILE_FLAGS = "--train-images/--train-labels/--val-images/--val-labels"  # `kd data idx`'s, one per file
+
+
+def find_idx_files(folder, preset: IdxPreset, dir_flag: str = "--dir",
+                   file_flags: str | None = IDX_FILE_FLAGS) -> dict[str, IdxFiles]:
     """Both splits' files in ``folder`` (``train-images-idx3-ubyte[.gz]`` and the like, also with
-    a ``.`` before ``idx``); FileNotFoundError naming what is missing and how to get or name it."""
+    a ``.`` before ``idx``); FileNotFoundError naming what is missing and how to get or name it:
+    the apt line, and the caller's flags (``dir_flag`` for the folder, ``file_flags`` for single
+    files where it has them), so `kd data idx` and `kd demo` give the same error in their own terms."""
     folder = Path(folder)
+    name_them = f"name the files with {file_flags}" if file_flags else f"point {dir_flag} at a folder that has them"
     if not folder.is_dir():
         install = f"install it (apt-get install {preset.apt_package}) or " if preset.apt_package else ""
-        raise FileNotFoundError(f"no {preset.name} folder {folder}: {install}point --dir at a folder with its "
-                                f"IDX files (or name them with --train-images/--train-labels/--val-images/--val-labels)")
-    return {split: IdxFiles(_find_one(folder, preset.file_prefix, names, "images", 3),
-                            _find_one(folder, preset.file_prefix, names, "labels", 1))
+        or_name = f" (or name them with {file_flags})" if file_flags else ""
+        raise FileNotFoundError(f"no {preset.name} folder {folder}: {install}point {dir_flag} at a folder with its "
+                                f"IDX files{or_name}")
+    return {split: IdxFiles(_find_one(folder, preset.file_prefix, names, "images", 3, name_them),
+                            _find_one(folder, preset.file_prefix, names, "labels", 1, name_them))
             for split, names in SPLIT_FILES.items()}
 
 
-def _find_one(folder: Path, prefix: str, names: tuple[str, ...], kind: str, ndim: int) -> Path:
+def _find_one(folder: Path, prefix: str, names: tuple[str, ...], kind: str, ndim: int, name_them: str) -> Path:
     candidates = [f"{prefix}{name}-{kind}{sep}idx{ndim}-ubyte{gz}"
                   for name in names for sep in ("-", ".") for gz in (".gz", "")]
     for candidate in candidates:
         if (folder / candidate).is_file():
             return folder / candidate
     raise FileNotFoundError(f"no {kind} file in {folder} (looked for {candidates[0]} and {len(candidates) - 1} "
-                            f"other spellings); name the files with --train-images/--train-labels/--val-images/--val-labels")
+                            f"other spellings); {name_them}")
 
 
 # ---------------------------------------------------------------------------------------------
