@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from idx_builders import make_split
 
 pytestmark = pytest.mark.ray
 
@@ -37,6 +38,8 @@ def test_quick_demo_writes_a_complete_report(demo):
         assert row["params"] > 0 and row["wall_time_s"] is not None
     assert report["models"]["teacher"]["params"] > report["models"]["student_distilled"]["params"]
     assert report["baseline"] == "student_baseline"
+    assert report["data"] == {"name": "digits", "shards": str(tmp_path / "demo" / "data"), "train_samples": 1437,
+                              "val_samples": 360}  # scikit-learn's 1 797 digits, 20 % held out
     for metric in METRICS:
         gap = report["models"]["student_distilled"][metric] - report["models"]["student_baseline"][metric]
         assert report["gain_over_baseline"][metric] == pytest.approx(gap, abs=1e-4)
@@ -76,9 +79,10 @@ def test_quick_demo_writes_a_complete_report(demo):
 
 
 def test_quick_demo_with_two_teachers_adds_an_ensemble_student(tmp_path, monkeypatch):
-    """`kd demo --teachers 2`: a second teacher (next seed, own dir, own app), and a student distilled
-    from both apps at once, reported against the baseline. The real run_demo (data shards included)
-    with training, the Serve apps and evaluation stood in for: what it hands each of them is checked."""
+    """`kd demo --data fashion-mnist --teachers 2`: a second teacher (next seed, own dir, own app), and a
+    student distilled from both apps at once, reported against the baseline. The real run_demo (data
+    shards from tiny IDX files included) with training, the Serve apps and evaluation stood in for:
+    what it hands each of them is checked."""
     import ray.serve
 
     import cluster.demo as demo_module
@@ -134,9 +138,18 @@ def test_quick_demo_with_two_teachers_adds_an_ensemble_student(tmp_path, monkeyp
     monkeypatch.setattr(student_trainer.export, "export_checkpoint",
                         lambda checkpoint, out, force: exported.setdefault(Path(checkpoint).name, (out, force))[0])
 
-    cfg = DemoConfig(workdir=str(tmp_path / "demo"), quick=True, app_name="kd-demo-test", teachers=2)
+    idx_dir = tmp_path / "fashion-mnist"  # as Debian's package names them, 3 + 2 photographs per class
+    idx_dir.mkdir()
+    make_split(idx_dir, "train", [3] * 10, 1, gz=True)
+    make_split(idx_dir, "t10k", [2] * 10, 2, gz=True)
+    cfg = DemoConfig(workdir=str(tmp_path / "demo"), quick=True, app_name="kd-demo-test", teachers=2,
+                     data="fashion-mnist", data_dir=str(idx_dir), train_limit=20)
     report = run_demo(cfg)
     assert json.loads((tmp_path / "demo" / "report.json").read_text()) == report
+    shards = tmp_path / "demo" / "data-fashion-mnist"
+    assert report["data"] == {"name": "fashion-mnist", "shards": str(shards), "train_samples": 20, "val_samples": 20}
+    assert {(t.data.train_shards, t.data.val_shards) for t in trained.values()} == {
+        (str(shards / "train-*.tar"), str(shards / "val-*.tar"))}  # every run on the Fashion-MNIST shards
 
     # two teachers, seeds 0 and 1, each trained into its own dir and served as its own app from there
     assert sorted(trained) == ["student_baseline", "student_distilled", "student_ensemble", "teacher", "teacher-2"]
