@@ -259,15 +259,20 @@ SLOW_TEACHER = {"embed_dim": 48, "vision_cfg": {"image_size": 32, "patch_size": 
 KILL_SHARDS, KILL_VIEWS = 6, 4
 
 
+def _precompute_argv(work: Path) -> list[str]:
+    """`kd precompute`'s arguments for KILL_SHARDS shards of `work`'s data with the slow teacher."""
+    return ["precompute", "--teacher-config", str(work / "teacher.yaml"),
+            "--shards", str(work / "data" / f"train-{{000000..{KILL_SHARDS - 1:06d}}}.tar"), "--out",
+            str(work / "cache"), "--views", str(KILL_VIEWS), "--seed", str(SEED), "--batch-size", "50", "--json"]
+
+
 def _kd_precompute(work: Path, ray_tmp: str, log: str):
-    """`python -m cluster.cli precompute` over KILL_SHARDS shards in its own process and its own
-    embedded Ray cluster (temp dir `ray_tmp`, so its processes can be found and stopped)."""
+    """`python -m cluster.cli precompute` in its own process and its own embedded Ray cluster (temp
+    dir `ray_tmp`, so its processes can be found and stopped): the one to kill."""
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "cluster.cli", "precompute", "--teacher-config", str(work / "teacher.yaml"),
-           "--shards", str(work / "data" / f"train-{{000000..{KILL_SHARDS - 1:06d}}}.tar"), "--out",
-           str(work / "cache"), "--views", str(KILL_VIEWS), "--seed", str(SEED), "--batch-size", "50", "--json"]
+    cmd = [sys.executable, "-m", "cluster.cli", *_precompute_argv(work)]
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": "",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     with open(work / f"{log}.out", "w") as out, open(work / f"{log}.err", "w") as err:
@@ -303,14 +308,16 @@ def _kill_between_shards(proc, root: Path, timeout_s: float = 300.0) -> dict[str
     return done
 
 
-def test_precompute_killed_between_shards_resumes_without_loss_or_duplicates(tmp_path):
-    """SIGKILL a running `kd precompute` (its driver; no chance to clean up) after some shard
-    files exist, then rerun it: the rerun skips exactly the finished shards (left untouched),
-    computes the rest, and the cache then holds every sample x view once, each file whole; a
-    temporary file the kill left is never read."""
+def test_precompute_killed_between_shards_resumes_without_loss_or_duplicates(ray_cluster, tmp_path, capsys):
+    """SIGKILL a running `kd precompute` (its driver, in a process and Ray cluster of its own; no
+    chance to clean up) after some shard files exist, then rerun it (the same command, here on the
+    session's cluster: what a rerun resumes from is the cache on disk, not the cluster): the rerun
+    skips exactly the finished shards (left untouched), computes the rest, and the cache then holds
+    every sample x view once, each file whole; a temporary file the kill left is never read."""
     import shutil
     import tempfile
 
+    from cluster.cli import main
     from own_processes import stop_own_processes
     from reliability_record import record
     from student_trainer.data.write_shards import write_digits_shards
@@ -329,12 +336,14 @@ def test_precompute_killed_between_shards_resumes_without_loss_or_duplicates(tmp
         leftovers = sorted(n for n in os.listdir(cache) if ".tmp-" in n)
         stray = stop_own_processes(ray_tmp)  # the killed driver's cluster, if it outlived it (counted, recorded)
         assert 0 < len(done) < KILL_SHARDS, done
-        rerun = _kd_precompute(tmp_path, ray_tmp, "rerun")
-        assert rerun.wait(timeout=600) == 0, (tmp_path / "rerun.err").read_text()[-3000:]
     finally:
         stop_own_processes(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    summary = json.loads((tmp_path / "rerun.out").read_text())
+    capsys.readouterr()
+    rc = main(_precompute_argv(tmp_path))
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-3000:]
+    summary = json.loads(out)
     finished = {str(tmp_path / "data" / n.replace(".parquet", ".tar")) for n in done}
     assert set(summary["skipped"]) == finished and summary["recomputed"] == []
     assert sorted(summary["computed"] + summary["skipped"]) == shards
