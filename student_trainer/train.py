@@ -28,9 +28,8 @@ import torch
 
 from teacher_service.affinity import pin_process
 from teacher_service.cache.centroids import class_centroids, drawn_class_views
-from teacher_service.app import TeacherUnavailableError
 from teacher_service.contract.preprocess import PreprocessSpec, preprocess_spec, to_model_input
-from teacher_service.contract.protocol import EmbedRequest
+from teacher_service.contract.protocol import EmbedRequest, TeacherUnavailableError
 from teacher_service.private_files import make_private_dir, private_umask
 from teacher_service.contract.augment import view_namespace, view_recipe
 

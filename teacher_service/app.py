@@ -14,13 +14,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from teacher_service.config import TeacherConfig
+from teacher_service.contract.protocol import TeacherUnavailableError
 from teacher_service.grpc.ingress import ingress_stats, start_ingress, stop_ingress
 from teacher_service.serve.deployment import build_app
 from teacher_service.stats import add_ingress, merge_stats
-
-
-class TeacherUnavailableError(RuntimeError):
-    """No running teacher app of the requested name."""
 
 
 def deploy(cfg: TeacherConfig, access_log: bool = True) -> DeploymentHandle:

@@ -20,9 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from teacher_service.app import TeacherUnavailableError
 from teacher_service.contract.answer_codec import encode_response
-from teacher_service.contract.protocol import EmbedRequest, EmbedResponse, RequestError
+from teacher_service.contract.protocol import EmbedRequest, EmbedResponse, RequestError, TeacherUnavailableError
 from teacher_service.scores import teacher_scores
 
 from student_trainer.config import TeacherSourceConfig

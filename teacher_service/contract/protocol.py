@@ -17,6 +17,12 @@ import numpy as np
 from teacher_service.contract.answer_codec import ANSWER_DTYPES, EncodedRows
 
 
+class TeacherUnavailableError(RuntimeError):
+    """No running teacher app of the requested name (raised by `teacher_service.app`; defined here,
+    with the rest of what students and the teacher agree on, so a training worker can catch it
+    without importing Ray Serve)."""
+
+
 class RequestError(ValueError):
     """A request the teacher refuses; the message names the field and the problem."""
 
