@@ -31,12 +31,21 @@ takes the same optimizer steps (up to an epoch's last partial super-batch: the t
 The report adds what each selection row drew, trained on and paid (teacher-seconds with the pool's
 scoring, the student's scoring seconds, answer bytes) and its gain over the default recipe paired
 by seed; with `--eval-every` each row's time to the no-teacher final (teacher-seconds include the
-pool's scoring). E.g. on the Fashion-MNIST teacher and shards (`kd data idx`):
+pool's scoring). `--answer-dtypes int8 bf16` adds the default recipe trained from the pool's
+answers in those dtypes, paired by seed with fp16 (issue 29 item 5).
 
-    python benchmarks/methods.py --teacher-dir /work/teachers/fashion-vit \
-        --data-dir /work/data/fashion-mnist-12k --epochs 5 --seeds 0 1 2 3 4 --only "no teacher (clip)" \
+The Fashion-MNIST report (`benchmarks/results/fashion_mnist.md`) took its selection and answer-dtype
+rows from the runs of its first ten rows (`--reuse-from`: same budget, teacher and data) plus:
+
+    ROWS=('no teacher (clip)' 'clip + icl' 'CLIP-KD (clip+crd+icl+fd)' 'clip + fd' 'clip + afd' \
+          'clip + embed_kd' 'clip + kl' 'pure distillation (kl)' 'clip + icl (teachers 1 + 2)' \
+          'clip + icl (init from teacher)')
+    python benchmarks/methods.py --teacher-dir fashion-vit --second-teacher-dir fashion-rn \
+        --data-dir fashion-mnist-12k --epochs 2 --seeds 0 1 2 3 4 --eval-every 47 --with-inherit \
+        --weights-from benchmarks/results/methods_weights.json --only "${ROWS[@]}" \
         --selection uniform:2 teacher_loss:2 learnability:2 uniform:4 teacher_loss:4 learnability:4 \
-        --eval-every 47 --out benchmarks/results/selection_fashion.md
+        --answer-dtypes int8 bf16 --reuse-from benchmarks/results/fashion_mnist.json \
+        --out benchmarks/results/fashion_mnist.md
 """
 from __future__ import annotations
 
