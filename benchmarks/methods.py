@@ -751,13 +751,21 @@ def cost_lines(report: dict) -> list[str]:
     return lines
 
 
+def _against_default_recipe(report: dict, names: list[str]):
+    """(name, finished runs, their summary) per row of `names`, gains paired by seed with the default
+    recipe's runs (the default recipe itself unpaired); the summary is None for a row not run."""
+    base = report["runs"].get(DEFAULT_RECIPE)
+    for name in names:
+        runs = [r for r in report["runs"].get(name, []) if "error" not in r]
+        yield name, runs, summarise(runs, base if name != DEFAULT_RECIPE else None) if runs else None
+
+
 def selection_lines(report: dict) -> list[str]:
     """The default recipe with and without data selection: what each row drew, trained on and paid,
     its top-1 and its gain over the default recipe paired by seed."""
     rows = [n for n, spec in report["methods"].items() if n == DEFAULT_RECIPE or spec.get("selection")]
     if len(rows) < 2:
         return []
-    base = report["runs"].get(DEFAULT_RECIPE)
     lines = ["", "## Data selection (issue 30)", "",
              f"`{DEFAULT_RECIPE}` is {DEFAULT_DISTILL_LOSSES}; a selection row draws k × batch per worker "
              "each step and trains on the batch that scores highest (`uniform`: the first rows), for --epochs × k "
@@ -768,12 +776,10 @@ def selection_lines(report: dict) -> list[str]:
              "| row | steps | samples seen / trained | teacher-s | selection teacher-s | student scoring s | "
              "answers MB | zero-shot top-1 % | gain vs default recipe, paired (points) | seeds |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for name in rows:
-        runs = [r for r in report["runs"].get(name, []) if "error" not in r]
+    for name, runs, s in _against_default_recipe(report, rows):
         if not runs:
             lines.append(f"| {name} | not run | | | | | | | | |")
             continue
-        s = summarise(runs, base if name != DEFAULT_RECIPE else None)
 
         def mean(key: str, fmt: str = ".0f", scale: float = 1.0) -> str:
             values = [r[key] * scale for r in runs if r.get(key) is not None]
@@ -794,7 +800,6 @@ def answer_dtype_lines(report: dict) -> list[str]:
     rows = [n for n, spec in report["methods"].items() if spec.get("answer_dtype")]
     if not rows:
         return []
-    base = report["runs"].get(DEFAULT_RECIPE)
     lines = ["", "## Compressed teacher answers (issue 29 item 5)", "",
              f"`{DEFAULT_RECIPE}` ({DEFAULT_DISTILL_LOSSES}) with the pool answering in fp16 (its default), "
              "bf16 and int8 (one scale per row): same runs otherwise, gain paired by seed with the fp16 run. "
@@ -802,12 +807,10 @@ def answer_dtype_lines(report: dict) -> list[str]:
              "[answer_codec.md](answer_codec.md).", "",
              "| row | answers | zero-shot top-1 % | gain vs fp16 answers, paired (points) | seeds |",
              "|---|---|---|---|---|"]
-    for name in [DEFAULT_RECIPE, *rows]:
-        runs = [r for r in report["runs"].get(name, []) if "error" not in r]
+    for name, runs, s in _against_default_recipe(report, [DEFAULT_RECIPE, *rows]):
         if not runs:
             lines.append(f"| {name} | {report['methods'][name].get('answer_dtype', 'fp16')} | not run | | |")
             continue
-        s = summarise(runs, base if name != DEFAULT_RECIPE else None)
         gain = _cell(s, "gain_zero_shot_top1", True, signed=True) if name != DEFAULT_RECIPE else ""
         lines.append(f"| {name} | {report['methods'][name].get('answer_dtype', 'fp16')} | "
                      f"{_cell(s, 'zero_shot_top1', True)} | {gain} | {s['runs']} |")

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from teacher_service.answer_dtypes import ANSWER_DTYPES
+from teacher_service.answer_dtypes import ANSWER_DTYPES, check_answer_dtype
 from teacher_service.atomic_files import write_atomic
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -96,8 +96,7 @@ class ServingConfig:
             raise ValueError(f"serving.batcher: expected one of {BATCHERS}, got {self.batcher!r}")
         if self.routing not in ROUTINGS:
             raise ValueError(f"serving.routing: expected one of {ROUTINGS}, got {self.routing!r}")
-        if self.answer_dtype not in ANSWER_DTYPES:
-            raise ValueError(f"serving.answer_dtype: expected one of {ANSWER_DTYPES}, got {self.answer_dtype!r}")
+        check_answer_dtype(self.answer_dtype, "serving.answer_dtype")
         check_placement(self.label_selector, self.resources, "serving.label_selector", "serving.resources")
         for name in ("num_replicas", "max_batch_size", "max_request_samples", "expected_request_samples"):
             _require(getattr(self, name) >= 1, f"serving.{name}", getattr(self, name), ">= 1")

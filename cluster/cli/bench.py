@@ -93,7 +93,6 @@ def suite_choice(name: str):
             raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(allowed)})")
         return value
 
-    check.__name__ = name.lower().rstrip("s")  # argparse names the type in its error: "invalid preset value"
     return check
 
 

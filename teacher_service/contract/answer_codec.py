@@ -28,20 +28,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from teacher_service.answer_dtypes import ANSWER_DTYPES, DEFAULT_ANSWER_DTYPE
+from teacher_service.answer_dtypes import ANSWER_DTYPES, DEFAULT_ANSWER_DTYPE, check_answer_dtype
 
 INT8_LEVELS = 127  # symmetric: -127..127, so x and -x quantise alike
 _STORED = {"fp16": np.dtype(np.float16), "bf16": np.dtype(np.uint16), "int8": np.dtype(np.int8)}
 SCALE_DTYPE = np.dtype(np.float32)
-
-
-def check_answer_dtype(value, name: str = "answer_dtype", *, allow_none: bool = False) -> None:
-    """ValueError naming `name`, the bad value and the choices unless `value` is an answer dtype."""
-    if value is None and allow_none:
-        return
-    if value not in ANSWER_DTYPES:
-        also = " or None (the pool's default)" if allow_none else ""
-        raise ValueError(f"{name}: expected one of {ANSWER_DTYPES}{also}, got {value!r}")
 
 
 @dataclass(frozen=True)
